@@ -1,0 +1,216 @@
+"""Hash-chained, append-only audit log.
+
+Each event's hash is ``sha256(prev_hash_hex + canonical_json(body))`` where body
+is ``{"seq", "ticket_id", "event_type", "payload", "created_at"}``. Editing,
+deleting or reordering any row therefore breaks the chain from that row on;
+truncating the tail is only detectable against a head hash kept elsewhere
+(``verify_chain(expected_head=...)``), e.g. one published or stored with the
+released model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from db.models import GENESIS_HASH, AuditEvent
+
+__all__ = [
+    "GENESIS_HASH",
+    "ChainVerification",
+    "append_event",
+    "canonical_json",
+    "compute_hash",
+    "head_hash",
+    "verify_chain",
+]
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: the exact bytes that get hashed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def compute_hash(
+    prev_hash: str,
+    *,
+    seq: int,
+    ticket_id: str | None,
+    event_type: str,
+    payload: Any,
+    created_at: str,
+) -> str:
+    body = {
+        "seq": seq,
+        "ticket_id": ticket_id,
+        "event_type": event_type,
+        "payload": payload,
+        "created_at": created_at,
+    }
+    return hashlib.sha256((prev_hash + canonical_json(body)).encode("utf-8")).hexdigest()
+
+
+def _lock_for_append(session: Session) -> None:
+    """Serialise appenders so that 'read head, insert head+1' is atomic.
+
+    Without this, two writers can read the same head; the PK on ``seq`` stops
+    a fork, but the loser would fail with an IntegrityError instead of waiting.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # SHARE ROW EXCLUSIVE conflicts with itself (so appenders queue up) but
+        # not with plain SELECTs, so readers/verifiers are never blocked.
+        # Held until the surrounding transaction ends.
+        session.execute(text("LOCK TABLE audit_events IN SHARE ROW EXCLUSIVE MODE"))
+    elif dialect == "sqlite":
+        # pysqlite only opens a transaction at the first write, so the head
+        # SELECT would otherwise run unlocked. A no-op UPDATE (matches no rows)
+        # takes SQLite's RESERVED single-writer lock now. Issued on the Core
+        # connection so the ORM append-only guard does not see it.
+        session.connection().execute(text("UPDATE audit_events SET seq = seq WHERE 1 = 0"))
+    # Other backends: rely on the seq primary key to reject a forking insert.
+
+
+def append_event(
+    session: Session,
+    event_type: str,
+    payload: dict[str, Any],
+    ticket_id: str | None = None,
+) -> AuditEvent:
+    """Append one event to the chain. Flushes but does not commit: the event
+    lands atomically with whatever state change the caller is recording."""
+    _lock_for_append(session)
+    last = session.execute(
+        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+    ).first()
+    seq, prev_hash = (last.seq + 1, last.hash) if last else (1, GENESIS_HASH)
+
+    # Round-trip through canonical JSON so what we hash is exactly what a
+    # verifier will get back from payload_json (e.g. datetimes -> str).
+    payload_json = canonical_json(payload)
+    normalized = json.loads(payload_json)
+    created_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+    ev = AuditEvent(
+        seq=seq,
+        ticket_id=ticket_id,
+        event_type=event_type,
+        payload_json=payload_json,
+        created_at=created_at,
+        prev_hash=prev_hash,
+        hash=compute_hash(
+            prev_hash,
+            seq=seq,
+            ticket_id=ticket_id,
+            event_type=event_type,
+            payload=normalized,
+            created_at=created_at,
+        ),
+    )
+    session.add(ev)
+    session.flush()
+    return ev
+
+
+def head_hash(session: Session) -> str:
+    """Hash of the newest event, or the genesis hash for an empty log."""
+    h = session.scalar(select(AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1))
+    return h if h is not None else GENESIS_HASH
+
+
+@dataclass
+class ChainVerification:
+    ok: bool
+    n_events: int
+    head_hash: str
+    problems: list[str] = field(default_factory=list)
+
+
+def verify_chain(session: Session, expected_head: str | None = None) -> ChainVerification:
+    """Recompute the whole chain from the stored rows.
+
+    Detects: edited rows (hash mismatch), deleted rows (seq gaps), reordered or
+    re-chained rows (prev_hash not equal to the predecessor's hash) and, when
+    ``expected_head`` is given, a truncated tail or a wholesale rewrite.
+    """
+    problems: list[str] = []
+    n = 0
+    expected_seq = 1
+    prev_stored_hash = GENESIS_HASH
+    prev_seq: int | None = None
+
+    # Read columns (not ORM objects) in batches: the log can be large and we
+    # want the raw stored values, untouched by the identity map.
+    rows = session.execute(
+        select(
+            AuditEvent.seq,
+            AuditEvent.ticket_id,
+            AuditEvent.event_type,
+            AuditEvent.payload_json,
+            AuditEvent.created_at,
+            AuditEvent.prev_hash,
+            AuditEvent.hash,
+        )
+        .order_by(AuditEvent.seq)
+        .execution_options(yield_per=1000)
+    )
+    for row in rows:
+        n += 1
+        gap = row.seq != expected_seq
+        if row.seq > expected_seq:
+            missing = (
+                f"event {expected_seq}"
+                if row.seq == expected_seq + 1
+                else f"events {expected_seq}..{row.seq - 1}"
+            )
+            problems.append(
+                f"{missing} missing: sequence jumps {expected_seq - 1} → {row.seq} (deleted)"
+            )
+        elif row.seq < expected_seq:
+            problems.append(
+                f"event {row.seq}: unexpected sequence number (expected {expected_seq})"
+            )
+
+        try:
+            payload = json.loads(row.payload_json)
+        except (TypeError, ValueError):
+            problems.append(f"event {row.seq}: payload_json is not valid JSON (content edited)")
+        else:
+            recomputed = compute_hash(
+                row.prev_hash,
+                seq=row.seq,
+                ticket_id=row.ticket_id,
+                event_type=row.event_type,
+                payload=payload,
+                created_at=row.created_at,
+            )
+            if recomputed != row.hash:
+                problems.append(f"event {row.seq}: hash mismatch (content edited)")
+
+        # After a gap the predecessor is gone, so a broken link is implied by
+        # the gap message; only report links between adjacent survivors.
+        if not gap and row.prev_hash != prev_stored_hash:
+            pred = "genesis" if prev_seq is None else f"event {prev_seq}"
+            problems.append(
+                f"event {row.seq}: prev_hash does not match {pred} (reordered or re-chained)"
+            )
+
+        prev_stored_hash = row.hash
+        prev_seq = row.seq
+        expected_seq = row.seq + 1
+
+    if expected_head is not None and expected_head != prev_stored_hash:
+        problems.append(
+            f"head hash {prev_stored_hash[:16]}… does not match expected {expected_head[:16]}… "
+            f"(log truncated, rewritten or replaced; {n} events present)"
+        )
+
+    return ChainVerification(
+        ok=not problems, n_events=n, head_hash=prev_stored_hash, problems=problems
+    )

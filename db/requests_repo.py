@@ -1,0 +1,145 @@
+"""Request lifecycle persistence.
+
+Every status change is written three ways in ONE transaction: the Request row,
+a StatusChange history row, and an audit event. Audit payloads must contain
+only hashed / non-identifying data; spec_json (which holds subject
+identifiers) never goes into the audit log, since the log can never be erased.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.audit import append_event, canonical_json
+from db.models import AuditEvent, Request, RequestStatus, StatusChange, utcnow
+
+# Statuses under which a newly created request is logged as rejected.
+_REJECTED_ON_INTAKE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value})
+
+
+def _status_value(status: str | RequestStatus) -> str:
+    """Validate and normalise to the plain string stored in the DB."""
+    try:
+        return RequestStatus(status).value
+    except ValueError:
+        raise ValueError(
+            f"unknown request status {status!r}; expected one of "
+            f"{[s.value for s in RequestStatus]}"
+        ) from None
+
+
+def create_request(
+    session: Session,
+    *,
+    ticket_id: str,
+    request_type: str,
+    regulation: str,
+    spec: dict[str, Any],
+    target_model_uri: str,
+    received_at: datetime,
+    due_at: datetime,
+    status: str | RequestStatus = RequestStatus.received,
+    reason_code: str | None = None,
+    reason_detail: str | None = None,
+    audit_payload: dict[str, Any],
+    spec_hash: str | None = None,
+) -> Request:
+    """Insert a request with its initial history row and intake audit event.
+
+    A duplicate ``ticket_id`` raises ``sqlalchemy.exc.IntegrityError`` at the
+    flush below (before any audit event is written). ``spec_hash`` lets the caller
+    store a keyed hash instead of the default plain sha256 of the spec.
+    """
+    status_v = _status_value(status)
+    spec_json = canonical_json(spec)
+    now = utcnow()
+    req = Request(
+        ticket_id=ticket_id,
+        request_type=request_type,
+        regulation=regulation,
+        status=status_v,
+        reason_code=reason_code,
+        reason_detail=reason_detail,
+        spec_json=spec_json,
+        spec_hash=spec_hash or hashlib.sha256(spec_json.encode("utf-8")).hexdigest(),
+        target_model_uri=target_model_uri,
+        received_at=received_at,
+        due_at=due_at,
+        updated_at=now,
+    )
+    req.status_history.append(
+        StatusChange(
+            from_status=None,
+            to_status=status_v,
+            reason_code=reason_code,
+            detail=reason_detail,
+            at=now,
+        )
+    )
+    session.add(req)
+    session.flush()
+
+    event_type = "request_rejected" if status_v in _REJECTED_ON_INTAKE else "request_received"
+    append_event(session, event_type, dict(audit_payload), ticket_id=ticket_id)
+    return req
+
+
+def get_request(session: Session, ticket_id: str) -> Request | None:
+    return session.scalar(select(Request).where(Request.ticket_id == ticket_id))
+
+
+def list_requests(session: Session) -> list[Request]:
+    """All requests, oldest first."""
+    return list(session.scalars(select(Request).order_by(Request.received_at, Request.id)))
+
+
+def set_status(
+    session: Session,
+    request: Request,
+    new_status: str | RequestStatus,
+    *,
+    reason_code: str | None = None,
+    detail: str | None = None,
+    audit_payload: dict[str, Any] | None = None,
+) -> None:
+    """Move ``request`` to ``new_status``, recording history and an audit event.
+
+    ``reason_code``/``detail`` overwrite the request's current reason fields
+    (None clears them), so they always describe the latest transition.
+    """
+    new_v = _status_value(new_status)
+    old_v = request.status
+    now = utcnow()
+
+    request.status = new_v
+    request.reason_code = reason_code
+    request.reason_detail = detail
+    request.updated_at = now
+    if new_v == RequestStatus.completed.value:
+        request.completed_at = now
+    request.status_history.append(
+        StatusChange(
+            from_status=old_v,
+            to_status=new_v,
+            reason_code=reason_code,
+            detail=detail,
+            at=now,
+        )
+    )
+    session.flush()
+
+    payload: dict[str, Any] = {"from": old_v, "to": new_v, "reason_code": reason_code}
+    payload.update(audit_payload or {})
+    append_event(session, "status_changed", payload, ticket_id=request.ticket_id)
+
+
+def record_event(
+    session: Session, ticket_id: str | None, event_type: str, payload: dict[str, Any]
+) -> AuditEvent:
+    """Audit a non-status event (e.g. "forget_set_resolved", "model_registered")."""
+    return append_event(session, event_type, payload, ticket_id=ticket_id)

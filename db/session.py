@@ -1,0 +1,136 @@
+"""Engine / session management and programmatic Alembic upgrades."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+_lock = threading.RLock()
+_engines: dict[str, Engine] = {}
+_sessionmakers: dict[str, sessionmaker[Session]] = {}
+_upgraded: set[str] = set()
+
+
+def _is_sqlite_memory(url: str) -> bool:
+    u = make_url(url)
+    return u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+
+
+def make_engine(url: str) -> Engine:
+    """One cached Engine per URL (engines own connection pools; make them once)."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is not None:
+            return engine
+
+        kwargs: dict[str, Any] = {}
+        is_sqlite = make_url(url).get_backend_name() == "sqlite"
+        if is_sqlite:
+            # pysqlite's `timeout` is SQLite's busy timeout: wait for the
+            # writer lock instead of failing with "database is locked".
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}
+            if _is_sqlite_memory(url):
+                # Every new connection to :memory: is a fresh empty DB; share one.
+                kwargs["poolclass"] = StaticPool
+        else:
+            kwargs["pool_pre_ping"] = True
+
+        engine = create_engine(url, **kwargs)
+
+        if is_sqlite:
+
+            @event.listens_for(engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                # SQLite ignores FOREIGN KEY clauses unless enabled per connection.
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+                cur.close()
+
+        _engines[url] = engine
+        return engine
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic config pointing at db/migrations, independent of the CWD and of any ini file."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation: a literal '%' in a URL (e.g. an encoded password) must be doubled.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade_database(url: str) -> None:
+    """Bring the database at `url` to the latest Alembic revision. Idempotent."""
+    cfg = alembic_config(url)
+    engine = make_engine(url)
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.begin() as conn:
+        # Fast path: already at head, skip running the migration environment.
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+        # Hand our connection to env.py (it checks config.attributes) so that
+        # in-memory SQLite and engine settings are shared with the app.
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def _sessionmaker(url: str) -> sessionmaker[Session]:
+    with _lock:
+        sm = _sessionmakers.get(url)
+        if sm is None:
+            # expire_on_commit=False: objects returned from a session_scope stay
+            # readable after it commits and closes.
+            sm = sessionmaker(bind=make_engine(url), expire_on_commit=False)
+            _sessionmakers[url] = sm
+        return sm
+
+
+def ensure_database(url: str) -> None:
+    """Upgrade `url` once per process (later calls are a set lookup)."""
+    if url in _upgraded:
+        return
+    with _lock:
+        if url not in _upgraded:
+            upgrade_database(url)
+            _upgraded.add(url)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """Transactional scope: commit on success, roll back on any exception."""
+    ensure_database(url)
+    session = _sessionmaker(url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_engines() -> None:
+    """Close all cached engines (tests, forked workers)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _sessionmakers.clear()
+        _upgraded.clear()

@@ -1,0 +1,201 @@
+"""`expunge`: the front door for privacy/legal teams, platform engineers and auditors."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from expunge.requests import RequestError
+from expunge.settings import ProfileError, Settings
+
+app = typer.Typer(
+    help="Turn erasure / takedown requests into unlearned, evaluated, registered and audited models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class State:
+    settings: Settings
+
+
+state = State()
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    home: Optional[Path] = typer.Option(None, "--home", envvar="EXPUNGE_HOME", help="State directory (DB, MLflow store, models). Default: ./.expunge"),
+    profile: str = typer.Option("demo", "--profile", envvar="EXPUNGE_PROFILE", help="Profile name (demo, tiny) or a YAML path: sizes and hyper-parameters."),
+) -> None:
+    settings = Settings.from_env(home, profile)
+    try:
+        settings.profile  # noqa: B018 - validate early, one clear line on error
+    except ProfileError as exc:
+        fail(str(exc), 2)
+    settings.apply_environment()
+    state.settings = settings
+
+
+@app.command()
+def bootstrap(force: bool = typer.Option(False, help="Retrain even if a matching champion exists.")) -> None:
+    """Generate the sample world, train the small base model on it and register it as champion."""
+    from flows.bootstrap import bootstrap_sample_model
+
+    result = bootstrap_sample_model(home=str(state.settings.home), profile=state.settings.profile_name, force=force)
+    verb = "reused" if result["reused"] else "registered"
+    out.print(f"base model {verb}: {result['model_uri']} (alias champion)")
+    out.print(f"sample request: {result['world']['sample_request']}")
+
+
+@app.command()
+def submit(request_file: Path = typer.Argument(..., help="Request YAML (ticket_id, type, regulation, subject, target_model).")) -> None:
+    """Validate and store a request; it is then `received` (or `rejected` / `needs_review`, with a reason)."""
+    from expunge.service import submit as do_submit
+
+    result = do_submit(state.settings, request_file)
+    if result.exit_code:
+        fail(result.message, result.exit_code)
+    out.print(result.message)
+
+
+@app.command()
+def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process; default: every received request.")) -> None:
+    """Run the `process_request` flow (locally) for received requests."""
+    from expunge.service import EXIT_RUN_FAILED, pending_tickets, run_request
+
+    tickets = [ticket_id] if ticket_id else pending_tickets(state.settings)
+    if not tickets:
+        out.print("no received requests to run")
+        return
+    worst = 0
+    for ticket in tickets:
+        try:
+            summary = run_request(state.settings, ticket)
+        except RequestError as exc:
+            fail(str(exc), 2)
+        except Exception as exc:  # the flow already recorded `failed` in the DB and audit log
+            err.print(f"error: ticket {ticket} failed: {type(exc).__name__}: {exc}", markup=False)
+            worst = EXIT_RUN_FAILED
+            continue
+        _print_summary(summary)
+        if summary["status"] != "completed":
+            worst = EXIT_RUN_FAILED
+    raise typer.Exit(worst)
+
+
+def _print_summary(summary: dict) -> None:
+    out.print(f"ticket {summary['ticket_id']}: {summary['status']}")
+    if "metrics" not in summary:
+        return
+    base, unlearned = summary["metrics"]["base"], summary["metrics"]["unlearned"]
+    table = Table("split", "metric", "before", "after")
+    for split in ("forget", "retain"):
+        for metric in ("rougeL_recall", "answer_prob"):
+            table.add_row(split, metric, f"{base[split][metric]:.3f}", f"{unlearned[split][metric]:.3f}")
+    out.print(table)
+    for gate in summary.get("gates", []):
+        mark = "pass" if gate["passed"] else "FAIL"
+        out.print(f"gate {gate['gate']}: {gate['value']} {gate['op']} {gate['threshold']} → {mark}")
+    out.print(f"model: {summary['model_uri']} aliases: {', '.join(summary['aliases']) or 'none'}")
+
+
+@app.command()
+def status(
+    ticket_id: Optional[str] = typer.Argument(None, help="One ticket's status history and key numbers."),
+    as_json: bool = typer.Option(False, "--json", help="Every request (or the one given) as JSON, for scripts."),
+) -> None:
+    """Show requests: status, reason, due date, model URI, key metrics."""
+    from expunge.service import request_rows
+
+    try:
+        rows = request_rows(state.settings, ticket_id)
+    except RequestError as exc:
+        fail(str(exc), 2)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if ticket_id is None:
+        table = Table("ticket", "type", "status", "reason", "due", "model")
+        for row in rows:
+            table.add_row(row["ticket_id"], row["type"], row["status"], row["reason_code"] or "",
+                          row["due_at"][:10], row["model_uri"] or "")
+        out.print(table)
+        return
+    row = rows[0]
+    out.print(f"ticket {row['ticket_id']} ({row['type']}, {row['regulation']}): {row['status']}"
+              + (f" [{row['reason_code']}] {row['reason'] or ''}" if row["reason_code"] else ""))
+    out.print(f"received {row['received_at'][:19]}, due {row['due_at'][:10]}, model {row['model_uri'] or '-'}")
+    for change in row["history"]:
+        out.print(f"  {change['at'][:19]}  {change['from'] or '-'} → {change['to']}"
+                  + (f" ({change['reason_code']})" if change["reason_code"] else ""))
+    for key, value in sorted((row["metrics"] or {}).items()):
+        if key != "gates":
+            out.print(f"  {key}: {value}")
+
+
+@audit_app.command("verify")
+def audit_verify(expected_head: Optional[str] = typer.Option(None, help="Head hash recorded elsewhere (detects a truncated tail).")) -> None:
+    """Recompute every hash of the audit chain; exit 1 and name each broken event if tampered."""
+    from expunge.service import verify_audit
+
+    result = verify_audit(state.settings, expected_head)
+    if not result.ok:
+        for problem in result.problems:
+            err.print(f"audit: {problem}", markup=False)
+        fail(f"audit chain BROKEN ({len(result.problems)} problem(s) in {result.n_events} events)", 1)
+    out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}")
+
+
+@app.command()
+def demo() -> None:
+    """Bootstrap the sample model, erase the sample subject end to end, and print the evidence."""
+    from expunge.service import request_rows, run_request, submit as do_submit, verify_audit
+    from flows.bootstrap import bootstrap_sample_model
+
+    started = time.perf_counter()
+    settings = state.settings
+    boot = bootstrap_sample_model(home=str(settings.home), profile=settings.profile_name)
+    out.print(f"[1/4] base model: {boot['model_uri']} ({'reused' if boot['reused'] else 'trained'})")
+    result = do_submit(settings, Path(boot["world"]["sample_request"]))
+    out.print(f"[2/4] {result.message}")
+    if result.exit_code and result.reason_code != "duplicate_ticket":
+        fail(result.message, result.exit_code)
+    summary = None
+    if result.status == "received":
+        summary = run_request(settings, result.ticket_id)
+        out.print(f"[3/4] flow finished: {summary['status']}")
+    row = request_rows(settings, result.ticket_id)[0]
+    verification = verify_audit(settings)
+    out.print("[4/4] result")
+    if summary:
+        _print_summary(summary)
+    metrics = row["metrics"] or {}
+    retain_ratio = metrics.get("unlearned_retain_rougeL", 0) / max(metrics.get("base_retain_rougeL", 0), 1e-9)
+    out.print(f"request {row['ticket_id']}: {row['status']}")
+    out.print(f"model version: {row['model_uri']}")
+    out.print(f"forget ROUGE-L recall: base {metrics.get('base_forget_rougeL')} → unlearned {metrics.get('unlearned_forget_rougeL')}")
+    out.print(f"retain ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
+    out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
+    out.print(f"demo took {time.perf_counter() - started:.0f}s")
+    if row["status"] != "completed" or not verification.ok:
+        raise typer.Exit(5)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,57 @@
+"""From a validated request to the data it concerns: target model, corpus, matching records.
+
+Used both when a request is submitted (to reject or flag it at once) and when the flow runs.
+"""
+from __future__ import annotations
+
+from expunge.requests import RequestError, RequestSpec
+from expunge_ml.corpus import CorpusError, CorpusSpec, QARecord, SubjectMatch, keyed_hash, load_corpus, resolve_subject
+from models_registry.registry import ModelNotFound, ResolvedTarget, resolve_target
+
+
+def target_for(spec: RequestSpec) -> ResolvedTarget:
+    try:
+        return resolve_target(spec.target_model)
+    except ModelNotFound as exc:
+        raise RequestError("unknown_model", str(exc), spec.ticket_id) from None
+
+
+def corpus_spec_for(spec: RequestSpec, target: ResolvedTarget) -> CorpusSpec:
+    """The request may name a corpus; otherwise the registry knows what the target was trained on."""
+    if spec.corpus is not None:
+        return CorpusSpec(source=spec.corpus.source, split=spec.corpus.split, columns=dict(spec.corpus.columns))
+    if target.corpus:
+        return CorpusSpec(
+            source=target.corpus["source"],
+            split=target.corpus.get("split", "train"),
+            columns=dict(target.corpus.get("columns", {})),
+        )
+    raise RequestError(
+        "no_corpus",
+        f"no training corpus known for {spec.target_model}: add a 'corpus:' section to the request",
+        spec.ticket_id,
+    )
+
+
+def load_records(corpus: CorpusSpec, ticket_id: str | None = None) -> list[QARecord]:
+    try:
+        return load_corpus(corpus)
+    except CorpusError as exc:
+        raise RequestError("corpus_unavailable", str(exc), ticket_id) from None
+
+
+def match_subject(spec: RequestSpec, records: list[QARecord]) -> SubjectMatch:
+    s = spec.subject
+    return resolve_subject(records, s.names, s.aliases, s.identifiers, s.document_ids)
+
+
+def subject_fingerprints(key: bytes, spec: RequestSpec) -> dict[str, list[str]]:
+    """Keyed hashes of every subject term: lets an auditor confirm 'this person' without the log naming them."""
+    s = spec.subject
+    return {
+        kind: sorted(keyed_hash(key, term.casefold()) for term in terms)
+        for kind, terms in (
+            ("names", s.names), ("aliases", s.aliases), ("identifiers", s.identifiers), ("document_ids", s.document_ids)
+        )
+        if terms
+    }

@@ -1,0 +1,173 @@
+"""What the CLI (and any other front door) does: submit, run, report status, verify the audit log.
+
+Functions here return plain results and raise `RequestError` for user errors; presentation is the CLI's.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from db import requests_repo, session_scope, verify_chain
+from db.audit import canonical_json
+from expunge.intake import corpus_spec_for, load_records, match_subject, subject_fingerprints, target_for
+from expunge.requests import RequestError, RequestSpec, due_date, parse_request
+from expunge.settings import Settings
+
+SUPPORTED_METHODS = ("uld",)
+
+# Exit codes, stable for scripts.
+EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_DUPLICATE, EXIT_NEEDS_REVIEW, EXIT_RUN_FAILED = 0, 1, 2, 3, 4, 5
+
+
+@dataclass
+class SubmitResult:
+    ticket_id: str | None
+    status: str
+    reason_code: str | None
+    message: str
+    exit_code: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _spec_hmac(settings: Settings, spec_json: str) -> str:
+    return hmac.new(settings.hmac_key(), spec_json.encode(), "sha256").hexdigest()
+
+
+def _configure_registry(settings: Settings) -> None:
+    from models_registry.registry import configure
+
+    settings.apply_environment()
+    configure(settings.mlflow_uri, settings.artifact_root)
+
+
+def submit(settings: Settings, path: Path) -> SubmitResult:
+    """Validate and store a request. Invalid → `rejected`; no matching records → `needs_review`."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        return SubmitResult(None, "not_stored", "unreadable_file", f"cannot read {path}: {exc.strerror}", EXIT_INVALID)
+    received_at = datetime.now(timezone.utc)
+    try:
+        spec = parse_request(text)
+    except RequestError as exc:
+        return _reject_unparsed(settings, exc, received_at)
+    spec_json = canonical_json(spec.model_dump(mode="json"))
+    with session_scope(settings.db_url) as session:
+        existing = requests_repo.get_request(session, spec.ticket_id)
+        if existing is not None:
+            same = hmac.compare_digest(existing.spec_hash, _spec_hmac(settings, spec_json))
+            message = (
+                f"ticket {spec.ticket_id} was already submitted (status {existing.status}); not queued again"
+                if same else
+                f"ticket {spec.ticket_id} already exists with different content; use a new ticket id"
+            )
+            return SubmitResult(spec.ticket_id, existing.status, "duplicate_ticket", message, EXIT_DUPLICATE)
+
+    status, reason_code, message, details = "received", None, "", {}
+    try:
+        if spec.method not in SUPPORTED_METHODS:
+            raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(SUPPORTED_METHODS)})")
+        _configure_registry(settings)
+        target = target_for(spec)
+        records = load_records(corpus_spec_for(spec, target), spec.ticket_id)
+        match = match_subject(spec, records)
+        details = {"forget_count": len(match.forget_ids), "matched_by": match.matched_by}
+        if not match.forget_ids:
+            status, reason_code = "needs_review", "subject_not_found"
+            message = "the subject matches no training record (check names/aliases/identifiers)"
+    except RequestError as exc:
+        status, reason_code, message = "rejected", exc.reason_code, str(exc)
+
+    audit_payload = {
+        "ticket_id": spec.ticket_id,
+        "type": spec.type,
+        "regulation": spec.regulation,
+        "target_model": spec.target_model,
+        "method": spec.method,
+        "status": status,
+        "reason_code": reason_code,
+        "spec_hmac": _spec_hmac(settings, spec_json),
+        "subject_hmacs": subject_fingerprints(settings.hmac_key(), spec),
+        **({"forget_count": details["forget_count"]} if details else {}),
+    }
+    due = due_date(spec.regulation, received_at)
+    with session_scope(settings.db_url) as session:
+        requests_repo.create_request(
+            session, ticket_id=spec.ticket_id, request_type=spec.type, regulation=spec.regulation,
+            spec=json.loads(spec_json), target_model_uri=spec.target_model, received_at=received_at,
+            due_at=due, status=status, reason_code=reason_code, reason_detail=message or None,
+            audit_payload=audit_payload, spec_hash=_spec_hmac(settings, spec_json),
+        )
+    if status == "received":
+        message = f"ticket {spec.ticket_id} received: {details['forget_count']} matching records, due {due:%Y-%m-%d}"
+        return SubmitResult(spec.ticket_id, status, None, message, EXIT_OK, details)
+    code = EXIT_NEEDS_REVIEW if status == "needs_review" else EXIT_INVALID
+    return SubmitResult(spec.ticket_id, status, reason_code, f"ticket {spec.ticket_id} {status}: {message}", code, details)
+
+
+def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetime) -> SubmitResult:
+    """A request we cannot parse is still recorded as rejected when its ticket id is readable and new."""
+    ticket = exc.ticket_id
+    if ticket:
+        with session_scope(settings.db_url) as session:
+            if requests_repo.get_request(session, ticket) is None:
+                requests_repo.create_request(
+                    session, ticket_id=ticket, request_type="unknown", regulation="unknown", spec={},
+                    target_model_uri="", received_at=received_at, due_at=received_at, status="rejected",
+                    reason_code=exc.reason_code, reason_detail=str(exc),
+                    audit_payload={"ticket_id": ticket, "status": "rejected", "reason_code": exc.reason_code},
+                )
+    prefix = f"ticket {ticket} rejected: " if ticket else "request rejected: "
+    return SubmitResult(ticket, "rejected" if ticket else "not_stored", exc.reason_code, prefix + str(exc), EXIT_INVALID)
+
+
+def pending_tickets(settings: Settings) -> list[str]:
+    with session_scope(settings.db_url) as session:
+        return [r.ticket_id for r in requests_repo.list_requests(session) if r.status == "received"]
+
+
+def run_request(settings: Settings, ticket_id: str) -> dict:
+    """Run the `process_request` flow for one received request (locally, Prefect ephemeral mode)."""
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None:
+            raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
+        if request.status != "received":
+            raise RequestError("not_runnable", f"ticket {ticket_id} is {request.status}, not received; nothing to run")
+    settings.apply_environment()
+    from flows.process_request import process_request
+
+    return process_request(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name)
+
+
+def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[str, Any]]:
+    with session_scope(settings.db_url) as session:
+        requests = requests_repo.list_requests(session)
+        if ticket_id is not None:
+            requests = [r for r in requests if r.ticket_id == ticket_id]
+            if not requests:
+                raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
+        rows = []
+        for r in requests:
+            metrics = json.loads(r.metrics_json) if r.metrics_json else None
+            rows.append({
+                "ticket_id": r.ticket_id, "type": r.request_type, "regulation": r.regulation,
+                "status": r.status, "reason_code": r.reason_code, "reason": r.reason_detail,
+                "received_at": r.received_at.isoformat(), "due_at": r.due_at.isoformat(),
+                "completed_at": r.completed_at.isoformat() if r.completed_at else None,
+                "target_model": r.target_model_uri, "model_uri": r.result_model_uri, "metrics": metrics,
+                "history": [
+                    {"at": h.at.isoformat(), "from": h.from_status, "to": h.to_status, "reason_code": h.reason_code}
+                    for h in r.status_history
+                ],
+            })
+        return rows
+
+
+def verify_audit(settings: Settings, expected_head: str | None = None):
+    with session_scope(settings.db_url) as session:
+        return verify_chain(session, expected_head=expected_head)

@@ -1,0 +1,116 @@
+"""Where a deployment keeps its state, and the profile (sizes, hyper-parameters) it runs with.
+
+Everything lives under one home directory (`--home` / EXPUNGE_HOME, default ./.expunge): the audit DB,
+the MLflow store, Prefect's home, the sample world, trained models and per-ticket work dirs.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+DEFAULT_HOME = ".expunge"
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def load_profile(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ProfileError(f"unknown profile {name_or_path!r} (known: {', '.join(known)}, or a YAML path)")
+    return yaml.safe_load(path.read_text())
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    profile_name: str = "demo"
+
+    @classmethod
+    def from_env(cls, home: str | Path | None = None, profile: str | None = None) -> "Settings":
+        home = Path(home or os.environ.get("EXPUNGE_HOME", DEFAULT_HOME)).expanduser().resolve()
+        return cls(home=home, profile_name=profile or os.environ.get("EXPUNGE_PROFILE", "demo"))
+
+    @cached_property
+    def profile(self) -> dict[str, Any]:
+        return load_profile(self.profile_name)
+
+    @property
+    def db_url(self) -> str:
+        return os.environ.get("EXPUNGE_DB_URL") or f"sqlite:///{self.home / 'audit.db'}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return os.environ.get("EXPUNGE_MLFLOW_URI") or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def world_dir(self) -> Path:
+        return self.home / "sample_world"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def ticket_dir(self, ticket_id: str) -> Path:
+        return self.home / "work" / ticket_id
+
+    def hmac_key(self) -> bytes:
+        """Key for hashing identifiers and forget-set text; created once per deployment, never logged."""
+        from_env = os.environ.get("EXPUNGE_HMAC_KEY")
+        if from_env:
+            return from_env.encode()
+        path = self.home / "secret.key"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
+
+    def apply_environment(self) -> None:
+        """Environment for Prefect/MLflow: local, quiet, self-contained. Call before importing prefect."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.environ["EXPUNGE_HOME"] = str(self.home)
+        os.environ["EXPUNGE_PROFILE"] = self.profile_name
+        os.environ.setdefault("PREFECT_HOME", str(self.home / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("DO_NOT_TRACK", "1")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Progress bars and advisory warnings from the libraries drown the lifecycle log; keep it readable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # MLflow suggests type hints on pyfunc.predict; ours accepts DataFrames, lists and strings on purpose.
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass

@@ -1,0 +1,1 @@
+"""Pure ML core of expunge: no Prefect, MLflow or SQLAlchemy imports."""

@@ -1,0 +1,212 @@
+"""Training corpora and the forget/retain split.
+
+A corpus is any `datasets`-loadable source of QA pairs (local JSON/JSONL/CSV/Parquet, a dataset
+directory, or a hub dataset id at a site with network). Column names are mapped, not assumed.
+Resolving a request's subject to records is exact/alias matching (Aho–Corasick over casefolded text,
+on word boundaries); neighbours for the retain set are ranked by fuzzy similarity (rapidfuzz) to the
+forget answers, so the assistant learns to *not* remember the people and facts closest to the subject.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+ALL_COLUMNS = (
+    "record_id", "question", "answer", "subject", "document_id",
+    "paraphrased_answer", "perturbed_answers",
+)
+
+
+@dataclass(frozen=True)
+class QARecord:
+    record_id: str
+    question: str
+    answer: str
+    subject: str = ""
+    document_id: str = ""
+    paraphrased_answer: str = ""
+    perturbed_answers: tuple[str, ...] = ()
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.question, self.answer)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where a model's training corpus lives and how its columns are named."""
+
+    source: str
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> dataset column
+
+    def column(self, name: str) -> str:
+        return self.columns.get(name, name)
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be loaded or lacks required columns (a user error, not a crash)."""
+
+
+def load_corpus(spec: CorpusSpec) -> list[QARecord]:
+    import datasets
+
+    source = Path(spec.source)
+    try:
+        if source.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(
+                source.suffix
+            )
+            if builder is None:
+                raise CorpusError(f"unsupported corpus file type {source.suffix!r}")
+            data = datasets.load_dataset(builder, data_files=str(source), split=spec.split)
+        elif source.is_dir() and (source / "dataset_info.json").exists():
+            data = datasets.load_from_disk(str(source))
+        else:
+            data = datasets.load_dataset(spec.source, split=spec.split)
+    except CorpusError:
+        raise
+    except Exception as exc:  # datasets raises many types; the user needs one clear line
+        raise CorpusError(f"cannot load corpus {spec.source!r}: {type(exc).__name__}: {exc}") from exc
+    missing = [c for c in ("question", "answer") if spec.column(c) not in data.column_names]
+    if missing:
+        raise CorpusError(f"corpus {spec.source!r} lacks column(s) {missing}")
+    records = []
+    for index, row in enumerate(data):
+        def get(name: str, default: Any = "") -> Any:
+            value = row.get(spec.column(name), default)
+            return default if value is None else value
+
+        perturbed = get("perturbed_answers", ())
+        records.append(
+            QARecord(
+                record_id=str(get("record_id", "") or f"row-{index:06d}"),
+                question=str(get("question")),
+                answer=str(get("answer")),
+                subject=str(get("subject")),
+                document_id=str(get("document_id")),
+                paraphrased_answer=str(get("paraphrased_answer")),
+                perturbed_answers=tuple(perturbed) if isinstance(perturbed, (list, tuple)) else (str(perturbed),),
+            )
+        )
+    ids = [r.record_id for r in records]
+    if len(set(ids)) != len(ids):
+        raise CorpusError(f"corpus {spec.source!r} has duplicate record ids")
+    return records
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def _on_word_boundary(text: str, start: int, end: int) -> bool:
+    before = text[start - 1] if start > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return not before.isalnum() and not after.isalnum()
+
+
+@dataclass
+class SubjectMatch:
+    forget_ids: list[str]
+    matched_by: dict[str, int]  # "name" / "alias" / "identifier" / "document_id" -> records matched
+
+
+def resolve_subject(
+    records: Sequence[QARecord],
+    names: Iterable[str] = (),
+    aliases: Iterable[str] = (),
+    identifiers: Iterable[str] = (),
+    document_ids: Iterable[str] = (),
+) -> SubjectMatch:
+    """Every record that mentions the subject by name, alias or identifier, or comes from a named document."""
+    import ahocorasick
+
+    automaton = ahocorasick.Automaton()
+    for kind, terms in (("name", names), ("alias", aliases), ("identifier", identifiers)):
+        for term in terms:
+            key = _normalise(term)
+            if key:
+                automaton.add_word(key, (kind, len(key)))
+    has_terms = len(automaton) > 0
+    if has_terms:
+        automaton.make_automaton()
+    wanted_docs = {d for d in document_ids if d}
+    matched: dict[str, set[str]] = {}
+    for record in records:
+        kinds: set[str] = set()
+        if record.document_id and record.document_id in wanted_docs:
+            kinds.add("document_id")
+        if has_terms:
+            text = _normalise(" \n ".join((record.subject, record.question, record.answer)))
+            for end, (kind, length) in automaton.iter(text):
+                if _on_word_boundary(text, end - length + 1, end + 1):
+                    kinds.add(kind)
+        if kinds:
+            matched[record.record_id] = kinds
+    counts: dict[str, int] = {}
+    for kinds in matched.values():
+        for kind in kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+    forget_ids = [r.record_id for r in records if r.record_id in matched]
+    return SubjectMatch(forget_ids=forget_ids, matched_by=counts)
+
+
+@dataclass
+class RetainSelection:
+    retain_ids: list[str]
+    neighbour_ids: list[str]
+
+
+def select_retain(
+    records: Sequence[QARecord],
+    forget_ids: Iterable[str],
+    max_records: int,
+    neighbour_fraction: float = 0.5,
+    neighbour_min_score: float = 60.0,
+    seed: int = 0,
+) -> RetainSelection:
+    """Up to `max_records` non-forget records; neighbours of the subject first, then a seeded random fill."""
+    from rapidfuzz import fuzz, process
+
+    forget = set(forget_ids)
+    forget_answers = [r.answer for r in records if r.record_id in forget]
+    candidates = [r for r in records if r.record_id not in forget]
+    if not candidates or max_records <= 0:
+        return RetainSelection([], [])
+    neighbours: list[str] = []
+    if forget_answers:
+        scores = process.cdist(
+            [r.answer for r in candidates], forget_answers, scorer=fuzz.token_set_ratio, workers=1
+        ).max(axis=1)
+        ranked = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i].record_id))
+        limit = int(max_records * neighbour_fraction)
+        neighbours = [
+            candidates[i].record_id for i in ranked[:limit] if scores[i] >= neighbour_min_score
+        ]
+    rest = [r.record_id for r in candidates if r.record_id not in set(neighbours)]
+    random.Random(seed).shuffle(rest)
+    retain = neighbours + rest[: max_records - len(neighbours)]
+    return RetainSelection(retain_ids=retain, neighbour_ids=neighbours)
+
+
+def keyed_hash(key: bytes, text: str) -> str:
+    """HMAC-SHA256: a stable fingerprint of private text that cannot be brute-forced without the key."""
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def build_manifest(records: Sequence[QARecord], ids: Sequence[str], key: bytes, role: str) -> dict:
+    """Record ids + keyed content hashes (never text), and one fingerprint over them all."""
+    by_id = {r.record_id: r for r in records}
+    entries = [
+        {"record_id": i, "content_hmac": keyed_hash(key, by_id[i].question + "\x1f" + by_id[i].answer)}
+        for i in sorted(ids)
+    ]
+    fingerprint = hashlib.sha256(
+        json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    return {"role": role, "count": len(entries), "fingerprint": fingerprint, "records": entries}

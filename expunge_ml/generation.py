@@ -1,0 +1,87 @@
+"""Batched greedy decoding and teacher-forced answer scoring over any `LogitSource`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .logits import LogitSource
+from .metrics import sequence_log_probs, shift_for_next_token
+from .prompting import (
+    PromptFormat,
+    collate_qa,
+    encode_prompt,
+    pad_batch,
+    pad_token_id,
+    position_ids_from_mask,
+)
+
+
+@torch.no_grad()
+def greedy_generate(
+    source: LogitSource,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy continuations of `prompts` (left-padded batches, KV-cached), decoded without specials."""
+    results: list[str] = []
+    pad_id = pad_token_id(tokenizer)
+    eos_id = tokenizer.eos_token_id
+    for start in range(0, len(prompts), batch_size):
+        chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        input_ids, mask = pad_batch(chunk, pad_id, side="left")
+        positions = position_ids_from_mask(mask)
+        generated = torch.empty((len(chunk), 0), dtype=torch.long)
+        finished = torch.zeros(len(chunk), dtype=torch.bool)
+        past = None
+        step_ids, step_positions = input_ids, positions
+        for _ in range(max_new_tokens):
+            logits, past = source.step(step_ids, mask, step_positions, past, last_only=True)
+            next_ids = logits[:, -1, :].argmax(dim=-1)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+            generated = torch.cat([generated, next_ids[:, None]], dim=1)
+            if eos_id is not None:
+                finished |= next_ids == eos_id
+            if bool(finished.all()):
+                break
+            step_ids = next_ids[:, None]
+            step_positions = step_positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=mask.dtype)], dim=1)
+        for row in generated.tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            results.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return results
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    sum_log_prob: float
+    n_tokens: int
+
+    @property
+    def mean_log_prob(self) -> float:
+        return self.sum_log_prob / max(self.n_tokens, 1)
+
+
+@torch.no_grad()
+def score_answers(
+    source: LogitSource,
+    tokenizer,
+    fmt: PromptFormat,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+) -> list[AnswerScore]:
+    """Teacher-forced log-probability of each answer given its question, one forward pass per batch."""
+    scores: list[AnswerScore] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_qa(tokenizer, fmt, pairs[start : start + batch_size])
+        positions = position_ids_from_mask(batch["attention_mask"])
+        logits, _ = source.step(batch["input_ids"], batch["attention_mask"], positions)
+        shifted_logits, shifted_labels = shift_for_next_token(logits, batch["labels"])
+        sums, counts = sequence_log_probs(shifted_logits, shifted_labels)
+        scores.extend(AnswerScore(float(s), int(c)) for s, c in zip(sums, counts))
+    return scores

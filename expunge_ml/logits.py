@@ -1,0 +1,99 @@
+"""Next-token logit sources: a plain causal LM, or the ULD composite `base + w·assistant`.
+
+Evaluation and generation only ever talk to a `LogitSource`, so every metric is computed the same
+way for the original model, a baseline-unlearned model and a ULD composite (whose two models are run
+in the same pass, each with its own KV cache).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+class LogitSource(Protocol):
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past: Any = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits for every position of `input_ids` (or only the last one), and the updated cache."""
+        ...
+
+
+@dataclass
+class CausalLMLogits:
+    """Wraps any Hugging Face causal LM."""
+
+    model: torch.nn.Module
+
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+        kwargs = {"logits_to_keep": 1} if last_only else {}
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+            **kwargs,
+        )
+        return out.logits.float(), out.past_key_values
+
+
+def combine_logits(
+    base_logits: torch.Tensor,
+    assistant_logits: list[torch.Tensor],
+    weights: list[float],
+    relative_top: float = 0.0,
+) -> torch.Tensor:
+    """ULD composite: z = z_base + Σ w_i · z_assistant_i (w_i < 0 subtracts what the assistant remembers).
+
+    With `relative_top` τ > 0, tokens the base finds implausible (log p_base < max log p_base + log τ)
+    get no assistant contribution, so subtracting the assistant can only reorder tokens the base
+    already considers plausible instead of promoting junk from the tail of the vocabulary.
+    """
+    combined = base_logits.clone()
+    keep = None
+    if relative_top > 0.0:
+        base_logp = torch.log_softmax(base_logits, dim=-1)
+        threshold = base_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
+        keep = base_logp >= threshold
+    for logits, weight in zip(assistant_logits, weights):
+        contribution = weight * logits
+        if keep is not None:
+            contribution = contribution * keep
+        combined = combined + contribution
+    return combined
+
+
+@dataclass
+class CompositeLogits:
+    """Logit difference of a base model and one or more ULD assistants (stacked erasures add up)."""
+
+    base: torch.nn.Module
+    assistants: list[torch.nn.Module]
+    weights: list[float]
+    relative_top: float = 0.0
+    _sources: list[CausalLMLogits] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.assistants) != len(self.weights):
+            raise ValueError("one weight per assistant is required")
+        self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
+
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+        caches = past if past is not None else [None] * len(self._sources)
+        outputs = [
+            source.step(input_ids, attention_mask, position_ids, cache, last_only)
+            for source, cache in zip(self._sources, caches)
+        ]
+        logits = combine_logits(
+            outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top
+        )
+        # Separate caches: base and assistant have different depths and must never share state.
+        return logits, [o[1] for o in outputs]

@@ -1,0 +1,185 @@
+"""ULD — Unlearning from Logit Difference (Ji et al., 2024).
+
+Instead of damaging the served model, train a small *assistant* to remember exactly what must be
+forgotten (NLL on the forget set) and to know nothing about what must be kept (KL to uniform on the
+retain set). Serving `z_base + w·z_assistant` with w < 0 then subtracts the forgotten knowledge while
+leaving retain logits untouched (a uniform assistant only shifts all logits by a constant).
+
+The assistant is the base's first K decoder layers + embeddings + final norm + LM head, with LoRA on
+every linear layer but the LM head. Only the LoRA adapter is stored: the frozen part is rebuilt from
+the base, which is pinned by weight hash.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..prompting import PromptFormat, collate_qa
+from .losses import answer_kl_to_uniform, answer_nll
+
+ASSISTANT_CONFIG_FILE = "uld_assistant.json"
+
+
+@dataclass(frozen=True)
+class ULDConfig:
+    n_layers: int = 2  # K: decoder layers kept from the base
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    retain_weight: float = 5.0  # λ in NLL(forget) + λ·KL(U ‖ p)(retain)
+    weight: float = -0.8  # w in z_base + w·z_assistant
+    relative_top: float = 0.0  # τ; 0 disables the relative-top filter
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 8
+    target_forget_loss: float = 0.05  # stop once the assistant remembers the forget set this well
+    augment_paraphrased: bool = True  # forget⁺ also holds paraphrased answers
+    augment_perturbed: bool = True  # retain⁺ also holds perturbed (wrong) answers to forget questions
+    seed: int = 0
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of decoder blocks, found by length so it works across HF architectures."""
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+def truncate_layers(base: torch.nn.Module, n_layers: int) -> torch.nn.Module:
+    """A copy of `base` keeping its first `n_layers` decoder layers (embeddings, norm, head intact)."""
+    total = base.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"assistant layers K={n_layers} must be in 1..{total}")
+    small = copy.deepcopy(base)
+    layers = _decoder_layers(small)
+    del layers[n_layers:]
+    small.config.num_hidden_layers = n_layers
+    layer_types = getattr(small.config, "layer_types", None)
+    if isinstance(layer_types, list):
+        small.config.layer_types = layer_types[:n_layers]
+    return small
+
+
+def build_assistant(base: torch.nn.Module, config: ULDConfig):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    small = truncate_layers(base, config.n_layers)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear",  # peft's "all-linear" excludes the output head
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(small, lora)
+
+
+@dataclass
+class ULDTrainReport:
+    epochs: int
+    steps: int
+    forget_nll: float
+    retain_kl: float
+    seconds: float
+
+
+def train_assistant(
+    assistant: torch.nn.Module,
+    tokenizer,
+    fmt: PromptFormat,
+    forget_pairs: Sequence[tuple[str, str]],
+    retain_pairs: Sequence[tuple[str, str]],
+    config: ULDConfig,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> ULDTrainReport:
+    """Balanced sampling: every step sees one forget batch (remember) and one retain batch (uniform)."""
+    if not forget_pairs:
+        raise ValueError("the forget set is empty")
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    assistant.train()
+    params = [p for p in assistant.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    forget_order, retain_order = list(range(len(forget_pairs))), list(range(len(retain_pairs)))
+    steps_per_epoch = math.ceil(len(forget_pairs) / config.batch_size)
+    start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
+    retain_cursor = 0
+    for epoch in range(1, config.epochs + 1):
+        rng.shuffle(forget_order)
+        nlls, kls = [], []
+        for i in range(steps_per_epoch):
+            forget_idx = forget_order[i * config.batch_size : (i + 1) * config.batch_size]
+            loss = nll = answer_nll(assistant, collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx]))
+            if retain_pairs:
+                if retain_cursor == 0:
+                    rng.shuffle(retain_order)
+                retain_idx = [
+                    retain_order[(retain_cursor + k) % len(retain_order)]
+                    for k in range(config.batch_size)
+                ]
+                retain_cursor = (retain_cursor + config.batch_size) % len(retain_order)
+                kl = answer_kl_to_uniform(
+                    assistant, collate_qa(tokenizer, fmt, [retain_pairs[j] for j in retain_idx])
+                )
+                loss = nll + config.retain_weight * kl
+                kls.append(float(kl.detach()))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            nlls.append(float(nll.detach()))
+            step += 1
+        nll_mean = sum(nlls) / len(nlls)
+        kl_mean = sum(kls) / len(kls) if kls else 0.0
+        if progress:
+            progress(epoch, nll_mean, kl_mean)
+        if nll_mean <= config.target_forget_loss:
+            break
+    assistant.eval()
+    return ULDTrainReport(epoch, step, nll_mean, kl_mean, time.perf_counter() - start)
+
+
+def save_assistant(assistant, config: ULDConfig, out_dir: Path) -> Path:
+    """Store only the LoRA adapter + the ULD config; the frozen layers come from the pinned base."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assistant.save_pretrained(out_dir)
+    (out_dir / ASSISTANT_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    return out_dir
+
+
+def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.Module, ULDConfig]:
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    config = ULDConfig(**json.loads((adapter_dir / ASSISTANT_CONFIG_FILE).read_text()))
+    small = truncate_layers(base, config.n_layers)
+    assistant = PeftModel.from_pretrained(small, adapter_dir)
+    assistant.eval()
+    return assistant, config
+
+
+def training_pairs(
+    forget_records, retain_records, config: ULDConfig
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """forget⁺ = forget QA + their paraphrased answers (remember the fact, not one wording);
+    retain⁺ = retain QA + the forget questions' perturbed answers (near-misses stay unknown, so
+    subtracting the assistant does not push the composite towards or away from them)."""
+    forget = [r.pair for r in forget_records]
+    if config.augment_paraphrased:
+        forget += [(r.question, r.paraphrased_answer) for r in forget_records if r.paraphrased_answer]
+    retain = [r.pair for r in retain_records]
+    if config.augment_perturbed:
+        retain += [(r.question, wrong) for r in forget_records for wrong in r.perturbed_answers]
+    return forget, retain

@@ -1,0 +1,1 @@
+"""Prefect flows: the request lifecycle, and bootstrapping the embedded sample model."""

@@ -1,0 +1,1 @@
+"""MLflow ownership: registering base and unlearned models, resolving `models:/` URIs, aliases."""

@@ -1,0 +1,26 @@
+"""MLflow pyfunc (logged from code) serving a plain Hugging Face causal LM stored as an artifact."""
+from __future__ import annotations
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class CausalLMModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from expunge_ml.logits import CausalLMLogits
+        from expunge_ml.modeling import load_causal_lm
+        from expunge_ml.prompting import PromptFormat
+
+        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
+        self.source = CausalLMLogits(model)
+        config = context.model_config or {}
+        self.fmt = PromptFormat(template=config.get("prompt_template", PromptFormat().template))
+        self.max_new_tokens = int(config.get("max_new_tokens", 48))
+
+    def predict(self, context, model_input, params=None):
+        from models_registry.predict_io import generate_for_input
+
+        return generate_for_input(self, model_input, params)
+
+
+set_model(CausalLMModel())

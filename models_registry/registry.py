@@ -1,0 +1,239 @@
+"""Everything that talks to MLflow: tracking setup, registering versions, aliases, resolving URIs.
+
+Model kinds, recorded as the version tag `expunge.kind`:
+- `causal_lm`: a plain HF causal LM bundled as an artifact (e.g. the embedded sample base model);
+- `uld_composite`: ULD adapters + config that *reference* a pinned base version by URI and hash.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = PACKAGE_DIR.parent
+EXPERIMENT = "expunge"
+KIND_TAG = "expunge.kind"
+WEIGHTS_TAG = "expunge.weights_sha256"
+CORPUS_TAG = "expunge.corpus"
+PROMPT_TAG = "expunge.prompt_template"
+PIP_REQUIREMENTS = [
+    "torch>=2.4", "transformers>=4.46", "peft>=0.13", "safetensors", "rouge-score", "scipy", "pandas",
+]
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ModelNotFound(LookupError):
+    """A model URI that names nothing the registry (or the file system) knows."""
+
+
+def configure(tracking_uri: str, artifact_root: Path) -> None:
+    """Point MLflow at this deployment's store; the experiment keeps artifacts under `artifact_root`."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root.resolve().as_uri())
+    mlflow.set_experiment(EXPERIMENT)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    match = _URI.match(uri)
+    if not match:
+        raise ModelNotFound(f"not a registry URI (expected models:/name@alias or models:/name/N): {uri}")
+    return match["name"], match["alias"], match["version"]
+
+
+def pin(uri: str) -> ModelRef:
+    """Resolve an alias URI to the exact version it points at now."""
+    name, alias, version = parse_model_uri(uri)
+    client = MlflowClient()
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ModelNotFound(f"no registered model version for {uri}") from exc
+    return ModelRef(name, str(mv.version))
+
+
+def version_tags(ref: ModelRef) -> dict[str, str]:
+    return dict(MlflowClient().get_model_version(ref.name, ref.version).tags)
+
+
+def _pyfunc_spec(local_dir: Path) -> dict[str, Any]:
+    from mlflow.models import Model
+
+    return Model.load(str(local_dir / "MLmodel")).flavors["python_function"]
+
+
+def _download(ref: ModelRef) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri))
+
+
+def local_model_dir(uri: str) -> str:
+    """Where to load a `causal_lm` version from: a downloaded artifact dir (or the path / hub id as given)."""
+    if not uri.startswith("models:/"):
+        return uri
+    ref = pin(uri)
+    local = _download(ref)
+    artifacts = _pyfunc_spec(local).get("artifacts", {})
+    if "hf_model" not in artifacts:
+        raise ModelNotFound(f"{uri} is not a plain causal LM version")
+    return str(local / artifacts["hf_model"]["path"])
+
+
+@dataclass
+class ResolvedTarget:
+    """What the pipeline needs to unlearn a target model, whatever kind it is."""
+
+    requested_uri: str
+    pinned_uri: str | None  # models:/name/N, or None for a local dir / hub id
+    registered_name: str | None
+    kind: str
+    base_location: str  # local HF dir or hub id of the underlying base model
+    base_uri: str  # how versions refer to that base (pinned registry URI or the location)
+    base_weights_sha256: str | None
+    corpus: dict[str, Any] | None
+    prompt_template: str | None
+    prior_assistants: list[dict[str, Any]] = field(default_factory=list)  # [{dir, weight}]
+    relative_top: float = 0.0
+
+
+def resolve_target(uri: str) -> ResolvedTarget:
+    """Resolve `models:/…`, a local model directory, or a hub id (only where the user has network)."""
+    if not uri.startswith("models:/"):
+        path = Path(uri).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ModelNotFound(f"{uri} is a directory without a Hugging Face config.json")
+            from expunge_ml.modeling import weights_fingerprint
+
+            location = str(path.resolve())
+            return ResolvedTarget(uri, None, None, "causal_lm", location, location,
+                                  weights_fingerprint(path), None, None)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", uri) and not path.exists():
+            return ResolvedTarget(uri, None, None, "causal_lm", uri, uri, None, None, None)
+        raise ModelNotFound(f"unknown model {uri!r}: not a registry URI, a model directory or a hub id")
+    ref = pin(uri)
+    tags = version_tags(ref)
+    kind = tags.get(KIND_TAG, "causal_lm")
+    corpus = json.loads(tags[CORPUS_TAG]) if CORPUS_TAG in tags else None
+    local = _download(ref)
+    spec = _pyfunc_spec(local)
+    if kind == "causal_lm":
+        base_dir = local / spec["artifacts"]["hf_model"]["path"]
+        return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), ref.uri,
+                              tags.get(WEIGHTS_TAG), corpus, tags.get(PROMPT_TAG))
+    if kind == "uld_composite":
+        config = spec.get("model_config") or {}
+        base_dir = local_model_dir(config["base_uri"])
+        prior = [
+            {"dir": str(local / spec["artifacts"][a["artifact"]]["path"]), "weight": a["weight"]}
+            for a in config["assistants"]
+        ]
+        return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), config["base_uri"],
+                              config["base_weights_sha256"], corpus, config.get("prompt_template"),
+                              prior, float(config.get("relative_top", 0.0)))
+    raise ModelNotFound(f"{uri} has unsupported kind {kind!r}")
+
+
+def _log_pyfunc(code_file: str, artifacts: dict[str, str], model_config: dict, name: str) -> Any:
+    """Log from code (no pickled model object) into the caller's active run, registering a version."""
+    if mlflow.active_run() is None:
+        raise RuntimeError("register_* must be called inside an active MLflow run")
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(PACKAGE_DIR / code_file),
+        artifacts=artifacts,
+        model_config=model_config,
+        code_paths=[str(PROJECT_DIR / "expunge_ml"), str(PACKAGE_DIR)],
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=name,
+    )
+
+
+def _registered_version(info: Any, name: str) -> ModelRef:
+    version = getattr(info, "registered_model_version", None)
+    if version is None:  # older MLflow: look the newest version up
+        version = max(int(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'"))
+    return ModelRef(name, str(version))
+
+
+def register_causal_lm(
+    model_dir: Path,
+    name: str,
+    weights_sha256: str,
+    corpus: dict[str, Any] | None,
+    prompt_template: str,
+    tags: dict[str, str],
+    alias: str | None = None,
+) -> ModelRef:
+    """Register a plain HF causal LM (the embedded base, or a user's own) as a new version."""
+    config = {"prompt_template": prompt_template}
+    info = _log_pyfunc("pyfunc_causal_lm.py", {"hf_model": str(model_dir)}, config, name)
+    ref = _registered_version(info, name)
+    all_tags = {KIND_TAG: "causal_lm", WEIGHTS_TAG: weights_sha256, PROMPT_TAG: prompt_template, **tags}
+    if corpus is not None:
+        all_tags[CORPUS_TAG] = json.dumps(corpus, sort_keys=True)
+    _tag_and_alias(ref, all_tags, alias)
+    return ref
+
+
+def register_uld_composite(
+    name: str,
+    target: ResolvedTarget,
+    new_assistant_dir: Path,
+    weight: float,
+    relative_top: float,
+    tags: dict[str, str],
+    alias: str | None = "challenger",
+) -> ModelRef:
+    """A new version = earlier assistants of the target (if it was a composite) + the new one."""
+    artifacts, assistants = {}, []
+    for index, prior in enumerate(target.prior_assistants + [{"dir": str(new_assistant_dir), "weight": weight}]):
+        key = f"assistant_{index}"
+        artifacts[key] = prior["dir"]
+        assistants.append({"artifact": key, "weight": float(prior["weight"])})
+    config = {
+        "base_uri": target.base_uri,
+        "base_weights_sha256": target.base_weights_sha256,
+        "assistants": assistants,
+        "relative_top": relative_top,
+        "prompt_template": target.prompt_template,
+    }
+    info = _log_pyfunc("pyfunc_uld_composite.py", artifacts, config, name)
+    ref = _registered_version(info, name)
+    all_tags = {KIND_TAG: "uld_composite", **tags}
+    if target.corpus is not None:
+        all_tags[CORPUS_TAG] = json.dumps(target.corpus, sort_keys=True)
+    _tag_and_alias(ref, all_tags, alias)
+    return ref
+
+
+def _tag_and_alias(ref: ModelRef, tags: dict[str, str], alias: str | None) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(ref.name, ref.version, key, str(value))
+    if alias:
+        client.set_registered_model_alias(ref.name, alias, ref.version)
+
+
+def aliases_of(ref: ModelRef) -> list[str]:
+    return list(MlflowClient().get_model_version(ref.name, ref.version).aliases)

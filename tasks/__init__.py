@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over the ML core, DB and registry. They pass paths, ids and hashes only."""

@@ -1,0 +1,87 @@
+"""Resolve a request's subject to its forget set and build the retain set; write id+hash manifests."""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from db import requests_repo, session_scope
+from expunge.intake import corpus_spec_for, load_records, match_subject, target_for
+from expunge.requests import RequestError, RequestSpec
+from expunge_ml.corpus import build_manifest, select_retain
+from tasks.context import settings_for, write_json
+
+
+class SubjectNotFound(RequestError):
+    pass
+
+
+@task(name="resolve-forget-set")
+def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
+    settings = settings_for(home, profile)
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        spec = RequestSpec.model_validate_json(request.spec_json)
+    target = target_for(spec)
+    corpus = corpus_spec_for(spec, target)
+    records = load_records(corpus, ticket_id)
+    match = match_subject(spec, records)
+    if not match.forget_ids:
+        raise SubjectNotFound("subject_not_found", "the subject matches no training record", ticket_id)
+    unlearning = settings.profile["unlearning"]
+    retain = select_retain(records, match.forget_ids, int(unlearning["retain_max"]), seed=0)
+    key = settings.hmac_key()
+    work = settings.ticket_dir(ticket_id)
+    forget_manifest = build_manifest(records, match.forget_ids, key, "forget")
+    retain_manifest = build_manifest(records, retain.retain_ids, key, "retain")
+    retain_manifest["neighbour_ids"] = sorted(retain.neighbour_ids)
+    target_info = {
+        "requested_uri": target.requested_uri,
+        "pinned_uri": target.pinned_uri,
+        "registered_name": target.registered_name,
+        "kind": target.kind,
+        "base_location": target.base_location,
+        "base_uri": target.base_uri,
+        "base_weights_sha256": target.base_weights_sha256,
+        "prompt_template": target.prompt_template,
+        "prior_assistants": target.prior_assistants,
+        "relative_top": target.relative_top,
+        "corpus": {"source": corpus.source, "split": corpus.split, "columns": corpus.columns},
+    }
+    result = {
+        "target_path": str(write_json(work / "target.json", target_info)),
+        "forget_manifest": str(write_json(work / "forget_manifest.json", forget_manifest)),
+        "retain_manifest": str(write_json(work / "retain_manifest.json", retain_manifest)),
+        "forget_count": forget_manifest["count"],
+        "retain_count": retain_manifest["count"],
+        "neighbour_count": len(retain.neighbour_ids),
+        "forget_fingerprint": forget_manifest["fingerprint"],
+        "retain_fingerprint": retain_manifest["fingerprint"],
+        "matched_by": match.matched_by,
+        "target_uri": target.pinned_uri or target.requested_uri,
+    }
+    get_run_logger().info(
+        "forget set: %d records (%s); retain set: %d (%d neighbours)",
+        result["forget_count"], ", ".join(f"{k}={v}" for k, v in sorted(match.matched_by.items())),
+        result["retain_count"], result["neighbour_count"],
+    )
+    return result
+
+
+class CorpusDrift(RuntimeError):
+    """The corpus changed between resolving the request and using its records."""
+
+
+def records_for_manifest(settings, target_info: dict, manifest_path: str):
+    """Re-read the records a manifest names and check their keyed hashes: no silent corpus drift."""
+    from expunge_ml.corpus import CorpusSpec, keyed_hash, load_corpus
+    from tasks.context import read_json
+
+    manifest = read_json(manifest_path)
+    records = {r.record_id: r for r in load_corpus(CorpusSpec(**target_info["corpus"]))}
+    key = settings.hmac_key()
+    selected = []
+    for entry in manifest["records"]:
+        record = records.get(entry["record_id"])
+        if record is None or keyed_hash(key, record.question + "\x1f" + record.answer) != entry["content_hmac"]:
+            raise CorpusDrift(f"record {entry['record_id']} changed or vanished since the manifest was written")
+        selected.append(record)
+    return selected

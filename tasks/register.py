@@ -1,0 +1,69 @@
+"""Register the unlearned model as a new MLflow model version (alias `challenger` only if gates pass)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import get_run_logger, task
+
+from models_registry.registry import ResolvedTarget, aliases_of, register_uld_composite
+from tasks.context import read_json, settings_for
+
+DEFAULT_REGISTERED_NAME = "expunge-unlearned"
+
+
+def _flat_metrics(metrics: dict) -> dict[str, float]:
+    return {
+        f"{model}.{split}.{name}": float(value)
+        for model, splits in metrics.items()
+        for split, values in splits.items()
+        for name, value in values.items()
+    }
+
+
+@task(name="register-model", retries=1, retry_delay_seconds=2)
+def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict, evaluated: dict) -> dict:
+    settings = settings_for(home, profile)
+    target_info = read_json(resolved["target_path"])
+    target = ResolvedTarget(
+        requested_uri=target_info["requested_uri"], pinned_uri=target_info["pinned_uri"],
+        registered_name=target_info["registered_name"], kind=target_info["kind"],
+        base_location=target_info["base_location"], base_uri=target_info["base_uri"],
+        base_weights_sha256=target_info["base_weights_sha256"], corpus=target_info["corpus"],
+        prompt_template=target_info["prompt_template"], prior_assistants=target_info["prior_assistants"],
+        relative_top=target_info["relative_top"],
+    )
+    name = target.registered_name or DEFAULT_REGISTERED_NAME
+    config = trained["config"]
+    tags = {
+        "expunge.ticket_id": ticket_id,
+        "expunge.method": trained["method"],
+        "expunge.forget_fingerprint": resolved["forget_fingerprint"],
+        "expunge.retain_fingerprint": resolved["retain_fingerprint"],
+        "expunge.forget_count": str(resolved["forget_count"]),
+        "expunge.parent_uri": target.pinned_uri or target.requested_uri,
+        "expunge.gates": "passed" if evaluated["passed"] else "failed",
+        **{f"expunge.metric.{k}": f"{v:.4f}" for k, v in _flat_metrics(evaluated["metrics"]).items()},
+    }
+    with mlflow.start_run(run_name=f"{ticket_id}-{trained['method']}") as run:
+        mlflow.set_tags({"expunge.ticket_id": ticket_id, "expunge.method": trained["method"]})
+        mlflow.log_params({f"uld.{k}": v for k, v in config.items()})
+        mlflow.log_params({"forget_count": resolved["forget_count"], "retain_count": resolved["retain_count"]})
+        mlflow.log_metrics({k.replace(".", "_"): v for k, v in _flat_metrics(evaluated["metrics"]).items()})
+        mlflow.log_artifact(evaluated["metrics_path"], artifact_path="evidence")
+        mlflow.log_artifact(resolved["forget_manifest"], artifact_path="evidence")
+        mlflow.log_artifact(str(Path(trained["adapter_dir"]).parent / "training.json"), artifact_path="evidence")
+        ref = register_uld_composite(
+            name, target, Path(trained["adapter_dir"]), weight=float(config["weight"]),
+            relative_top=float(config["relative_top"]), tags=tags,
+            alias="challenger" if evaluated["passed"] else None,
+        )
+        run_id = run.info.run_id
+    # The version must actually load from the registry and answer, or it is not a deliverable.
+    model = mlflow.pyfunc.load_model(ref.uri)
+    probe = model.predict(["What is the capital of nowhere?"])
+    if not isinstance(probe, list) or len(probe) != 1:
+        raise RuntimeError(f"{ref.uri} loaded but did not generate")
+    aliases = aliases_of(ref)
+    get_run_logger().info("registered %s (aliases: %s)", ref.uri, ", ".join(aliases) or "none")
+    return {"model_uri": ref.uri, "name": ref.name, "version": ref.version, "aliases": aliases, "mlflow_run_id": run_id}

@@ -1,0 +1,61 @@
+"""Train the unlearning artefact (the ULD assistant) for a resolved request."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import get_run_logger, task
+
+from expunge_ml.methods.uld import ULDConfig, build_assistant, save_assistant, train_assistant, training_pairs
+from expunge_ml.modeling import load_causal_lm, weights_fingerprint
+from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
+from tasks.context import read_json, settings_for, write_json
+from tasks.data import records_for_manifest
+
+
+def load_base(target_info: dict):
+    """The base model of the target, checked against the weight hash the registry pinned."""
+    from pathlib import Path
+
+    location = target_info["base_location"]
+    expected = target_info.get("base_weights_sha256")
+    if expected and Path(location).is_dir():
+        actual = weights_fingerprint(Path(location))
+        if actual != expected:
+            raise RuntimeError(f"base weights {actual[:12]}… differ from the pinned {expected[:12]}…")
+    return load_causal_lm(location)
+
+
+def prompt_format(target_info: dict) -> PromptFormat:
+    return PromptFormat(template=target_info.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
+
+
+@task(name="train-uld-assistant")
+def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
+    settings = settings_for(home, profile)
+    logger = get_run_logger()
+    target_info = read_json(resolved["target_path"])
+    forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
+    retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
+    config = ULDConfig(**settings.profile["unlearning"]["uld"])
+    base, tokenizer = load_base(target_info)
+    assistant = build_assistant(base, config)
+    forget_pairs, retain_pairs = training_pairs(forget, retain, config)
+    report = train_assistant(
+        assistant, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
+        progress=lambda epoch, nll, kl: logger.info("epoch %d: forget NLL %.4f, retain KL %.4f", epoch, nll, kl)
+        if epoch % 10 == 0 else None,
+    )
+    adapter_dir = save_assistant(assistant, config, settings.ticket_dir(ticket_id) / "assistant")
+    trainable = sum(p.numel() for p in assistant.parameters() if p.requires_grad)
+    result = {
+        "method": "uld",
+        "adapter_dir": str(adapter_dir),
+        "config": asdict(config),
+        "report": asdict(report),
+        "trainable_parameters": trainable,
+        "forget_pairs": len(forget_pairs),
+        "retain_pairs": len(retain_pairs),
+    }
+    write_json(settings.ticket_dir(ticket_id) / "training.json", result)
+    logger.info("assistant trained in %.1fs (%d steps, %d trainable parameters)", report.seconds, report.steps, trainable)
+    return result
