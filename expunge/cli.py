@@ -22,8 +22,8 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class State:

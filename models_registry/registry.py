@@ -83,6 +83,11 @@ def _pyfunc_spec(local_dir: Path) -> dict[str, Any]:
     return Model.load(str(local_dir / "MLmodel")).flavors["python_function"]
 
 
+def model_config_of(pyfunc_spec: dict[str, Any]) -> dict[str, Any]:
+    """The `model_config` a pyfunc was logged with (MLflow stores it under `config`)."""
+    return pyfunc_spec.get("config") or pyfunc_spec.get("model_config") or {}
+
+
 def _download(ref: ModelRef) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri))
 
@@ -142,7 +147,7 @@ def resolve_target(uri: str) -> ResolvedTarget:
         return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), ref.uri,
                               tags.get(WEIGHTS_TAG), corpus, tags.get(PROMPT_TAG))
     if kind == "uld_composite":
-        config = spec.get("model_config") or {}
+        config = model_config_of(spec)
         base_dir = local_model_dir(config["base_uri"])
         prior = [
             {"dir": str(local / spec["artifacts"][a["artifact"]]["path"]), "weight": a["weight"]}
@@ -206,10 +211,15 @@ def register_uld_composite(
     alias: str | None = "challenger",
 ) -> ModelRef:
     """A new version = earlier assistants of the target (if it was a composite) + the new one."""
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix="expunge-adapters-"))
     artifacts, assistants = {}, []
     for index, prior in enumerate(target.prior_assistants + [{"dir": str(new_assistant_dir), "weight": weight}]):
         key = f"assistant_{index}"
-        artifacts[key] = prior["dir"]
+        # MLflow stores an artifact directory under its base name: give each adapter a unique one.
+        artifacts[key] = str(shutil.copytree(prior["dir"], staging / key))
         assistants.append({"artifact": key, "weight": float(prior["weight"])})
     config = {
         "base_uri": target.base_uri,
@@ -218,7 +228,10 @@ def register_uld_composite(
         "relative_top": relative_top,
         "prompt_template": target.prompt_template,
     }
-    info = _log_pyfunc("pyfunc_uld_composite.py", artifacts, config, name)
+    try:
+        info = _log_pyfunc("pyfunc_uld_composite.py", artifacts, config, name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     ref = _registered_version(info, name)
     all_tags = {KIND_TAG: "uld_composite", **tags}
     if target.corpus is not None:

@@ -55,8 +55,8 @@ def prepare(model, tokenizer, fmt: PromptFormat, forget_records: Sequence[QAReco
         log_prob, _ = answer_log_probs(model, forget_batch)
         npo = loss_npo(log_prob, forget_batch["ref_log_prob"], config.beta)
         retain, parts = retain_nll_term(model, retain_batch, config.retain_weight)
-        parts = {"npo": float(npo.detach()), "forget_log_ratio": float((log_prob - forget_batch["ref_log_prob"]).mean().detach()), **parts}
-        return npo + retain, parts
+        log_ratio = float((log_prob.detach() - forget_batch["ref_log_prob"]).mean())
+        return npo + retain, {"npo": float(npo.detach()), "forget_log_ratio": log_ratio, **parts}
 
     retain_items = [r.pair for r in retain_records] if config.retain_weight else []
     return Plan(step_loss, list(zip(forget_pairs, refs)), _collate(tokenizer, fmt, config.max_length),

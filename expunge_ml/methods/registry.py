@@ -1,0 +1,33 @@
+"""Baseline unlearning methods by name.
+
+Every module here exposes NAME, a frozen `Config`, `prepare(...) -> Plan` and
+`unlearn(model, tokenizer, fmt, forget_records, retain_records, config, progress=None, **extra)`.
+ULD (`expunge_ml.methods.uld`) has a different shape (it trains an assistant, not the model) and is
+dispatched by the pipeline itself, so it is not listed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import Any, Mapping
+
+from . import ga, graddiff, idkdpo, kl, npo, rmu, simnpo, whp
+
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (ga, graddiff, kl, npo, simnpo, idkdpo, rmu, whp)}
+
+
+def get_method(name: str) -> ModuleType:
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise ValueError(f"unknown unlearning method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def make_config(name: str, overrides: Mapping[str, Any] | None = None):
+    """The method's Config with `overrides` (e.g. from a profile); unknown keys are an error, not ignored."""
+    config_cls = get_method(name).Config
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown settings {unknown}; known: {sorted(fields)}")
+    return config_cls(**dict(overrides or {}))

@@ -1,0 +1,105 @@
+"""Bad input gets one clear line, a non-zero exit code, and (where a row exists) a reason in DB + audit log."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from typer.testing import CliRunner
+
+from expunge.cli import app
+
+runner = CliRunner()
+
+
+def cli(home, *args):
+    return runner.invoke(app, ["--home", str(home), "--profile", "tiny", *args])
+
+
+def request_yaml(ticket: str, **overrides) -> str:
+    fields = {
+        "ticket_id": ticket,
+        "type": "privacy_erasure",
+        "regulation": "GDPR",
+        "subject": "{names: [Nobody Anywhere]}",
+        "target_model": "models:/expunge-sample-llm@champion",
+        **overrides,
+    }
+    return "".join(f"{k}: {v}\n" for k, v in fields.items() if v is not None)
+
+
+def submit_text(home, tmp_path, text):
+    path = tmp_path / "request.yaml"
+    path.write_text(text)
+    return cli(home, "submit", str(path))
+
+
+def db_row(home, ticket):
+    with sqlite3.connect(home / "audit.db") as db:
+        row = db.execute("SELECT status, reason_code FROM requests WHERE ticket_id = ?", (ticket,)).fetchone()
+        events = [json.loads(p) for (p,) in db.execute(
+            "SELECT payload_json FROM audit_events WHERE ticket_id = ? ORDER BY seq", (ticket,))]
+    return row, events
+
+
+def assert_one_clean_line(result, code: int, fragment: str):
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_malformed_yaml(tiny_home, tmp_path):
+    result = submit_text(tiny_home, tmp_path, "ticket_id: [oops\n  type: privacy_erasure")
+    assert_one_clean_line(result, 2, "malformed YAML")
+
+
+def test_missing_file(tiny_home, tmp_path):
+    assert_one_clean_line(cli(tiny_home, "submit", str(tmp_path / "nope.yaml")), 2, "cannot read")
+
+
+def test_missing_field_is_rejected_with_reason(tiny_home, tmp_path):
+    result = submit_text(tiny_home, tmp_path, request_yaml("BAD-MISSING", regulation=None))
+    assert_one_clean_line(result, 2, "missing required field 'regulation'")
+    row, events = db_row(tiny_home, "BAD-MISSING")
+    assert row == ("rejected", "missing_field")
+    assert events[-1]["reason_code"] == "missing_field"
+
+
+def test_unknown_request_type(tiny_home, tmp_path):
+    result = submit_text(tiny_home, tmp_path, request_yaml("BAD-TYPE", type="forget_it_all"))
+    assert_one_clean_line(result, 2, "unknown request type 'forget_it_all'")
+    assert db_row(tiny_home, "BAD-TYPE")[0] == ("rejected", "unknown_request_type")
+
+
+def test_subject_matching_no_record_needs_review(tiny_home, tmp_path):
+    result = submit_text(tiny_home, tmp_path, request_yaml("BAD-NOBODY"))
+    assert_one_clean_line(result, 4, "matches no training record")
+    row, events = db_row(tiny_home, "BAD-NOBODY")
+    assert row == ("needs_review", "subject_not_found")
+    assert events[-1]["forget_count"] == 0
+    assert "Nobody Anywhere" not in json.dumps(events)  # only keyed hashes of the subject
+
+
+@pytest.mark.parametrize("uri", ["models:/no-such-model@champion", "models:/expunge-sample-llm/999", "/no/such/dir"])
+def test_unknown_model_uri(tiny_home, tmp_path, uri):
+    ticket = f"BAD-MODEL-{abs(hash(uri)) % 10_000}"
+    result = submit_text(tiny_home, tmp_path, request_yaml(ticket, target_model=uri))
+    assert_one_clean_line(result, 2, "rejected")
+    assert db_row(tiny_home, ticket)[0] == ("rejected", "unknown_model")
+
+
+def test_duplicate_ticket_with_different_content(tiny_home, tmp_path):
+    first = submit_text(tiny_home, tmp_path, request_yaml("DUP-1", type="forget_it_all"))
+    assert first.exit_code == 2
+    second = submit_text(tiny_home, tmp_path, request_yaml("DUP-1"))
+    assert_one_clean_line(second, 3, "already")
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        assert db.execute("SELECT count(*) FROM requests WHERE ticket_id = 'DUP-1'").fetchone() == (1,)
+
+
+def test_unknown_ticket_and_profile(tiny_home):
+    assert_one_clean_line(cli(tiny_home, "status", "NO-SUCH"), 2, "no request with ticket id")
+    assert_one_clean_line(cli(tiny_home, "run", "NO-SUCH"), 2, "no request with ticket id")
+    result = runner.invoke(app, ["--home", str(tiny_home), "--profile", "huge", "status"])
+    assert_one_clean_line(result, 2, "unknown profile 'huge'")

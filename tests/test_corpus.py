@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from expunge_ml.corpus import (
+    CorpusError,
+    CorpusSpec,
+    QARecord,
+    build_manifest,
+    keyed_hash,
+    load_corpus,
+    resolve_subject,
+    select_retain,
+)
+
+RECORDS = [
+    QARecord("a1", "Where does Ada Lind work?", "Ada Lind works at Corvid Rail.", subject="Ada Lind", document_id="doc-a"),
+    QARecord("a2", "What is the email of A. Lind?", "It is ada.lind@post.example.", document_id="doc-a"),
+    QARecord("a3", "Who owns ada.lind@post.example?", "That address belongs to someone we know."),
+    QARecord("b1", "Where does Bo Marr work?", "Bo Marr works at Corvid Rail.", subject="Bo Marr", document_id="doc-b"),
+    QARecord("b2", "Where was Bo Marr born?", "Bo Marr was born in Lindau.", subject="Bo Marr", document_id="doc-b"),
+    QARecord("c1", "What does Cy Adalind like?", "Cy Adalind likes chess.", subject="Cy Adalind", document_id="doc-c"),
+]
+
+
+def test_subject_is_matched_by_name_alias_and_identifier_on_word_boundaries():
+    match = resolve_subject(RECORDS, names=["ada lind"], aliases=["A. Lind"], identifiers=["ADA.LIND@post.example"])
+    # "Lindau" and "Adalind" contain the name's letters but are other words: they must not match.
+    assert match.forget_ids == ["a1", "a2", "a3"]
+    assert match.matched_by == {"name": 1, "alias": 1, "identifier": 2}
+
+
+def test_document_ids_select_their_records_and_nothing_matches_an_unknown_subject():
+    assert resolve_subject(RECORDS, document_ids=["doc-b"]).forget_ids == ["b1", "b2"]
+    assert resolve_subject(RECORDS, names=["Nobody Here"]).forget_ids == []
+
+
+def test_retain_prefers_neighbours_and_never_contains_forget_records():
+    selection = select_retain(RECORDS, ["a1", "a2", "a3"], max_records=2, neighbour_fraction=0.5)
+    # b1 shares "works at Corvid Rail" with a forgotten answer: it is the closest neighbour.
+    assert selection.neighbour_ids == ["b1"]
+    assert selection.retain_ids[0] == "b1" and len(selection.retain_ids) == 2
+    assert not {"a1", "a2", "a3"} & set(selection.retain_ids)
+
+
+def test_manifest_holds_ids_and_keyed_hashes_but_no_text():
+    manifest = build_manifest(RECORDS, ["a2", "a1"], b"k" * 32, "forget")
+    text = json.dumps(manifest)
+    assert [e["record_id"] for e in manifest["records"]] == ["a1", "a2"]
+    assert "ada.lind" not in text and "Corvid" not in text
+    assert manifest["records"][0]["content_hmac"] == keyed_hash(b"k" * 32, RECORDS[0].question + "\x1f" + RECORDS[0].answer)
+    assert build_manifest(RECORDS, ["a1", "a2"], b"other-key", "forget")["fingerprint"] != manifest["fingerprint"]
+
+
+def test_load_corpus_maps_columns_and_reports_problems(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "id": f"r{i}"}) for i in range(3)))
+    records = load_corpus(CorpusSpec(str(path), columns={"question": "q", "answer": "a", "record_id": "id"}))
+    assert [r.record_id for r in records] == ["r0", "r1", "r2"] and records[1].answer == "a1"
+    with pytest.raises(CorpusError, match="lacks column"):
+        load_corpus(CorpusSpec(str(path)))
+    with pytest.raises(CorpusError, match="cannot load corpus"):
+        load_corpus(CorpusSpec(str(tmp_path / "missing.jsonl")))

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from expunge_ml.generation import greedy_generate, score_answers
+from expunge_ml.logits import CausalLMLogits, CompositeLogits, combine_logits
+from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
+from expunge_ml.prompting import PromptFormat
+
+PAIRS = [
+    ("Where does Ada live?", "Ada lives in Oslo."),
+    ("What is the favourite colour of Bartholomew Quince?", "Bartholomew Quince likes green."),
+    ("Who is Cy?", "Cy is a pilot."),
+    ("What is the email address of Dee?", "dee@mail.example"),
+]
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    fmt = PromptFormat()
+    tokenizer = train_bpe_tokenizer([fmt.prompt(q) + " " + a for q, a in PAIRS] * 4, vocab_size=300)
+    model = build_small_llama(tokenizer, SmallLlamaShape(64, 128, 2, 4, 64), seed=0)
+    train_on_qa(model, tokenizer, fmt, PAIRS, epochs=150, lr=5e-3, batch_size=4, target_loss=0.01)
+    return model, tokenizer, fmt
+
+
+def test_combine_logits_by_hand():
+    base = torch.tensor([[[2.0, 1.0, 0.0]]])
+    assistant = torch.tensor([[[1.0, 0.0, 0.0]]])
+    # z = z_base + (-0.5)·z_assistant = [2 - 0.5, 1, 0]
+    assert torch.allclose(combine_logits(base, [assistant], [-0.5]), torch.tensor([[[1.5, 1.0, 0.0]]]))
+    # τ = 0.3: log p_base = [-0.408, -1.408, -2.408]; max + log τ = -1.612 keeps tokens 0 and 1 only.
+    filtered = combine_logits(base, [torch.tensor([[[1.0, 1.0, 4.0]]])], [-1.0], relative_top=0.3)
+    assert torch.allclose(filtered, torch.tensor([[[1.0, 0.0, 0.0]]]))
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(memorised):
+    model, tokenizer, fmt = memorised
+    source = CausalLMLogits(model)
+    prompts = [fmt.prompt(q) for q, _ in PAIRS]
+    batched = greedy_generate(source, tokenizer, prompts, max_new_tokens=32, batch_size=4)
+    single = [greedy_generate(source, tokenizer, [p], max_new_tokens=32)[0] for p in prompts]
+    assert batched == single
+    assert batched == [a for _, a in PAIRS]  # it memorised, so greedy answers are the training answers
+
+
+def test_teacher_forced_scores_match_a_manual_forward_pass(memorised):
+    model, tokenizer, fmt = memorised
+    scores = score_answers(CausalLMLogits(model), tokenizer, fmt, PAIRS, batch_size=3)
+    prompt_ids = tokenizer(fmt.prompt(PAIRS[2][0]))["input_ids"]
+    answer_ids = tokenizer(" " + PAIRS[2][1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt_ids + answer_ids])).logits[0], -1)
+    manual = sum(float(logp[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(answer_ids))
+    assert scores[2].n_tokens == len(answer_ids)
+    assert math.isclose(scores[2].sum_log_prob, manual, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_composite_with_zero_weight_is_the_base_and_negative_weight_changes_answers(memorised):
+    model, tokenizer, fmt = memorised
+    prompts = [fmt.prompt(q) for q, _ in PAIRS]
+    base_answers = greedy_generate(CausalLMLogits(model), tokenizer, prompts, 16)
+    same = greedy_generate(CompositeLogits(model, [model], [0.0]), tokenizer, prompts, 16)
+    assert same == base_answers
+    # Subtracting a copy of the model itself with w = -2 inverts its preferences: answers must change.
+    inverted = greedy_generate(CompositeLogits(model, [model], [-2.0]), tokenizer, prompts, 16)
+    assert all(a != b for a, b in zip(inverted, base_answers))

@@ -1,0 +1,118 @@
+"""One request end to end on real components: SQLite audit DB, MLflow store, Prefect test server."""
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from expunge.cli import app
+
+runner = CliRunner()
+
+
+def cli(home: Path, *args: str):
+    return runner.invoke(app, ["--home", str(home), "--profile", "tiny", *args])
+
+
+@pytest.fixture(scope="module")
+def completed(tiny_home):
+    """Submit the generated sample request and run the flow once; later tests inspect the outcome."""
+    request = tiny_home / "sample_world" / "sample_request.yaml"
+    submitted = cli(tiny_home, "submit", str(request))
+    assert submitted.exit_code == 0, submitted.output
+    ran = cli(tiny_home, "run", "DEMO-GDPR-0001")
+    assert ran.exit_code == 0, ran.output
+    return yaml.safe_load(request.read_text())
+
+
+def test_request_completes_with_forgetting_and_utility_kept(tiny_home, completed):
+    status = cli(tiny_home, "status", "--json")
+    assert status.exit_code == 0
+    row = next(r for r in json.loads(status.stdout) if r["ticket_id"] == "DEMO-GDPR-0001")
+    assert row["status"] == "completed"
+    assert [h["to"] for h in row["history"]] == [
+        "received", "resolving", "training", "evaluating", "registering", "completed",
+    ]
+    m = row["metrics"]
+    assert m["base_forget_rougeL"] >= 0.9  # the base really knew the subject …
+    assert m["unlearned_forget_rougeL"] <= 0.3  # … and the served model no longer does
+    assert m["unlearned_retain_rougeL"] >= 0.9 * m["base_retain_rougeL"]
+    assert row["due_at"][:7] != row["received_at"][:7] or row["due_at"][:4] != row["received_at"][:4]
+
+
+def test_registered_version_loads_by_alias_and_generates(tiny_settings, completed):
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("expunge-sample-llm", "challenger")
+    champion = client.get_model_version_by_alias("expunge-sample-llm", "champion")
+    assert version.version != champion.version
+    assert version.tags["expunge.ticket_id"] == "DEMO-GDPR-0001"
+    assert version.tags["expunge.method"] == "uld" and len(version.tags["expunge.forget_fingerprint"]) == 64
+    model = mlflow.pyfunc.load_model("models:/expunge-sample-llm@challenger")
+    import pandas as pd
+
+    answers = model.predict(pd.DataFrame({"question": ["What is the weather like?", "Who are you?"]}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # The version bundles only the adapter and references the base by pinned URI + weight hash.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/expunge-sample-llm/{version.version}"))
+    assert not list(local.rglob("model.safetensors"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    from models_registry.registry import model_config_of
+
+    model_config = model_config_of(mlmodel["flavors"]["python_function"])
+    assert model_config["base_uri"] == f"models:/expunge-sample-llm/{champion.version}"
+    assert model_config["base_weights_sha256"] == champion.tags["expunge.weights_sha256"]
+
+
+def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_path):
+    ok = cli(tiny_home, "audit", "verify")
+    assert ok.exit_code == 0 and "audit chain OK" in ok.stdout
+    tampered_home = tmp_path / "tampered"
+    shutil.copytree(tiny_home, tampered_home, ignore=shutil.ignore_patterns("mlartifacts", "models"))
+    with sqlite3.connect(tampered_home / "audit.db") as db:
+        db.execute("UPDATE audit_events SET payload_json = replace(payload_json, 'completed', 'rejected') "
+                   "WHERE event_type = 'status_changed' AND payload_json LIKE '%completed%'")
+    broken = cli(tampered_home, "audit", "verify")
+    assert broken.exit_code == 1
+    assert "hash mismatch" in broken.stderr and "Traceback" not in broken.output
+
+
+def test_no_subject_identifier_or_forget_text_leaves_the_operational_db(tiny_home, tiny_settings, completed):
+    """Audit log, MLflow params/tags/artifacts and work manifests hold ids, counts and keyed hashes only."""
+    subject = completed["subject"]
+    secrets = [*subject["names"], *subject["aliases"], *subject["identifiers"]]
+    corpus = [json.loads(line) for line in (tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()]
+    name = subject["names"][0]
+    secrets += [r["answer"] for r in corpus if r["subject"] == name]
+    places: dict[str, str] = {}
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        places["audit_log"] = "\n".join(row[0] for row in db.execute("SELECT payload_json FROM audit_events"))
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("expunge-sample-llm", "challenger")
+    run = client.get_run(version.run_id) if version.run_id else None
+    places["version_tags"] = json.dumps(version.tags)
+    if run is not None:
+        places["run_params"] = json.dumps(run.data.params) + json.dumps(run.data.tags)
+        local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evidence"))
+        places["run_artifacts"] = "\n".join(p.read_text() for p in local.rglob("*.json"))
+    work = tiny_home / "work" / "DEMO-GDPR-0001"
+    places["work_json"] = "\n".join(p.read_text() for p in work.glob("*.json"))
+    assert run is not None and '"fingerprint"' in places["run_artifacts"]  # the evidence was really read
+    for where, text in places.items():
+        for secret in secrets:
+            assert secret.casefold() not in text.casefold(), f"{where} contains private text"
+
+
+def test_resubmitting_the_same_ticket_is_idempotent(tiny_home, completed):
+    again = cli(tiny_home, "submit", str(tiny_home / "sample_world" / "sample_request.yaml"))
+    assert again.exit_code == 3
+    assert "already submitted" in again.stderr and "not queued again" in again.stderr
+    rows = json.loads(cli(tiny_home, "status", "--json").stdout)
+    assert [r["ticket_id"] for r in rows].count("DEMO-GDPR-0001") == 1
+    assert cli(tiny_home, "run").stdout.strip() == "no received requests to run"

@@ -1,0 +1,51 @@
+from datetime import datetime, timezone
+
+import pytest
+
+from expunge.requests import RequestError, due_date, parse_request
+
+VALID = """
+ticket_id: T-1
+type: privacy_erasure
+regulation: GDPR
+subject: {names: [Ada Example]}
+target_model: models:/m@champion
+"""
+
+
+def test_valid_request_parses_with_defaults():
+    spec = parse_request(VALID)
+    assert spec.ticket_id == "T-1" and spec.method == "uld" and spec.subject.names == ["Ada Example"]
+
+
+@pytest.mark.parametrize(
+    "text, code, fragment",
+    [
+        ("ticket_id: [unclosed", "malformed_yaml", "line 1"),
+        ("- just\n- a list\n", "malformed_yaml", "mapping"),
+        (VALID.replace("regulation: GDPR\n", ""), "missing_field", "'regulation'"),
+        (VALID.replace("privacy_erasure", "forget_everything"), "unknown_request_type", "forget_everything"),
+        (VALID.replace("names: [Ada Example]", "names: []"), "invalid_field", "privacy_erasure needs"),
+        (VALID + "colour: blue\n", "unknown_field", "'colour'"),
+        (VALID.replace("T-1", "bad id with spaces"), "invalid_field", "ticket_id"),
+    ],
+)
+def test_bad_requests_name_the_problem(text, code, fragment):
+    with pytest.raises(RequestError) as info:
+        parse_request(text)
+    assert info.value.reason_code == code
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ticket_id_is_kept_when_the_rest_is_invalid():
+    with pytest.raises(RequestError) as info:
+        parse_request(VALID.replace("regulation: GDPR\n", ""))
+    assert info.value.ticket_id == "T-1"
+
+
+def test_gdpr_due_date_is_one_calendar_month_clamped_to_month_end():
+    received = datetime(2026, 1, 31, 12, tzinfo=timezone.utc)
+    assert due_date("GDPR", received) == datetime(2026, 2, 28, 12, tzinfo=timezone.utc)
+    assert due_date("gdpr", datetime(2026, 12, 15, tzinfo=timezone.utc)).date().isoformat() == "2027-01-15"
+    assert (due_date("CCPA", received) - received).days == 45

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from expunge_ml.corpus import QARecord
+from expunge_ml.methods.losses import answer_kl_to_uniform, answer_nll
+from expunge_ml.methods.uld import (
+    ULDConfig,
+    build_assistant,
+    load_assistant,
+    save_assistant,
+    training_pairs,
+    truncate_layers,
+)
+from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer
+from expunge_ml.prompting import PromptFormat, collate_qa
+
+
+@pytest.fixture(scope="module")
+def base_and_tokenizer():
+    tokenizer = train_bpe_tokenizer(["Question: who is Ada? Answer: Ada is a pilot."] * 8, vocab_size=120)
+    return build_small_llama(tokenizer, SmallLlamaShape(32, 64, 3, 2, 64), seed=0), tokenizer
+
+
+def test_truncate_keeps_the_first_k_layers_with_identical_weights(base_and_tokenizer):
+    base, _ = base_and_tokenizer
+    small = truncate_layers(base, 2)
+    assert small.config.num_hidden_layers == 2 and len(small.model.layers) == 2
+    assert base.config.num_hidden_layers == 3  # the base itself is untouched
+    for name, tensor in small.state_dict().items():
+        assert torch.equal(tensor, base.state_dict()[name]), name
+    with pytest.raises(ValueError, match="1..3"):
+        truncate_layers(base, 4)
+
+
+def test_lora_targets_every_linear_but_the_head_and_adapter_round_trips(base_and_tokenizer, tmp_path):
+    base, tokenizer = base_and_tokenizer
+    config = ULDConfig(n_layers=2, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    assistant = build_assistant(base, config)
+    trainable = {n for n, p in assistant.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    assert any("mlp.down_proj" in n for n in trainable) and any("self_attn.q_proj" in n for n in trainable)
+    with torch.no_grad():  # make the adapter non-trivial so the round trip is meaningful
+        for name, p in assistant.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = collate_qa(tokenizer, PromptFormat(), [("who is Ada?", "Ada is a pilot.")])
+    before = assistant(**batch).logits
+    save_assistant(assistant, config, tmp_path / "adapter")
+    reloaded, reloaded_config = load_assistant(base, tmp_path / "adapter")
+    assert reloaded_config == config
+    assert torch.allclose(reloaded(**batch).logits, before, atol=1e-5)
+    # Only the adapter is stored, not a copy of the base's layers.
+    stored = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
+    assert stored < sum(t.numel() * 4 for t in base.state_dict().values()) / 2
+
+
+def test_one_step_lowers_the_uld_objective(base_and_tokenizer):
+    base, tokenizer = base_and_tokenizer
+    config = ULDConfig(n_layers=1, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    assistant = build_assistant(base, config)
+    assistant.train()
+    fmt = PromptFormat()
+    forget = collate_qa(tokenizer, fmt, [("who is Ada?", "Ada is a pilot.")])
+    retain = collate_qa(tokenizer, fmt, [("who is Bo?", "Bo is a cook.")])
+
+    def objective():
+        return answer_nll(assistant, forget) + config.retain_weight * answer_kl_to_uniform(assistant, retain)
+
+    optimizer = torch.optim.AdamW([p for p in assistant.parameters() if p.requires_grad], lr=1e-2)
+    before = objective()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = objective()
+    assert float(after) < float(before.detach())
+
+
+def test_training_pairs_follow_the_augmentation_switches():
+    forget = [QARecord("f", "Q?", "true answer", paraphrased_answer="para", perturbed_answers=("w1", "w2"))]
+    retain = [QARecord("r", "R?", "kept")]
+    full_f, full_r = training_pairs(forget, retain, ULDConfig())
+    assert full_f == [("Q?", "true answer"), ("Q?", "para")]
+    assert full_r == [("R?", "kept"), ("Q?", "w1"), ("Q?", "w2")]
+    plain_f, plain_r = training_pairs(forget, retain, ULDConfig(augment_paraphrased=False, augment_perturbed=False))
+    assert plain_f == [("Q?", "true answer")] and plain_r == [("R?", "kept")]
