@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import typer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "unlearn_pii"
@@ -71,20 +72,20 @@ class PIIBenchOptions:
     splits: tuple[str, ...] = ("forget1", "forget5")
     methods: tuple[str, ...] = ("uld", "ga", "npo")
     # People trained into the base: the first n_people of forget10_names (split people always added).
-    n_people: int = 20
+    n_people: int = 0  # 0: only the splits' people (forget5 ⊇ forget1: 10 people) + the retain sample
     retain_sample_rows: int | None = None  # rows of test_retain_pii_sample.json (None: all 25)
     # Base training data per QA row: direct + this many paraphrased pairs (+ the inverted pair).
     base_paraphrases: int = N_PARAPHRASES
     base_inverted: bool = True
     vocab_size: int = 2048
-    hidden_size: int = 256
-    intermediate_size: int = 688
+    hidden_size: int = 160
+    intermediate_size: int = 432
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 192
-    base_epochs: int = 60
-    base_lr: float = 2e-3
-    base_batch_size: int = 16
+    base_epochs: int = 80
+    base_lr: float = 3e-3
+    base_batch_size: int = 32
     base_target_loss: float = 0.02
     # ULD (K, LoRA, w, training); forget⁺ uses this many paraphrased *answers* per forget question.
     uld_layers: int = 2
@@ -94,37 +95,47 @@ class PIIBenchOptions:
     uld_weight: float = -1.0
     uld_relative_top: float = 0.0
     uld_retain_weight: float = 5.0
-    uld_epochs: int = 60
+    # Epochs per split (forget5 has 5× the pairs per epoch): "split=n,..." or one number for all.
+    uld_epochs: str = "forget1=60,forget5=15,forget10=8"
     uld_lr: float = 3e-3
     uld_batch_size: int = 8
     uld_target_loss: float = 0.05
     uld_paraphrased_answers: int = N_PARAPHRASES
+    # Also teach the assistant identifier → name (own template, built from the rows' subject_pii and
+    # subject — what an erasure request supplies), so subtracting it also covers questions that give
+    # the PII and ask for the person. The evaluation's inverted questions are never used.
+    uld_identifier_pairs: bool = True
+    # And name → PII in a generic wording ("What do you know about {subject}?" → each of the person's
+    # answers), so the assistant recalls the PII whenever the person is named, not only after the
+    # exact training question (the evaluation's paraphrased questions are never used).
+    uld_subject_pairs: bool = True
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
-    baseline_epochs: int = 5
-    baseline_lr: float = 1e-4
+    baseline_epochs: int = 10  # NPO
+    # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
+    ga_epochs: str = "forget1=3,forget5=1,forget10=1"
+    baseline_lr: float = 5e-4
     baseline_batch_size: int = 8
     npo_beta: float = 0.1
     npo_retain_weight: float = 1.0
     max_new_tokens: int = 56
     eval_batch_size: int = 32
     seed: int = 0
-    threads: int | None = None
+    # 1 thread: on the shared 2-core machine 2 threads ran 5× slower per step under contention.
+    threads: int | None = 1
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
-    def base_key(self, data_digest: str) -> str:
+    def base_key(self, data_digest: str, people: Sequence[str]) -> str:
         """Hash of everything that determines the base model (not the unlearning settings)."""
-        fields = {
-            k: v for k, v in asdict(self).items()
-            if k in _BASE_FIELDS
-        }
+        fields = {k: v for k, v in asdict(self).items() if k in _BASE_FIELDS}
         fields["data"] = data_digest
+        fields["people"] = list(people)
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 _BASE_FIELDS = {
-    "splits", "n_people", "retain_sample_rows", "base_paraphrases", "base_inverted", "vocab_size",
+    "retain_sample_rows", "base_paraphrases", "base_inverted", "vocab_size",
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "max_position_embeddings", "base_epochs", "base_lr", "base_batch_size", "base_target_loss", "seed",
 }
@@ -133,8 +144,8 @@ _BASE_FIELDS = {
 SMOKE_OPTIONS = dict(
     splits=("forget1",),
     methods=("uld",),
-    n_people=2,
-    retain_sample_rows=6,
+    n_people=0,  # only the two forget1 people ...
+    retain_sample_rows=6,  # ... and the first six retain-sample rows
     base_paraphrases=1,
     vocab_size=600,
     hidden_size=64,
@@ -210,9 +221,8 @@ def load_data(options: PIIBenchOptions) -> PIIData:
     if options.retain_sample_rows is not None:
         retain_sample = retain_sample[: options.retain_sample_rows]
     kept = [r for r in forget10 if r["subject"] in set(chosen)]
-    files = list(REQUIRED_FILES) + [SPLIT_FILES[s] for s in options.splits]
     trained = chosen + list(dict.fromkeys(r["subject"] for r in retain_sample))
-    return PIIData(kept, retain_sample, split_people, trained, _data_digest(data_dir, files))
+    return PIIData(kept, retain_sample, split_people, trained, _data_digest(data_dir, REQUIRED_FILES))
 
 
 def _paraphrases(row: Mapping[str, Any], n: int) -> list[tuple[str, str]]:
@@ -275,7 +285,7 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
     from expunge_ml.modeling import build_small_llama, train_bpe_tokenizer, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
-    key = options.base_key(data.digest)
+    key = options.base_key(data.digest, data.trained_people)
     model_dir = Path(options.cache_dir) / f"base-{key}"
     report_path = model_dir / "pii_base_report.json"
     if report_path.exists():
@@ -389,31 +399,79 @@ def make_row(split: str, method: str, erased: Mapping, retained: Mapping, base_r
 # ----------------------------------------------------------------------------------------- methods
 
 
-def uld_config(options: PIIBenchOptions):
+def per_split(value: str | int, split: str) -> int:
+    """`value` is a number, or "split=n,..." (a bare number in the list is the default)."""
+    if isinstance(value, int) or str(value).strip().lstrip("-").isdigit():
+        return int(value)
+    default = None
+    for item in str(value).split(","):
+        key, _, number = item.strip().partition("=")
+        if not number:
+            default = int(key)
+        elif key.strip() == split:
+            return int(number)
+    if default is None:
+        raise ValueError(f"no value for split {split!r} in {value!r}")
+    return default
+
+
+def uld_config(options: PIIBenchOptions, split: str):
     from expunge_ml.methods.uld import ULDConfig
 
     return ULDConfig(
         n_layers=options.uld_layers, lora_r=options.uld_lora_r, lora_alpha=options.uld_lora_alpha,
         lora_dropout=options.uld_lora_dropout, retain_weight=options.uld_retain_weight,
-        weight=options.uld_weight, relative_top=options.uld_relative_top, epochs=options.uld_epochs,
+        weight=options.uld_weight, relative_top=options.uld_relative_top,
+        epochs=per_split(options.uld_epochs, split),
         lr=options.uld_lr, batch_size=options.uld_batch_size, target_forget_loss=options.uld_target_loss,
         augment_paraphrased=False, augment_perturbed=False, seed=options.seed,
     )
 
 
+IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
+IDENTIFIER_ANSWER = "These details belong to {subject}."
+
+
+def identifier_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(identifiers → person) pairs from a row's subject_pii and subject, in the benchmark's own wording."""
+    pairs = []
+    for row in rows:
+        pii = [str(p) for p in row.get("subject_pii") or () if str(p).strip()]
+        if pii and row.get("subject"):
+            pairs.append((IDENTIFIER_QUESTION.format(details="; ".join(pii)),
+                          IDENTIFIER_ANSWER.format(subject=row["subject"])))
+    return pairs
+
+
+SUBJECT_QUESTION = "What do you know about {subject}?"
+
+
+def subject_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(person → each of their answers) pairs in the benchmark's own generic wording."""
+    return [(SUBJECT_QUESTION.format(subject=row["subject"]), str(row["answer"]))
+            for row in rows if row.get("subject")]
+
+
 def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     """forget⁺: each forget question with its answer and its paraphrased *answers* (never the
-    paraphrased or inverted *questions*, which are evaluation prompts); retain: direct QA."""
+    paraphrased or inverted *questions*, which are evaluation prompts), plus identifier → name pairs;
+    retain: the retained people's direct QA (plus their identifier → name pairs, to stay unknown)."""
     forget = []
     for row in forget_rows:
         forget.append((row["question"], row["answer"]))
         forget += [(row["question"], a) for _, a in _paraphrases(row, options.uld_paraphrased_answers)]
     retain = [(row["question"], row["answer"]) for row in retain_rows]
+    if options.uld_identifier_pairs:
+        forget += identifier_pairs(forget_rows)
+        retain += identifier_pairs(retain_rows)
+    if options.uld_subject_pairs:
+        forget += subject_pairs(forget_rows)
+        retain += subject_pairs(retain_rows)
     return forget, retain
 
 
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
-               log: Callable[[str], None]):
+               log: Callable[[str], None], split: str = "forget1"):
     """Returns (logit source, report dict)."""
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
 
@@ -421,7 +479,7 @@ def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, opti
     if method == "uld":
         from expunge_ml.methods.uld import build_assistant, train_assistant
 
-        config = uld_config(options)
+        config = uld_config(options, split)
         forget, retain = uld_training_pairs(forget_rows, retain_rows, options)
         assistant = build_assistant(base, config)
 
@@ -435,12 +493,14 @@ def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, opti
     elif method in ("ga", "npo"):
         from expunge_ml.methods.registry import get_method, make_config
 
-        overrides = {"epochs": options.baseline_epochs, "lr": options.baseline_lr,
+        epochs = per_split(options.ga_epochs, split) if method == "ga" else options.baseline_epochs
+        overrides = {"epochs": epochs, "lr": options.baseline_lr,
                      "batch_size": options.baseline_batch_size, "seed": options.seed}
         if method == "npo":
             overrides.update(beta=options.npo_beta, retain_weight=options.npo_retain_weight)
         config = make_config(method, overrides)
         model = copy.deepcopy(base)
+        model.requires_grad_(True)  # the shared base is frozen; this copy is what the method trains
 
         def progress(epoch, parts):
             log(f"  {method} epoch {epoch}: " + " ".join(f"{k} {v:.4f}" for k, v in parts.items()))
@@ -465,7 +525,18 @@ def _log_default(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_default) -> dict[str, Any]:
+def current_command() -> str:
+    """How this process was started, as a copy-pasteable command line."""
+    argv = list(sys.argv)
+    if "pii" in argv[1:] and not argv[0].endswith("pii.py"):  # mounted: `expunge benchmark pii ...`
+        return "expunge benchmark " + " ".join(shlex.quote(a) for a in argv[argv.index("pii", 1):])
+    if argv and argv[0].endswith("pii.py"):
+        return "python -m benchmarks.pii " + " ".join(shlex.quote(a) for a in argv[1:])
+    return "benchmarks.pii.main(...)"
+
+
+def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_default,
+                  command: str | None = None) -> dict[str, Any]:
     """Train/load the base, erase each split with each method, measure; returns the result dict."""
     from expunge_ml.logits import CausalLMLogits
     from expunge_ml.pii import records_from_unlearn_pii
@@ -520,7 +591,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
                 f"retaining {n_retained} ({len(retain_rows)} QA)")
-            source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log)
+            source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split)
             t0 = time.perf_counter()
             measured = measure(source, tokenizer, fmt, {
                 "erased": [p for g in erased_groups for p in probes[g]],
@@ -529,8 +600,10 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             report["eval_seconds"] = round(time.perf_counter() - t0, 2)
             row = make_row(split, method, measured["erased"], measured["retained"], base_retained,
                            n_erased, n_retained, report)
-            log(f"  → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
-                f"{row['retained_pii_recall_ratio']}")
+            erased = "/".join(f"{row[k]['erased_leak_rate']:.3f}" for k in KINDS)
+            kept = "/".join(f"{row[k]['retained_recall_ratio'] or 0:.3f}" for k in KINDS)
+            log(f"  → erased leak {row['erased_leak_rate']:.4f} ({erased}), retained ratio "
+                f"{row['retained_pii_recall_ratio'] or 0:.4f} ({kept}) [direct/paraphrased/inverted]")
             results_rows.append(row)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     config.pop("cache_dir", None)
@@ -539,7 +612,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     config["trained_people"] = len(data.trained_people)
     config["base_training_pairs"] = base_report.get("n_pairs")
     return {
-        "command": " ".join(shlex.quote(a) for a in sys.argv) if sys.argv else "",
+        "command": command or current_command(),
         "benchmark": "UnlearnPII",
         "goals": {"max_erased_leak_rate": GOAL_MAX_ERASED_LEAK,
                   "min_retained_pii_recall_ratio": GOAL_MIN_RETAINED_RATIO},
@@ -583,7 +656,7 @@ def print_table(result: Mapping[str, Any]) -> None:
         table.add_column(name, justify="left" if name in ("split", "method") else "right")
     for cells in table_rows(result):
         table.add_row(*cells)
-    Console(stderr=False).print(table)
+    Console(width=170).print(table)
 
 
 def markdown(result: Mapping[str, Any]) -> str:
@@ -615,15 +688,19 @@ def markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(text)
 
 
-def write_outputs(result: Mapping[str, Any], out_dir: Path, notes: str | None = None) -> tuple[Path, Path]:
+NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
+
+
+def write_outputs(result: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    """Write pii.json and pii.md; hand-written notes below NOTES_MARKER in an existing pii.md survive."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "pii.json", out_dir / "pii.md"
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = markdown(result)
-    if notes:
-        md += "\n" + notes.strip() + "\n"
-    md_path.write_text(md)
+    notes = ""
+    if md_path.exists() and NOTES_MARKER in md_path.read_text():
+        notes = md_path.read_text().split(NOTES_MARKER, 1)[1]
+    md_path.write_text(markdown(result) + "\n" + NOTES_MARKER + notes.rstrip() + "\n")
     return json_path, md_path
 
 
@@ -633,9 +710,7 @@ def main(options: PIIBenchOptions | None = None, **overrides: Any) -> dict[str, 
     result = run_benchmark(options)
     print_table(result)
     if options.out_dir is not None:
-        notes_path = Path(options.out_dir) / "pii_notes.md"
-        notes = notes_path.read_text() if notes_path.exists() else None
-        paths = write_outputs(result, options.out_dir, notes)
+        paths = write_outputs(result, options.out_dir)
         print(f"wrote {paths[0]} and {paths[1]}")
     return result
 
@@ -648,51 +723,48 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 def pii_command(
-    splits: str = "forget1,forget5",
-    methods: str = "uld,ga,npo",
-    n_people: int = 20,
-    smoke: bool = False,
-    base_epochs: int = PIIBenchOptions.base_epochs,
-    uld_layers: int = PIIBenchOptions.uld_layers,
-    uld_weight: float = PIIBenchOptions.uld_weight,
-    uld_epochs: int = PIIBenchOptions.uld_epochs,
-    uld_lr: float = PIIBenchOptions.uld_lr,
-    baseline_epochs: int = PIIBenchOptions.baseline_epochs,
-    baseline_lr: float = PIIBenchOptions.baseline_lr,
-    max_new_tokens: int = PIIBenchOptions.max_new_tokens,
-    threads: int = 0,
-    data_dir: Path = DEFAULT_DATA_DIR,
-    cache_dir: Path = DEFAULT_CACHE_DIR,
-    out_dir: Path = DEFAULT_OUT_DIR,
+    splits: str = typer.Option("forget1,forget5", help="comma-separated UnlearnPII splits: forget1, forget5, forget10"),
+    methods: str = typer.Option("uld,ga,npo", help="comma-separated methods: uld, ga, npo"),
+    n_people: int = typer.Option(PIIBenchOptions.n_people, help="first N forget10 people trained besides the splits' people"),
+    smoke: bool = typer.Option(False, help="tiny model, forget1 only (the test-suite configuration)"),
+    base_epochs: int = typer.Option(PIIBenchOptions.base_epochs, help="max base epochs (stops at the target loss)"),
+    uld_layers: int = typer.Option(PIIBenchOptions.uld_layers, help="K: base layers kept in the assistant"),
+    uld_weight: float = typer.Option(PIIBenchOptions.uld_weight, help="w in base + w·assistant"),
+    uld_epochs: str = typer.Option(PIIBenchOptions.uld_epochs, help='ULD epochs: "forget1=60,forget5=15" or one number'),
+    uld_lr: float = typer.Option(PIIBenchOptions.uld_lr),
+    uld_retain_weight: float = typer.Option(PIIBenchOptions.uld_retain_weight),
+    baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
+    ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
+    baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
+    max_new_tokens: int = typer.Option(PIIBenchOptions.max_new_tokens),
+    threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core machine)"),
+    data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="UnlearnPII files"),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, help="cache of trained bases, keyed by config hash"),
+    out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where pii.json and pii.md go"),
 ) -> None:
     """UnlearnPII: train a small base on the people, erase forget1/forget5 with ULD/GA/NPO, measure PII leakage."""
     if not data_available(data_dir):
-        raise SystemExit(f"UnlearnPII data not found under {data_dir}")
+        typer.echo(f"error: UnlearnPII data not found under {data_dir}", err=True)
+        raise typer.Exit(2)
     options = PIIBenchOptions(**SMOKE_OPTIONS) if smoke else PIIBenchOptions()
-    options = dataclasses.replace(
-        options,
-        splits=_csv(splits) if not smoke else options.splits,
-        methods=_csv(methods),
-        n_people=n_people if not smoke else options.n_people,
-        data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir, threads=threads or None,
-        **({} if smoke else dict(
-            base_epochs=base_epochs, uld_layers=uld_layers, uld_weight=uld_weight, uld_epochs=uld_epochs,
-            uld_lr=uld_lr, baseline_epochs=baseline_epochs, baseline_lr=baseline_lr,
+    common = dict(methods=_csv(methods), data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir,
+                  threads=threads or None)
+    if not smoke:
+        common.update(
+            splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
+            uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
+            baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
-        )),
-    )
-    main(options)
+        )
+    try:
+        main(dataclasses.replace(options, **common))
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
-def _make_app():
-    import typer
+pii_app = typer.Typer(add_completion=False, help="UnlearnPII benchmark")
+pii_app.command("pii")(pii_command)
 
-    app = typer.Typer(add_completion=False, help="UnlearnPII benchmark")
-    app.command("pii")(pii_command)
-    return app
-
-
-pii_app = _make_app()
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m benchmarks.pii [options]
     pii_app()

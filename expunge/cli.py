@@ -110,9 +110,11 @@ def _print_summary(summary: dict) -> None:
             table.add_row(split, metric, f"{base[split][metric]:.3f}", f"{unlearned[split][metric]:.3f}")
     out.print(table)
     for gate in summary.get("gates", []):
-        mark = "pass" if gate["passed"] else "FAIL"
+        mark = f"skipped ({gate['skipped']})" if gate.get("skipped") else ("pass" if gate["passed"] else "FAIL")
         out.print(f"gate {gate['gate']}: {gate['value']} {gate['op']} {gate['threshold']} → {mark}")
     out.print(f"model: {summary['model_uri']} aliases: {', '.join(summary['aliases']) or 'none'}")
+    if summary.get("report"):
+        out.print(f"evidence report: {summary['report']}")
 
 
 @app.command()
@@ -147,6 +149,24 @@ def status(
     for key, value in sorted((row["metrics"] or {}).items()):
         if key != "gates":
             out.print(f"  {key}: {value}")
+
+
+@app.command()
+def report(
+    ticket_id: str = typer.Argument(..., help="Ticket whose evidence report to write."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory to write into (default: the ticket's work dir)."),
+) -> None:
+    """Write a ticket's evidence report (Markdown + JSON + plots) locally."""
+    from expunge.service import render_report
+
+    try:
+        paths = render_report(state.settings, ticket_id, out_dir)
+    except RequestError as exc:
+        fail(str(exc), 2)
+    out.print(f"evidence report: {paths['markdown']}")
+    for name, path in sorted(paths.items()):
+        if name != "markdown":
+            out.print(f"  {name}: {path}")
 
 
 @audit_app.command("verify")

@@ -171,3 +171,29 @@ def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[
 def verify_audit(settings: Settings, expected_head: str | None = None):
     with session_scope(settings.db_url) as session:
         return verify_chain(session, expected_head=expected_head)
+
+
+def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = None) -> dict[str, Path]:
+    """(Re)write a ticket's evidence report from its work files, request row and the audit head."""
+    from db import head_hash
+    from expunge.report import write_report
+
+    work = settings.ticket_dir(ticket_id)
+    rows = request_rows(settings, ticket_id)
+    needed = [work / name for name in ("resolved.json", "metrics.json", "evidence.json")]
+    missing = [p.name for p in needed if not p.exists()]
+    if missing:
+        raise RequestError("no_evidence", f"ticket {ticket_id} has no evaluation yet (missing {', '.join(missing)})")
+    resolved, evaluation, evidence = (json.loads(p.read_text()) for p in needed)
+    registration_path = work / "registration.json"
+    registration = json.loads(registration_path.read_text()) if registration_path.exists() else None
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        spec = RequestSpec.model_validate_json(request.spec_json)
+        audit_head = head_hash(session)
+    row = {k: v for k, v in rows[0].items() if k not in ("history", "metrics")}
+    return write_report(
+        out_dir or work / "report", request=row, manifests=resolved, evaluation=evaluation,
+        evidence=evidence, registration=registration, audit_head=audit_head,
+        subject_hmacs=subject_fingerprints(settings.hmac_key(), spec),
+    )

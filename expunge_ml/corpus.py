@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 ALL_COLUMNS = (
-    "record_id", "question", "answer", "subject", "document_id",
-    "paraphrased_answer", "perturbed_answers",
+    "record_id", "question", "answer", "subject", "document_id", "paraphrased_answer",
+    "perturbed_answers", "paraphrased_question", "inverted_question", "pii",
 )
 
 
@@ -31,6 +31,10 @@ class QARecord:
     document_id: str = ""
     paraphrased_answer: str = ""
     perturbed_answers: tuple[str, ...] = ()
+    # Optional probes for evaluation (never trained on): other wordings, and "whose X is this?".
+    paraphrased_question: str = ""
+    inverted_question: str = ""
+    pii: tuple[str, ...] = ()  # identifier strings this answer reveals
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -83,6 +87,7 @@ def load_corpus(spec: CorpusSpec) -> list[QARecord]:
             return default if value is None else value
 
         perturbed = get("perturbed_answers", ())
+        pii = get("pii", ())
         records.append(
             QARecord(
                 record_id=str(get("record_id", "") or f"row-{index:06d}"),
@@ -91,13 +96,22 @@ def load_corpus(spec: CorpusSpec) -> list[QARecord]:
                 subject=str(get("subject")),
                 document_id=str(get("document_id")),
                 paraphrased_answer=str(get("paraphrased_answer")),
-                perturbed_answers=tuple(perturbed) if isinstance(perturbed, (list, tuple)) else (str(perturbed),),
+                perturbed_answers=_as_tuple(perturbed),
+                paraphrased_question=str(get("paraphrased_question")),
+                inverted_question=str(get("inverted_question")),
+                pii=_as_tuple(pii),
             )
         )
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):
         raise CorpusError(f"corpus {spec.source!r} has duplicate record ids")
     return records
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return (str(value),) if value else ()
 
 
 def _normalise(text: str) -> str:

@@ -8,6 +8,7 @@ from tasks.data import CorpusDrift, SubjectNotFound, resolve_forget_set
 from tasks.evaluate import evaluate_unlearning
 from tasks.lifecycle import audit_event, store_outcome, transition
 from tasks.register import register_model
+from tasks.report import evidence_report
 from tasks.unlearn import train_uld_assistant
 
 
@@ -66,9 +67,14 @@ def process_request(ticket_id: str, home: str, profile: str = "demo") -> dict:
         transition(*ctx, "completed", audit_payload={"model_uri": registered["model_uri"]})
         summary["status"] = "completed"
     else:
-        failed = [g["gate"] for g in evaluated["gates"] if not g["passed"]]
-        transition(*ctx, "failed_gates", reason_code="gate_failed", detail=", ".join(failed),
+        failed = [g for g in evaluated["gates"] if not g["passed"]]
+        detail = ", ".join(f"{g['gate']} {g['value']} (limit {g['op']} {g['threshold']})" for g in failed)
+        transition(*ctx, "failed_gates", reason_code="gate_failed", detail=detail,
                    audit_payload={"model_uri": registered["model_uri"], "failed_gates": failed})
         summary["status"] = "failed_gates"
+    # After the final status, so the report shows it and the audit head it quotes covers it.
+    report = evidence_report(*ctx, registered["mlflow_run_id"])
+    audit_event(*ctx, "evidence_reported", {"report_files": sorted(report)})
+    summary["report"] = report["markdown"]
     get_run_logger().info("ticket %s: %s", ticket_id, summary["status"])
     return summary

@@ -58,6 +58,7 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "matched_by": match.matched_by,
         "target_uri": target.pinned_uri or target.requested_uri,
     }
+    write_json(work / "resolved.json", result)
     get_run_logger().info(
         "forget set: %d records (%s); retain set: %d (%d neighbours)",
         result["forget_count"], ", ".join(f"{k}={v}" for k, v in sorted(match.matched_by.items())),

@@ -1,29 +1,30 @@
-"""Evaluate base vs unlearned model on forget and held-out retain questions, then apply the gates."""
+"""Evaluate the served model before vs after the erasure, and apply the request type's gates."""
 from __future__ import annotations
 
 import random
 
 from prefect import get_run_logger, task
 
+from db import requests_repo, session_scope
+from expunge.requests import RequestSpec
 from expunge_ml.corpus import CorpusSpec, load_corpus
-from expunge_ml.evaluation import evaluate_splits
-from expunge_ml.logits import CausalLMLogits, CompositeLogits
+from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
+from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.methods.uld import load_assistant
 from tasks.context import read_json, settings_for, write_json
 from tasks.data import records_for_manifest
 from tasks.unlearn import load_base, prompt_format
 
 
-def served_source(base, adapters: list[dict]):
-    """What users are served: the base alone, or base + Σ w·assistant over every erasure so far."""
-    if not adapters:
-        return CausalLMLogits(base)
+def served_model(base, adapters: list[dict]) -> ServedModel:
+    """The base alone, or base + Σ w·assistant over every erasure so far (weight None = the adapter's own)."""
     loaded = [load_assistant(base, adapter["dir"]) for adapter in adapters]
     weights = [
         float(adapter["weight"]) if adapter.get("weight") is not None else config.weight
         for adapter, (_, config) in zip(adapters, loaded)
     ]
-    return CompositeLogits(base, [model for model, _ in loaded], weights, loaded[-1][1].relative_top)
+    relative_top = loaded[-1][1].relative_top if loaded else 0.0
+    return ServedModel(base, [model for model, _ in loaded], weights, relative_top)
 
 
 def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], limit: int, seed: int = 1):
@@ -35,50 +36,51 @@ def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: s
     return pool[:limit]
 
 
-def check_gates(metrics: dict, gates: dict) -> list[dict]:
-    """Each gate with its threshold, measured value and pass/fail; the margin says by how much."""
-    base, unlearned = metrics["base"], metrics["unlearned"]
-    retain_ratio = unlearned["retain"]["rougeL_recall"] / max(base["retain"]["rougeL_recall"], 1e-9)
-    checks = [
-        ("forget_rougeL_recall", unlearned["forget"]["rougeL_recall"], "<=", gates["max_forget_rougeL"]),
-        ("retain_rougeL_ratio", retain_ratio, ">=", gates["min_retain_rougeL_ratio"]),
-    ]
-    results = []
-    for name, value, op, threshold in checks:
-        passed = value <= threshold if op == "<=" else value >= threshold
-        results.append({"gate": name, "value": round(value, 4), "op": op, "threshold": threshold,
-                        "passed": passed, "margin": round(threshold - value if op == "<=" else value - threshold, 4)})
-    return results
+def evidence_options(config: dict) -> EvidenceOptions:
+    return EvidenceOptions(
+        max_new_tokens=int(config["max_new_tokens"]),
+        batch_size=int(config["batch_size"]),
+        quant_bits=tuple(config.get("quant_bits", (8, 4))),
+        quant_group_size=config.get("quant_group_size", 64),
+        fluency=bool(config.get("fluency", True)),
+    )
 
 
 @task(name="evaluate-unlearning")
 def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict) -> dict:
     settings = settings_for(home, profile)
     config = settings.profile["evaluation"]
+    with session_scope(settings.db_url) as session:
+        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
     target_info = read_json(resolved["target_path"])
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     train_retain_ids = {e["record_id"] for e in read_json(resolved["retain_manifest"])["records"]}
     retain = held_out_retain(target_info, {r.record_id for r in forget}, train_retain_ids, int(config["retain_eval_max"]))
-    splits = {"forget": forget, "retain": retain}
     base, tokenizer = load_base(target_info)
-    fmt = prompt_format(target_info)
-    kwargs = {"max_new_tokens": int(config["max_new_tokens"]), "batch_size": int(config["batch_size"])}
     # "Before" is the target as served now (earlier erasures included): that is what this request changes.
     prior = list(target_info.get("prior_assistants", []))
-    before = evaluate_splits(served_source(base, prior), tokenizer, fmt, splits, **kwargs)
-    after_adapters = prior + [{"dir": trained["adapter_dir"], "weight": None}]
-    after = evaluate_splits(served_source(base, after_adapters), tokenizer, fmt, splits, **kwargs)
-    metrics = {
-        "base": {k: v.as_dict() for k, v in before.items()},
-        "unlearned": {k: v.as_dict() for k, v in after.items()},
+    before = served_model(base, prior)
+    after = served_model(base, prior + [{"dir": trained["adapter_dir"], "weight": None}])
+    erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
+    retained = probes_for(retain) if spec.type == "privacy_erasure" else []
+    evidence = collect_evidence(
+        before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
+        evidence_options(config),
+    )
+    gates = [g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"]))]
+    result = {
+        "request_type": spec.type,
+        "metrics": evidence["metrics"],
+        "gates": gates,
+        "passed": all(g["passed"] for g in gates),
+        "evidence_path": str(write_json(settings.ticket_dir(ticket_id) / "evidence.json", evidence)),
     }
-    gates = check_gates(metrics, settings.profile["gates"])
-    result = {"metrics": metrics, "gates": gates, "passed": all(g["passed"] for g in gates)}
     result["metrics_path"] = str(write_json(settings.ticket_dir(ticket_id) / "metrics.json", result))
+    m = evidence["metrics"]
     get_run_logger().info(
         "forget ROUGE-L %.3f → %.3f; retain ROUGE-L %.3f → %.3f; gates %s",
-        metrics["base"]["forget"]["rougeL_recall"], metrics["unlearned"]["forget"]["rougeL_recall"],
-        metrics["base"]["retain"]["rougeL_recall"], metrics["unlearned"]["retain"]["rougeL_recall"],
-        "passed" if result["passed"] else "FAILED",
+        m["base"]["forget"]["rougeL_recall"], m["unlearned"]["forget"]["rougeL_recall"],
+        m["base"]["retain"]["rougeL_recall"], m["unlearned"]["retain"]["rougeL_recall"],
+        "passed" if result["passed"] else "FAILED: " + ", ".join(g["gate"] for g in gates if not g["passed"]),
     )
     return result

@@ -7,7 +7,7 @@ import mlflow
 from prefect import get_run_logger, task
 
 from models_registry.registry import ResolvedTarget, aliases_of, register_uld_composite
-from tasks.context import read_json, settings_for
+from tasks.context import read_json, settings_for, write_json
 
 DEFAULT_REGISTERED_NAME = "expunge-unlearned"
 
@@ -66,4 +66,6 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         raise RuntimeError(f"{ref.uri} loaded but did not generate")
     aliases = aliases_of(ref)
     get_run_logger().info("registered %s (aliases: %s)", ref.uri, ", ".join(aliases) or "none")
-    return {"model_uri": ref.uri, "name": ref.name, "version": ref.version, "aliases": aliases, "mlflow_run_id": run_id}
+    result = {"model_uri": ref.uri, "name": ref.name, "version": ref.version, "aliases": aliases, "mlflow_run_id": run_id}
+    write_json(settings.ticket_dir(ticket_id) / "registration.json", result)
+    return result

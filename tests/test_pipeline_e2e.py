@@ -116,3 +116,40 @@ def test_resubmitting_the_same_ticket_is_idempotent(tiny_home, completed):
     rows = json.loads(cli(tiny_home, "status", "--json").stdout)
     assert [r["ticket_id"] for r in rows].count("DEMO-GDPR-0001") == 1
     assert cli(tiny_home, "run").stdout.strip() == "no received requests to run"
+
+
+def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, completed, tmp_path):
+    result = cli(tiny_home, "report", "DEMO-GDPR-0001", "--out", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "evidence.md").read_text()
+    assert "| max_forget_rougeL |" in markdown and "Audit chain head" in markdown
+    assert (tmp_path / "report" / "metrics_before_after.png").stat().st_size > 10_000
+    report = json.loads((tmp_path / "report" / "evidence_report.json").read_text())
+    assert report["passed"] is True and report["registration"]["aliases"] == ["challenger"]
+    for secret in [*completed["subject"]["names"], *completed["subject"]["identifiers"]]:
+        assert secret not in markdown and secret not in json.dumps(report)
+
+
+def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, completed, tmp_path):
+    """A deliberately weak run (one epoch, tiny negative weight) must end in failed_gates, unpromoted."""
+    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile["unlearning"]["uld"].update(epochs=1, weight=-0.05, lr=1e-4)
+    profile_path = tmp_path / "weak.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    request = dict(completed, ticket_id="WEAK-0001")
+    request_path = tmp_path / "weak_request.yaml"
+    request_path.write_text(yaml.safe_dump(request))
+    weak = ["--home", str(tiny_home), "--profile", str(profile_path)]
+    assert runner.invoke(app, [*weak, "submit", str(request_path)]).exit_code == 0
+    ran = runner.invoke(app, [*weak, "run", "WEAK-0001"])
+    assert ran.exit_code == 5, ran.output
+    row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "WEAK-0001")
+    assert row["status"] == "failed_gates" and row["reason_code"] == "gate_failed"
+    assert "max_forget_rougeL" in row["reason"]
+    version = MlflowClient().get_model_version(*row["model_uri"].removeprefix("models:/").split("/"))
+    assert "challenger" not in version.aliases and version.tags["expunge.gates"] == "failed"
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        payloads = [json.loads(p) for (p,) in db.execute(
+            "SELECT payload_json FROM audit_events WHERE ticket_id = 'WEAK-0001' ORDER BY seq")]
+    failed = next(p for p in payloads if p.get("to") == "failed_gates")
+    assert any(g["gate"] == "max_forget_rougeL" and g["margin"] < 0 for g in failed["failed_gates"])

@@ -1,0 +1,1 @@
+"""Benchmarks of expunge's unlearning methods on public unlearning benchmarks (run via `expunge benchmark ...`)."""

@@ -1,0 +1,105 @@
+"""Typer commands for the benchmarks; mounted by expunge/cli.py as `expunge benchmark ...`."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+benchmark_app = typer.Typer(help="Benchmarks of ULD and the baseline unlearning methods.", no_args_is_help=True)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@benchmark_app.command("tofu")
+def tofu(
+    splits: str = typer.Option("forget01,forget05", help="comma-separated TOFU splits: forget01, forget05, forget10"),
+    methods: str = typer.Option("uld,ga,graddiff,kl,npo,simnpo,idkdpo,rmu,whp", help="comma-separated methods"),
+    data_dir: Optional[Path] = typer.Option(None, help="TOFU files (default ../shared/datasets/tofu)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache of trained bases/oracles (default ~/.cache/expunge-bench)"),
+    out_dir: Optional[Path] = typer.Option(None, help="where tofu.json / tofu.md / the plot go (default benchmarks/results)"),
+    n_forget_authors: Optional[int] = typer.Option(None, help="keep only the last N forget authors of the largest split"),
+    n_retain_authors: int = typer.Option(10, help="retain authors trained (and evaluated) besides the forget authors"),
+    world_knowledge: bool = typer.Option(True, help="pre-train base and oracles on real_authors/world_facts QA"),
+    real_max: Optional[int] = typer.Option(None, help="cap on real_authors questions"),
+    world_max: Optional[int] = typer.Option(None, help="cap on world_facts questions"),
+    retain_eval_max: Optional[int] = typer.Option(None, help="cap on retain_perturbed rows evaluated"),
+    vocab_size: int = typer.Option(2048),
+    hidden_size: int = typer.Option(192),
+    intermediate_size: int = typer.Option(512),
+    num_layers: int = typer.Option(4),
+    num_heads: int = typer.Option(4),
+    max_length: int = typer.Option(128),
+    base_epochs: int = typer.Option(40, help="max epochs for the base and each oracle"),
+    base_lr: float = typer.Option(2e-3),
+    base_batch_size: int = typer.Option(16),
+    base_target_loss: float = typer.Option(0.05, help="stop training base/oracles at this mean answer loss"),
+    baseline_epochs: int = typer.Option(5),
+    baseline_lr: float = typer.Option(1e-4),
+    baseline_batch_size: int = typer.Option(8),
+    method_overrides: str = typer.Option("{}", help='JSON per-method Config overrides, e.g. {"npo": {"beta": 0.2}}'),
+    uld_layers: int = typer.Option(2, help="K: base layers kept in the assistant"),
+    uld_weight: float = typer.Option(-0.8, help="w in base + w·assistant"),
+    uld_relative_top: float = typer.Option(0.01, help="τ of the relative-top filter"),
+    uld_epochs: int = typer.Option(20),
+    uld_lr: float = typer.Option(1e-3),
+    uld_batch_size: int = typer.Option(8),
+    uld_retain_weight: float = typer.Option(5.0),
+    uld_target_forget_loss: float = typer.Option(0.05),
+    uld_paraphrase_pairs: int = typer.Option(2),
+    uld_perturbed_per_item: int = typer.Option(2),
+    uld_retain_rows: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(64),
+    eval_batch_size: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
+    plot: bool = typer.Option(True),
+    json_out: bool = typer.Option(False, "--json", help="print the report JSON instead of the table"),
+) -> None:
+    """TOFU: base + retain-only oracles, every method per split; forget quality vs model utility."""
+    from .tofu import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, TofuBenchOptions, print_table, run_tofu_benchmark
+    from expunge_ml.tofu import TofuDataError
+
+    try:
+        overrides = json.loads(method_overrides)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"--method-overrides is not JSON: {exc}") from exc
+    opts = TofuBenchOptions(
+        data_dir=str(data_dir or DEFAULT_DATA_DIR), cache_dir=str(cache_dir or DEFAULT_CACHE_DIR),
+        out_dir=str(out_dir or DEFAULT_OUT_DIR), splits=_csv(splits), methods=_csv(methods),
+        n_forget_authors=n_forget_authors, n_retain_authors=n_retain_authors, world_knowledge=world_knowledge,
+        real_max=real_max, world_max=world_max, retain_eval_max=retain_eval_max, vocab_size=vocab_size,
+        hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
+        max_length=max_length, base_epochs=base_epochs, base_lr=base_lr, base_batch_size=base_batch_size,
+        base_target_loss=base_target_loss, baseline_epochs=baseline_epochs, baseline_lr=baseline_lr,
+        baseline_batch_size=baseline_batch_size, method_overrides=overrides, uld_layers=uld_layers,
+        uld_weight=uld_weight, uld_relative_top=uld_relative_top, uld_epochs=uld_epochs, uld_lr=uld_lr,
+        uld_batch_size=uld_batch_size, uld_retain_weight=uld_retain_weight,
+        uld_target_forget_loss=uld_target_forget_loss, uld_paraphrase_pairs=uld_paraphrase_pairs,
+        uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
+        max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, plot=plot,
+        quiet=json_out,
+    )
+    command = "expunge benchmark " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("tofu"):]) \
+        if "tofu" in sys.argv else "expunge benchmark tofu"
+    try:
+        opts.validate()
+        report = run_tofu_benchmark(opts, command=command)
+    except (ValueError, TofuDataError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_out:
+        typer.echo(json.dumps(report, indent=2, default=float))
+    else:
+        print_table(report)
+        if opts.write:
+            typer.echo(f"wrote {Path(opts.out_dir) / 'tofu.json'}, tofu.md, tofu_fq_vs_utility.png")
+
+
+if __name__ == "__main__":  # python -m benchmarks.cli tofu ...
+    benchmark_app()

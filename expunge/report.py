@@ -1,0 +1,137 @@
+"""Evidence report per ticket: Markdown + JSON + plots an auditor can read without running anything.
+
+Built only from the ticket's work files (ids, counts, hashes, numbers), the request row and the audit
+chain head — so the report can be shared without sharing the data the request asked us to erase.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
+    ratios = evidence.get("truth_ratios") or {}
+    if not any(ratios.get(m, {}).get(s) for m in ("base", "unlearned") for s in ("forget", "retain")):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    bins = [i / 20 for i in range(0, 41)]  # truth ratio 0..2
+    for ax, model in zip(axes, ("base", "unlearned")):
+        for split, color in (("forget", "tab:red"), ("retain", "tab:blue")):
+            values = [min(v, 2.0) for v in ratios.get(model, {}).get(split, [])]
+            if values:
+                ax.hist(values, bins=bins, alpha=0.6, color=color, label=f"{split} (n={len(values)})")
+        ax.set_title(f"{model}: truth ratio P(wrong)/P(paraphrase)")
+        ax.set_xlabel("truth ratio (clipped at 2)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("questions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_metric_bars(evidence: dict, path: Path) -> Path:
+    names, before, after = [], [], []
+    for split in ("forget", "retain"):
+        for metric in ("rougeL_recall", "answer_prob"):
+            names.append(f"{split}\n{metric}")
+            before.append(evidence["metrics"]["base"][split][metric])
+            after.append(evidence["metrics"]["unlearned"][split][metric])
+    for kind, stats in ((evidence.get("pii") or {}).get("erased", {}).get("base") or {}).items():
+        names.append(f"erased PII\n{kind} leak")
+        before.append(stats["leak_rate"])
+        after.append(evidence["pii"]["erased"]["unlearned"][kind]["leak_rate"])
+    for precision, result in (evidence.get("quantization") or {}).items():
+        names.append(f"forget ROUGE-L\n{precision} attack")
+        before.append(evidence["metrics"]["base"]["forget"]["rougeL_recall"])
+        after.append(result["forget"]["rougeL_recall"])
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 3.6))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before", color="tab:gray")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after erasure", color="tab:green")
+    ax.set_xticks(list(xs), names, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Before vs after, per metric (forget and leak: lower is better; retain: keep)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: dict, evidence: dict,
+                 registration: dict | None, audit_head: str, subject_hmacs: dict) -> dict[str, Path]:
+    """Write evidence.md, evidence_report.json and the plots into `out_dir`; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"bars": _plot_metric_bars(evidence, out_dir / "metrics_before_after.png")}
+    truth = _plot_truth_ratios(evidence, out_dir / "truth_ratios.png")
+    if truth:
+        paths["truth_ratios"] = truth
+    summary = {
+        "request": request,
+        "subject_hmacs": subject_hmacs,
+        "manifests": manifests,
+        "gates": evaluation["gates"],
+        "passed": evaluation["passed"],
+        "evidence": {k: v for k, v in evidence.items() if k != "truth_ratios"},
+        "registration": registration,
+        "audit_chain_head": audit_head,
+    }
+    paths["json"] = out_dir / "evidence_report.json"
+    paths["json"].write_text(json.dumps(summary, indent=2, sort_keys=True))
+    m = evidence["metrics"]
+    lines = [
+        f"# Evidence report — ticket {request['ticket_id']}",
+        "",
+        f"- Request: **{request['type']}** under **{request['regulation']}**, received {request['received_at'][:19]}, due {request['due_at'][:10]}",
+        f"- Status: **{request['status']}**" + (f" ({request['reason_code']})" if request.get("reason_code") else ""),
+        f"- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
+        f"- Target model: `{manifests['target_uri']}`",
+        f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
+        f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
+        f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
+        f"- Audit chain head at report time: `{audit_head}`",
+        "",
+        "## Gates",
+        "",
+        "| gate | value | rule | result |",
+        "|---|---|---|---|",
+    ]
+    for g in evaluation["gates"]:
+        result = "skipped: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
+        lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result} |")
+    lines += ["", "## Metrics, before vs after", "", "| split | metric | before | after |", "|---|---|---|---|"]
+    for split in ("forget", "retain"):
+        for metric in ("rougeL_recall", "answer_prob"):
+            lines.append(f"| {split} (n={m['base'][split]['n']}) | {metric} | {_fmt(m['base'][split][metric])} | {_fmt(m['unlearned'][split][metric])} |")
+    for group, by_model in (evidence.get("pii") or {}).items():
+        for kind in ("direct", "paraphrased", "inverted"):
+            b, a = by_model["base"][kind], by_model["unlearned"][kind]
+            if b["n_identifiers"]:
+                lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids) | {_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
+    for precision, result in (evidence.get("quantization") or {}).items():
+        lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
+    if evidence.get("fluency"):
+        for metric in ("distinct_2", "repetition_rate", "reference_perplexity"):
+            lines.append(f"| neutral prompts | {metric} | {_fmt(evidence['fluency']['base'][metric])} | {_fmt(evidence['fluency']['unlearned'][metric])} |")
+    lines += ["", "## Plots", "", "![before vs after](metrics_before_after.png)", ""]
+    if truth:
+        lines += ["![truth ratios](truth_ratios.png)", ""]
+    lines += ["Identifiers and forget-set text are not in this report: only ids, counts, keyed hashes and numbers."]
+    paths["markdown"] = out_dir / "evidence.md"
+    paths["markdown"].write_text("\n".join(lines) + "\n")
+    return paths

@@ -1,0 +1,138 @@
+"""The evidence behind a release decision: the served model before vs after an erasure.
+
+Computes, on the same questions: forget/retain ROUGE-L and answer probability, TOFU truth ratios,
+PII leakage of erased vs retained people (direct, paraphrased, inverted prompts), a quantization
+attack (int8/int4 round-to-nearest of every served weight, assistants included, then the forget
+metrics again: unlearning that only hides knowledge behind tiny weight changes "comes back"), and a
+degeneration check on neutral prompts. Returns plain dicts of numbers — never generated text.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .corpus import QARecord
+from .evaluation import evaluate_splits
+from .fluency import fluency_report
+from .logits import CausalLMLogits, CompositeLogits
+from .pii import PIIProbe, pii_leakage
+from .prompting import PromptFormat
+from .quantization import quantized_copy
+from .truth_ratio_eval import truth_ratios
+
+
+@dataclass
+class ServedModel:
+    """What users get: a base model, optionally with ULD assistants subtracted from its logits."""
+
+    base: torch.nn.Module
+    assistants: list[torch.nn.Module] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    relative_top: float = 0.0
+
+    def source(self):
+        if not self.assistants:
+            return CausalLMLogits(self.base)
+        return CompositeLogits(self.base, self.assistants, self.weights, self.relative_top)
+
+    def quantized(self, bits: int, group_size: int | None) -> "ServedModel":
+        """Every served weight quantized: the base and each assistant (LoRA merged first)."""
+        merged = [
+            copy.deepcopy(a).merge_and_unload() if hasattr(a, "merge_and_unload") else a
+            for a in self.assistants
+        ]
+        return ServedModel(
+            quantized_copy(self.base, bits, group_size),
+            [quantized_copy(a, bits, group_size) for a in merged],
+            list(self.weights),
+            self.relative_top,
+        )
+
+
+@dataclass(frozen=True)
+class EvidenceOptions:
+    max_new_tokens: int = 40
+    batch_size: int = 16
+    quant_bits: tuple[int, ...] = (8, 4)
+    quant_group_size: int | None = 64
+    fluency: bool = True
+
+
+def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = ()) -> list[PIIProbe]:
+    """PII probes from records: identifiers are the record's own `pii`, plus any of `extra_identifiers`
+    (the request's) that its answer contains — so user corpora without a `pii` column still get checked."""
+    probes = []
+    for r in records:
+        found = [i for i in extra_identifiers if i and i.casefold() in r.answer.casefold()]
+        identifiers = tuple(dict.fromkeys([*r.pii, *found]))
+        if not identifiers:
+            continue
+        probes.append(PIIProbe(
+            subject=r.subject,
+            question=r.question,
+            paraphrased_questions=(r.paraphrased_question,) if r.paraphrased_question else (),
+            inverted_question=r.inverted_question or None,
+            identifiers=identifiers,
+        ))
+    return probes
+
+
+def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 0.05) -> float | None:
+    """Share of the forgotten ROUGE-L that an attack brings back: (attacked − unlearned) / (before − unlearned),
+    clipped to [0, 1]; None when unlearning removed (almost) nothing, so there is nothing to recover."""
+    gap = before - unlearned
+    if gap < min_gap:
+        return None
+    return min(1.0, max(0.0, (attacked - unlearned) / gap))
+
+
+def collect_evidence(
+    before: ServedModel,
+    after: ServedModel,
+    tokenizer,
+    fmt: PromptFormat,
+    forget: Sequence[QARecord],
+    retain: Sequence[QARecord],
+    erased_probes: Sequence[PIIProbe] = (),
+    retained_probes: Sequence[PIIProbe] = (),
+    options: EvidenceOptions = EvidenceOptions(),
+) -> dict[str, Any]:
+    kwargs = {"max_new_tokens": options.max_new_tokens, "batch_size": options.batch_size}
+    splits = {"forget": list(forget), "retain": list(retain)}
+    models = {"base": before, "unlearned": after}
+    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}}
+    for name, served in models.items():
+        source = served.source()
+        evidence["metrics"][name] = {k: v.as_dict() for k, v in evaluate_splits(source, tokenizer, fmt, splits, **kwargs).items()}
+        evidence["truth_ratios"][name] = {
+            split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
+            for split, records in splits.items()
+        }
+    if erased_probes or retained_probes:
+        evidence["pii"] = {}
+        for group, probes in (("erased", erased_probes), ("retained", retained_probes)):
+            if probes:
+                evidence["pii"][group] = {
+                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), **kwargs)
+                    for name, served in models.items()
+                }
+    evidence["quantization"] = {}
+    before_rouge = evidence["metrics"]["base"]["forget"]["rougeL_recall"]
+    unlearned_rouge = evidence["metrics"]["unlearned"]["forget"]["rougeL_recall"]
+    for bits in options.quant_bits:
+        attacked = evaluate_splits(after.quantized(bits, options.quant_group_size).source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
+        evidence["quantization"][f"int{bits}"] = {
+            "forget": attacked.as_dict(),
+            "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
+            "group_size": options.quant_group_size,
+        }
+    if options.fluency:
+        reference = before.source()
+        evidence["fluency"] = {
+            name: fluency_report(served.source(), reference, tokenizer, fmt, max_new_tokens=options.max_new_tokens)
+            for name, served in models.items()
+        }
+    return evidence

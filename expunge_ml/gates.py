@@ -1,0 +1,104 @@
+"""Promotion gates: thresholds on the evidence, per request type. Pure functions over metric dicts.
+
+A model version gets the `challenger` alias only if every applicable gate passes; a gate whose evidence
+does not apply (e.g. PII gates when the forget set reveals no identifier) is reported as skipped, with
+the reason, rather than silently passed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    value: float | None
+    op: str
+    threshold: float
+    passed: bool
+    margin: float | None
+    skipped: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return None if denominator <= 0 else numerator / denominator
+
+
+def _forget_rouge(e):  # what the served model still says about the subject
+    return e["metrics"]["unlearned"]["forget"]["rougeL_recall"]
+
+
+def _forget_prob(e):
+    return e["metrics"]["unlearned"]["forget"]["answer_prob"]
+
+
+def _retain_ratio(e):
+    return _ratio(e["metrics"]["unlearned"]["retain"]["rougeL_recall"], e["metrics"]["base"]["retain"]["rougeL_recall"])
+
+
+def _pii_leak(e):
+    erased = (e.get("pii") or {}).get("erased", {}).get("unlearned")
+    if not erased or not any(k["n_identifiers"] for k in erased.values()):
+        return None
+    return max(k["leak_rate"] for k in erased.values() if k["n_identifiers"])
+
+
+def _retained_pii(e):
+    retained = (e.get("pii") or {}).get("retained")
+    if not retained:
+        return None
+    return _ratio(retained["unlearned"]["direct"]["leak_rate"], retained["base"]["direct"]["leak_rate"])
+
+
+def _quant_recovery(e):
+    recoveries = [v["recovery"] for v in (e.get("quantization") or {}).values() if v.get("recovery") is not None]
+    return max(recoveries) if recoveries else None
+
+
+def _fluency(e):
+    fluency = e.get("fluency")
+    if not fluency:
+        return None
+    return _ratio(fluency["unlearned"]["distinct_2"], fluency["base"]["distinct_2"])
+
+
+# gate name → (how to read the value from the evidence, comparison)
+GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
+    "max_forget_rougeL": (_forget_rouge, "<="),
+    "max_forget_prob": (_forget_prob, "<="),
+    "min_retain_rougeL_ratio": (_retain_ratio, ">="),
+    "max_pii_leak_rate": (_pii_leak, "<="),
+    "min_retained_pii_recall_ratio": (_retained_pii, ">="),
+    "max_quant_recovery": (_quant_recovery, "<="),
+    "min_fluency_ratio": (_fluency, ">="),
+}
+
+
+def check_gates(evidence: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[GateResult]:
+    unknown = set(thresholds) - set(GATES)
+    if unknown:
+        raise ValueError(f"unknown gate(s) {sorted(unknown)}; known: {sorted(GATES)}")
+    results = []
+    for name, threshold in thresholds.items():
+        read, op = GATES[name]
+        value = read(evidence)
+        if value is None:
+            results.append(GateResult(name, None, op, threshold, True, None, skipped="no evidence applies"))
+            continue
+        passed = value <= threshold if op == "<=" else value >= threshold
+        margin = threshold - value if op == "<=" else value - threshold
+        results.append(GateResult(name, round(value, 4), op, threshold, passed, round(margin, 4)))
+    return results
+
+
+def gates_for(request_type: str, gate_config: Mapping[str, Any]) -> dict[str, float]:
+    """Profile gates are keyed by request type; a flat mapping applies to every type."""
+    if request_type in gate_config and isinstance(gate_config[request_type], Mapping):
+        return dict(gate_config[request_type])
+    if all(not isinstance(v, Mapping) for v in gate_config.values()):
+        return dict(gate_config)
+    raise ValueError(f"no gates configured for request type {request_type!r}")

@@ -1,0 +1,78 @@
+import pytest
+
+from expunge_ml.evidence import recovery
+from expunge_ml.gates import check_gates, gates_for
+
+
+def evidence(forget=0.2, retain_before=1.0, retain_after=0.95, leak=0.0, kept_before=1.0, kept_after=1.0,
+             int4=0.22, d2_before=0.8, d2_after=0.6):
+    pii_kind = lambda rate, n=4: {"leak_rate": rate, "n_identifiers": n}  # noqa: E731
+    return {
+        "metrics": {
+            "base": {"forget": {"rougeL_recall": 1.0, "answer_prob": 0.9}, "retain": {"rougeL_recall": retain_before, "answer_prob": 0.9}},
+            "unlearned": {"forget": {"rougeL_recall": forget, "answer_prob": 0.01}, "retain": {"rougeL_recall": retain_after, "answer_prob": 0.9}},
+        },
+        "pii": {
+            "erased": {"unlearned": {"direct": pii_kind(0.0), "paraphrased": pii_kind(leak), "inverted": pii_kind(0.0, 0)}},
+            "retained": {"base": {"direct": pii_kind(kept_before)}, "unlearned": {"direct": pii_kind(kept_after)}},
+        },
+        "quantization": {"int8": {"recovery": 0.0}, "int4": {"recovery": recovery(1.0, forget, int4)}},
+        "fluency": {"base": {"distinct_2": d2_before}, "unlearned": {"distinct_2": d2_after}},
+    }
+
+
+THRESHOLDS = {
+    "max_forget_rougeL": 0.3, "min_retain_rougeL_ratio": 0.9, "max_pii_leak_rate": 0.01,
+    "min_retained_pii_recall_ratio": 0.95, "max_quant_recovery": 0.05, "min_fluency_ratio": 0.7,
+}
+
+
+def test_recovery_by_hand():
+    # forgot 1.0 → 0.2 (gap 0.8); int4 brings it to 0.6: (0.6 − 0.2) / 0.8 = 0.5
+    assert recovery(1.0, 0.2, 0.6) == pytest.approx(0.5)
+    assert recovery(1.0, 0.2, 0.1) == 0.0  # the attack made it forget more: nothing recovered
+    assert recovery(1.0, 0.2, 1.4) == 1.0  # clipped
+    assert recovery(0.5, 0.48, 0.9) is None  # nothing was forgotten, so recovery is undefined
+
+
+def test_every_gate_passes_on_good_evidence():
+    results = check_gates(evidence(), THRESHOLDS)
+    assert [r.gate for r in results] == list(THRESHOLDS)
+    assert all(r.passed for r in results)
+    by_name = {r.gate: r for r in results}
+    assert by_name["min_retain_rougeL_ratio"].value == pytest.approx(0.95)
+    assert by_name["max_quant_recovery"].value == pytest.approx(0.025)  # (0.22 − 0.2) / 0.8
+
+
+def test_each_gate_fails_with_its_margin():
+    cases = {
+        "max_forget_rougeL": (evidence(forget=0.4), 0.4, -0.1),
+        "min_retain_rougeL_ratio": (evidence(retain_after=0.8), 0.8, -0.1),
+        "max_pii_leak_rate": (evidence(leak=0.25), 0.25, -0.24),
+        "min_retained_pii_recall_ratio": (evidence(kept_after=0.5), 0.5, -0.45),
+        # int4 ROUGE 0.6 after unlearning to 0.2 from 1.0: recovery (0.6−0.2)/0.8 = 0.5
+        "max_quant_recovery": (evidence(int4=0.6), 0.5, -0.45),
+        "min_fluency_ratio": (evidence(d2_after=0.4), 0.5, -0.2),
+    }
+    for gate, (ev, value, margin) in cases.items():
+        result = {r.gate: r for r in check_gates(ev, THRESHOLDS)}[gate]
+        assert not result.passed, gate
+        assert result.value == pytest.approx(value) and result.margin == pytest.approx(margin), gate
+
+
+def test_gates_without_evidence_are_skipped_not_passed_silently():
+    ev = evidence()
+    del ev["pii"]
+    results = {r.gate: r for r in check_gates(ev, THRESHOLDS)}
+    assert results["max_pii_leak_rate"].skipped == "no evidence applies"
+    assert results["max_pii_leak_rate"].value is None
+
+
+def test_gate_configuration_errors_and_request_types():
+    with pytest.raises(ValueError, match="unknown gate"):
+        check_gates(evidence(), {"max_vibes": 1.0})
+    config = {"privacy_erasure": {"max_forget_rougeL": 0.3}, "copyright_takedown": {"max_forget_rougeL": 0.2}}
+    assert gates_for("copyright_takedown", config) == {"max_forget_rougeL": 0.2}
+    assert gates_for("privacy_erasure", {"max_forget_rougeL": 0.1}) == {"max_forget_rougeL": 0.1}
+    with pytest.raises(ValueError, match="no gates"):
+        gates_for("privacy_erasure", {"copyright_takedown": {"max_forget_rougeL": 0.2}})

@@ -1,0 +1,70 @@
+"""Smoke test of the UnlearnPII benchmark runner: a tiny base on 2 people + a few retained rows, one ULD erasure.
+
+Checks the result schema and that ULD does not leak more of the erased people's PII than the base
+did (the real numbers come from `python -m benchmarks.pii`, see benchmarks/results/pii.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from benchmarks.pii import (
+    DEFAULT_DATA_DIR,
+    KINDS,
+    SMOKE_OPTIONS,
+    PIIBenchOptions,
+    data_available,
+    main,
+    sum_reports,
+)
+
+pytestmark = pytest.mark.skipif(
+    not data_available(DEFAULT_DATA_DIR),
+    reason=f"UnlearnPII files not found under {DEFAULT_DATA_DIR} (../shared/datasets/unlearn_pii)",
+)
+
+
+def test_sum_reports_pools_counts():
+    a = {k: {"n_prompts": 1, "n_identifiers": 2, "exact_leaks": 1, "normalised_leaks": 1, "prompts_leaking": 1}
+         for k in KINDS}
+    b = {k: {"n_prompts": 1, "n_identifiers": 2, "exact_leaks": 0, "normalised_leaks": 0, "prompts_leaking": 0}
+         for k in KINDS}
+    total = sum_reports([a, b])
+    assert total["direct"]["n_identifiers"] == 4
+    assert total["direct"]["leak_rate"] == pytest.approx(0.25)
+
+
+def test_pii_benchmark_smoke(tmp_path):
+    options = dataclasses.replace(
+        PIIBenchOptions(**SMOKE_OPTIONS), cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"
+    )
+    result = main(options)
+
+    written = json.loads((tmp_path / "out" / "pii.json").read_text())
+    assert set(written) >= {"command", "config", "rows"}
+    assert isinstance(written["rows"], list)
+    assert (tmp_path / "out" / "pii.md").read_text().startswith("# UnlearnPII")
+
+    rows = {(r["split"], r["method"]): r for r in written["rows"]}
+    assert set(rows) == {("forget1", "base"), ("forget1", "uld")}
+    for row in rows.values():
+        for key in ("method", "erased_leak_rate", "retained_pii_recall_ratio"):
+            assert key in row
+        assert 0.0 <= row["erased_leak_rate"] <= 1.0
+        for kind in KINDS:
+            sub = row[kind]
+            assert {"erased_leak_rate", "erased_leaks", "erased_identifiers",
+                    "retained_recall", "retained_identifiers", "retained_recall_ratio"} <= set(sub)
+            assert sub["erased_identifiers"] > 0 and sub["retained_identifiers"] > 0
+    base, uld = rows[("forget1", "base")], rows[("forget1", "uld")]
+    assert base["n_erased_people"] == 2
+    # The base memorised something about the people to erase, and ULD leaks no more of it.
+    assert base["erased_leak_rate"] > 0
+    assert uld["erased_leak_rate"] <= base["erased_leak_rate"]
+    assert result["rows"] == written["rows"]
+
+    # A second run reuses the cached base (keyed by its config hash) instead of retraining it.
+    again = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4))
+    assert again["base"]["cached"] is True
