@@ -145,7 +145,7 @@ SMOKE_OPTIONS = dict(
     splits=("forget1",),
     methods=("uld",),
     n_people=0,  # only the two forget1 people ...
-    retain_sample_rows=6,  # ... and the first six retain-sample rows
+    retain_sample_rows=4,  # ... and the first four retain-sample rows
     base_paraphrases=1,
     vocab_size=600,
     hidden_size=64,
@@ -160,10 +160,10 @@ SMOKE_OPTIONS = dict(
     uld_lora_r=8,
     uld_lora_alpha=16,
     uld_lora_dropout=0.0,
-    uld_epochs=15,
+    uld_epochs=10,
     uld_lr=1e-2,
     uld_paraphrased_answers=1,
-    max_new_tokens=40,
+    max_new_tokens=32,
 )
 
 

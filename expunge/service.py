@@ -17,7 +17,10 @@ from expunge.intake import corpus_spec_for, load_records, match_subject, subject
 from expunge.requests import RequestError, RequestSpec, due_date, parse_request
 from expunge.settings import Settings
 
-SUPPORTED_METHODS = ("uld",)
+def supported_methods() -> tuple[str, ...]:
+    from expunge_ml.methods.registry import METHODS
+
+    return ("uld", *sorted(METHODS))
 
 # Exit codes, stable for scripts.
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_DUPLICATE, EXIT_NEEDS_REVIEW, EXIT_RUN_FAILED = 0, 1, 2, 3, 4, 5
@@ -69,8 +72,8 @@ def submit(settings: Settings, path: Path) -> SubmitResult:
 
     status, reason_code, message, details = "received", None, "", {}
     try:
-        if spec.method not in SUPPORTED_METHODS:
-            raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(SUPPORTED_METHODS)})")
+        if spec.method not in supported_methods():
+            raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(supported_methods())})")
         _configure_registry(settings)
         target = target_for(spec)
         records = load_records(corpus_spec_for(spec, target), spec.ticket_id)
@@ -138,10 +141,11 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         if request.status != "received":
             raise RequestError("not_runnable", f"ticket {ticket_id} is {request.status}, not received; nothing to run")
+        method = RequestSpec.model_validate_json(request.spec_json).method
     settings.apply_environment()
     from flows.process_request import process_request
 
-    return process_request(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name)
+    return process_request(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name, method=method)
 
 
 def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[str, Any]]:

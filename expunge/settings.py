@@ -104,7 +104,7 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     # MLflow suggests type hints on pyfunc.predict; ours accepts DataFrames, lists and strings on purpose.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc\.utils\.data_validation")
     try:
         import datasets
         import transformers

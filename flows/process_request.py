@@ -9,11 +9,12 @@ from tasks.evaluate import evaluate_unlearning
 from tasks.lifecycle import audit_event, store_outcome, transition
 from tasks.register import register_model
 from tasks.report import evidence_report
-from tasks.unlearn import train_uld_assistant
+from tasks.unlearn import train_uld_assistant, unlearn_baseline
 
 
 @flow(name="process_request", flow_run_name="process-{ticket_id}")
-def process_request(ticket_id: str, home: str, profile: str = "demo") -> dict:
+def process_request(ticket_id: str, home: str, profile: str = "demo", method: str = "uld") -> dict:
+    """`method` is the request's choice (ULD by default; baselines run the same path for comparison)."""
     ctx = (home, profile, ticket_id)
     try:
         transition(*ctx, "resolving")
@@ -26,8 +27,8 @@ def process_request(ticket_id: str, home: str, profile: str = "demo") -> dict:
         })
 
         transition(*ctx, "training")
-        trained = train_uld_assistant(*ctx, resolved)
-        audit_event(*ctx, "assistant_trained", {
+        trained = train_uld_assistant(*ctx, resolved) if method == "uld" else unlearn_baseline(*ctx, resolved, method)
+        audit_event(*ctx, "unlearning_trained", {
             "method": trained["method"], "config": trained["config"], "report": trained["report"],
         })
 

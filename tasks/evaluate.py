@@ -60,7 +60,12 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     # "Before" is the target as served now (earlier erasures included): that is what this request changes.
     prior = list(target_info.get("prior_assistants", []))
     before = served_model(base, prior)
-    after = served_model(base, prior + [{"dir": trained["adapter_dir"], "weight": None}])
+    if trained["method"] == "uld":
+        after = served_model(base, prior + [{"dir": trained["adapter_dir"], "weight": None}])
+    else:  # a baseline replaced the weights themselves
+        from expunge_ml.modeling import load_causal_lm
+
+        after = ServedModel(load_causal_lm(trained["model_dir"])[0])
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
     evidence = collect_evidence(

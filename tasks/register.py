@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 from prefect import get_run_logger, task
 
-from models_registry.registry import ResolvedTarget, aliases_of, register_uld_composite
+from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
 from tasks.context import read_json, settings_for, write_json
 
 DEFAULT_REGISTERED_NAME = "expunge-unlearned"
@@ -47,17 +47,23 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
     }
     with mlflow.start_run(run_name=f"{ticket_id}-{trained['method']}") as run:
         mlflow.set_tags({"expunge.ticket_id": ticket_id, "expunge.method": trained["method"]})
-        mlflow.log_params({f"uld.{k}": v for k, v in config.items()})
+        mlflow.log_params({f"{trained['method']}.{k}": v for k, v in config.items()})
         mlflow.log_params({"forget_count": resolved["forget_count"], "retain_count": resolved["retain_count"]})
         mlflow.log_metrics({k.replace(".", "_"): v for k, v in _flat_metrics(evaluated["metrics"]).items()})
         mlflow.log_artifact(evaluated["metrics_path"], artifact_path="evidence")
         mlflow.log_artifact(resolved["forget_manifest"], artifact_path="evidence")
-        mlflow.log_artifact(str(Path(trained["adapter_dir"]).parent / "training.json"), artifact_path="evidence")
-        ref = register_uld_composite(
-            name, target, Path(trained["adapter_dir"]), weight=float(config["weight"]),
-            relative_top=float(config["relative_top"]), tags=tags,
-            alias="challenger" if evaluated["passed"] else None,
-        )
+        mlflow.log_artifact(str(settings.ticket_dir(ticket_id) / "training.json"), artifact_path="evidence")
+        alias = "challenger" if evaluated["passed"] else None
+        if trained["method"] == "uld":
+            ref = register_uld_composite(
+                name, target, Path(trained["adapter_dir"]), weight=float(config["weight"]),
+                relative_top=float(config["relative_top"]), tags=tags, alias=alias,
+            )
+        else:  # baselines change the weights: the version carries the whole model
+            ref = register_causal_lm(
+                Path(trained["model_dir"]), name, trained["weights_sha256"], corpus=target.corpus,
+                prompt_template=target.prompt_template or "", tags=tags, alias=alias,
+            )
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.
     model = mlflow.pyfunc.load_model(ref.uri)

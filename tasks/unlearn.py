@@ -29,6 +29,57 @@ def prompt_format(target_info: dict) -> PromptFormat:
     return PromptFormat(template=target_info.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
 
 
+def anchors_for(spec) -> dict[str, str]:
+    """WHP's anchored terms → generic stand-ins: the subject's own names and identifiers."""
+    generic = {term: "the person" for term in [*spec.subject.names, *spec.subject.aliases]}
+    generic.update({term: "their details" for term in spec.subject.identifiers})
+    return generic
+
+
+@task(name="unlearn-full-model")
+def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, method: str) -> dict:
+    """A baseline (GA, NPO, …) edits a copy of the base itself; the result is a full model version."""
+    from db import requests_repo, session_scope
+    from expunge.requests import RequestSpec
+    from expunge_ml.methods.registry import get_method, make_config
+
+    settings = settings_for(home, profile)
+    logger = get_run_logger()
+    target_info = read_json(resolved["target_path"])
+    if target_info.get("prior_assistants"):
+        from expunge.requests import RequestError
+
+        raise RequestError("method_needs_plain_model",
+                           f"{method} edits model weights; the target is a ULD composite — use method uld")
+    with session_scope(settings.db_url) as session:
+        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
+    forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
+    retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
+    baselines = settings.profile["unlearning"].get("baselines", {})
+    config = make_config(method, {**baselines.get("defaults", {}), **baselines.get(method, {})})
+    model, tokenizer = load_base(target_info)
+    extra = {"anchors": anchors_for(spec)} if method == "whp" else {}
+    report = get_method(method).unlearn(
+        model, tokenizer, prompt_format(target_info), forget, retain, config,
+        progress=lambda epoch, losses: logger.info("epoch %d: %s", epoch, losses), **extra,
+    )
+    model_dir = settings.ticket_dir(ticket_id) / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = {
+        "method": method,
+        "model_dir": str(model_dir),
+        "weights_sha256": weights_fingerprint(model_dir),
+        "config": asdict(config),
+        "report": asdict(report),
+        "forget_pairs": len(forget),
+        "retain_pairs": len(retain),
+    }
+    write_json(settings.ticket_dir(ticket_id) / "training.json", result)
+    logger.info("%s finished in %.1fs (%d steps)", method, report.seconds, report.steps)
+    return result
+
+
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
     settings = settings_for(home, profile)

@@ -103,3 +103,9 @@ def test_unknown_ticket_and_profile(tiny_home):
     assert_one_clean_line(cli(tiny_home, "run", "NO-SUCH"), 2, "no request with ticket id")
     result = runner.invoke(app, ["--home", str(tiny_home), "--profile", "huge", "status"])
     assert_one_clean_line(result, 2, "unknown profile 'huge'")
+
+
+def test_unknown_method_is_rejected(tiny_home, tmp_path):
+    result = submit_text(tiny_home, tmp_path, request_yaml("BAD-METHOD", method="magic"))
+    assert_one_clean_line(result, 2, "unknown method 'magic'")
+    assert db_row(tiny_home, "BAD-METHOD")[0] == ("rejected", "unknown_method")

@@ -153,3 +153,21 @@ def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, complete
             "SELECT payload_json FROM audit_events WHERE ticket_id = 'WEAK-0001' ORDER BY seq")]
     failed = next(p for p in payloads if p.get("to") == "failed_gates")
     assert any(g["gate"] == "max_forget_rougeL" and g["margin"] < 0 for g in failed["failed_gates"])
+
+
+def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_path):
+    """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates."""
+    request = dict(completed, ticket_id="NPO-0001", method="npo")
+    path = tmp_path / "npo.yaml"
+    path.write_text(yaml.safe_dump(request))
+    assert cli(tiny_home, "submit", str(path)).exit_code == 0
+    ran = cli(tiny_home, "run", "NPO-0001")
+    row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "NPO-0001")
+    assert row["status"] in ("completed", "failed_gates") and ran.exit_code in (0, 5), ran.output
+    assert row["metrics"]["unlearned_forget_rougeL"] < row["metrics"]["base_forget_rougeL"]
+    name, number = row["model_uri"].removeprefix("models:/").split("/")
+    version = MlflowClient().get_model_version(name, number)
+    champion = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert version.tags["expunge.method"] == "npo" and version.tags["expunge.kind"] == "causal_lm"
+    assert version.tags["expunge.weights_sha256"] != champion.tags["expunge.weights_sha256"]
+    assert (tiny_home / "work" / "NPO-0001" / "report" / "evidence.md").exists()
