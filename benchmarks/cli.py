@@ -9,7 +9,16 @@ from typing import Optional
 
 import typer
 
+from .tofu import TofuBenchOptions as _Options
+
+D = _Options()  # the CLI's defaults are the options' defaults (one place to change them)
+
 benchmark_app = typer.Typer(help="Benchmarks of ULD and the baseline unlearning methods.", no_args_is_help=True)
+
+
+@benchmark_app.callback()
+def _benchmarks() -> None:
+    """Benchmarks of ULD and the baseline unlearning methods (results under benchmarks/results/)."""
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -23,42 +32,46 @@ def tofu(
     data_dir: Optional[Path] = typer.Option(None, help="TOFU files (default ../shared/datasets/tofu)"),
     cache_dir: Optional[Path] = typer.Option(None, help="cache of trained bases/oracles (default ~/.cache/expunge-bench)"),
     out_dir: Optional[Path] = typer.Option(None, help="where tofu.json / tofu.md / the plot go (default benchmarks/results)"),
-    n_forget_authors: Optional[int] = typer.Option(None, help="keep only the last N forget authors of the largest split"),
-    n_retain_authors: int = typer.Option(10, help="retain authors trained (and evaluated) besides the forget authors"),
-    world_knowledge: bool = typer.Option(True, help="pre-train base and oracles on real_authors/world_facts QA"),
-    real_max: Optional[int] = typer.Option(None, help="cap on real_authors questions"),
-    world_max: Optional[int] = typer.Option(None, help="cap on world_facts questions"),
-    retain_eval_max: Optional[int] = typer.Option(None, help="cap on retain_perturbed rows evaluated"),
-    vocab_size: int = typer.Option(2048),
-    hidden_size: int = typer.Option(192),
-    intermediate_size: int = typer.Option(512),
-    num_layers: int = typer.Option(4),
-    num_heads: int = typer.Option(4),
-    max_length: int = typer.Option(128),
-    base_epochs: int = typer.Option(40, help="max epochs for the base and each oracle"),
-    base_lr: float = typer.Option(2e-3),
-    base_batch_size: int = typer.Option(16),
-    base_target_loss: float = typer.Option(0.05, help="stop training base/oracles at this mean answer loss"),
-    baseline_epochs: int = typer.Option(5),
-    baseline_lr: float = typer.Option(1e-4),
-    baseline_batch_size: int = typer.Option(8),
+    n_forget_authors: Optional[int] = typer.Option(D.n_forget_authors, help="keep only the last N forget authors of the largest split"),
+    author_pool: Optional[str] = typer.Option(D.author_pool, help="train the authors of this split (default: the largest requested)"),
+    qa_per_author: Optional[int] = typer.Option(D.qa_per_author, help="use only the first N QA of each author (smoke runs)"),
+    n_retain_authors: int = typer.Option(D.n_retain_authors, help="retain authors trained (and evaluated) besides the forget authors"),
+    world_knowledge: bool = typer.Option(D.world_knowledge, help="pre-train base and oracles on real_authors/world_facts QA"),
+    real_max: Optional[int] = typer.Option(D.real_max, help="cap on real_authors questions"),
+    world_max: Optional[int] = typer.Option(D.world_max, help="cap on world_facts questions"),
+    retain_eval_max: Optional[int] = typer.Option(D.retain_eval_max, help="cap on retain_perturbed rows evaluated"),
+    vocab_size: int = typer.Option(D.vocab_size),
+    hidden_size: int = typer.Option(D.hidden_size),
+    intermediate_size: int = typer.Option(D.intermediate_size),
+    num_layers: int = typer.Option(D.num_layers),
+    num_heads: int = typer.Option(D.num_heads),
+    max_length: int = typer.Option(D.max_length),
+    base_epochs: int = typer.Option(D.base_epochs, help="max epochs for the base and each oracle"),
+    base_lr: float = typer.Option(D.base_lr),
+    base_batch_size: int = typer.Option(D.base_batch_size),
+    base_target_loss: float = typer.Option(D.base_target_loss, help="stop training base/oracles at this mean answer loss"),
+    baseline_epochs: int = typer.Option(D.baseline_epochs),
+    baseline_lr: float = typer.Option(D.baseline_lr),
+    baseline_batch_size: int = typer.Option(D.baseline_batch_size),
     method_overrides: str = typer.Option("{}", help='JSON per-method Config overrides, e.g. {"npo": {"beta": 0.2}}'),
-    uld_layers: int = typer.Option(2, help="K: base layers kept in the assistant"),
-    uld_weight: float = typer.Option(-0.8, help="w in base + w·assistant"),
-    uld_relative_top: float = typer.Option(0.01, help="τ of the relative-top filter"),
-    uld_epochs: int = typer.Option(20),
-    uld_lr: float = typer.Option(1e-3),
-    uld_batch_size: int = typer.Option(8),
-    uld_retain_weight: float = typer.Option(5.0),
-    uld_target_forget_loss: float = typer.Option(0.05),
-    uld_paraphrase_pairs: int = typer.Option(2),
-    uld_perturbed_per_item: int = typer.Option(2),
-    uld_retain_rows: float = typer.Option(1.0),
-    max_new_tokens: int = typer.Option(64),
-    eval_batch_size: int = typer.Option(32),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
-    plot: bool = typer.Option(True),
+    uld_layers: int = typer.Option(D.uld_layers, help="K: base layers kept in the assistant"),
+    uld_weight: float = typer.Option(D.uld_weight, help="w in base + w·assistant"),
+    uld_relative_top: float = typer.Option(D.uld_relative_top, help="τ of the relative-top filter"),
+    uld_epochs: int = typer.Option(D.uld_epochs),
+    uld_lr: float = typer.Option(D.uld_lr),
+    uld_batch_size: int = typer.Option(D.uld_batch_size),
+    uld_retain_weight: float = typer.Option(D.uld_retain_weight),
+    uld_target_forget_loss: float = typer.Option(D.uld_target_forget_loss),
+    uld_paraphrase_pairs: int = typer.Option(D.uld_paraphrase_pairs),
+    uld_perturbed_per_item: int = typer.Option(D.uld_perturbed_per_item),
+    uld_retain_rows: float = typer.Option(D.uld_retain_rows),
+    max_new_tokens: int = typer.Option(D.max_new_tokens),
+    eval_batch_size: int = typer.Option(D.eval_batch_size),
+    seed: int = typer.Option(D.seed),
+    threads: Optional[int] = typer.Option(D.threads, help="torch intra-op threads"),
+    dev_authors: str = typer.Option("", help="comma-separated retain authors to forget as a development split "
+                                    "(for choosing settings without the TOFU forget splits); replaces --splits"),
+    plot: bool = typer.Option(D.plot),
     json_out: bool = typer.Option(False, "--json", help="print the report JSON instead of the table"),
 ) -> None:
     """TOFU: base + retain-only oracles, every method per split; forget quality vs model utility."""
@@ -72,7 +85,7 @@ def tofu(
     opts = TofuBenchOptions(
         data_dir=str(data_dir or DEFAULT_DATA_DIR), cache_dir=str(cache_dir or DEFAULT_CACHE_DIR),
         out_dir=str(out_dir or DEFAULT_OUT_DIR), splits=_csv(splits), methods=_csv(methods),
-        n_forget_authors=n_forget_authors, n_retain_authors=n_retain_authors, world_knowledge=world_knowledge,
+        n_forget_authors=n_forget_authors, author_pool=author_pool, qa_per_author=qa_per_author, n_retain_authors=n_retain_authors, world_knowledge=world_knowledge,
         real_max=real_max, world_max=world_max, retain_eval_max=retain_eval_max, vocab_size=vocab_size,
         hidden_size=hidden_size, intermediate_size=intermediate_size, num_layers=num_layers, num_heads=num_heads,
         max_length=max_length, base_epochs=base_epochs, base_lr=base_lr, base_batch_size=base_batch_size,
@@ -83,10 +96,12 @@ def tofu(
         uld_target_forget_loss=uld_target_forget_loss, uld_paraphrase_pairs=uld_paraphrase_pairs,
         uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
         max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, plot=plot,
+        dev_authors=tuple(int(a) for a in _csv(dev_authors)),
         quiet=json_out,
     )
-    command = "expunge benchmark " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("tofu"):]) \
-        if "tofu" in sys.argv else "expunge benchmark tofu"
+    prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
+    args = sys.argv[sys.argv.index("tofu"):] if "tofu" in sys.argv else ["tofu"]
+    command = prefix + " " + " ".join(shlex.quote(a) for a in args)
     try:
         opts.validate()
         report = run_tofu_benchmark(opts, command=command)
@@ -99,6 +114,19 @@ def tofu(
         print_table(report)
         if opts.write:
             typer.echo(f"wrote {Path(opts.out_dir) / 'tofu.json'}, tofu.md, tofu_fq_vs_utility.png")
+
+
+@benchmark_app.command("tofu-report")
+def tofu_report(
+    json_path: Path = typer.Argument(Path("benchmarks/results/tofu.json"), help="a tofu.json written by `tofu`"),
+    notes: Optional[Path] = typer.Option(None, help="Markdown file whose text is stored as the report's notes"),
+) -> None:
+    """Re-render tofu.md and the plot from tofu.json (no model is run)."""
+    from .tofu import print_table, rerender
+
+    paths = rerender(json_path, notes.read_text() if notes else None)
+    print_table(json.loads(json_path.read_text()))
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":  # python -m benchmarks.cli tofu ...

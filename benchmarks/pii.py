@@ -35,12 +35,11 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import torch
-import typer
+import typer  # torch and the ML stack are imported lazily: `expunge --help` imports this module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "unlearn_pii"
@@ -543,6 +542,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     from expunge_ml.prompting import PromptFormat
 
     if options.threads:
+        import torch
+
         torch.set_num_threads(options.threads)
     random.seed(options.seed)
     started = time.perf_counter()

@@ -67,21 +67,21 @@ class TofuBenchOptions:
     # taken from those retain_perturbed covers (so the retain utility numbers are about trained authors).
     n_forget_authors: int | None = None  # None: all authors of the largest requested split
     author_pool: str | None = None  # train the authors of this split (default: the largest requested one)
-    n_retain_authors: int = 10
+    n_retain_authors: int = 5
     qa_per_author: int | None = None  # None: all 20 QA of each author; n: only the first n (smoke runs)
     world_knowledge: bool = True  # "pre-train" base and oracles on real_authors/world_facts (Q → short answer)
-    real_max: int | None = None  # cap on real_authors questions (eval and pre-training); None: all 100
-    world_max: int | None = None  # cap on world_facts questions; None: all 117
-    retain_eval_max: int | None = None  # cap on retain_perturbed rows evaluated; None: all of the chosen authors
+    real_max: int | None = 50  # cap on real_authors questions (eval and pre-training); None: all 100
+    world_max: int | None = 50  # cap on world_facts questions; None: all 117
+    retain_eval_max: int | None = 30  # cap on retain_perturbed rows evaluated; None: all of the chosen authors
     # Base / oracle model
     vocab_size: int = 2048
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 352
     num_layers: int = 4
     num_heads: int = 4
     max_length: int = 128
     base_epochs: int = 40
-    base_lr: float = 2e-3
+    base_lr: float = 3e-3
     base_batch_size: int = 16
     base_target_loss: float = 0.05
     # Baselines (shared loop settings; per-method overrides in method_overrides)
@@ -105,10 +105,15 @@ class TofuBenchOptions:
     uld_perturbed_per_item: int = 2  # retain⁺ = retain rows + this many perturbed answers per forget item
     uld_retain_rows: float = 1.0  # retain rows in retain⁺ = this × |forget|
     # Evaluation
-    max_new_tokens: int = 64
+    max_new_tokens: int = 56
     eval_batch_size: int = 32
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    # Development split for choosing hyper-parameters without looking at the TOFU forget splits: forget these
+    # *retain* authors instead (a dev oracle is trained without them); replaces the TOFU splits in the run.
+    dev_authors: tuple[int, ...] = ()
+    # Extra (w, τ) composites of the same trained assistant, evaluated as extra rows "uld(w=…,tau=…)" (sweeps)
+    uld_sweep: tuple[tuple[float, float], ...] = ()
     plot: bool = True
     write: bool = True  # write JSON / Markdown / PNG under out_dir
     quiet: bool = False
@@ -475,8 +480,9 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
         return r
 
     def build_report(final: bool) -> dict:
+        split_names = list(dict.fromkeys(r["split"] for r in rows))
         ratio = {}
-        for split in opts.splits:
+        for split in split_names:
             by = {r["method"]: r for r in rows if r["split"] == split}
             if "uld" in by and "npo" in by and by["npo"]["train_seconds"] > 0:
                 ratio[split] = by["uld"]["train_seconds"] / by["npo"]["train_seconds"]
@@ -496,7 +502,7 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
             "base_training": base_meta,
             "memory_method": MEMORY_METHOD,
             "uld_npo_train_time_ratio": ratio,
-            "acceptance": acceptance(rows, opts.splits),
+            "acceptance": acceptance(rows, split_names),
             "environment": {
                 "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "cpu_count": os.cpu_count(), "platform": platform.platform(),
@@ -505,20 +511,33 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
         }
         return report
 
-    for split in opts.splits:
-        forget_set = set(plan.forget_authors[split])
-        forget = plan.records(data, plan.forget_authors[split])
+    specs = []  # (split, forget authors, oracle authors, retain authors for the methods, plan for evaluation)
+    if opts.dev_authors:
+        dev = list(opts.dev_authors)
+        if any(a not in plan.retain_authors for a in dev) or len(dev) >= len(plan.retain_authors):
+            raise ValueError(f"dev authors {dev} must be a proper subset of the retain authors {plan.retain_authors}")
+        eval_plan = dataclasses.replace(
+            plan, retain_eval=[r for r in plan.retain_eval if int(r.subject.split("-")[1]) not in dev])
+        # the methods' retain set leaves out the TOFU forget authors, so tuning never touches them
+        specs.append(("dev", dev, [a for a in plan.authors if a not in dev],
+                      [a for a in plan.retain_authors if a not in dev], eval_plan))
+    else:
+        for split in opts.splits:
+            others = [a for a in plan.authors if a not in plan.forget_authors[split]]
+            specs.append((split, plan.forget_authors[split], others, others, plan))
+    for split, split_forget_authors, oracle_authors, retain_authors, eval_plan in specs:
+        forget = plan.records(data, split_forget_authors)
         # the retain side of this split: every benchmark author not forgotten in it
-        retain = plan.records(data, [a for a in plan.authors if a not in forget_set])
-        oracle_pairs = [r.pair for r in retain] + plan.world_pairs
+        retain = plan.records(data, retain_authors)
+        oracle_pairs = [r.pair for r in plan.records(data, oracle_authors)] + plan.world_pairs
         oracle, oracle_meta = _load_or_train_model(f"retain_oracle[{split}]", oracle_pairs, tokenizer, tok_key,
                                                    opts, cache, log)
         oracle.requires_grad_(False)
-        oracle_ev = evaluate_source(CausalLMLogits(oracle), tokenizer, fmt, forget, plan, opts)
+        oracle_ev = evaluate_source(CausalLMLogits(oracle), tokenizer, fmt, forget, eval_plan, opts)
         oracle_ratios = oracle_ev["forget_truth_ratios"]
         row("retain_oracle", split, oracle_ev, oracle_ratios, oracle_meta["train_seconds"], oracle_meta["peak_mem_mb"],
             cached=oracle_meta.get("cached", False), epochs=oracle_meta["epochs"], steps=oracle_meta["steps"])
-        base_ev = evaluate_source(base_source, tokenizer, fmt, forget, plan, opts, base_utility)
+        base_ev = evaluate_source(base_source, tokenizer, fmt, forget, eval_plan, opts, base_utility)
         row("base", split, base_ev, oracle_ratios, base_meta["train_seconds"], base_meta["peak_mem_mb"],
             cached=base_meta.get("cached", False), epochs=base_meta["epochs"], steps=base_meta["steps"])
         del oracle
@@ -533,10 +552,15 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
                                               progress=lambda e, n, k: log(f"  uld epoch {e}: forget NLL {n:.3f} retain KL {k:.3f}"))
                     seconds = time.perf_counter() - t0
                 source = CompositeLogits(base, [assistant], [config.weight], relative_top=config.relative_top)
-                ev = evaluate_source(source, tokenizer, fmt, forget, plan, opts)
+                ev = evaluate_source(source, tokenizer, fmt, forget, eval_plan, opts)
                 row(method, split, ev, oracle_ratios, seconds, mem.peak_mb, epochs=report.epochs, steps=report.steps,
                     final_losses={"forget_nll": report.forget_nll, "retain_kl": report.retain_kl},
                     config=asdict(config), n_forget_plus=len(forget_plus), n_retain_plus=len(retain_plus))
+                for w, tau in opts.uld_sweep:
+                    variant = CompositeLogits(base, [assistant], [w], relative_top=tau)
+                    ev = evaluate_source(variant, tokenizer, fmt, forget, eval_plan, opts)
+                    row(f"uld(w={w},tau={tau})", split, ev, oracle_ratios, seconds, mem.peak_mb,
+                        epochs=report.epochs, steps=report.steps)
                 del assistant, source
             else:
                 module = get_method(method)
@@ -555,7 +579,7 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
                         report, error = None, str(exc)
                     seconds = time.perf_counter() - t0
                 model.requires_grad_(False)
-                ev = evaluate_source(CausalLMLogits(model), tokenizer, fmt, forget, plan, opts)
+                ev = evaluate_source(CausalLMLogits(model), tokenizer, fmt, forget, eval_plan, opts)
                 row(method, split, ev, oracle_ratios, seconds, mem.peak_mb,
                     epochs=report.epochs if report else None, steps=report.steps if report else None,
                     final_losses=report.final_losses if report else None, error=error,
@@ -685,7 +709,17 @@ def markdown(report: dict, plot_name: str | None) -> str:
                      + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in acc["checks"].items()))
     if plot_name:
         lines += ["", "## Forget quality vs model utility", "", f"![forget quality vs model utility]({plot_name})", ""]
+    if report.get("notes"):
+        lines += ["", "## Notes (how the settings were chosen)", "", report["notes"].strip(), ""]
     return "\n".join(lines) + "\n"
+
+
+def rerender(json_path: Path, notes: str | None = None) -> dict[str, Path]:
+    """Re-write the Markdown report and the plot from a saved tofu.json (optionally attaching notes)."""
+    report = json.loads(Path(json_path).read_text())
+    if notes is not None:
+        report["notes"] = notes
+    return write_outputs(report, Path(json_path).parent)
 
 
 def plot(report: dict, path: Path) -> None:

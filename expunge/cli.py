@@ -22,6 +22,19 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+
+
+def _mount_benchmarks() -> None:
+    """`expunge benchmark tofu|pii`: the measured claims come from these commands, not from tests."""
+    from benchmarks.cli import benchmark_app
+    from benchmarks.pii import pii_command
+
+    if not any(c.name == "pii" for c in benchmark_app.registered_commands):
+        benchmark_app.command("pii")(pii_command)
+    app.add_typer(benchmark_app, name="benchmark")
+
+
+_mount_benchmarks()
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

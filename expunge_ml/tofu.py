@@ -75,7 +75,7 @@ class TofuData:
     """The full TOFU set (4,000 QARecords, index = position in retain90 + forget10) and its eval files."""
 
     full: list[QARecord]
-    paraphrased_questions: dict[str, str]  # record_id -> paraphrased question (forget10 rows only)
+    paraphrased_questions: dict[str, str]  # record_id -> paraphrased question (forget10 + retain_perturbed rows)
     retain_perturbed: list[QARecord]  # rows of the full set (record ids shared with `full`)
     real_authors: list[QARecord]  # paraphrased_answer = correct answer, perturbed_answers = wrong options
     world_facts: list[QARecord]
@@ -127,6 +127,9 @@ def load_tofu(root: str | Path) -> TofuData:
         full[len(retain90) + j].record_id: str(row.get("paraphrased_question", "") or "")
         for j, row in enumerate(forget10)
     }
+    for index, row in extras.items():  # retain_perturbed rows have paraphrased questions too
+        if row.get("paraphrased_question"):
+            paraphrased_questions.setdefault(full[index].record_id, str(row["paraphrased_question"]))
     retain_perturbed = [full[i] for i in sorted(extras) if full[i].paraphrased_answer and full[i].perturbed_answers]
 
     def options(name: str) -> list[QARecord]:
