@@ -109,3 +109,18 @@ def test_unknown_method_is_rejected(tiny_home, tmp_path):
     result = submit_text(tiny_home, tmp_path, request_yaml("BAD-METHOD", method="magic"))
     assert_one_clean_line(result, 2, "unknown method 'magic'")
     assert db_row(tiny_home, "BAD-METHOD")[0] == ("rejected", "unknown_method")
+
+
+def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(tiny_home, tmp_path):
+    """Users bring their own HF model dir; with no registry tags, the corpus must come with the request."""
+    model_dir = tiny_home / "models" / "sample-base"
+    corpus = tiny_home / "sample_world" / "corpus.jsonl"
+    name = json.loads(corpus.read_text().splitlines()[0])["subject"]
+    base = request_yaml("LOCAL-NO-CORPUS", target_model=str(model_dir), subject=f"{{names: [{name}]}}")
+    assert_one_clean_line(submit_text(tiny_home, tmp_path, base), 2, "add a 'corpus:' section")
+    assert db_row(tiny_home, "LOCAL-NO-CORPUS")[0] == ("rejected", "no_corpus")
+    with_corpus = request_yaml("LOCAL-OK", target_model=str(model_dir), subject=f"{{names: [{name}]}}",
+                               corpus=f"{{source: {corpus}}}")
+    result = submit_text(tiny_home, tmp_path, with_corpus)
+    assert result.exit_code == 0, result.output
+    assert "received: 10 matching records" in result.stdout
