@@ -35,8 +35,11 @@ def _mount_benchmarks() -> None:
 
 
 _mount_benchmarks()
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup: tickets, reasons and paths are data, and "[gate_failed]" must print as written.
+# Piped output gets a wide console so tables in logs and scripts are not cut at 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 160
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 class State:
