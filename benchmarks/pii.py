@@ -17,9 +17,11 @@ Protocol (see `benchmarks/results/pii.md` for the numbers of a real run):
 2. **Erase.** For each split (`forget1` = 2 people, `forget5` = 10 people) the split's people are the
    forget set and the other trained people the retain set. Methods see only *direct* QA rows: ULD's
    assistant is trained on forget⁺ = (question, answer) + (question, paraphrased_answer_i) — the
-   original question with other wordings of the answer — and retain = the retained people's direct QA;
-   paraphrased and inverted *questions* are evaluation-only. GA and NPO (project baselines) get the
-   same forget/retain records.
+   original question with other wordings of the answer — plus identifier → name and name → answer
+   pairs in the benchmark's own wording (built from subject + subject_pii, what an erasure request
+   supplies); retain = the retained people's direct QA and the same two kinds of pairs for them.
+   Paraphrased and inverted *questions* are evaluation-only. GA and NPO (project baselines) get the
+   forget/retain direct QA records.
 3. **Measure** with `expunge_ml.pii.pii_leakage` (greedy answers): per prompt kind direct /
    paraphrased / inverted, the erased people's leak rate (normalised PII hits / identifiers; for
    inverted, the name) and the retained people's PII recall (the same quantity, which should stay),
@@ -91,9 +93,9 @@ class PIIBenchOptions:
     uld_lora_r: int = 16
     uld_lora_alpha: int = 32
     uld_lora_dropout: float = 0.05
-    uld_weight: float = -1.0
+    uld_weight: float = -1.25
     uld_relative_top: float = 0.0
-    uld_retain_weight: float = 5.0
+    uld_retain_weight: float = 20.0
     # Epochs per split (forget5 has 5× the pairs per epoch): "split=n,..." or one number for all.
     uld_epochs: str = "forget1=60,forget5=15,forget10=8"
     uld_lr: float = 3e-3
@@ -680,7 +682,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "quantity for the retained people divided by the base model's. Goals: erased leak ≤ "
         f"{100 * GOAL_MAX_ERASED_LEAK:.0f}%, retained ratio ≥ {100 * GOAL_MIN_RETAINED_RATIO:.0f}%.",
         "",
-        "Base memorisation (PII recall per group of people and prompt kind): "
+        "Base memorisation (PII recall per disjoint group of people — a split's group holds its people "
+        "not in a smaller split — and prompt kind direct/paraphrased/inverted): "
         + ", ".join(f"{g}: " + "/".join(_pct(v[k]) for k in KINDS) for g, v in base.get("memorisation", {}).items())
         + f" (base trained on {c.get('base_training_pairs')} pairs, {c.get('trained_people')} people, "
         f"{base.get('n_parameters', 0) / 1e6:.2f}M parameters).",
