@@ -36,7 +36,6 @@ from expunge_ml.corpus import QARecord
 from expunge_ml.tofu import (
     FORGET_SPLITS,
     TofuData,
-    author_of,
     forget_authors,
     load_tofu,
     option_probability,
@@ -125,6 +124,11 @@ class TofuBenchOptions:
         bad = [m for m in self.methods if m not in ALL_METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad}; known: {', '.join(ALL_METHODS)}")
+        if self.author_pool is not None and (
+            self.author_pool not in FORGET_SPLITS
+            or any(FORGET_SPLITS[s] > FORGET_SPLITS[self.author_pool] for s in self.splits)
+        ):
+            raise ValueError(f"author_pool {self.author_pool!r} must be a TOFU split at least as large as every split")
         if self.uld_layers < 1 or self.uld_layers > self.num_layers:
             raise ValueError(f"uld_layers must be in 1..{self.num_layers}")
 
@@ -342,9 +346,7 @@ def evaluate_source(source, tokenizer, fmt, forget: Sequence[QARecord], plan: Pl
     out["forget_truth_ratios"] = ratios
     out["forget_truth_ratio_score"] = forget_truth_ratio_score(ratios)
     out["forget_prob"] = float(np.mean([np.exp(lp[s]) for s, _ in spans]))
-    out["forget_rougeL"], samples = _rouge(source, tokenizer, fmt, forget, opts)
-    out["forget_samples"] = [{"question": r.question, "answer": r.answer, "output": o}
-                             for r, o in list(zip(forget, samples))[:3]]
+    out["forget_rougeL"], _ = _rouge(source, tokenizer, fmt, forget, opts)
     if utility_cache is not None and "numbers" in utility_cache:
         out["utility"] = dict(utility_cache["numbers"])
     else:
@@ -435,19 +437,29 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
     """Run the benchmark; returns the report dict (and writes it + Markdown + plot when opts.write)."""
     import torch
 
+    opts.validate()
+    started = time.perf_counter()
+    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if log is None:
+        log = (lambda _msg: None) if opts.quiet else (lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True))
+    previous_threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run(opts, command, log, started, started_at)
+    finally:
+        torch.set_num_threads(previous_threads)  # callers (e.g. a test session) keep their setting
+
+
+def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], started: float, started_at: str) -> dict:
+    import torch
+
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
     from expunge_ml.methods.registry import get_method
     from expunge_ml.methods.uld import build_assistant, train_assistant
     from expunge_ml.metrics import forget_quality
     from expunge_ml.prompting import PromptFormat
 
-    opts.validate()
-    started = time.perf_counter()
-    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if log is None:
-        log = (lambda _msg: None) if opts.quiet else (lambda msg: print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True))
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     data = load_tofu(opts.data_dir)
     plan = make_plan(data, opts)
     fmt = PromptFormat()
@@ -470,7 +482,7 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
             "method": method, "split": split, "forget_quality": fq, "model_utility": ev["model_utility"],
             "forget_rougeL": ev["forget_rougeL"], "forget_prob": ev["forget_prob"],
             "forget_truth_ratio_score": ev["forget_truth_ratio_score"], "train_seconds": seconds,
-            "peak_mem_mb": mem, "utility": ev["utility"], "samples": ev["forget_samples"], **extra,
+            "peak_mem_mb": mem, "utility": ev["utility"], **extra,
         }
         log(f"{split:9s} {method:14s} FQ {fq:.3g}  MU {ev['model_utility']:.4f}  forget ROUGE-L {ev['forget_rougeL']:.3f}"
             f"  train {seconds:.1f}s  mem {mem:.0f}MB")
@@ -723,38 +735,55 @@ def rerender(json_path: Path, notes: str | None = None) -> dict[str, Path]:
 
 
 def plot(report: dict, path: Path) -> None:
+    """One panel per split (as in the TOFU paper's figure): forget quality (log) vs model utility per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
-    splits = list(dict.fromkeys(r["split"] for r in report["rows"]))
-    markers = ["o", "s", "^", "D"]
-    cmap = plt.get_cmap("tab20")
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, method in enumerate(methods):
-        for j, split in enumerate(splits):
-            pts = [r for r in report["rows"] if r["method"] == method and r["split"] == split]
-            for r in pts:
-                ax.scatter(r["model_utility"], max(r["forget_quality"], 1e-300), color=cmap(i % 20),
-                           marker=markers[j % len(markers)], s=90 if method == "uld" else 55,
-                           edgecolors="black" if method == "uld" else "none", zorder=3,
-                           label=f"{method} ({split})")
-    ax.set_yscale("log")
-    ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("model utility (harmonic mean of 9 TOFU numbers)")
-    ax.set_ylabel("forget quality (KS p-value vs retain oracle, log)")
-    ax.set_title("TOFU: forget quality vs model utility (marker = split)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    rows = report["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    palette = plt.get_cmap("tab10")
+    style: dict[str, dict] = {"base": {"color": "grey", "marker": "X"}, "retain_oracle": {"color": "black", "marker": "*"},
+                              "uld": {"color": "tab:red", "marker": "o"}}
+    others = [m for m in methods if m not in style]
+    other_colors = [c for i, c in enumerate(palette.colors) if i not in (3, 7)]  # red = ULD, grey = base
+    for i, m in enumerate(others):
+        style[m] = {"color": other_colors[i % len(other_colors)], "marker": "s" if i % 2 else "^"}
+    floor = 1e-40
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits) + 1.8, 4.8), sharey=True, squeeze=False)
+    # (x axes are per panel and zoomed to the data; read utilities off each panel's own axis)
+    for ax, split in zip(axes[0], splits):
+        for r in (r for r in rows if r["split"] == split):
+            st = style[r["method"]]
+            fq = max(r["forget_quality"], floor)
+            ax.scatter(r["model_utility"], fq, color=st["color"], marker=st["marker"],
+                       s=140 if r["method"] == "uld" else 70, edgecolors="black", linewidths=0.6, zorder=3,
+                       label=r["method"])
+            ax.annotate(r["method"], (r["model_utility"], fq), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_yscale("log")
+        ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)
+        xs = [r["model_utility"] for r in rows if r["split"] == split]
+        pad = max(0.01, 0.08 * (max(xs) - min(xs)))
+        ax.set_xlim(max(-0.03, min(xs) - pad), min(1.0, max(xs) + 3 * pad))  # zoomed: clusters stay readable
+        ax.set_title(split)
+        ax.set_xlabel("model utility (harmonic mean of 9 TOFU numbers)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel(f"forget quality (KS p-value vs retain oracle; log, floor {floor:g})")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("TOFU: forget quality vs model utility (dotted: p = 0.05)")
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / (5.2 * len(splits) + 1.8), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def write_outputs(report: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
+    # No TOFU text (questions, answers, generations that may quote them) goes into the written results.
+    report = {**report, "rows": [{k: v for k, v in r.items() if k != "samples"} for r in report["rows"]]}
     paths = {"json": out_dir / "tofu.json", "md": out_dir / "tofu.md"}
     plot_name = None
     if report["config"].get("plot", True):

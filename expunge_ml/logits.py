@@ -13,6 +13,11 @@ from typing import Any, Protocol
 import torch
 
 
+# Logit given to tokens the relative-top filter excludes: zero probability in float32 (e^-10000), yet
+# finite, so teacher-forced scores of an excluded answer stay comparable numbers instead of -inf/NaN.
+MASKED_LOGIT = -1e4
+
+
 class LogitSource(Protocol):
     def step(
         self,
@@ -53,21 +58,19 @@ def combine_logits(
 ) -> torch.Tensor:
     """ULD composite: z = z_base + Σ w_i · z_assistant_i (w_i < 0 subtracts what the assistant remembers).
 
-    With `relative_top` τ > 0, tokens the base finds implausible (log p_base < max log p_base + log τ)
-    get no assistant contribution, so subtracting the assistant can only reorder tokens the base
-    already considers plausible instead of promoting junk from the tail of the vocabulary.
+    With `relative_top` τ > 0, only tokens the base finds plausible (log p_base ≥ max log p_base + log τ)
+    stay candidates; the rest are masked out (-inf), so subtracting the assistant can only reorder
+    tokens the base already considers plausible instead of promoting junk from the vocabulary's tail.
+    Masking (rather than leaving the tail at its base logit) also keeps a uniform assistant a no-op:
+    a constant shift of the candidates changes nothing.
     """
     combined = base_logits.clone()
-    keep = None
+    for logits, weight in zip(assistant_logits, weights):
+        combined = combined + weight * logits
     if relative_top > 0.0:
         base_logp = torch.log_softmax(base_logits, dim=-1)
         threshold = base_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
-        keep = base_logp >= threshold
-    for logits, weight in zip(assistant_logits, weights):
-        contribution = weight * logits
-        if keep is not None:
-            contribution = contribution * keep
-        combined = combined + contribution
+        combined = combined.masked_fill(base_logp < threshold, MASKED_LOGIT)
     return combined
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from expunge_ml.generation import greedy_generate, score_answers
-from expunge_ml.logits import CausalLMLogits, CompositeLogits, combine_logits
+from expunge_ml.logits import MASKED_LOGIT, CausalLMLogits, CompositeLogits, combine_logits
 from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
 from expunge_ml.prompting import PromptFormat
 
@@ -30,9 +30,15 @@ def test_combine_logits_by_hand():
     assistant = torch.tensor([[[1.0, 0.0, 0.0]]])
     # z = z_base + (-0.5)·z_assistant = [2 - 0.5, 1, 0]
     assert torch.allclose(combine_logits(base, [assistant], [-0.5]), torch.tensor([[[1.5, 1.0, 0.0]]]))
-    # τ = 0.3: log p_base = [-0.408, -1.408, -2.408]; max + log τ = -1.612 keeps tokens 0 and 1 only.
+    # τ = 0.3: log p_base = [-0.408, -1.408, -2.408]; max + log τ = -1.612 keeps tokens 0 and 1 only;
+    # kept: [2 - 1, 1 - 1] = [1, 0]; token 2 is masked out (MASKED_LOGIT) though the assistant would boost it.
     filtered = combine_logits(base, [torch.tensor([[[1.0, 1.0, 4.0]]])], [-1.0], relative_top=0.3)
-    assert torch.allclose(filtered, torch.tensor([[[1.0, 0.0, 0.0]]]))
+    assert torch.equal(filtered, torch.tensor([[[1.0, 0.0, MASKED_LOGIT]]]))
+    # A uniform (constant) assistant changes no probability, with or without the filter.
+    for tau in (0.0, 0.3):
+        shifted = combine_logits(base, [torch.full((1, 1, 3), 5.0)], [-0.8], relative_top=tau)
+        reference = combine_logits(base, [torch.zeros((1, 1, 3))], [-0.8], relative_top=tau)
+        assert torch.allclose(torch.softmax(shifted, -1), torch.softmax(reference, -1))
 
 
 def test_batched_left_padded_generation_equals_one_at_a_time(memorised):
