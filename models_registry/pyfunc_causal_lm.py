@@ -14,7 +14,7 @@ class CausalLMModel(mlflow.pyfunc.PythonModel):
         model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
         self.source = CausalLMLogits(model)
         config = context.model_config or {}
-        self.fmt = PromptFormat(template=config.get("prompt_template", PromptFormat().template))
+        self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)
         self.max_new_tokens = int(config.get("max_new_tokens", 48))
 
     def predict(self, context, model_input, params=None):

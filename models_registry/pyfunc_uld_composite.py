@@ -36,7 +36,7 @@ class ULDCompositeModel(mlflow.pyfunc.PythonModel):
             assistants.append(assistant)
             weights.append(float(entry.get("weight", uld_config.weight)))
         self.source = CompositeLogits(base, assistants, weights, float(config.get("relative_top", 0.0)))
-        self.fmt = PromptFormat(template=config.get("prompt_template", PromptFormat().template))
+        self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)
         self.max_new_tokens = int(config.get("max_new_tokens", 48))
 
     def predict(self, context, model_input, params=None):

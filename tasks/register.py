@@ -6,6 +6,7 @@ from pathlib import Path
 import mlflow
 from prefect import get_run_logger, task
 
+from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE
 from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
 from tasks.context import read_json, settings_for, write_json
 
@@ -30,7 +31,7 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         registered_name=target_info["registered_name"], kind=target_info["kind"],
         base_location=target_info["base_location"], base_uri=target_info["base_uri"],
         base_weights_sha256=target_info["base_weights_sha256"], corpus=target_info["corpus"],
-        prompt_template=target_info["prompt_template"], prior_assistants=target_info["prior_assistants"],
+        prompt_template=target_info["prompt_template"] or DEFAULT_PROMPT_TEMPLATE, prior_assistants=target_info["prior_assistants"],
         relative_top=target_info["relative_top"],
     )
     name = target.registered_name or DEFAULT_REGISTERED_NAME
@@ -62,7 +63,7 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         else:  # baselines change the weights: the version carries the whole model
             ref = register_causal_lm(
                 Path(trained["model_dir"]), name, trained["weights_sha256"], corpus=target.corpus,
-                prompt_template=target.prompt_template or "", tags=tags, alias=alias,
+                prompt_template=target.prompt_template or DEFAULT_PROMPT_TEMPLATE, tags=tags, alias=alias,
             )
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.

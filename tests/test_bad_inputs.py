@@ -124,3 +124,10 @@ def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(t
     result = submit_text(tiny_home, tmp_path, with_corpus)
     assert result.exit_code == 0, result.output
     assert "received: 10 matching records" in result.stdout
+    # and it runs end to end: no registry tags, default prompt format, version under a default name
+    ran = cli(tiny_home, "run", "LOCAL-OK")
+    assert ran.exit_code in (0, 5), ran.output
+    rows = json.loads(cli(tiny_home, "status", "--json").stdout)
+    row = next(r for r in rows if r["ticket_id"] == "LOCAL-OK")
+    assert row["status"] in ("completed", "failed_gates")
+    assert row["model_uri"].startswith("models:/expunge-unlearned/")

@@ -115,7 +115,8 @@ def test_resubmitting_the_same_ticket_is_idempotent(tiny_home, completed):
     assert "already submitted" in again.stderr and "not queued again" in again.stderr
     rows = json.loads(cli(tiny_home, "status", "--json").stdout)
     assert [r["ticket_id"] for r in rows].count("DEMO-GDPR-0001") == 1
-    assert cli(tiny_home, "run").stdout.strip() == "no received requests to run"
+    rerun = cli(tiny_home, "run", "DEMO-GDPR-0001")
+    assert rerun.exit_code == 2 and "is completed, not received; nothing to run" in rerun.stderr
 
 
 def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, completed, tmp_path):
