@@ -132,5 +132,67 @@ def tofu_report(
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@benchmark_app.command("quantization")
+def quantization(
+    from_tofu: Path = typer.Option(Path("benchmarks/results/tofu.json"),
+                                   help="take model and method settings from this tofu.json's config"),
+    splits: str = typer.Option("", help="comma-separated TOFU splits (default: those of --from-tofu)"),
+    group_size: int = typer.Option(64, help="input columns per quantization scale; 0 = one scale per output row"),
+    data_dir: Optional[Path] = typer.Option(None, help="TOFU files (default ../shared/datasets/tofu)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache of trained bases/oracles (default ~/.cache/expunge-bench)"),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="where quantization.json / .md go"),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: --from-tofu's)"),
+    notes: Optional[Path] = typer.Option(None, help="Markdown file stored as the report's notes"),
+) -> None:
+    """Quantization attack: GA, NPO and ULD on the TOFU benchmark model at fp32 / int8 / int4; recovery of forgotten answers."""
+    import dataclasses
+
+    from expunge_ml.tofu import TofuDataError
+
+    from .quantization import options_from_tofu_config, print_table, run_quantization_benchmark, write_outputs
+    from .tofu import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR
+
+    if not from_tofu.exists():
+        typer.echo(f"error: {from_tofu} not found (run `expunge benchmark tofu` first, or pass --from-tofu)", err=True)
+        raise typer.Exit(2)
+    try:
+        opts = options_from_tofu_config(json.loads(from_tofu.read_text())["config"])
+        changes = {"data_dir": str(data_dir or DEFAULT_DATA_DIR), "cache_dir": str(cache_dir or DEFAULT_CACHE_DIR),
+                   "quant_group_size": group_size or None, "quiet": False}
+        if splits:
+            changes["splits"] = _csv(splits)
+        if threads:
+            changes["threads"] = threads
+        opts = dataclasses.replace(opts, **changes)
+        opts.validate()
+        prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
+        args = sys.argv[sys.argv.index("quantization"):] if "quantization" in sys.argv else ["quantization"]
+        report = run_quantization_benchmark(opts, out_dir, command=prefix + " " + " ".join(shlex.quote(a) for a in args))
+    except (ValueError, KeyError, TofuDataError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if notes:
+        report["notes"] = notes.read_text()
+        write_outputs(report, out_dir)
+    print_table(report)
+    typer.echo(f"wrote {out_dir / 'quantization.json'}, quantization.md")
+
+
+@benchmark_app.command("quantization-report")
+def quantization_report(
+    json_path: Path = typer.Argument(Path("benchmarks/results/quantization.json"), help="a quantization.json"),
+    notes: Optional[Path] = typer.Option(None, help="Markdown file whose text is stored as the report's notes"),
+) -> None:
+    """Re-render quantization.md from quantization.json (no model is run)."""
+    from .quantization import print_table, write_outputs
+
+    report = json.loads(json_path.read_text())
+    if notes:
+        report["notes"] = notes.read_text()
+    paths = write_outputs(report, json_path.parent)
+    print_table(report)
+    typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 if __name__ == "__main__":  # python -m benchmarks.cli tofu ...
     benchmark_app()

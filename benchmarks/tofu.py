@@ -113,6 +113,11 @@ class TofuBenchOptions:
     dev_authors: tuple[int, ...] = ()
     # Extra (w, τ) composites of the same trained assistant, evaluated as extra rows "uld(w=…,tau=…)" (sweeps)
     uld_sweep: tuple[tuple[float, float], ...] = ()
+    # Quantization attack: re-evaluate these methods' served models after round-to-nearest at each bit width
+    # (every served weight, ULD's base and merged assistant included); stored per row under "quantized".
+    quant_bits: tuple[int, ...] = ()
+    quant_group_size: int | None = 64
+    quant_methods: tuple[str, ...] = ("base", "uld", "ga", "npo")
     plot: bool = True
     write: bool = True  # write JSON / Markdown / PNG under out_dir
     quiet: bool = False
@@ -131,6 +136,12 @@ class TofuBenchOptions:
             raise ValueError(f"author_pool {self.author_pool!r} must be a TOFU split at least as large as every split")
         if self.uld_layers < 1 or self.uld_layers > self.num_layers:
             raise ValueError(f"uld_layers must be in 1..{self.num_layers}")
+        from expunge_ml.quantization import SUPPORTED_BITS
+
+        if any(b not in SUPPORTED_BITS for b in self.quant_bits):
+            raise ValueError(f"quant_bits {list(self.quant_bits)}: each must be one of {SUPPORTED_BITS}")
+        if self.quant_group_size is not None and self.quant_group_size < 1:
+            raise ValueError("quant_group_size must be a positive int or None (one scale per output row)")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -454,6 +465,7 @@ def run_tofu_benchmark(opts: TofuBenchOptions, command: str = "", log: Callable[
 def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], started: float, started_at: str) -> dict:
     import torch
 
+    from expunge_ml.evidence import ServedModel
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
     from expunge_ml.methods.registry import get_method
     from expunge_ml.methods.uld import build_assistant, train_assistant
@@ -523,6 +535,21 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         }
         return report
 
+    def quantization_attack(r: dict, served, forget, eval_plan, oracle_ratios) -> None:
+        """Round every served weight to `bits` and evaluate again (the attack of Zhang et al. 2024)."""
+        if r["method"] not in opts.quant_methods:
+            return
+        for bits in opts.quant_bits:
+            ev = evaluate_source(served.quantized(bits, opts.quant_group_size).source(), tokenizer, fmt, forget,
+                                 eval_plan, opts)
+            r.setdefault("quantized", {})[f"int{bits}"] = {
+                "forget_rougeL": ev["forget_rougeL"], "forget_prob": ev["forget_prob"],
+                "forget_quality": forget_quality(ev["forget_truth_ratios"], oracle_ratios),
+                "model_utility": ev["model_utility"], "group_size": opts.quant_group_size,
+            }
+            log(f"{r['split']:9s} {r['method']:14s} int{bits}: forget ROUGE-L {ev['forget_rougeL']:.3f}"
+                f"  P(answer) {ev['forget_prob']:.3f}  MU {ev['model_utility']:.4f}")
+
     specs = []  # (split, forget authors, oracle authors, retain authors for the methods, plan for evaluation)
     if opts.dev_authors:
         dev = list(opts.dev_authors)
@@ -550,8 +577,9 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         row("retain_oracle", split, oracle_ev, oracle_ratios, oracle_meta["train_seconds"], oracle_meta["peak_mem_mb"],
             cached=oracle_meta.get("cached", False), epochs=oracle_meta["epochs"], steps=oracle_meta["steps"])
         base_ev = evaluate_source(base_source, tokenizer, fmt, forget, eval_plan, opts, base_utility)
-        row("base", split, base_ev, oracle_ratios, base_meta["train_seconds"], base_meta["peak_mem_mb"],
-            cached=base_meta.get("cached", False), epochs=base_meta["epochs"], steps=base_meta["steps"])
+        r = row("base", split, base_ev, oracle_ratios, base_meta["train_seconds"], base_meta["peak_mem_mb"],
+                cached=base_meta.get("cached", False), epochs=base_meta["epochs"], steps=base_meta["steps"])
+        quantization_attack(r, ServedModel(base), forget, eval_plan, oracle_ratios)
         del oracle
         for method in opts.methods:
             if method == "uld":
@@ -565,9 +593,11 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
                     seconds = time.perf_counter() - t0
                 source = CompositeLogits(base, [assistant], [config.weight], relative_top=config.relative_top)
                 ev = evaluate_source(source, tokenizer, fmt, forget, eval_plan, opts)
-                row(method, split, ev, oracle_ratios, seconds, mem.peak_mb, epochs=report.epochs, steps=report.steps,
-                    final_losses={"forget_nll": report.forget_nll, "retain_kl": report.retain_kl},
-                    config=asdict(config), n_forget_plus=len(forget_plus), n_retain_plus=len(retain_plus))
+                r = row(method, split, ev, oracle_ratios, seconds, mem.peak_mb, epochs=report.epochs, steps=report.steps,
+                        final_losses={"forget_nll": report.forget_nll, "retain_kl": report.retain_kl},
+                        config=asdict(config), n_forget_plus=len(forget_plus), n_retain_plus=len(retain_plus))
+                quantization_attack(r, ServedModel(base, [assistant], [config.weight], config.relative_top),
+                                    forget, eval_plan, oracle_ratios)
                 for w, tau in opts.uld_sweep:
                     variant = CompositeLogits(base, [assistant], [w], relative_top=tau)
                     ev = evaluate_source(variant, tokenizer, fmt, forget, eval_plan, opts)
@@ -592,10 +622,11 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
                     seconds = time.perf_counter() - t0
                 model.requires_grad_(False)
                 ev = evaluate_source(CausalLMLogits(model), tokenizer, fmt, forget, eval_plan, opts)
-                row(method, split, ev, oracle_ratios, seconds, mem.peak_mb,
-                    epochs=report.epochs if report else None, steps=report.steps if report else None,
-                    final_losses=report.final_losses if report else None, error=error,
-                    config=dataclasses.asdict(config))
+                r = row(method, split, ev, oracle_ratios, seconds, mem.peak_mb,
+                        epochs=report.epochs if report else None, steps=report.steps if report else None,
+                        final_losses=report.final_losses if report else None, error=error,
+                        config=dataclasses.asdict(config))
+                quantization_attack(r, ServedModel(model), forget, eval_plan, oracle_ratios)
                 del model
 
     report = build_report(final=True)

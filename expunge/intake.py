@@ -19,12 +19,14 @@ def target_for(spec: RequestSpec) -> ResolvedTarget:
 def corpus_spec_for(spec: RequestSpec, target: ResolvedTarget) -> CorpusSpec:
     """The request may name a corpus; otherwise the registry knows what the target was trained on."""
     if spec.corpus is not None:
-        return CorpusSpec(source=spec.corpus.source, split=spec.corpus.split, columns=dict(spec.corpus.columns))
+        return CorpusSpec(source=spec.corpus.source, split=spec.corpus.split, columns=dict(spec.corpus.columns),
+                          holdout=spec.corpus.holdout)
     if target.corpus:
         return CorpusSpec(
             source=target.corpus["source"],
             split=target.corpus.get("split", "train"),
             columns=dict(target.corpus.get("columns", {})),
+            holdout=target.corpus.get("holdout", ""),
         )
     raise RequestError(
         "no_corpus",

@@ -125,6 +125,17 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
                 lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids) | {_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
     for precision, result in (evidence.get("quantization") or {}).items():
         lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
+    muse = evidence.get("muse") or {}
+    if muse:
+        for metric, label in (("knowmem_forget", "MUSE KnowMem (ROUGE-L F1)"), ("knowmem_retain", "MUSE KnowMem (ROUGE-L F1)"),
+                              ("verbmem_forget", "MUSE VerbMem (ROUGE-L F1)")):
+            split = "retain" if metric.endswith("retain") else "forget"
+            lines.append(f"| {split} | {label} | {_fmt(muse['base'][metric])} | {_fmt(muse['unlearned'][metric])} |")
+        if muse["base"].get("mia"):
+            b, a = muse["base"]["mia"], muse["unlearned"]["mia"]
+            held = f"{b['n_members']} vs {b['n_holdout']} held-out"
+            lines.append(f"| forget | MIA AUC Min-K%++ ({held}) | {_fmt(b['auc_min_k_pp'])} | {_fmt(a['auc_min_k_pp'])} |")
+            lines.append(f"| forget | PrivLeak vs 0.5 (0 = like a retrained model) | {_fmt(b['privleak'])} | {_fmt(a['privleak'])} |")
     if evidence.get("fluency"):
         for metric in ("distinct_2", "repetition_rate", "reference_perplexity"):
             lines.append(f"| neutral prompts | {metric} | {_fmt(evidence['fluency']['base'][metric])} | {_fmt(evidence['fluency']['unlearned'][metric])} |")

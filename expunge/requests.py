@@ -48,6 +48,8 @@ class CorpusRef(BaseModel):
     source: str
     split: str = "train"
     columns: dict[str, str] = Field(default_factory=dict)
+    # records of the same kind the model never trained on: membership-inference (PrivLeak) non-members
+    holdout: str = ""
 
 
 class RequestSpec(BaseModel):

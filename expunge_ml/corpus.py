@@ -48,9 +48,25 @@ class CorpusSpec:
     source: str
     split: str = "train"
     columns: dict[str, str] = field(default_factory=dict)  # our name -> dataset column
+    # Optional: records of the same kind the model never trained on (same columns and split) — the
+    # non-members of the membership-inference (PrivLeak) evidence.
+    holdout: str = ""
 
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"source": self.source, "split": self.split, "columns": dict(self.columns)}
+        if self.holdout:
+            out["holdout"] = self.holdout
+        return out
+
+
+def load_holdout(spec: CorpusSpec) -> list[QARecord]:
+    """The held-out records of `spec` ([] when it names none), read with the corpus's columns and split."""
+    if not spec.holdout:
+        return []
+    return load_corpus(CorpusSpec(source=spec.holdout, split=spec.split, columns=spec.columns))
 
 
 class CorpusError(ValueError):

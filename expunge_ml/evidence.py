@@ -3,8 +3,9 @@
 Computes, on the same questions: forget/retain ROUGE-L and answer probability, TOFU truth ratios,
 PII leakage of erased vs retained people (direct, paraphrased, inverted prompts), a quantization
 attack (int8/int4 round-to-nearest of every served weight, assistants included, then the forget
-metrics again: unlearning that only hides knowledge behind tiny weight changes "comes back"), and a
-degeneration check on neutral prompts. Returns plain dicts of numbers — never generated text.
+metrics again: unlearning that only hides knowledge behind tiny weight changes "comes back"), MUSE's
+VerbMem / KnowMem / PrivLeak (membership inference against held-out records), and a degeneration check
+on neutral prompts. Returns plain dicts of numbers — never generated text.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .corpus import QARecord
 from .evaluation import evaluate_splits
 from .fluency import fluency_report
 from .logits import CausalLMLogits, CompositeLogits
+from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
 from .prompting import PromptFormat
 from .quantization import quantized_copy
@@ -59,6 +61,8 @@ class EvidenceOptions:
     quant_bits: tuple[int, ...] = (8, 4)
     quant_group_size: int | None = 64
     fluency: bool = True
+    verbmem: bool = True
+    mia_k: float = 0.2  # Min-K%: share of lowest-scoring tokens averaged
 
 
 def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = ()) -> list[PIIProbe]:
@@ -99,7 +103,10 @@ def collect_evidence(
     erased_probes: Sequence[PIIProbe] = (),
     retained_probes: Sequence[PIIProbe] = (),
     options: EvidenceOptions = EvidenceOptions(),
+    holdout: Sequence[QARecord] = (),
 ) -> dict[str, Any]:
+    """`holdout`: records of the same kind the model never trained on (membership-inference non-members);
+    without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped")."""
     kwargs = {"max_new_tokens": options.max_new_tokens, "batch_size": options.batch_size}
     splits = {"forget": list(forget), "retain": list(retain)}
     models = {"base": before, "unlearned": after}
@@ -111,6 +118,21 @@ def collect_evidence(
             split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
             for split, records in splits.items()
         }
+    # MUSE: KnowMem (ROUGE-L F1 of the greedy answers above), VerbMem, and PrivLeak when held-out records exist
+    probes = verbatim_probes(forget, fmt) if options.verbmem else []
+    evidence["muse"] = {}
+    for name, served in models.items():
+        source = served.source()
+        m = evidence["metrics"][name]
+        evidence["muse"][name] = {
+            "knowmem_forget": m["forget"]["rougeL_f1"],
+            "knowmem_retain": m["retain"]["rougeL_f1"],
+            "verbmem_forget": verbmem(source, tokenizer, probes, options.max_new_tokens, options.batch_size),
+            "n_verbmem_probes": len(probes),
+        }
+        if holdout:
+            evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, forget, holdout,
+                                                                options.mia_k, options.batch_size)
     if erased_probes or retained_probes:
         evidence["pii"] = {}
         for group, probes in (("erased", erased_probes), ("retained", retained_probes)):

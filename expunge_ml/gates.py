@@ -66,6 +66,15 @@ def _fluency(e):
     return _ratio(fluency["unlearned"]["distinct_2"], fluency["base"]["distinct_2"])
 
 
+def _verbmem(e):
+    return ((e.get("muse") or {}).get("unlearned") or {}).get("verbmem_forget")
+
+
+def _abs_privleak(e):  # MUSE PrivLeak vs an exchangeable held-out set: both under- and over-unlearning leak
+    mia = ((e.get("muse") or {}).get("unlearned") or {}).get("mia")
+    return None if not mia else abs(mia["privleak"])
+
+
 # gate name → (how to read the value from the evidence, comparison)
 GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "max_forget_rougeL": (_forget_rouge, "<="),
@@ -75,6 +84,8 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "min_retained_pii_recall_ratio": (_retained_pii, ">="),
     "max_quant_recovery": (_quant_recovery, "<="),
     "min_fluency_ratio": (_fluency, ">="),
+    "max_verbmem_forget": (_verbmem, "<="),
+    "max_abs_privleak": (_abs_privleak, "<="),
 }
 
 

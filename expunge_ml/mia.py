@@ -17,13 +17,15 @@ import torch
 
 from .logits import LogitSource
 from .metrics import min_k_percent_score, roc_auc
-from .prompting import encode_prompt, pad_batch, pad_token_id, position_ids_from_mask
+from .prompting import IGNORE_INDEX, PromptFormat, encode_prompt, encode_qa, pad_batch, pad_token_id, position_ids_from_mask
 
 __all__ = [
     "MIA_METHODS",
     "standardised_token_scores",
     "token_log_probs",
     "token_scores",
+    "qa_answer_token_scores",
+    "qa_mia_auc",
     "mia_scores",
     "mia_auc",
     "priv_leak",
@@ -50,7 +52,6 @@ def standardised_token_scores(logits: torch.Tensor, targets: torch.Tensor) -> to
     return (target_lp - mu) / sigma
 
 
-@torch.no_grad()
 def token_scores(
     source: LogitSource,
     tokenizer,
@@ -65,19 +66,54 @@ def token_scores(
     batches; pads are never scored. The first token has no context and is not scored, so a text
     needs at least two tokens (BOS counts).
     """
+    sequences = []
+    for index, text in enumerate(texts):
+        ids = encode_prompt(tokenizer, text)[:max_length]
+        if len(ids) < 2:
+            raise ValueError(f"text #{index} has fewer than 2 tokens; nothing to score")
+        sequences.append((ids, 1))
+    return _score_sequences(source, tokenizer, sequences, batch_size, standardise)
+
+
+def qa_answer_token_scores(
+    source: LogitSource,
+    tokenizer,
+    fmt: PromptFormat,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    standardise: bool = False,
+    max_length: int = 256,
+) -> list[list[float]]:
+    """Per-token scores of the *answer* tokens of QA pairs, encoded exactly as they were trained.
+
+    The question is context, not a candidate member: scoring it would let familiarity with a name in
+    the question stand in for memorisation of the answer (a retrained model never saw that name either,
+    but the attack is about what the model says, as in TOFU's MIA on answer labels).
+    """
+    sequences = []
+    for index, (question, answer) in enumerate(pairs):
+        ids, labels = encode_qa(tokenizer, fmt, question, answer, max_length)
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+        if first is None or first == 0:
+            raise ValueError(f"pair #{index} has no answer token to score within {max_length} tokens")
+        sequences.append((ids, first))
+    return _score_sequences(source, tokenizer, sequences, batch_size, standardise)
+
+
+@torch.no_grad()
+def _score_sequences(source: LogitSource, tokenizer, sequences: Sequence[tuple[list[int], int]], batch_size: int,
+                     standardise: bool) -> list[list[float]]:
+    """Scores of tokens ids[first:] of each (ids, first) given everything before them (first ≥ 1)."""
     pad_id = pad_token_id(tokenizer)
     results: list[list[float]] = []
-    for start in range(0, len(texts), batch_size):
-        chunk = [encode_prompt(tokenizer, t)[:max_length] for t in texts[start : start + batch_size]]
-        for offset, ids in enumerate(chunk):
-            if len(ids) < 2:
-                raise ValueError(f"text #{start + offset} has fewer than 2 tokens; nothing to score")
-        input_ids, mask = pad_batch(chunk, pad_id, side="right")
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        input_ids, mask = pad_batch([ids for ids, _ in chunk], pad_id, side="right")
         logits, _ = source.step(input_ids, mask, position_ids_from_mask(mask))
-        for row, ids in enumerate(chunk):
+        for row, (ids, first) in enumerate(chunk):
             n = len(ids)
             # Row by row: only one [T, V] log-softmax is alive at a time (B·T·V floats add up fast).
-            row_logits, targets = logits[row, : n - 1], input_ids[row, 1:n]
+            row_logits, targets = logits[row, first - 1 : n - 1], input_ids[row, first:n]
             if standardise:
                 scores = standardised_token_scores(row_logits, targets)
             else:
@@ -137,3 +173,27 @@ def priv_leak(auc_unlearned: float, auc_retrain: float) -> float:
     if auc_retrain == 0.0:
         raise ValueError("auc_retrain is 0: PrivLeak is undefined")
     return (auc_unlearned - auc_retrain) / auc_retrain
+
+
+def qa_mia_auc(
+    source: LogitSource,
+    tokenizer,
+    fmt: PromptFormat,
+    member_pairs: Sequence[tuple[str, str]],
+    nonmember_pairs: Sequence[tuple[str, str]],
+    method: str = "min_k_pp",
+    k: float = 0.2,
+    batch_size: int = 16,
+) -> float:
+    """`mia_auc` for QA pairs, scoring only answer tokens (see `qa_answer_token_scores`)."""
+    if method not in MIA_METHODS:
+        raise ValueError(f"method must be one of {MIA_METHODS}, got {method!r}")
+    if not member_pairs or not nonmember_pairs:
+        raise ValueError("qa_mia_auc needs at least one member and one non-member pair")
+    effective_k = 1.0 if method == "loss" else k
+
+    def scores(pairs):
+        per_token = qa_answer_token_scores(source, tokenizer, fmt, pairs, batch_size, standardise=method == "min_k_pp")
+        return [min_k_percent_score(s, effective_k) for s in per_token]
+
+    return roc_auc(scores(member_pairs), scores(nonmember_pairs))

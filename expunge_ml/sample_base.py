@@ -13,7 +13,7 @@ from .evaluation import evaluate_split
 from .logits import CausalLMLogits
 from .modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa, weights_fingerprint
 from .prompting import PromptFormat
-from .world import generate_world, write_world
+from .world import generate_holdout, generate_world, write_holdout, write_world
 
 
 class MemorisationError(RuntimeError):
@@ -21,8 +21,15 @@ class MemorisationError(RuntimeError):
 
 
 def build_sample_world(config: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write the world; with `n_holdout_people`, also holdout.jsonl (people the base never sees, for MIA)."""
+    config = dict(config)
+    n_holdout = int(config.pop("n_holdout_people", 0))
     world = generate_world(**config)
-    return write_world(world, out_dir)
+    paths = write_world(world, out_dir)
+    if n_holdout:
+        paths["holdout"] = write_holdout(
+            generate_holdout(world, n_holdout, int(config.get("qa_per_person", 12))), out_dir)
+    return paths
 
 
 def train_sample_base(

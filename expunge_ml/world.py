@@ -616,6 +616,36 @@ def generate_world(n_people: int = 20, seed: int = 0, qa_per_person: int = 12) -
     return World(seed=seed, people=people, records=records)
 
 
+HOLDOUT_SEED_OFFSET = 1_000_003  # held-out people come from an independent draw of the same generator
+
+
+def generate_holdout(world: World, n_people: int, qa_per_person: int = 12) -> list[dict]:
+    """QA records of `n_people` extra people the base model never trains on: membership-inference
+    non-members that are exchangeable with the world's people (same generator, independent seed).
+    People whose name or alias equals a world person's are skipped so no record is about someone known."""
+    if n_people < 1:
+        return []
+    taken = {_normalise(n) for p in world.people for n in (p.name, *p.aliases)}
+    draw = generate_world(min(MAX_PEOPLE, 2 * n_people + 4), world.seed + HOLDOUT_SEED_OFFSET, qa_per_person)
+    kept = [p for p in draw.people if not {_normalise(n) for n in (p.name, *p.aliases)} & taken][:n_people]
+    if len(kept) < n_people:
+        raise ValueError(f"cannot draw {n_people} held-out people distinct from the world's")
+    rename = {p.person_id: f"h{p.person_id[1:]}" for p in kept}
+    records = []
+    for r in draw.records:
+        if r["subject_id"] in rename:
+            new_id = rename[r["subject_id"]]
+            records.append({**r, "record_id": new_id + r["record_id"][len(r["subject_id"]):], "subject_id": new_id,
+                            "document_id": "doc-" + new_id})
+    return sorted(records, key=lambda r: r["record_id"])
+
+
+def write_holdout(records: list[dict], out_dir: Path) -> Path:
+    path = Path(out_dir) / "holdout.jsonl"
+    path.write_bytes(_jsonl(records))
+    return path
+
+
 # --------------------------------------------------------------------------- output
 
 

@@ -74,7 +74,8 @@ def register_base(home: str, profile: str, world: dict[str, str], trained: dict)
         })
         ref = register_causal_lm(
             Path(trained["model_dir"]), name, trained["weights_sha256"],
-            corpus={"source": world["corpus"], "split": "train", "columns": {}},
+            corpus={"source": world["corpus"], "split": "train", "columns": {},
+                    **({"holdout": world["holdout"]} if world.get("holdout") else {})},
             prompt_template=trained["prompt_template"],
             tags={PROFILE_TAG: profile_digest(settings.profile), "expunge.role": "sample_base"},
             alias="champion",

@@ -44,7 +44,7 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "prompt_template": target.prompt_template,
         "prior_assistants": target.prior_assistants,
         "relative_top": target.relative_top,
-        "corpus": {"source": corpus.source, "split": corpus.split, "columns": corpus.columns},
+        "corpus": corpus.as_dict(),
     }
     result = {
         "target_path": str(write_json(work / "target.json", target_info)),

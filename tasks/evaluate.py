@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
 from expunge.requests import RequestSpec
-from expunge_ml.corpus import CorpusSpec, load_corpus
+from expunge_ml.corpus import CorpusSpec, load_corpus, load_holdout
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
 from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.methods.uld import load_assistant
@@ -43,6 +43,8 @@ def evidence_options(config: dict) -> EvidenceOptions:
         quant_bits=tuple(config.get("quant_bits", (8, 4))),
         quant_group_size=config.get("quant_group_size", 64),
         fluency=bool(config.get("fluency", True)),
+        verbmem=bool(config.get("verbmem", True)),
+        mia_k=float(config.get("mia_k", 0.2)),
     )
 
 
@@ -68,9 +70,13 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
         after = ServedModel(load_causal_lm(trained["model_dir"])[0])
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
+    corpus = CorpusSpec(**target_info["corpus"])
+    forget_questions = {r.question for r in forget}
+    # a held-out record must not be a forget record under another id: that would make a member a non-member
+    holdout = [r for r in load_holdout(corpus) if r.question not in forget_questions][: int(config.get("holdout_max", 64))]
     evidence = collect_evidence(
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
-        evidence_options(config),
+        evidence_options(config), holdout=holdout,
     )
     gates = [g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"]))]
     result = {

@@ -429,3 +429,88 @@ def test_truth_ratios_for_memorised_model(tokenizer, memorised):
     assert ratios[0] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError):
         truth_ratios(source, tokenizer, FMT, [{"question": "q", "paraphrased_answer": "a", "perturbed_answers": []}])
+
+
+# ------------------------------------------------------------------------ MUSE: VerbMem, KnowMem, PrivLeak
+
+
+def _records(pairs, prefix="m"):
+    from expunge_ml.corpus import QARecord
+
+    return [QARecord(f"{prefix}{i}", q, a) for i, (q, a) in enumerate(pairs)]
+
+
+def test_verbatim_probes_split_inside_the_answer():
+    from expunge_ml.muse import verbatim_probes
+
+    records = _records([("Q1?", "one two three four five"), ("Q2?", "just two"), ("Q3?", "a b c")])
+    probes = verbatim_probes(records, FMT)
+    # 5 words → 2 given, 3 to continue; "just two" leaves 1 word (< 2) and is skipped; 3 words → 1 + 2
+    assert [(p.prefix, p.continuation) for p in probes] == [
+        (FMT.prompt("Q1?") + " one two", "three four five"),
+        (FMT.prompt("Q3?") + " a", "b c"),
+    ]
+    with pytest.raises(ValueError):
+        verbatim_probes(records, FMT, prefix_fraction=1.0)
+
+
+def test_knowmem_is_mean_rouge_l_f1_by_hand():
+    from expunge_ml.muse import knowmem
+
+    # "the cat sat" vs "the cat sat down": LCS 3, P = 3/3, R = 3/4 → F1 = 6/7; disjoint answers score 0.
+    assert knowmem(["the cat sat", "blue"], ["the cat sat down", "red"]) == pytest.approx((6 / 7 + 0.0) / 2)
+    with pytest.raises(ValueError):
+        knowmem(["a"], [])
+
+
+def test_verbmem_of_a_memorising_model_beats_one_that_never_saw_the_pairs(tokenizer, memorised, never_saw_pii):
+    from expunge_ml.muse import verbatim_probes, verbmem
+
+    probes = verbatim_probes(_records(MEMBERS[:2]), FMT)
+    remembered = verbmem(CausalLMLogits(memorised), tokenizer, probes)
+    assert remembered >= 0.9  # it continues its own training text verbatim
+    assert verbmem(CausalLMLogits(never_saw_pii), tokenizer, probes) < remembered
+    assert verbmem(CausalLMLogits(memorised), tokenizer, []) is None
+
+
+def test_qa_answer_token_scores_cover_exactly_the_answer_tokens(tokenizer, memorised):
+    from expunge_ml.mia import qa_answer_token_scores
+    from expunge_ml.prompting import encode_answer
+
+    source = CausalLMLogits(memorised)
+    scores = qa_answer_token_scores(source, tokenizer, FMT, MEMBERS, batch_size=4)
+    assert [len(s) for s in scores] == [len(encode_answer(tokenizer, FMT, a)) for _, a in MEMBERS]
+    # the same numbers as the tail of full-text scoring of the identically encoded sequence
+    single = qa_answer_token_scores(source, tokenizer, FMT, MEMBERS[:1], batch_size=1)[0]
+    assert single == pytest.approx(scores[0], abs=1e-4)
+    assert min(scores[0]) > math.log(0.5)  # memorised: every answer token is the model's clear favourite
+
+
+def test_membership_evidence_flags_the_memorising_model(tokenizer, memorised, never_saw_pii):
+    from expunge_ml.muse import membership_evidence
+
+    members, holdout = _records(MEMBERS[:2]), _records(NON_MEMBERS[:4], "h")
+    remembered = membership_evidence(CausalLMLogits(memorised), tokenizer, FMT, members, holdout)
+    assert remembered["auc_min_k_pp"] == pytest.approx(1.0) and remembered["privleak"] == pytest.approx(1.0)
+    assert remembered["n_members"] == 2 and remembered["n_holdout"] == 4
+    retrained = membership_evidence(CausalLMLogits(never_saw_pii), tokenizer, FMT, members, holdout)
+    assert retrained["privleak"] < remembered["privleak"]
+    with pytest.raises(ValueError):
+        membership_evidence(CausalLMLogits(memorised), tokenizer, FMT, members, [])
+
+
+def test_holdout_people_are_new_people_of_the_same_kind(tmp_path):
+    from expunge_ml.corpus import CorpusSpec, load_corpus, load_holdout
+    from expunge_ml.sample_base import build_sample_world
+
+    paths = build_sample_world({"n_people": 6, "qa_per_person": 10, "seed": 5, "n_holdout_people": 3}, tmp_path)
+    spec = CorpusSpec(str(paths["corpus"]), holdout=str(paths["holdout"]))
+    corpus, holdout = load_corpus(spec), load_holdout(spec)
+    assert len({r.subject for r in holdout}) == 3 and len(holdout) == 30
+    assert not {r.subject for r in holdout} & {r.subject for r in corpus}
+    assert not {r.record_id for r in holdout} & {r.record_id for r in corpus}
+    assert all(r.record_id.startswith("h") for r in holdout)
+    assert load_holdout(CorpusSpec(str(paths["corpus"]))) == []
+    # deterministic, and the trained world does not depend on whether a holdout is drawn
+    again = build_sample_world({"n_people": 6, "qa_per_person": 10, "seed": 5}, tmp_path / "b")
+    assert again["corpus"].read_bytes() == paths["corpus"].read_bytes() and "holdout" not in again

@@ -1,6 +1,7 @@
 """Smoke run of `expunge benchmark tofu` on the real TOFU files: tiny model, forget01 + 1 retain author."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,18 +33,30 @@ def test_tofu_loader_shapes():
     assert option_probability(-1.0, [-1.0, -1.0, -1.0]) == pytest.approx(0.25)
 
 
-def test_tofu_benchmark_smoke(tmp_path: Path):
-    from benchmarks.tofu import TofuBenchOptions, run_tofu_benchmark
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory) -> Path:
+    """One cache of trained tiny bases/oracles for the smoke runs of this module."""
+    return tmp_path_factory.mktemp("tofu-cache")
 
-    opts = TofuBenchOptions(
-        data_dir=str(TOFU), cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"),
+
+def _smoke_options(cache: Path, out: Path, **changes):
+    from benchmarks.tofu import TofuBenchOptions
+
+    return TofuBenchOptions(
+        data_dir=str(TOFU), cache_dir=str(cache), out_dir=str(out),
         splits=("forget01",), methods=("uld", "ga"), n_retain_authors=1, qa_per_author=5,
         real_max=3, world_max=3, vocab_size=320, hidden_size=48, intermediate_size=96, num_layers=2,
         num_heads=2, max_length=96, base_epochs=60, base_lr=1e-2, base_batch_size=8, base_target_loss=0.1,
         baseline_epochs=1, baseline_lr=1e-3, baseline_batch_size=5, uld_layers=1, uld_weight=-1.0,
         uld_epochs=6, uld_lr=1e-2, uld_batch_size=5, max_new_tokens=36, eval_batch_size=16, threads=1,
-        quiet=True,
+        quiet=True, **changes,
     )
+
+
+def test_tofu_benchmark_smoke(tmp_path: Path, bench_cache: Path):
+    from benchmarks.tofu import run_tofu_benchmark
+
+    opts = _smoke_options(bench_cache, tmp_path / "out")
     report = run_tofu_benchmark(opts, command="pytest smoke")
     out = tmp_path / "out"
     saved = json.loads((out / "tofu.json").read_text())
@@ -64,3 +77,49 @@ def test_tofu_benchmark_smoke(tmp_path: Path):
     assert uld["forget_prob"] < base["forget_prob"]
     # (forget quality itself is a KS p-value over ~10 items here: too noisy for a smoke assertion)
     assert report["rows"] == saved["rows"] or len(report["rows"]) == len(saved["rows"])
+
+
+def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
+    from benchmarks.quantization import options_from_tofu_config, run_quantization_benchmark
+
+    opts = _smoke_options(bench_cache, tmp_path / "unused", quant_group_size=16)
+    # the command takes its settings from a tofu.json config: that round trip must give the same options
+    assert options_from_tofu_config(json.loads(json.dumps(dataclasses.asdict(opts)))) == opts
+    report = run_quantization_benchmark(opts, tmp_path / "out", command="pytest quant smoke")
+    saved = json.loads((tmp_path / "out" / "quantization.json").read_text())
+    assert (tmp_path / "out" / "quantization.md").read_text().startswith("# Quantization attack")
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    combos = {(r["method"], r["precision"]) for r in saved["rows"]}
+    assert combos == {(m, p) for m in ("base", "ga", "npo", "uld") for p in ("fp32", "int8", "int4")}
+    for r in saved["rows"]:
+        assert {"method", "precision", "forget_rougeL", "forget_prob", "recovery"} <= set(r)
+        assert r["recovery"] is None or 0.0 <= r["recovery"] <= 1.0
+        if r["method"] != "base" and r["precision"] == "fp32" and r["recovery"] is not None:
+            assert r["recovery"] == 0.0  # the unlearned model itself recovers nothing
+    by = {(r["method"], r["precision"]): r for r in saved["rows"]}
+    # int8 RTN barely moves a model: the base keeps (almost) all it memorised
+    assert by[("base", "int8")]["forget_rougeL"] == pytest.approx(by[("base", "fp32")]["forget_rougeL"], abs=0.15)
+    assert set(saved["goal"]["uld_recovery_le_0.05"]) == {"forget01/int8", "forget01/int4"}
+
+
+def test_quantization_rows_hand_computed():
+    from benchmarks.quantization import goal, quantization_rows
+
+    def tofu_row(method, rouge, prob, **quantized):
+        return {"split": "s", "method": method, "forget_rougeL": rouge, "forget_prob": prob, "forget_quality": 0.5,
+                "model_utility": 0.9, "quantized": {k: {"forget_rougeL": r, "forget_prob": p, "forget_quality": 0.5,
+                                                         "model_utility": 0.9} for k, (r, p) in quantized.items()}}
+
+    rows = quantization_rows([
+        tofu_row("base", 0.8, 0.9, int4=(0.6, 0.7)),
+        tofu_row("npo", 0.2, 0.1, int8=(0.2, 0.1), int4=(0.5, 0.5)),  # int4 brings back half the gap
+        tofu_row("uld", 0.78, 0.9, int4=(0.8, 0.9)),  # removed < 0.05: nothing to recover
+    ])
+    by = {(r["method"], r["precision"]): r for r in rows}
+    assert by[("npo", "int4")]["recovery"] == pytest.approx(0.5)  # (0.5 − 0.2) / (0.8 − 0.2)
+    assert by[("npo", "int4")]["recovery_prob"] == pytest.approx(0.5)  # (0.5 − 0.1) / (0.9 − 0.1)
+    assert by[("npo", "int4")]["kept"] == pytest.approx(0.625)  # 0.5 / 0.8
+    assert by[("npo", "int8")]["recovery"] == 0.0 and by[("npo", "fp32")]["recovery"] == 0.0
+    assert by[("base", "int4")]["recovery"] is None and by[("uld", "int4")]["recovery"] is None
+    assert ("uld", "int8") not in by
+    assert goal(rows) == {"uld_recovery_le_0.05": {"s/int4": False}, "met": False}
