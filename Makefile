@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup postgres demo test test-slow clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/expunge demo
 
-test: $(STAMP)
+# The DB tests also run on PostgreSQL (a throwaway cluster the tests start on 127.0.0.1 and stop):
+# install the server from apt when it is missing and we may (root); otherwise those tests skip.
+postgres:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing PostgreSQL (apt) for the DB tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "note: PostgreSQL is not installed; the PostgreSQL DB tests will be skipped"; fi
+
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: $(STAMP)

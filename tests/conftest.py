@@ -47,3 +47,74 @@ def tiny_settings(tiny_home):
 
     settings_for(str(tiny_home), "tiny")  # points MLflow at this home's store
     return Settings(home=tiny_home, profile_name="tiny")
+
+
+# ------------------------------------------------------------------ PostgreSQL for the DB tests
+
+def _pg_bin_dir() -> Path | None:
+    """Where initdb/pg_ctl live: PATH first, then Debian's /usr/lib/postgresql/<version>/bin."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).resolve().parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    return candidates[0].parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A PostgreSQL URL for the DB tests: EXPUNGE_TEST_POSTGRES_URL if set, else a throwaway cluster
+    started here on 127.0.0.1 (initdb runs as the `postgres` user when the tests run as root, because
+    PostgreSQL refuses to run as root) and stopped afterwards. Skips when PostgreSQL is not installed,
+    except under CI, where a missing server is an install bug (`make test` installs it)."""
+    import shutil
+    import socket
+    import subprocess
+
+    given = os.environ.get("EXPUNGE_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    bin_dir = _pg_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: `make test` should have installed it (apt postgresql)")
+        pytest.skip("PostgreSQL not installed (apt install postgresql, or set EXPUNGE_TEST_POSTGRES_URL)")
+    root = Path(tempfile.mkdtemp(prefix="expunge-pg-"))
+    data, sockets = root / "data", root / "sock"
+    sockets.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        runuser = shutil.which("runuser") or shutil.which("su")
+        if runuser is None:
+            pytest.skip("running as root without runuser/su: cannot start PostgreSQL as a normal user")
+        shutil.chown(root, "postgres")
+        shutil.chown(sockets, "postgres")
+        run_as = [runuser, "-u", "postgres", "--"] if runuser.endswith("runuser") else []
+    with socket.socket() as s:  # a free port on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(*args: str) -> None:
+        subprocess.run([*run_as, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+           f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off", "start")
+    except subprocess.CalledProcessError as exc:
+        log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
+        pytest.fail(f"could not start PostgreSQL: {exc.stderr or exc.stdout} {log[-2000:]}")
+    try:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text("CREATE DATABASE expunge_test"))
+        admin.dispose()
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/expunge_test"
+    finally:
+        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

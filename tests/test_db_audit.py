@@ -36,17 +36,14 @@ from db.session import (
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
 
-# Set EXPUNGE_TEST_POSTGRES_URL (e.g. postgresql+psycopg://postgres@/expunge_test?host=/tmp)
-# to run every DB test against PostgreSQL too. The database is wiped per test.
-PG_URL = os.environ.get("EXPUNGE_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if PG_URL else []))
+# Every DB test runs on SQLite (the embedded default) and on PostgreSQL (production): a throwaway
+# cluster started by conftest's `postgres_url`, or EXPUNGE_TEST_POSTGRES_URL. Wiped per test.
+@pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/audit.db"
     else:
-        assert PG_URL
+        PG_URL = request.getfixturevalue("postgres_url")
         with make_engine(PG_URL).begin() as conn:
             conn.execute(text(
                 "DROP TABLE IF EXISTS status_changes, requests, audit_events, alembic_version"
