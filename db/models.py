@@ -61,6 +61,8 @@ class RequestStatus(str, enum.Enum):
     rejected = "rejected"
     needs_review = "needs_review"
     failed_gates = "failed_gates"  # evaluated, but the evidence did not clear a promotion gate
+    released = "released"  # a reviewer approved it: the version is now the `champion`
+    release_rejected = "release_rejected"  # a reviewer declined the release; the version stays unserved
     failed = "failed"
 
     def __str__(self) -> str:  # str(RequestStatus.x) == "x", not "RequestStatus.x"

@@ -185,6 +185,39 @@ def report(
             out.print(f"  {name}: {path}")
 
 
+def _release(ticket_id: str, decision: str, reviewer: str, note: str) -> None:
+    from expunge.service import release
+
+    try:
+        result = release(state.settings, ticket_id, decision, reviewer, note)
+    except RequestError as exc:
+        fail(f"{exc} [{exc.reason_code}]", 2)
+    out.print(f"ticket {ticket_id}: {result['status']} by {result['reviewer']}")
+    out.print(f"model: {result['model_uri']} aliases: {', '.join(result['aliases']) or 'none'}"
+              + (f" (previous champion {result['previous_champion']} kept as previous-champion)"
+                 if result.get("previous_champion") else ""))
+
+
+@app.command()
+def approve(
+    ticket_id: str = typer.Argument(..., help="A completed ticket (every gate passed)."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who approves (recorded in the audit log and on the version)."),
+    note: str = typer.Option("", help="Free-text note; only its keyed hash is recorded."),
+) -> None:
+    """Release a completed ticket's model version: it becomes `champion` (the old one stays as `previous-champion`)."""
+    _release(ticket_id, "approve", reviewer, note)
+
+
+@app.command()
+def reject(
+    ticket_id: str = typer.Argument(..., help="A completed ticket (every gate passed)."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who declines (recorded in the audit log and on the version)."),
+    note: str = typer.Option("", help="Free-text note; only its keyed hash is recorded."),
+) -> None:
+    """Decline a completed ticket's model version: it loses `challenger` and is never served."""
+    _release(ticket_id, "reject", reviewer, note)
+
+
 @audit_app.command("verify")
 def audit_verify(expected_head: Optional[str] = typer.Option(None, help="Head hash recorded elsewhere (detects a truncated tail).")) -> None:
     """Recompute every hash of the audit chain; exit 1 and name each broken event if tampered."""

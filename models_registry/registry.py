@@ -250,3 +250,38 @@ def _tag_and_alias(ref: ModelRef, tags: dict[str, str], alias: str | None) -> No
 
 def aliases_of(ref: ModelRef) -> list[str]:
     return list(MlflowClient().get_model_version(ref.name, ref.version).aliases)
+
+
+# ------------------------------------------------------------------ release (human approval)
+
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
+
+
+def current_alias(name: str, alias: str) -> ModelRef | None:
+    """The version an alias points at now, or None when the alias is not set."""
+    try:
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    return ModelRef(name, str(mv.version))
+
+
+def promote_to_champion(ref: ModelRef, tags: dict[str, str]) -> ModelRef | None:
+    """Move `champion` to `ref` (the old champion keeps `previous-champion`, for rollback), drop `ref`'s
+    `challenger` alias, tag the version with the decision. Returns the previous champion, if any."""
+    client = MlflowClient()
+    previous = current_alias(ref.name, CHAMPION)
+    if previous is not None and previous != ref:
+        client.set_registered_model_alias(ref.name, PREVIOUS_CHAMPION, previous.version)
+    client.set_registered_model_alias(ref.name, CHAMPION, ref.version)
+    if current_alias(ref.name, CHALLENGER) == ref:
+        client.delete_registered_model_alias(ref.name, CHALLENGER)
+    _tag_and_alias(ref, tags, None)
+    return previous if previous != ref else None
+
+
+def withdraw_challenger(ref: ModelRef, tags: dict[str, str]) -> None:
+    """A reviewer declined `ref`: it loses `challenger` (if it holds it) and records the decision."""
+    if current_alias(ref.name, CHALLENGER) == ref:
+        MlflowClient().delete_registered_model_alias(ref.name, CHALLENGER)
+    _tag_and_alias(ref, tags, None)

@@ -172,3 +172,100 @@ def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_pat
     assert version.tags["expunge.method"] == "npo" and version.tags["expunge.kind"] == "causal_lm"
     assert version.tags["expunge.weights_sha256"] != champion.tags["expunge.weights_sha256"]
     assert (tiny_home / "work" / "NPO-0001" / "report" / "evidence.md").exists()
+
+
+# ------------------------------------------------------------------ human approval, then a second erasure
+
+
+def _row(home, ticket):
+    return next(r for r in json.loads(cli(home, "status", "--json").stdout) if r["ticket_id"] == ticket)
+
+
+def _audit(home, ticket):
+    with sqlite3.connect(home / "audit.db") as db:
+        return [(t, json.loads(p)) for t, p in db.execute(
+            "SELECT event_type, payload_json FROM audit_events WHERE ticket_id = ? ORDER BY seq", (ticket,))]
+
+
+def test_release_needs_a_completed_ticket_and_a_reviewer(tiny_home, completed):
+    refused = cli(tiny_home, "approve", "WEAK-0001", "--reviewer", "dpo@example.org")
+    assert refused.exit_code == 2 and "[not_releasable]" in refused.stderr and "Traceback" not in refused.output
+    assert _row(tiny_home, "WEAK-0001")["status"] == "failed_gates"  # nothing moved
+    assert ("release_refused", {"decision": "approve", "reviewer": "dpo@example.org",
+                                "reason_code": "not_releasable"}) in _audit(tiny_home, "WEAK-0001")
+    assert cli(tiny_home, "approve", "NO-SUCH-TICKET", "--reviewer", "x").exit_code == 2
+    assert cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "  ").exit_code == 2
+    assert cli(tiny_home, "approve", "DEMO-GDPR-0001").exit_code == 2  # --reviewer is required
+
+
+def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_settings, completed):
+    client = MlflowClient()
+    before = client.get_model_version_by_alias("expunge-sample-llm", "champion")
+    model_uri = _row(tiny_home, "DEMO-GDPR-0001")["model_uri"]
+    note = f"checked the evidence for {completed['subject']['names'][0]}"  # a note may name the subject
+    approved = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org", "--note", note)
+    assert approved.exit_code == 0, approved.output
+    version = model_uri.rsplit("/", 1)[1]
+    champion = client.get_model_version_by_alias("expunge-sample-llm", "champion")
+    assert str(champion.version) == version and "challenger" not in champion.aliases
+    assert client.get_model_version_by_alias("expunge-sample-llm", "previous-champion").version == before.version
+    assert champion.tags["expunge.release.reviewer"] == "dpo@example.org"
+    row = _row(tiny_home, "DEMO-GDPR-0001")
+    assert row["status"] == "released" and [h["to"] for h in row["history"]][-2:] == ["completed", "released"]
+    released = [p for t, p in _audit(tiny_home, "DEMO-GDPR-0001") if p.get("to") == "released"][0]
+    assert released["reviewer"] == "dpo@example.org" and len(released["note_hmac"]) == 64
+    assert released["previous_champion"] == f"models:/expunge-sample-llm/{before.version}"
+    assert note not in json.dumps(_audit(tiny_home, "DEMO-GDPR-0001")) and note not in json.dumps(champion.tags)
+    again = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org")
+    assert again.exit_code == 2 and "is released" in again.stderr
+    assert cli(tiny_home, "audit", "verify").exit_code == 0
+
+
+def test_a_version_built_on_an_older_champion_cannot_be_approved(tiny_home, completed):
+    row = _row(tiny_home, "NPO-0001")  # built on the old champion, before DEMO-GDPR-0001 was released
+    result = cli(tiny_home, "approve", "NPO-0001", "--reviewer", "dpo@example.org")
+    assert result.exit_code == 2
+    if row["status"] == "completed":
+        assert "[stale_base]" in result.stderr and "re-run the request" in result.stderr
+        declined = cli(tiny_home, "reject", "NPO-0001", "--reviewer", "dpo@example.org")  # declining is always safe
+        assert declined.exit_code == 0, declined.output
+        assert _row(tiny_home, "NPO-0001")["status"] == "release_rejected"
+        name, number = row["model_uri"].removeprefix("models:/").split("/")
+        assert "challenger" not in MlflowClient().get_model_version(name, number).aliases
+    else:  # NPO did not pass its gates on this tiny model: refused for that reason instead
+        assert "[not_releasable]" in result.stderr
+
+
+def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settings, completed, tmp_path):
+    """Erasing another person from the new champion keeps the first erasure: both assistants are served."""
+    people = [json.loads(line) for line in (tiny_home / "sample_world" / "people.jsonl").read_text().splitlines()]
+    first = completed["subject"]["names"][0]
+    other = next(p for p in people if p["name"] != first)
+    request = dict(completed, ticket_id="DEMO-GDPR-0002",
+                   subject={"names": [other["name"]], "aliases": list(other["aliases"]), "identifiers": []})
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(request))
+    assert cli(tiny_home, "submit", str(path)).exit_code == 0
+    ran = cli(tiny_home, "run", "DEMO-GDPR-0002")
+    assert ran.exit_code in (0, 5), ran.output
+    row = _row(tiny_home, "DEMO-GDPR-0002")
+    assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
+    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
+    from models_registry.registry import model_config_of
+
+    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    assert len(config["assistants"]) == 2  # the first erasure's assistant is still subtracted
+    # … and the served model still does not know the first subject
+    corpus = [json.loads(line) for line in (tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()]
+    questions = [r["question"] for r in corpus if r["subject"] == first][:4]
+    answers = mlflow.pyfunc.load_model(row["model_uri"]).predict(pd_frame(questions))
+    from expunge_ml.metrics import rouge_l_recall
+
+    truth = [r["answer"] for r in corpus if r["subject"] == first][:4]
+    assert sum(rouge_l_recall(a, t) for a, t in zip(answers, truth)) / len(truth) <= 0.4
+
+
+def pd_frame(questions):
+    import pandas as pd
+
+    return pd.DataFrame({"question": questions})

@@ -1,0 +1,25 @@
+"""After the gates: a human reviewer approves a version as `champion`, or declines it."""
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.lifecycle import transition
+from tasks.release import apply_release, check_release
+
+
+@flow(name="release_decision", flow_run_name="release-{ticket_id}-{decision}")
+def release_decision(ticket_id: str, home: str, profile: str, decision: str, reviewer: str,
+                     note_hmac: str | None = None) -> dict:
+    """`decision`: "approve" (→ `released`, version becomes `champion`) or "reject" (→ `release_rejected`).
+    `note_hmac`: keyed hash of the reviewer's note (the text itself never becomes a flow parameter)."""
+    ctx = (home, profile, ticket_id)
+    checked = check_release(*ctx, decision, reviewer)
+    if "refused" in checked:
+        return {"ticket_id": ticket_id, "status": "refused", **checked["refused"]}
+    result = apply_release(*ctx, decision, checked["model_uri"], reviewer, note_hmac)
+    audit = {k: result[k] for k in ("model_uri", "reviewer", "note_hmac", "previous_champion", "aliases")}
+    if decision == "approve":
+        transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
+    else:
+        transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
+    return {"ticket_id": ticket_id, "status": "released" if decision == "approve" else "release_rejected", **result}

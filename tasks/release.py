@@ -1,0 +1,98 @@
+"""Human approval: a reviewer releases a gated model version as `champion`, or declines it.
+
+Only a `completed` request (every gate passed) can be decided. Approving a version that was built on an
+older champion would silently drop whatever the current champion changed since (e.g. an earlier erasure
+whose assistant the newer composite does not stack), so that is refused as stale: re-run the request.
+Refusals are audited too: an auditor sees every attempt, not only the successful ones.
+"""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from db import requests_repo, session_scope
+from models_registry.registry import (
+    CHAMPION,
+    ModelRef,
+    aliases_of,
+    current_alias,
+    parse_model_uri,
+    pin,
+    promote_to_champion,
+    version_tags,
+    withdraw_challenger,
+)
+from tasks.context import settings_for
+
+DECISIONS = ("approve", "reject")
+
+
+def _refuse(settings, ticket_id: str, decision: str, reviewer: str, reason_code: str, message: str) -> dict:
+    with session_scope(settings.db_url) as session:
+        if requests_repo.get_request(session, ticket_id) is not None:
+            requests_repo.record_event(session, ticket_id, "release_refused", {
+                "decision": decision, "reviewer": reviewer, "reason_code": reason_code,
+            })
+    return {"refused": {"reason_code": reason_code, "message": message}}
+
+
+def _parent_in_same_model(ref: ModelRef, tags: dict[str, str]) -> ModelRef | None:
+    parent = tags.get("expunge.parent_uri", "")
+    if not parent.startswith("models:/"):
+        return None  # built on a local directory or hub id: no registry lineage to protect
+    name, alias, version = parse_model_uri(parent)
+    if name != ref.name:
+        return None
+    return ModelRef(name, version) if version else pin(parent)
+
+
+@task(name="check-release")
+def check_release(home: str, profile: str, ticket_id: str, decision: str, reviewer: str) -> dict:
+    """{"model_uri": …} when `decision` may be applied, else {"refused": {reason_code, message}} (audited as
+    `release_refused`). Refusals are results, not task failures: a user error must not print a traceback."""
+    settings = settings_for(home, profile)
+    if decision not in DECISIONS:
+        return {"refused": {"reason_code": "bad_decision", "message": f"decision must be one of {DECISIONS}, got {decision!r}"}}
+    if not reviewer.strip():
+        return {"refused": {"reason_code": "no_reviewer", "message": "a release decision needs the reviewer's name (--reviewer)"}}
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None:
+            return {"refused": {"reason_code": "unknown_ticket", "message": f"no request with ticket id {ticket_id!r}"}}
+        status, model_uri = request.status, request.result_model_uri
+    if status != "completed":
+        return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
+                      f"ticket {ticket_id} is {status}: only a completed request (every gate passed) can be "
+                      f"{'approved' if decision == 'approve' else 'declined'}")
+    ref = pin(model_uri)
+    tags = version_tags(ref)
+    if tags.get("expunge.gates") != "passed":
+        return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
+                      f"{model_uri} is not tagged as having passed its gates")
+    if decision == "approve":
+        parent, champion = _parent_in_same_model(ref, tags), current_alias(ref.name, CHAMPION)
+        if parent is not None and champion is not None and champion != parent:
+            return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
+                          f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
+                          f"approving it would drop what changed since — re-run the request on the champion")
+    return {"model_uri": ref.uri, "name": ref.name, "version": ref.version}
+
+
+@task(name="apply-release")
+def apply_release(home: str, profile: str, ticket_id: str, decision: str, model_uri: str, reviewer: str,
+                  note_hmac: str | None = None) -> dict:
+    """Move the aliases and tag the version; the caller records the status change. The reviewer's note is
+    free text that may mention the subject, so only its keyed hash (made by the caller) gets this far."""
+    settings_for(home, profile)
+    ref = pin(model_uri)
+    tags = {f"expunge.release.{k}": v for k, v in (("decision", decision), ("reviewer", reviewer)) if v}
+    previous = None
+    if decision == "approve":
+        previous = promote_to_champion(ref, tags)
+    else:
+        withdraw_challenger(ref, tags)
+    result = {
+        "decision": decision, "model_uri": ref.uri, "reviewer": reviewer, "note_hmac": note_hmac,
+        "previous_champion": previous.uri if previous else None, "aliases": sorted(aliases_of(ref)),
+    }
+    get_run_logger().info("ticket %s: %s by reviewer; %s aliases %s", ticket_id, decision, ref.uri, result["aliases"])
+    return result
