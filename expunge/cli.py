@@ -262,6 +262,8 @@ def demo() -> None:
     out.print(f"retain ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")
+    if row["status"] == "completed":
+        out.print(f"next: a reviewer releases it with `expunge approve {row['ticket_id']} --reviewer NAME`")
     if row["status"] != "completed" or not verification.ok:
         raise typer.Exit(5)
 
