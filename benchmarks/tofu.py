@@ -103,6 +103,7 @@ class TofuBenchOptions:
     uld_paraphrase_pairs: int = 2  # forget⁺ = forget + (q, paraphrased a) [+ (paraphrased q, a)]
     uld_perturbed_per_item: int = 2  # retain⁺ = retain rows + this many perturbed answers per forget item
     uld_retain_rows: float = 1.0  # retain rows in retain⁺ = this × |forget|
+    uld_lr_schedule: str = "constant"
     # Evaluation
     max_new_tokens: int = 56
     eval_batch_size: int = 32
@@ -419,7 +420,7 @@ def uld_config(opts: TofuBenchOptions):
         relative_top=opts.uld_relative_top, epochs=opts.uld_epochs, lr=opts.uld_lr,
         batch_size=opts.uld_batch_size, target_forget_loss=opts.uld_target_forget_loss,
         augment_paraphrased=opts.uld_paraphrase_pairs > 0, augment_perturbed=opts.uld_perturbed_per_item > 0,
-        seed=opts.seed,
+        seed=opts.seed, lr_schedule=opts.uld_lr_schedule,
     )
 
 

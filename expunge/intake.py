@@ -47,11 +47,35 @@ def match_subject(spec: RequestSpec, records: list[QARecord]) -> SubjectMatch:
     return resolve_subject(records, s.names, s.aliases, s.identifiers, s.document_ids)
 
 
+REDACTED_PREFIX = "hmac-sha256:"
+
+
+def _term_hash(key: bytes, term: str) -> str:
+    return term.removeprefix(REDACTED_PREFIX) if term.startswith(REDACTED_PREFIX) else keyed_hash(key, term.casefold())
+
+
+def redact_subject(key: bytes, spec: RequestSpec) -> RequestSpec:
+    """The same request with every subject term replaced by its keyed hash: once a release decision is
+    made the pipeline no longer needs to know who it was, so the request row stops saying it."""
+    subject = spec.subject.model_copy(update={
+        kind: [REDACTED_PREFIX + _term_hash(key, t) for t in getattr(spec.subject, kind)]
+        for kind in ("names", "aliases", "identifiers", "document_ids")
+    })
+    return spec.model_copy(update={"subject": subject})
+
+
+def is_redacted(spec: RequestSpec) -> bool:
+    s = spec.subject
+    terms = [*s.names, *s.aliases, *s.identifiers, *s.document_ids]
+    return bool(terms) and all(t.startswith(REDACTED_PREFIX) for t in terms)
+
+
 def subject_fingerprints(key: bytes, spec: RequestSpec) -> dict[str, list[str]]:
-    """Keyed hashes of every subject term: lets an auditor confirm 'this person' without the log naming them."""
+    """Keyed hashes of every subject term: lets an auditor confirm 'this person' without the log naming them
+    (the same hashes before and after `redact_subject`)."""
     s = spec.subject
     return {
-        kind: sorted(keyed_hash(key, term.casefold()) for term in terms)
+        kind: sorted(_term_hash(key, term) for term in terms)
         for kind, terms in (
             ("names", s.names), ("aliases", s.aliases), ("identifiers", s.identifiers), ("document_ids", s.document_ids)
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.lifecycle import transition
-from tasks.release import apply_release, check_release
+from tasks.release import apply_release, check_release, purge_subject
 
 
 @flow(name="release_decision", flow_run_name="release-{ticket_id}-{decision}")
@@ -22,4 +22,6 @@ def release_decision(ticket_id: str, home: str, profile: str, decision: str, rev
         transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
     else:
         transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
+    # The request is decided: the row no longer needs to say who the subject was.
+    purge_subject(*ctx)
     return {"ticket_id": ticket_id, "status": "released" if decision == "approve" else "release_rejected", **result}

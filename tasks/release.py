@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
+from db.audit import canonical_json
 from models_registry.registry import (
     CHAMPION,
     ModelRef,
@@ -75,6 +76,27 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
     return {"model_uri": ref.uri, "name": ref.name, "version": ref.version}
+
+
+@task(name="purge-subject", retries=2, retry_delay_seconds=1)
+def purge_subject(home: str, profile: str, ticket_id: str) -> dict:
+    """After the decision, replace the subject's names/aliases/identifiers in the request row by keyed
+    hashes (the only place they were kept in clear); audited with counts only."""
+    from expunge.intake import is_redacted, redact_subject
+    from expunge.requests import RequestSpec
+
+    settings = settings_for(home, profile)
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        spec = RequestSpec.model_validate_json(request.spec_json)
+        if is_redacted(spec):
+            return {"purged": 0}
+        redacted = redact_subject(settings.hmac_key(), spec)
+        request.spec_json = canonical_json(redacted.model_dump(mode="json"))
+        s = spec.subject
+        counts = {k: len(getattr(s, k)) for k in ("names", "aliases", "identifiers", "document_ids")}
+        requests_repo.record_event(session, ticket_id, "subject_purged", {"terms_hashed": counts})
+    return {"purged": sum(counts.values())}
 
 
 @task(name="apply-release")

@@ -221,6 +221,24 @@ def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_sett
     assert cli(tiny_home, "audit", "verify").exit_code == 0
 
 
+def test_a_decided_request_no_longer_names_its_subject(tiny_home, completed, tmp_path):
+    """After the release decision the request row keeps keyed hashes only; the report's hashes are unchanged."""
+    subject = completed["subject"]
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        (spec_json,) = db.execute("SELECT spec_json FROM requests WHERE ticket_id = 'DEMO-GDPR-0001'").fetchone()
+        purged = [json.loads(p) for (p,) in db.execute(
+            "SELECT payload_json FROM audit_events WHERE event_type = 'subject_purged' AND ticket_id = 'DEMO-GDPR-0001'")]
+    for term in [*subject["names"], *subject["aliases"], *subject["identifiers"]]:
+        assert term.casefold() not in spec_json.casefold()
+    assert purged == [{"terms_hashed": {"names": 1, "aliases": len(subject["aliases"]),
+                                        "identifiers": len(subject["identifiers"]), "document_ids": 0}}]
+    report = cli(tiny_home, "report", "DEMO-GDPR-0001", "--out", str(tmp_path / "after"))
+    assert report.exit_code == 0, report.output
+    after = json.loads((tmp_path / "after" / "evidence_report.json").read_text())
+    before = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "report" / "evidence_report.json").read_text())
+    assert after["subject_hmacs"] == before["subject_hmacs"] and after["subject_hmacs"]["names"]
+
+
 def test_a_version_built_on_an_older_champion_cannot_be_approved(tiny_home, completed):
     row = _row(tiny_home, "NPO-0001")  # built on the old champion, before DEMO-GDPR-0001 was released
     result = cli(tiny_home, "approve", "NPO-0001", "--reviewer", "dpo@example.org")

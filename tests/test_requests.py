@@ -49,3 +49,21 @@ def test_gdpr_due_date_is_one_calendar_month_clamped_to_month_end():
     assert due_date("GDPR", received) == datetime(2026, 2, 28, 12, tzinfo=timezone.utc)
     assert due_date("gdpr", datetime(2026, 12, 15, tzinfo=timezone.utc)).date().isoformat() == "2027-01-15"
     assert (due_date("CCPA", received) - received).days == 45
+
+
+def test_redacting_the_subject_keeps_its_keyed_hashes():
+    from expunge.intake import is_redacted, redact_subject, subject_fingerprints
+    from expunge.requests import RequestSpec
+
+    spec = RequestSpec.model_validate({
+        "ticket_id": "T-1", "type": "privacy_erasure", "regulation": "GDPR", "target_model": "models:/m@champion",
+        "subject": {"names": ["Ada Quill"], "aliases": ["A. Quill"], "identifiers": ["ada@quill.example"]},
+    })
+    key = b"k" * 32
+    redacted = redact_subject(key, spec)
+    text = redacted.model_dump_json()
+    assert "Quill" not in text and "ada@" not in text and is_redacted(redacted) and not is_redacted(spec)
+    assert subject_fingerprints(key, redacted) == subject_fingerprints(key, spec)
+    assert redact_subject(key, redacted) == redacted  # idempotent
+    # a different key gives different hashes: they identify the subject only to the key holder
+    assert subject_fingerprints(b"x" * 32, spec) != subject_fingerprints(key, spec)

@@ -44,6 +44,9 @@ class ULDConfig:
     augment_paraphrased: bool = True  # forget⁺ also holds paraphrased answers
     augment_perturbed: bool = True  # retain⁺ also holds perturbed (wrong) answers to forget questions
     seed: int = 0
+    # "linear": decay the lr to 0 over the planned steps (a large constant lr makes the forget NLL oscillate
+    # when the retain weight is high); "constant" keeps it fixed.
+    lr_schedule: str = "constant"
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -113,6 +116,11 @@ def train_assistant(
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     forget_order, retain_order = list(range(len(forget_pairs))), list(range(len(retain_pairs)))
     steps_per_epoch = math.ceil(len(forget_pairs) / config.batch_size)
+    if config.lr_schedule not in ("constant", "linear"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {config.lr_schedule!r}")
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda s: 1.0) if config.lr_schedule == "constant" else (lambda s: max(0.0, 1.0 - s / total_steps)))
     start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
     retain_cursor = 0
     for epoch in range(1, config.epochs + 1):
@@ -137,6 +145,7 @@ def train_assistant(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             nlls.append(float(nll.detach()))
             step += 1
