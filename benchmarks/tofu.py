@@ -137,6 +137,8 @@ class TofuBenchOptions:
             raise ValueError(f"author_pool {self.author_pool!r} must be a TOFU split at least as large as every split")
         if self.uld_layers < 1 or self.uld_layers > self.num_layers:
             raise ValueError(f"uld_layers must be in 1..{self.num_layers}")
+        if self.uld_lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"uld_lr_schedule must be 'constant' or 'linear', got {self.uld_lr_schedule!r}")
         from expunge_ml.quantization import SUPPORTED_BITS
 
         if any(b not in SUPPORTED_BITS for b in self.quant_bits):
@@ -726,7 +728,8 @@ def markdown(report: dict, plot_name: str | None) -> str:
         f"{cfg['uld_retain_weight']}·KL(U‖p)(retain⁺); forget⁺ = forget QA + {cfg['uld_paraphrase_pairs']} "
         f"paraphrased pairs per item, retain⁺ = {cfg['uld_retain_rows']}×|forget| retain rows + "
         f"{cfg['uld_perturbed_per_item']} perturbed answers per forget item; up to {cfg['uld_epochs']} epochs, "
-        f"lr {cfg['uld_lr']}, stop at forget NLL ≤ {cfg['uld_target_forget_loss']}.",
+        f"lr {cfg['uld_lr']} ({cfg.get('uld_lr_schedule', 'constant')} schedule), stop at forget NLL ≤ "
+        f"{cfg['uld_target_forget_loss']}.",
         f"- Train time = wall time of the unlearning step only (ULD: building + training the assistant; "
         f"baselines: copying the base + `unlearn`); base/oracle rows: their training. Peak memory: "
         f"{report['memory_method']}.",
