@@ -5,7 +5,8 @@ unlearning changes the weights so little that rounding them to a 4-bit grid rest
 "forgotten". This benchmark repeats the attack on the project's TOFU benchmark model: it runs the TOFU
 protocol (same base, same settings — by default read from the committed `tofu.json`) for the base, GA,
 NPO and ULD, then rounds every served weight to int8 and int4 (symmetric round-to-nearest, one scale per
-group of input columns; for ULD the base *and* the merged assistant) and measures the forget metrics again.
+group of input columns) and to bitsandbytes' NF4 (what a 4-bit deployment serves) — for ULD the base *and*
+the merged assistant — and measures the forget metrics again.
 
 recovery = (forget ROUGE-L after quantization − after unlearning) ÷ (base − after unlearning), clipped to
 [0, 1]: the share of the forgotten answers that the attack brings back (`expunge_ml.evidence.recovery`,
@@ -24,7 +25,7 @@ from .tofu import REPO_ROOT, TofuBenchOptions, run_tofu_benchmark
 
 DEFAULT_TOFU_JSON = REPO_ROOT / "benchmarks" / "results" / "tofu.json"
 METHODS = ("ga", "npo", "uld")
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "nf4")  # int8/int4: our RTN; nf4: bitsandbytes
 RECOVERY_GOAL = 0.05  # the issue's goal for ULD
 
 
@@ -76,7 +77,7 @@ def quantization_rows(tofu_rows: list[dict]) -> list[dict]:
 
 
 def goal(rows: list[dict]) -> dict[str, Any]:
-    """ULD recovery ≤ 5% at every quantized precision and split (None = unlearning removed nothing)."""
+    """ULD recovery ≤ 5% at every quantized precision (int8, int4, nf4) and split (None = nothing removed)."""
     checks = {
         f"{r['split']}/{r['precision']}": r["recovery"] is not None and r["recovery"] <= RECOVERY_GOAL
         for r in rows if r["method"] == "uld" and r["precision"] != "fp32"
@@ -87,7 +88,7 @@ def goal(rows: list[dict]) -> dict[str, Any]:
 def run_quantization_benchmark(opts: TofuBenchOptions, out_dir: Path, command: str = "",
                                log: Callable[[str], None] | None = None) -> dict:
     opts = dataclasses.replace(
-        opts, methods=METHODS, quant_bits=(8, 4), quant_methods=("base", *METHODS), write=False, plot=False,
+        opts, methods=METHODS, quant_bits=(8, 4), quant_nf4=True, quant_methods=("base", *METHODS), write=False, plot=False,
         uld_sweep=(), dev_authors=(),
     )
     tofu = run_tofu_benchmark(opts, command=command, log=log)
@@ -96,7 +97,8 @@ def run_quantization_benchmark(opts: TofuBenchOptions, out_dir: Path, command: s
         "command": command,
         "started_at": tofu["started_at"],
         "wall_seconds": tofu["wall_seconds"],
-        "scheme": {"kind": "symmetric round-to-nearest (expunge_ml.quantization)", "bits": [8, 4],
+        "scheme": {"kind": "int8/int4: symmetric round-to-nearest (expunge_ml.quantization); nf4: bitsandbytes "
+                           "4-bit NormalFloat quantize/dequantize", "bits": [8, 4],
                    "group_size": opts.quant_group_size, "skipped": ["lm_head"],
                    "uld": "base and assistant (LoRA merged) both quantized; composite recomputed"},
         "tofu_config": tofu["config"],
@@ -145,7 +147,7 @@ def markdown(report: dict) -> str:
             f"| {_fmt(r['kept'])} | {_fmt(r['recovery'])} | {_fmt(r['recovery_prob'])} "
             f"| {r['forget_quality']:.3g} | {r['model_utility']:.4f} |")
     g = report["goal"]
-    lines += ["", f"Goal (ULD recovery ≤ {RECOVERY_GOAL:.0%} at int8 and int4): "
+    lines += ["", f"Goal (ULD recovery ≤ {RECOVERY_GOAL:.0%} at every quantized precision): "
               f"{'met' if g['met'] else 'NOT met'} — " + ", ".join(f"{k}: {'yes' if v else 'no'}"
                                                              for k, v in g["uld_recovery_le_0.05"].items())]
     if report.get("notes"):

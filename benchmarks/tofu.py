@@ -119,6 +119,7 @@ class TofuBenchOptions:
     quant_bits: tuple[int, ...] = ()
     quant_group_size: int | None = 64
     quant_methods: tuple[str, ...] = ("base", "uld", "ga", "npo")
+    quant_nf4: bool = False  # also bitsandbytes NF4 (block size 64, as QLoRA), row key "nf4"
     plot: bool = True
     write: bool = True  # write JSON / Markdown / PNG under out_dir
     quiet: bool = False
@@ -542,15 +543,17 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         """Round every served weight to `bits` and evaluate again (the attack of Zhang et al. 2024)."""
         if r["method"] not in opts.quant_methods:
             return
-        for bits in opts.quant_bits:
-            ev = evaluate_source(served.quantized(bits, opts.quant_group_size).source(), tokenizer, fmt, forget,
-                                 eval_plan, opts)
-            r.setdefault("quantized", {})[f"int{bits}"] = {
+        variants = [(f"int{bits}", lambda b=bits: served.quantized(b, opts.quant_group_size)) for bits in opts.quant_bits]
+        if opts.quant_nf4:
+            variants.append(("nf4", lambda: served.nf4(64)))
+        for precision, make in variants:
+            ev = evaluate_source(make().source(), tokenizer, fmt, forget, eval_plan, opts)
+            r.setdefault("quantized", {})[precision] = {
                 "forget_rougeL": ev["forget_rougeL"], "forget_prob": ev["forget_prob"],
                 "forget_quality": forget_quality(ev["forget_truth_ratios"], oracle_ratios),
-                "model_utility": ev["model_utility"], "group_size": opts.quant_group_size,
+                "model_utility": ev["model_utility"], "group_size": 64 if precision == "nf4" else opts.quant_group_size,
             }
-            log(f"{r['split']:9s} {r['method']:14s} int{bits}: forget ROUGE-L {ev['forget_rougeL']:.3f}"
+            log(f"{r['split']:9s} {r['method']:14s} {precision}: forget ROUGE-L {ev['forget_rougeL']:.3f}"
                 f"  P(answer) {ev['forget_prob']:.3f}  MU {ev['model_utility']:.4f}")
 
     specs = []  # (split, forget authors, oracle authors, retain authors for the methods, plan for evaluation)

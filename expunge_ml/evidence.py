@@ -22,7 +22,7 @@ from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
 from .prompting import PromptFormat
-from .quantization import quantized_copy
+from .quantization import nf4_quantized_copy, quantized_copy
 from .truth_ratio_eval import truth_ratios
 
 
@@ -41,17 +41,19 @@ class ServedModel:
         return CompositeLogits(self.base, self.assistants, self.weights, self.relative_top)
 
     def quantized(self, bits: int, group_size: int | None) -> "ServedModel":
-        """Every served weight quantized: the base and each assistant (LoRA merged first)."""
+        """Every served weight RTN-quantized: the base and each assistant (LoRA merged first)."""
+        return self.transformed(lambda m: quantized_copy(m, bits, group_size))
+
+    def nf4(self, blocksize: int = 64) -> "ServedModel":
+        """Every served weight NF4-quantized by bitsandbytes (base and merged assistants)."""
+        return self.transformed(lambda m: nf4_quantized_copy(m, blocksize))
+
+    def transformed(self, fn) -> "ServedModel":
         merged = [
             copy.deepcopy(a).merge_and_unload() if hasattr(a, "merge_and_unload") else a
             for a in self.assistants
         ]
-        return ServedModel(
-            quantized_copy(self.base, bits, group_size),
-            [quantized_copy(a, bits, group_size) for a in merged],
-            list(self.weights),
-            self.relative_top,
-        )
+        return ServedModel(fn(self.base), [fn(a) for a in merged], list(self.weights), self.relative_top)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class EvidenceOptions:
     batch_size: int = 16
     quant_bits: tuple[int, ...] = (8, 4)
     quant_group_size: int | None = 64
+    quant_nf4: bool = True  # also bitsandbytes NF4 (what a 4-bit deployment serves)
     fluency: bool = True
     verbmem: bool = True
     mia_k: float = 0.2  # Min-K%: share of lowest-scoring tokens averaged
@@ -150,6 +153,14 @@ def collect_evidence(
             "forget": attacked.as_dict(),
             "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
             "group_size": options.quant_group_size,
+        }
+    if options.quant_nf4:
+        blocksize = 64  # bitsandbytes' NF4 block size as QLoRA deployments use it
+        attacked = evaluate_splits(after.nf4(blocksize).source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
+        evidence["quantization"]["nf4"] = {
+            "forget": attacked.as_dict(),
+            "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
+            "group_size": blocksize, "library": "bitsandbytes",
         }
     if options.fluency:
         reference = before.source()

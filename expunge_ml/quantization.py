@@ -21,7 +21,7 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "fake_quantize_weight", "quantize_rtn_", "quantized_copy"]
+__all__ = ["SUPPORTED_BITS", "fake_quantize_weight", "quantize_rtn_", "quantized_copy", "nf4_quantized_copy"]
 
 SUPPORTED_BITS = (8, 4)
 
@@ -121,4 +121,36 @@ def quantized_copy(
     _validate(bits, group_size)  # fail before paying for the copy
     clone = copy.deepcopy(model)
     quantize_rtn_(clone, bits, group_size, skip)
+    return clone
+
+
+@torch.no_grad()
+def nf4_quantized_copy(model: torch.nn.Module, blocksize: int = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """A copy with every nn.Linear weight (LM head skipped) quantized to 4-bit NormalFloat and back by
+    bitsandbytes — the scheme a QLoRA / `load_in_4bit` deployment actually serves, and the one the
+    quantization-attack paper used — so the attack does not rest on our own RTN code alone. Runs on CPU.
+    `blocksize`: weights per absmax scale, over the flattened tensor (bitsandbytes accepts 32…4096)."""
+    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"NF4 blocksize must be a power of two in 32..4096, got {blocksize!r}")
+    import logging
+    import warnings
+
+    # On import bitsandbytes warns that an optional CPU kernel for 4-bit *matmuls* is missing; the
+    # quantize/dequantize used here do not need it, so that one import is kept quiet.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.functional as bnb_functional
+    finally:
+        logging.disable(previous)
+
+    clone = copy.deepcopy(model)
+    for name, module in clone.named_modules():
+        if not isinstance(module, torch.nn.Linear) or _skipped(name, skip):
+            continue
+        weight = module.weight.data
+        packed, state = bnb_functional.quantize_4bit(weight.float().contiguous(), blocksize=blocksize, quant_type="nf4")
+        module.weight.data.copy_(bnb_functional.dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape))
     return clone

@@ -42,6 +42,7 @@ def evidence_options(config: dict) -> EvidenceOptions:
         batch_size=int(config["batch_size"]),
         quant_bits=tuple(config.get("quant_bits", (8, 4))),
         quant_group_size=config.get("quant_group_size", 64),
+        quant_nf4=bool(config.get("quant_nf4", True)),
         fluency=bool(config.get("fluency", True)),
         verbmem=bool(config.get("verbmem", True)),
         mia_k=float(config.get("mia_k", 0.2)),

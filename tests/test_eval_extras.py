@@ -514,3 +514,19 @@ def test_holdout_people_are_new_people_of_the_same_kind(tmp_path):
     # deterministic, and the trained world does not depend on whether a holdout is drawn
     again = build_sample_world({"n_people": 6, "qa_per_person": 10, "seed": 5}, tmp_path / "b")
     assert again["corpus"].read_bytes() == paths["corpus"].read_bytes() and "holdout" not in again
+
+
+def test_nf4_copy_uses_bitsandbytes_levels_and_keeps_the_head(tokenizer, memorised):
+    from expunge_ml.quantization import nf4_quantized_copy
+
+    clone = nf4_quantized_copy(memorised, blocksize=64)
+    layer = next(m for n, m in clone.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    original = next(m for n, m in memorised.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    w, q = original.weight.detach().flatten()[:64], layer.weight.detach().flatten()[:64]
+    # one absmax scale per 64-weight block, 16 NF4 levels: at most 16 distinct values, the absmax kept
+    assert len(torch.unique(q)) <= 16 and not torch.equal(w, q)
+    assert q.abs().max().item() == pytest.approx(w.abs().max().item(), rel=1e-3)
+    assert torch.equal(clone.lm_head.weight, memorised.lm_head.weight)  # the head stays in full precision
+    # a memorising model still answers after NF4 (the attack keeps the model usable)
+    answers = greedy_generate(CausalLMLogits(clone), tokenizer, [FMT.prompt(q) for q, _ in MEMBERS[:2]])
+    assert any(a.startswith(MEMBERS[i][1][:10]) for i, a in enumerate(answers))

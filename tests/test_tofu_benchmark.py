@@ -90,7 +90,7 @@ def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     assert (tmp_path / "out" / "quantization.md").read_text().startswith("# Quantization attack")
     assert saved["rows"] == json.loads(json.dumps(report["rows"]))
     combos = {(r["method"], r["precision"]) for r in saved["rows"]}
-    assert combos == {(m, p) for m in ("base", "ga", "npo", "uld") for p in ("fp32", "int8", "int4")}
+    assert combos == {(m, p) for m in ("base", "ga", "npo", "uld") for p in ("fp32", "int8", "int4", "nf4")}
     for r in saved["rows"]:
         assert {"method", "precision", "forget_rougeL", "forget_prob", "recovery"} <= set(r)
         assert r["recovery"] is None or 0.0 <= r["recovery"] <= 1.0
@@ -99,7 +99,7 @@ def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     by = {(r["method"], r["precision"]): r for r in saved["rows"]}
     # int8 RTN barely moves a model: the base keeps (almost) all it memorised
     assert by[("base", "int8")]["forget_rougeL"] == pytest.approx(by[("base", "fp32")]["forget_rougeL"], abs=0.15)
-    assert set(saved["goal"]["uld_recovery_le_0.05"]) == {"forget01/int8", "forget01/int4"}
+    assert set(saved["goal"]["uld_recovery_le_0.05"]) == {"forget01/int8", "forget01/int4", "forget01/nf4"}
 
 
 def test_quantization_rows_hand_computed():
