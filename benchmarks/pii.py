@@ -99,6 +99,7 @@ class PIIBenchOptions:
     # Epochs per split (forget5 has 5× the pairs per epoch): "split=n,..." or one number for all.
     uld_epochs: str = "forget1=60,forget5=15,forget10=8"
     uld_lr: float = 3e-3
+    uld_lr_schedule: str = "constant"
     uld_batch_size: int = 8
     uld_target_loss: float = 0.05
     uld_paraphrased_answers: int = N_PARAPHRASES
@@ -123,6 +124,10 @@ class PIIBenchOptions:
     seed: int = 0
     # 1 thread: on the shared 2-core machine 2 threads ran 5× slower per step under contention.
     threads: int | None = 1
+    # Validation erasure, for choosing settings without the reported splits: erase the first N people of
+    # the retain sample (the base is the reported splits' base); retained = the other retain-sample people.
+    # Replaces the reported splits in the run (split name "validation").
+    validation_people: int = 0
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
@@ -425,7 +430,7 @@ def uld_config(options: PIIBenchOptions, split: str):
         weight=options.uld_weight, relative_top=options.uld_relative_top,
         epochs=per_split(options.uld_epochs, split),
         lr=options.uld_lr, batch_size=options.uld_batch_size, target_forget_loss=options.uld_target_loss,
-        augment_paraphrased=False, augment_perturbed=False, seed=options.seed,
+        augment_paraphrased=False, augment_perturbed=False, seed=options.seed, lr_schedule=options.uld_lr_schedule,
     )
 
 
@@ -565,6 +570,16 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     for row in data.forget10:
         rows_by_group.setdefault(group_of(row["subject"]), []).append(row)
     rows_by_group["retain_sample"] = list(data.retain_sample)
+    run_splits = list(options.splits)
+    if options.validation_people:
+        people = list(dict.fromkeys(r["subject"] for r in data.retain_sample))
+        if not 0 < options.validation_people < len(people):
+            raise ValueError(f"validation_people must be in 1..{len(people) - 1} (the retain sample has {len(people)} people)")
+        chosen = set(people[: options.validation_people])
+        rows_by_group["validation"] = [r for r in data.retain_sample if r["subject"] in chosen]
+        rows_by_group["retain_sample"] = [r for r in data.retain_sample if r["subject"] not in chosen]
+        data.split_people["validation"] = sorted(chosen)
+        run_splits = ["validation"]
     probes = {g: records_from_unlearn_pii(rs) for g, rs in rows_by_group.items()}
 
     log("base: measuring PII recall")
@@ -576,11 +591,13 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     log("base recall by group: " + json.dumps(base_report["memorisation"]))
 
     results_rows: list[dict[str, Any]] = []
-    for split in options.splits:
+    for split in run_splits:
         erased_people = set(data.split_people[split])
         erased_groups = [g for g in rows_by_group if g != "retain_sample" and g != "other"
                          and set(r["subject"] for r in rows_by_group[g]) <= erased_people]
         retained_groups = [g for g in rows_by_group if g not in erased_groups]
+        if split == "validation":  # retained check on retain-sample people only: never the reported splits' people
+            retained_groups = ["retain_sample"]
         forget_rows = [r for g in erased_groups for r in rows_by_group[g]]
         retain_rows = [r for g in retained_groups for r in rows_by_group[g]]
         n_erased = len(erased_people)
@@ -737,6 +754,8 @@ def pii_command(
     uld_epochs: str = typer.Option(PIIBenchOptions.uld_epochs, help='ULD epochs: "forget1=60,forget5=15" or one number'),
     uld_lr: float = typer.Option(PIIBenchOptions.uld_lr),
     uld_retain_weight: float = typer.Option(PIIBenchOptions.uld_retain_weight),
+    uld_lr_schedule: str = typer.Option(PIIBenchOptions.uld_lr_schedule, help="constant | linear decay to 0"),
+    validation_people: int = typer.Option(0, help="validation erasure: erase the first N retain-sample people instead of the splits"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -757,6 +776,7 @@ def pii_command(
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
+            uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )

@@ -68,3 +68,12 @@ def test_pii_benchmark_smoke(tmp_path):
     # A second run reuses the cached base (keyed by its config hash) instead of retraining it.
     again = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4))
     assert again["base"]["cached"] is True
+
+    # A validation erasure (for choosing settings) erases retain-sample people instead of the splits, on
+    # the same cached base, and checks retention on the other retain-sample people only.
+    val = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4, validation_people=1))
+    assert val["base"]["cached"] is True and {r["split"] for r in val["rows"]} == {"validation"}
+    (row,) = val["rows"]
+    assert row["n_erased_people"] == 1 and row["n_retained_people"] >= 1
+    with pytest.raises(ValueError):
+        main(dataclasses.replace(options, out_dir=None, methods=(), validation_people=99))
