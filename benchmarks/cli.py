@@ -145,7 +145,7 @@ def quantization(
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: --from-tofu's)"),
     notes: Optional[Path] = typer.Option(None, help="Markdown file stored as the report's notes"),
 ) -> None:
-    """Quantization attack: GA, NPO and ULD on the TOFU benchmark model at fp32 / int8 / int4; recovery of forgotten answers."""
+    """Quantization attack: GA, NPO and ULD on the TOFU benchmark model at fp32 / int8 / int4 / NF4; recovery of forgotten answers."""
     import dataclasses
 
     from expunge_ml.tofu import TofuDataError
