@@ -51,6 +51,15 @@ def _plot_metric_bars(evidence: dict, path: Path) -> Path:
         names.append(f"forget ROUGE-L\n{precision} attack")
         before.append(evidence["metrics"]["base"]["forget"]["rougeL_recall"])
         after.append(result["forget"]["rougeL_recall"])
+    muse = evidence.get("muse") or {}
+    if muse.get("base", {}).get("verbmem_forget") is not None:
+        names.append("forget\nMUSE VerbMem")
+        before.append(muse["base"]["verbmem_forget"])
+        after.append(muse["unlearned"]["verbmem_forget"])
+    if muse.get("base", {}).get("mia"):
+        names.append("forget MIA AUC\n(0.5 = unseen)")
+        before.append(muse["base"]["mia"]["auc_min_k_pp"])
+        after.append(muse["unlearned"]["mia"]["auc_min_k_pp"])
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names)), 3.6))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before", color="tab:gray")
@@ -58,7 +67,7 @@ def _plot_metric_bars(evidence: dict, path: Path) -> Path:
     ax.set_xticks(list(xs), names, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_title("Before vs after, per metric (forget and leak: lower is better; retain: keep)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 1.0 anywhere
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
