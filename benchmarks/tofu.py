@@ -540,18 +540,15 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         return report
 
     def quantization_attack(r: dict, served, forget, eval_plan, oracle_ratios) -> None:
-        """Round every served weight to `bits` and evaluate again (the attack of Zhang et al. 2024)."""
+        """Quantize every served weight (RTN at each bit width, NF4 if asked) and evaluate again (Zhang et al. 2024)."""
         if r["method"] not in opts.quant_methods:
             return
-        variants = [(f"int{bits}", lambda b=bits: served.quantized(b, opts.quant_group_size)) for bits in opts.quant_bits]
-        if opts.quant_nf4:
-            variants.append(("nf4", lambda: served.nf4(64)))
-        for precision, make in variants:
-            ev = evaluate_source(make().source(), tokenizer, fmt, forget, eval_plan, opts)
+        for precision, group_size, build in served.quantization_attacks(opts.quant_bits, opts.quant_group_size, opts.quant_nf4):
+            ev = evaluate_source(build().source(), tokenizer, fmt, forget, eval_plan, opts)
             r.setdefault("quantized", {})[precision] = {
                 "forget_rougeL": ev["forget_rougeL"], "forget_prob": ev["forget_prob"],
                 "forget_quality": forget_quality(ev["forget_truth_ratios"], oracle_ratios),
-                "model_utility": ev["model_utility"], "group_size": 64 if precision == "nf4" else opts.quant_group_size,
+                "model_utility": ev["model_utility"], "group_size": group_size,
             }
             log(f"{r['split']:9s} {r['method']:14s} {precision}: forget ROUGE-L {ev['forget_rougeL']:.3f}"
                 f"  P(answer) {ev['forget_prob']:.3f}  MU {ev['model_utility']:.4f}")

@@ -108,7 +108,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         "",
         f"- Request: **{request['type']}** under **{request['regulation']}**, received {request['received_at'][:19]}, due {request['due_at'][:10]}",
         f"- Status: **{request['status']}**" + (f" ({request['reason_code']})" if request.get("reason_code") else ""),
-        f"- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
+        "- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
         f"- Target model: `{manifests['target_uri']}`",
         f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
         f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",

@@ -25,6 +25,8 @@ from .prompting import PromptFormat
 from .quantization import nf4_quantized_copy, quantized_copy
 from .truth_ratio_eval import truth_ratios
 
+NF4_BLOCKSIZE = 64  # bitsandbytes' NF4 block size as QLoRA deployments use it
+
 
 @dataclass
 class ServedModel:
@@ -44,9 +46,17 @@ class ServedModel:
         """Every served weight RTN-quantized: the base and each assistant (LoRA merged first)."""
         return self.transformed(lambda m: quantized_copy(m, bits, group_size))
 
-    def nf4(self, blocksize: int = 64) -> "ServedModel":
+    def nf4(self, blocksize: int = NF4_BLOCKSIZE) -> "ServedModel":
         """Every served weight NF4-quantized by bitsandbytes (base and merged assistants)."""
         return self.transformed(lambda m: nf4_quantized_copy(m, blocksize))
+
+    def quantization_attacks(self, bits: Sequence[int], group_size: int | None, nf4: bool):
+        """(name, group size, build) for each attack: RTN at each bit width, then NF4 if asked; `build()`
+        makes the quantized copy only when called, so one copy at a time is alive."""
+        attacks = [(f"int{b}", group_size, lambda b=b: self.quantized(b, group_size)) for b in bits]
+        if nf4:
+            attacks.append(("nf4", NF4_BLOCKSIZE, lambda: self.nf4(NF4_BLOCKSIZE)))
+        return attacks
 
     def transformed(self, fn) -> "ServedModel":
         merged = [
@@ -113,25 +123,21 @@ def collect_evidence(
     kwargs = {"max_new_tokens": options.max_new_tokens, "batch_size": options.batch_size}
     splits = {"forget": list(forget), "retain": list(retain)}
     models = {"base": before, "unlearned": after}
-    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}}
+    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}}
+    verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
     for name, served in models.items():
         source = served.source()
-        evidence["metrics"][name] = {k: v.as_dict() for k, v in evaluate_splits(source, tokenizer, fmt, splits, **kwargs).items()}
+        evidence["metrics"][name] = m = {k: v.as_dict() for k, v in evaluate_splits(source, tokenizer, fmt, splits, **kwargs).items()}
         evidence["truth_ratios"][name] = {
             split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
             for split, records in splits.items()
         }
-    # MUSE: KnowMem (ROUGE-L F1 of the greedy answers above), VerbMem, and PrivLeak when held-out records exist
-    probes = verbatim_probes(forget, fmt) if options.verbmem else []
-    evidence["muse"] = {}
-    for name, served in models.items():
-        source = served.source()
-        m = evidence["metrics"][name]
+        # MUSE: KnowMem (ROUGE-L F1 of the greedy answers above), VerbMem, and PrivLeak when held-out records exist
         evidence["muse"][name] = {
             "knowmem_forget": m["forget"]["rougeL_f1"],
             "knowmem_retain": m["retain"]["rougeL_f1"],
-            "verbmem_forget": verbmem(source, tokenizer, probes, options.max_new_tokens, options.batch_size),
-            "n_verbmem_probes": len(probes),
+            "verbmem_forget": verbmem(source, tokenizer, verbatim, options.max_new_tokens, options.batch_size),
+            "n_verbmem_probes": len(verbatim),
         }
         if holdout:
             evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, forget, holdout,
@@ -147,20 +153,13 @@ def collect_evidence(
     evidence["quantization"] = {}
     before_rouge = evidence["metrics"]["base"]["forget"]["rougeL_recall"]
     unlearned_rouge = evidence["metrics"]["unlearned"]["forget"]["rougeL_recall"]
-    for bits in options.quant_bits:
-        attacked = evaluate_splits(after.quantized(bits, options.quant_group_size).source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
-        evidence["quantization"][f"int{bits}"] = {
+    for precision, group_size, build in after.quantization_attacks(options.quant_bits, options.quant_group_size, options.quant_nf4):
+        attacked = evaluate_splits(build().source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
+        evidence["quantization"][precision] = {
             "forget": attacked.as_dict(),
             "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
-            "group_size": options.quant_group_size,
-        }
-    if options.quant_nf4:
-        blocksize = 64  # bitsandbytes' NF4 block size as QLoRA deployments use it
-        attacked = evaluate_splits(after.nf4(blocksize).source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
-        evidence["quantization"]["nf4"] = {
-            "forget": attacked.as_dict(),
-            "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
-            "group_size": blocksize, "library": "bitsandbytes",
+            "group_size": group_size,
+            **({"library": "bitsandbytes"} if precision == "nf4" else {}),
         }
     if options.fluency:
         reference = before.source()

@@ -25,6 +25,7 @@ __all__ = [
     "token_log_probs",
     "token_scores",
     "qa_answer_token_scores",
+    "qa_mia_scores",
     "qa_mia_auc",
     "mia_scores",
     "mia_auc",
@@ -141,10 +142,32 @@ def mia_scores(
     "min_k": mean of the lowest k% token log-probs; "min_k_pp": the same over Min-K%++ standardised
     scores; "loss": mean token log-prob (the plain loss attack, i.e. k = 100%).
     """
+    _check_method(method)
+    return _min_k_scores(token_scores(source, tokenizer, texts, batch_size, standardise=method == "min_k_pp"), method, k)
+
+
+def qa_mia_scores(
+    source: LogitSource,
+    tokenizer,
+    fmt: PromptFormat,
+    pairs: Sequence[tuple[str, str]],
+    method: str = "min_k_pp",
+    k: float = 0.2,
+    batch_size: int = 16,
+) -> list[float]:
+    """`mia_scores` for QA pairs, over their answer tokens only (see `qa_answer_token_scores`)."""
+    _check_method(method)
+    per_token = qa_answer_token_scores(source, tokenizer, fmt, pairs, batch_size, standardise=method == "min_k_pp")
+    return _min_k_scores(per_token, method, k)
+
+
+def _check_method(method: str) -> None:
     if method not in MIA_METHODS:
         raise ValueError(f"method must be one of {MIA_METHODS}, got {method!r}")
-    per_token = token_scores(source, tokenizer, texts, batch_size, standardise=method == "min_k_pp")
-    effective_k = 1.0 if method == "loss" else k
+
+
+def _min_k_scores(per_token: Sequence[Sequence[float]], method: str, k: float) -> list[float]:
+    effective_k = 1.0 if method == "loss" else k  # the loss attack averages every token
     return [min_k_percent_score(scores, effective_k) for scores in per_token]
 
 
@@ -186,14 +209,8 @@ def qa_mia_auc(
     batch_size: int = 16,
 ) -> float:
     """`mia_auc` for QA pairs, scoring only answer tokens (see `qa_answer_token_scores`)."""
-    if method not in MIA_METHODS:
-        raise ValueError(f"method must be one of {MIA_METHODS}, got {method!r}")
+    _check_method(method)
     if not member_pairs or not nonmember_pairs:
         raise ValueError("qa_mia_auc needs at least one member and one non-member pair")
-    effective_k = 1.0 if method == "loss" else k
-
-    def scores(pairs):
-        per_token = qa_answer_token_scores(source, tokenizer, fmt, pairs, batch_size, standardise=method == "min_k_pp")
-        return [min_k_percent_score(s, effective_k) for s in per_token]
-
-    return roc_auc(scores(member_pairs), scores(nonmember_pairs))
+    return roc_auc(qa_mia_scores(source, tokenizer, fmt, member_pairs, method, k, batch_size),
+                   qa_mia_scores(source, tokenizer, fmt, nonmember_pairs, method, k, batch_size))

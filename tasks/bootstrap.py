@@ -9,6 +9,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 
+from expunge_ml.corpus import CorpusSpec
 from expunge_ml.sample_base import build_sample_world, train_sample_base
 from models_registry.registry import ModelRef, register_causal_lm
 from tasks.context import settings_for, write_json
@@ -74,8 +75,7 @@ def register_base(home: str, profile: str, world: dict[str, str], trained: dict)
         })
         ref = register_causal_lm(
             Path(trained["model_dir"]), name, trained["weights_sha256"],
-            corpus={"source": world["corpus"], "split": "train", "columns": {},
-                    **({"holdout": world["holdout"]} if world.get("holdout") else {})},
+            corpus=CorpusSpec(source=world["corpus"], holdout=world.get("holdout", "")).as_dict(),
             prompt_template=trained["prompt_template"],
             tags={PROFILE_TAG: profile_digest(settings.profile), "expunge.role": "sample_base"},
             alias="champion",

@@ -27,13 +27,17 @@ from tasks.context import settings_for
 DECISIONS = ("approve", "reject")
 
 
-def _refuse(settings, ticket_id: str, decision: str, reviewer: str, reason_code: str, message: str) -> dict:
-    with session_scope(settings.db_url) as session:
-        if requests_repo.get_request(session, ticket_id) is not None:
-            requests_repo.record_event(session, ticket_id, "release_refused", {
-                "decision": decision, "reviewer": reviewer, "reason_code": reason_code,
-            })
+def _refused(reason_code: str, message: str) -> dict:
     return {"refused": {"reason_code": reason_code, "message": message}}
+
+
+def _refuse(settings, ticket_id: str, decision: str, reviewer: str, reason_code: str, message: str) -> dict:
+    """A refusal about an existing request: audited, so the log shows attempts as well as decisions."""
+    with session_scope(settings.db_url) as session:
+        requests_repo.record_event(session, ticket_id, "release_refused", {
+            "decision": decision, "reviewer": reviewer, "reason_code": reason_code,
+        })
+    return _refused(reason_code, message)
 
 
 def _parent_in_same_model(ref: ModelRef, tags: dict[str, str]) -> ModelRef | None:
@@ -52,13 +56,13 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
     `release_refused`). Refusals are results, not task failures: a user error must not print a traceback."""
     settings = settings_for(home, profile)
     if decision not in DECISIONS:
-        return {"refused": {"reason_code": "bad_decision", "message": f"decision must be one of {DECISIONS}, got {decision!r}"}}
+        return _refused("bad_decision", f"decision must be one of {DECISIONS}, got {decision!r}")
     if not reviewer.strip():
-        return {"refused": {"reason_code": "no_reviewer", "message": "a release decision needs the reviewer's name (--reviewer)"}}
+        return _refused("no_reviewer", "a release decision needs the reviewer's name (--reviewer)")
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
-            return {"refused": {"reason_code": "unknown_ticket", "message": f"no request with ticket id {ticket_id!r}"}}
+            return _refused("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         status, model_uri = request.status, request.result_model_uri
     if status != "completed":
         return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
@@ -75,7 +79,7 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
-    return {"model_uri": ref.uri, "name": ref.name, "version": ref.version}
+    return {"model_uri": ref.uri}
 
 
 @task(name="purge-subject", retries=2, retry_delay_seconds=1)
