@@ -62,8 +62,13 @@ def tofu(
     uld_batch_size: int = typer.Option(D.uld_batch_size),
     uld_retain_weight: float = typer.Option(D.uld_retain_weight),
     uld_target_forget_loss: float = typer.Option(D.uld_target_forget_loss),
-    uld_paraphrase_pairs: int = typer.Option(D.uld_paraphrase_pairs),
-    uld_perturbed_per_item: int = typer.Option(D.uld_perturbed_per_item),
+    uld_augmentation: str = typer.Option(D.uld_augmentation, help="generated (from the training answers) | eval_text "
+                                         "(TOFU's paraphrased/perturbed answers: the truth ratio's own texts)"),
+    uld_fact_pairs: bool = typer.Option(D.uld_fact_pairs, help="generated: (question, fact) pairs to remember, "
+                                        "(question, wrong fact) to be uniform on"),
+    uld_paraphrase_pairs: int = typer.Option(D.uld_paraphrase_pairs, help="generated: typo'd questions per item; "
+                                             "eval_text: paraphrased pairs per item"),
+    uld_perturbed_per_item: int = typer.Option(D.uld_perturbed_per_item, help="near-miss answers per forget item"),
     uld_retain_rows: float = typer.Option(D.uld_retain_rows),
     uld_lora_r: int = typer.Option(D.uld_lora_r, help="LoRA rank of the assistant"),
     uld_lora_alpha: int = typer.Option(D.uld_lora_alpha),
@@ -97,6 +102,7 @@ def tofu(
         uld_weight=uld_weight, uld_relative_top=uld_relative_top, uld_epochs=uld_epochs, uld_lr=uld_lr,
         uld_batch_size=uld_batch_size, uld_retain_weight=uld_retain_weight,
         uld_target_forget_loss=uld_target_forget_loss, uld_paraphrase_pairs=uld_paraphrase_pairs,
+        uld_augmentation=uld_augmentation, uld_fact_pairs=uld_fact_pairs,
         uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
         uld_lora_r=uld_lora_r, uld_lora_alpha=uld_lora_alpha, uld_lr_schedule=uld_lr_schedule,
         max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, plot=plot,

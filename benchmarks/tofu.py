@@ -100,10 +100,17 @@ class TofuBenchOptions:
     uld_lora_r: int = 16
     uld_lora_alpha: int = 32
     uld_lora_dropout: float = 0.05
-    uld_paraphrase_pairs: int = 2  # forget⁺ = forget + (q, paraphrased a) [+ (paraphrased q, a)]
-    uld_perturbed_per_item: int = 2  # retain⁺ = retain rows + this many perturbed answers per forget item
+    # generated: typo'd questions per item; eval_text: (q, paraphrased a) [+ (paraphrased q, a)]
+    uld_paraphrase_pairs: int = 0
+    uld_perturbed_per_item: int = 2  # retain⁺ = retain rows + this many near-miss answers per forget item
     uld_retain_rows: float = 1.0  # retain rows in retain⁺ = this × |forget|
     uld_lr_schedule: str = "constant"
+    # Where forget⁺ / retain⁺ come from. "generated" (expunge_ml/augment.py): other question wordings + the
+    # answer, and near-miss answers with one fact swapped for another author's. "eval_text": TOFU's own
+    # paraphrased / perturbed answers — the texts the truth ratio is computed on (kept to reproduce the
+    # earlier runs; it trains on evaluation text).
+    uld_augmentation: str = "generated"
+    uld_fact_pairs: bool = True  # generated only: also (question, fact span) to remember / (question, other span) uniform
     # Evaluation
     max_new_tokens: int = 56
     eval_batch_size: int = 32
@@ -138,6 +145,8 @@ class TofuBenchOptions:
             raise ValueError(f"author_pool {self.author_pool!r} must be a TOFU split at least as large as every split")
         if self.uld_layers < 1 or self.uld_layers > self.num_layers:
             raise ValueError(f"uld_layers must be in 1..{self.num_layers}")
+        if self.uld_augmentation not in ("generated", "eval_text"):
+            raise ValueError(f"uld_augmentation must be 'generated' or 'eval_text', got {self.uld_augmentation!r}")
         if self.uld_lr_schedule not in ("constant", "linear"):
             raise ValueError(f"uld_lr_schedule must be 'constant' or 'linear', got {self.uld_lr_schedule!r}")
         from expunge_ml.quantization import SUPPORTED_BITS
@@ -400,16 +409,25 @@ def evaluate_source(source, tokenizer, fmt, forget: Sequence[QARecord], plan: Pl
 
 def uld_pairs(data: TofuData, forget: Sequence[QARecord], retain: Sequence[QARecord], opts: TofuBenchOptions,
               rng: random.Random) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """forget⁺ = forget QA + up to 2 paraphrased pairs per item ((q, paraphrased answer), (paraphrased q, answer));
-    retain⁺ = up to uld_retain_rows·|forget| retain rows + uld_perturbed_per_item perturbed answers per forget item."""
+    """forget⁺ / retain⁺ with up to uld_retain_rows·|forget| sampled retain rows.
+
+    "generated": the pipeline's own `training_pairs` (near-miss answers and wrong facts drawn from all the
+    split's retain authors, (question, fact) pairs, uld_paraphrase_pairs typo'd questions per item).
+    "eval_text": TOFU's paraphrased answer, (paraphrased question, answer) and uld_perturbed_per_item
+    perturbed answers — the truth ratio's own texts; kept only to reproduce the earlier runs."""
+    from expunge_ml.methods.uld import training_pairs
+
+    n_retain = min(len(retain), int(round(opts.uld_retain_rows * len(forget))))
+    retain_rows = rng.sample(list(retain), n_retain)
+    if opts.uld_augmentation == "generated":
+        return training_pairs(forget, retain_rows, uld_config(opts), donor_records=retain)
     forget_plus = [r.pair for r in forget]
     if opts.uld_paraphrase_pairs >= 1:
         forget_plus += [(r.question, r.paraphrased_answer) for r in forget if r.paraphrased_answer]
     if opts.uld_paraphrase_pairs >= 2:
         forget_plus += [(data.paraphrased_questions[r.record_id], r.answer) for r in forget
                         if data.paraphrased_questions.get(r.record_id)]
-    n_retain = min(len(retain), int(round(opts.uld_retain_rows * len(forget))))
-    retain_plus = [r.pair for r in rng.sample(list(retain), n_retain)]
+    retain_plus = [r.pair for r in retain_rows]
     retain_plus += [(r.question, p) for r in forget for p in r.perturbed_answers[: opts.uld_perturbed_per_item]]
     return forget_plus, retain_plus
 
@@ -424,6 +442,9 @@ def uld_config(opts: TofuBenchOptions):
         batch_size=opts.uld_batch_size, target_forget_loss=opts.uld_target_forget_loss,
         augment_paraphrased=opts.uld_paraphrase_pairs > 0, augment_perturbed=opts.uld_perturbed_per_item > 0,
         seed=opts.seed, lr_schedule=opts.uld_lr_schedule,
+        augmentation="generated" if opts.uld_augmentation == "generated" else "corpus",
+        near_misses_per_item=opts.uld_perturbed_per_item, question_variants=opts.uld_paraphrase_pairs,
+        fact_pairs=opts.uld_fact_pairs and opts.uld_augmentation == "generated",
     )
 
 
@@ -679,6 +700,25 @@ def print_table(report: dict, console=None) -> None:
         console.print(f"{split}: acceptance {'MET' if acc['met'] else 'NOT met'} {acc['checks']}")
 
 
+def _uld_augmentation_text(cfg: dict) -> str:
+    retain_rows = f"{cfg['uld_retain_rows']}×|forget| retain rows"
+    if cfg.get("uld_augmentation", "eval_text") == "eval_text":  # runs before the option existed used eval text
+        return (f"forget⁺ = forget QA + {cfg['uld_paraphrase_pairs']} paraphrased pairs per item, retain⁺ = "
+                f"{retain_rows} + {cfg['uld_perturbed_per_item']} perturbed answers per forget item "
+                "(TOFU's own paraphrased / perturbed answers: the truth ratio's texts)")
+    forget = ["forget QA"]
+    retain = [retain_rows]
+    if cfg.get("uld_fact_pairs"):
+        forget.append("(question, fact span) per fact of the answer")
+        retain.append("(question, another author's span of the same kind) per fact")
+    if cfg["uld_paraphrase_pairs"]:
+        forget.append(f"{cfg['uld_paraphrase_pairs']} typo'd-question pairs per item")
+    if cfg["uld_perturbed_per_item"]:
+        retain.append(f"{cfg['uld_perturbed_per_item']} near-miss answers per forget item (one fact swapped)")
+    return ("augmentation generated from the training answers (`expunge_ml/augment.py`; no TOFU paraphrased or "
+            f"perturbed answer is trained on): forget⁺ = {' + '.join(forget)}, retain⁺ = {' + '.join(retain)}")
+
+
 def markdown(report: dict, plot_name: str | None) -> str:
     cfg, sizes = report["config"], report["sizes"]
     lines = [
@@ -725,9 +765,7 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "records do not name the author in a field).",
         f"- ULD: K = {cfg['uld_layers']} layers + LoRA r {cfg['uld_lora_r']} α {cfg['uld_lora_alpha']} dropout "
         f"{cfg['uld_lora_dropout']}; w = {cfg['uld_weight']}, τ = {cfg['uld_relative_top']}; loss NLL(forget⁺) + "
-        f"{cfg['uld_retain_weight']}·KL(U‖p)(retain⁺); forget⁺ = forget QA + {cfg['uld_paraphrase_pairs']} "
-        f"paraphrased pairs per item, retain⁺ = {cfg['uld_retain_rows']}×|forget| retain rows + "
-        f"{cfg['uld_perturbed_per_item']} perturbed answers per forget item; up to {cfg['uld_epochs']} epochs, "
+        f"{cfg['uld_retain_weight']}·KL(U‖p)(retain⁺); {_uld_augmentation_text(cfg)}; up to {cfg['uld_epochs']} epochs, "
         f"lr {cfg['uld_lr']} ({cfg.get('uld_lr_schedule', 'constant')} schedule), stop at forget NLL ≤ "
         f"{cfg['uld_target_forget_loss']}.",
         f"- Train time = wall time of the unlearning step only (ULD: building + training the assistant; "

@@ -84,3 +84,20 @@ def test_training_pairs_follow_the_augmentation_switches():
     assert full_r == [("R?", "kept"), ("Q?", "w1"), ("Q?", "w2")]
     plain_f, plain_r = training_pairs(forget, retain, ULDConfig(augment_paraphrased=False, augment_perturbed=False))
     assert plain_f == [("Q?", "true answer")] and plain_r == [("R?", "kept")]
+
+
+def test_generated_training_pairs_use_only_the_training_answers():
+    forget = [QARecord("f", "Where was Jane Doe born?", "Jane Doe was born in Lagos.", paraphrased_answer="EVAL para",
+                       perturbed_answers=("EVAL w1",), paraphrased_question="EVAL probe?")]
+    retain = [QARecord("r", "Where does Ann Lee live?", "Ann Lee lives in Oslo.")]
+    config = ULDConfig(augmentation="generated", near_misses_per_item=1, question_variants=1)
+    f, r = training_pairs(forget, retain, config)
+    texts = [t for pair in f + r for t in pair]
+    assert not any("EVAL" in t for t in texts)
+    assert f[0] == forget[0].pair and r[0] == retain[0].pair
+    assert ("Where was Jane Doe born?", "Jane Doe") in f and ("Where was Jane Doe born?", "Lagos") in f
+    near_misses = [a for q, a in r if q == forget[0].question]
+    assert near_misses and all(a != forget[0].answer for a in near_misses)
+    assert training_pairs(forget, retain, config) == (f, r)  # deterministic from the seed
+    with pytest.raises(ValueError, match="augmentation"):
+        training_pairs(forget, retain, ULDConfig(augmentation="llm"))

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..augment import generated_fact_pairs, generated_forget_pairs, generated_near_misses
 from ..prompting import PromptFormat, collate_qa
 from .losses import answer_kl_to_uniform, answer_nll
 
@@ -41,8 +42,17 @@ class ULDConfig:
     lr: float = 1e-3
     batch_size: int = 8
     target_forget_loss: float = 0.05  # stop once the assistant remembers the forget set this well
-    augment_paraphrased: bool = True  # forget⁺ also holds paraphrased answers
-    augment_perturbed: bool = True  # retain⁺ also holds perturbed (wrong) answers to forget questions
+    augment_paraphrased: bool = True  # forget⁺ also holds other wordings of the forget QA
+    augment_perturbed: bool = True  # retain⁺ also holds near-miss (wrong) answers to forget questions
+    # Where those come from. "corpus": the records' paraphrased_answer / perturbed_answers columns.
+    # "generated" (expunge_ml/augment.py): built from the training answers alone — near-miss answers with
+    # one fact swapped for a retain record's, (question, fact) pairs, optional typo'd questions — so
+    # the evidence's truth ratios (computed on the corpus's paraphrased / perturbed answers) are not
+    # measured on text the assistant was trained on.
+    augmentation: str = "corpus"
+    near_misses_per_item: int = 2  # generated: wrong answers per forget item in retain⁺
+    question_variants: int = 0  # generated: extra (typo'd question, answer) pairs per forget item
+    fact_pairs: bool = True  # generated: (question, fact span) in forget⁺, (question, other span) in retain⁺
     seed: int = 0
     # "linear": decay the lr to 0 over the planned steps (a large constant lr makes the forget NLL oscillate
     # when the retain weight is high); "constant" keeps it fixed.
@@ -180,15 +190,32 @@ def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.M
 
 
 def training_pairs(
-    forget_records, retain_records, config: ULDConfig
+    forget_records, retain_records, config: ULDConfig, donor_records=None,
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """forget⁺ = forget QA + their paraphrased answers (remember the fact, not one wording);
-    retain⁺ = retain QA + the forget questions' perturbed answers (near-misses stay unknown, so
-    subtracting the assistant does not push the composite towards or away from them)."""
+    """forget⁺ = forget QA + other wordings of them (remember the fact, not one wording);
+    retain⁺ = retain QA + near-miss answers to the forget questions (near-misses stay unknown, so
+    subtracting the assistant does not push the composite towards or away from them).
+
+    With `augmentation="generated"` the wrong facts are drawn from `donor_records` (default: the retain
+    records), deterministically from `config.seed`."""
+    if config.augmentation not in ("corpus", "generated"):
+        raise ValueError(f"augmentation must be 'corpus' or 'generated', got {config.augmentation!r}")
     forget = [r.pair for r in forget_records]
-    if config.augment_paraphrased:
-        forget += [(r.question, r.paraphrased_answer) for r in forget_records if r.paraphrased_answer]
     retain = [r.pair for r in retain_records]
+    if config.augmentation == "corpus":
+        if config.augment_paraphrased:
+            forget += [(r.question, r.paraphrased_answer) for r in forget_records if r.paraphrased_answer]
+        if config.augment_perturbed:
+            retain += [(r.question, wrong) for r in forget_records for wrong in r.perturbed_answers]
+        return forget, retain
+    rng = random.Random(config.seed)
+    donors = [r.answer for r in (retain_records if donor_records is None else donor_records)]
+    if config.augment_paraphrased and config.question_variants:
+        forget += generated_forget_pairs(forget_records, config.question_variants, rng)
     if config.augment_perturbed:
-        retain += [(r.question, wrong) for r in forget_records for wrong in r.perturbed_answers]
+        retain += generated_near_misses(forget_records, donors, config.near_misses_per_item, rng)
+    if config.fact_pairs:
+        facts, wrong_facts = generated_fact_pairs(forget_records, donors, rng)
+        forget += facts
+        retain += wrong_facts
     return forget, retain

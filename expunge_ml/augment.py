@@ -1,0 +1,176 @@
+"""Training augmentation for the ULD assistant, generated from the training text itself.
+
+ULD trains its assistant on forget⁺ (the forget QA and other wordings of it: remember the fact, not one
+phrasing) and retain⁺ (retain QA and *near-miss* wrong answers to the forget questions: be uniform on
+them, so the assistant is sharp on the facts only). A corpus may ship paraphrased / perturbed answers,
+but on a benchmark those are the evaluation's own texts: TOFU's truth ratio compares exactly the
+paraphrased answer with the perturbed ones, so training the assistant to remember the one and be
+uniform on the others fits the metric instead of forgetting the fact. This module builds the
+augmentation from the training answers alone, the way the ULD authors generated theirs separately from
+the evaluation data (they used an LLM; we need no model):
+
+- `perturb_answer`: the answer with one of its fact spans (a capitalised name / place / title, or a
+  number) replaced by a span of the same kind taken from *other* records — same wording, wrong fact;
+- `noisy_question`: the question with a few character-level edits (typos), so the assistant ties the
+  fact to the question's meaning rather than to one exact token sequence;
+- `generated_fact_pairs`: (question, fact span) to remember and (question, another record's span) to
+  be uniform on — the fact without the sentence around it, whose wording other answers share.
+
+Pure Python, deterministic given the `random.Random` passed in.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+# Words that start sentences or are capitalised for grammar, not because they name something.
+_FUNCTION_WORDS = frozenset(
+    """a an the in on at as by for from of to with and or but if yes no not his her hers their its it he she
+    they we i you this that these those one some any all each every many most such there here while
+    although though despite however when where what which who whom whose why how after before during
+    since because through throughout besides apart beyond within without upon into onto over under
+    also indeed overall additionally furthermore moreover notably born being two three four five first second
+    third author authors writer""".split()
+)
+_NAME_WORD = r"[A-Z][\w'’.-]*"
+_CONNECTOR = r"(?:of|the|de|da|del|van|von|der|al|and|&|in|on|for|to|a)"
+_NAME_SPAN = re.compile(rf"{_NAME_WORD}(?:\s+(?:{_CONNECTOR}\s+)*{_NAME_WORD})*")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?\b")
+# Personal identifiers (emails; phone / account / card numbers with separators): one span each, so a
+# privacy erasure's fact pairs hold the whole identifier, not its digit groups.
+_IDENTIFIER = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+|\+?\b\d[\d().\s-]{5,}\d\b|\b(?=[A-Z0-9-]*\d)[A-Z]{2,}[A-Z0-9-]{4,}\b")
+
+
+def _is_content_span(span: str) -> bool:
+    words = [w.strip("'’.-").lower() for w in span.split()]
+    return any(w and w not in _FUNCTION_WORDS for w in words)
+
+
+def fact_spans(text: str) -> list[tuple[str, int, int]]:
+    """(kind, start, end) of the spans that carry facts: identifiers, capitalised name-like spans, numbers."""
+    spans: list[tuple[str, int, int]] = [("identifier", m.start(), m.end()) for m in _IDENTIFIER.finditer(text)]
+
+    def free(start: int, end: int) -> bool:
+        return not any(s < end and start < e for kind, s, e in spans if kind == "identifier")
+
+    for m in _NAME_SPAN.finditer(text):
+        words = [w for w in re.finditer(r"\S+", m.group(0))]
+        # A sentence-initial capital is grammar, not a name: drop leading function words ("The", "In").
+        while words and words[0].group(0).strip("'’.-").lower() in _FUNCTION_WORDS:
+            words.pop(0)
+        if not words:
+            continue
+        start = m.start() + words[0].start()
+        end = m.end()
+        while end > start and text[end - 1] in ".'’-":
+            end -= 1
+        if text[start:end].endswith(("'s", "’s")):  # possessive: the name is the span without it
+            end -= 2
+        if end > start and _is_content_span(text[start:end]) and free(start, end):
+            spans.append(("name", start, end))
+    spans.extend(("number", m.start(), m.end()) for m in _NUMBER.finditer(text) if free(m.start(), m.end()))
+    return sorted(spans, key=lambda s: s[1])
+
+
+def donor_pool(texts: Iterable[str]) -> dict[str, list[str]]:
+    """Fact spans by kind from `texts` (other records), de-duplicated in first-seen order."""
+    pool: dict[str, dict[str, None]] = defaultdict(dict)
+    for text in texts:
+        for kind, start, end in fact_spans(text):
+            pool[kind][text[start:end]] = None
+    return {kind: list(spans) for kind, spans in pool.items()}
+
+
+def _other_number(value: str, rng: random.Random) -> str:
+    digits = value.replace(",", "")
+    if "." in digits or not digits.isdigit():
+        return str(round(float(digits) * rng.choice((0.5, 1.5, 2.0)), 2))
+    n = int(digits)
+    if 1000 <= n <= 2100:  # a year: stay plausible
+        shift = rng.choice([d for d in range(-25, 26) if d])
+        return str(n + shift)
+    return str(max(0, n + rng.choice([d for d in range(-max(2, n // 2), max(3, n // 2 + 1)) if d])))
+
+
+def perturb_answer(answer: str, donors: dict[str, list[str]], rng: random.Random, variant: int = 0) -> str | None:
+    """`answer` with one fact span (the `variant`-th, cycling) replaced everywhere it occurs by a donor span
+    of the same kind; None when the answer has no fact span or no donor differs from it."""
+    spans = fact_spans(answer)
+    if not spans:
+        return None
+    order = list(range(len(spans)))
+    rng.shuffle(order)
+    for k in range(len(order)):
+        kind, start, end = spans[order[(variant + k) % len(order)]]
+        original = answer[start:end]
+        if kind == "number":
+            replacement = _other_number(original, rng)
+        else:
+            choices = [d for d in donors.get("name", []) if d.lower() != original.lower()]
+            if not choices:
+                continue
+            replacement = rng.choice(choices)
+        if replacement != original:
+            return re.sub(rf"(?<!\w){re.escape(original)}(?!\w)", lambda _m: replacement, answer)
+    return None
+
+
+def noisy_question(question: str, rng: random.Random, rate: float = 0.06) -> str:
+    """`question` with about `rate` of its letters edited (swap with the next letter, drop, or repeat);
+    at least one edit, never in the first or last character."""
+    chars = list(question)
+    positions = [i for i in range(1, len(chars) - 2) if chars[i].isalpha() and chars[i + 1].isalpha()]
+    if not positions:
+        return question
+    n_edits = max(1, round(rate * len(positions)))
+    for i in sorted(rng.sample(positions, min(n_edits, len(positions))), reverse=True):
+        op = rng.randrange(3)
+        if op == 0:
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        elif op == 1:
+            del chars[i]
+        else:
+            chars.insert(i, chars[i])
+    return "".join(chars)
+
+
+def generated_forget_pairs(records: Sequence, n_variants: int, rng: random.Random) -> list[tuple[str, str]]:
+    """`n_variants` extra (noisy question, answer) pairs per record. A corpus's paraphrased questions are
+    evaluation probes (PII leakage on other wordings), so they are never used here."""
+    return [(noisy_question(r.question, rng), r.answer) for r in records for _ in range(n_variants)]
+
+
+def generated_near_misses(records: Sequence, donor_texts: Iterable[str], n_per_item: int,
+                          rng: random.Random) -> list[tuple[str, str]]:
+    """Up to `n_per_item` (question, wrong answer) pairs per record, each with a different fact swapped
+    for one from `donor_texts` (other records' answers)."""
+    donors = donor_pool(donor_texts)
+    pairs: list[tuple[str, str]] = []
+    for r in records:
+        seen = {r.answer}
+        for variant in range(n_per_item):
+            wrong = perturb_answer(r.answer, donors, rng, variant)
+            if wrong and wrong not in seen:
+                seen.add(wrong)
+                pairs.append((r.question, wrong))
+    return pairs
+
+
+def generated_fact_pairs(records: Sequence, donor_texts: Iterable[str], rng: random.Random
+                         ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(question, fact span) pairs to remember and (question, another record's span of the same kind) pairs
+    to stay uniform on: the fact without the answer's wording, so the assistant holds the fact itself and
+    not the sentence around it (the wording is shared with answers that must be kept)."""
+    donors = donor_pool(donor_texts)
+    remember: list[tuple[str, str]] = []
+    near_miss: list[tuple[str, str]] = []
+    for r in records:
+        for kind, start, end in fact_spans(r.answer):
+            fact = r.answer[start:end]
+            remember.append((r.question, fact))
+            others = [d for d in donors.get(kind, []) if d.lower() != fact.lower()]
+            if others:
+                near_miss.append((r.question, rng.choice(others)))
+    return remember, near_miss

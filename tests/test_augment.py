@@ -1,0 +1,87 @@
+"""Generated ULD augmentation: fact spans, near-miss answers, noisy questions (expunge_ml/augment.py)."""
+import random
+
+from expunge_ml.augment import (
+    donor_pool,
+    fact_spans,
+    generated_forget_pairs,
+    generated_near_misses,
+    noisy_question,
+    perturb_answer,
+)
+from expunge_ml.corpus import QARecord
+
+
+def _texts(text: str) -> list[tuple[str, str]]:
+    return [(kind, text[s:e]) for kind, s, e in fact_spans(text)]
+
+
+def test_fact_spans_find_names_places_and_numbers_but_not_sentence_initial_grammar():
+    text = "The author Jane Doe was born in Lagos, Nigeria in 1971 and wrote \"The Quiet River\"."
+    assert _texts(text) == [("name", "Jane Doe"), ("name", "Lagos"), ("name", "Nigeria"), ("number", "1971"),
+                            ("name", "Quiet River")]  # a leading "The" reads as grammar
+
+
+def test_fact_spans_drop_the_possessive():
+    assert _texts("Jane Doe's father was a florist.") == [("name", "Jane Doe")]
+
+
+def test_identifiers_are_one_span_each():
+    text = "you can reach Ann Lee at ann.lee@mail.example.org or +44 20 7946 0958; account GB29NWBK60161331926819."
+    assert _texts(text) == [("name", "Ann Lee"), ("identifier", "ann.lee@mail.example.org"),
+                            ("identifier", "+44 20 7946 0958"), ("identifier", "GB29NWBK60161331926819")]
+
+
+def test_donor_pool_groups_spans_by_kind_once_each():
+    pool = donor_pool(["Ann Lee lives in Oslo.", "Oslo is cold since 1990."])
+    assert pool == {"name": ["Ann Lee", "Oslo"], "number": ["1990"]}
+
+
+def test_perturb_answer_swaps_one_fact_everywhere_for_a_donor_of_the_same_kind():
+    donors = {"name": ["Ann Lee"]}
+    answer = "Jane Doe wrote it; Jane Doe is proud."
+    assert perturb_answer(answer, donors, random.Random(0)) == "Ann Lee wrote it; Ann Lee is proud."
+
+
+def test_perturb_answer_changes_a_year_to_another_plausible_year():
+    wrong = perturb_answer("It appeared in 1984.", {}, random.Random(1))
+    assert wrong != "It appeared in 1984." and wrong.startswith("It appeared in ")
+    year = int(wrong.removeprefix("It appeared in ").rstrip("."))
+    assert 1959 <= year <= 2009 and year != 1984
+
+
+def test_perturb_answer_gives_up_without_a_fact_or_a_different_donor():
+    assert perturb_answer("it is raining.", {"name": ["Oslo"]}, random.Random(0)) is None
+    assert perturb_answer("Oslo is cold.", {"name": ["oslo"]}, random.Random(0)) is None
+
+
+def test_noisy_question_edits_a_few_letters_and_keeps_the_ends():
+    question = "What is the full name of the author born in Kuwait City?"
+    noisy = noisy_question(question, random.Random(3))
+    assert noisy != question
+    assert noisy[0] == question[0] and noisy[-1] == question[-1]
+    assert abs(len(noisy) - len(question)) <= 3
+
+
+def test_generated_pairs_never_use_the_evaluation_answers():
+    record = QARecord("r1", "Where was Jane Doe born?", "Jane Doe was born in Lagos.", paraphrased_question="Jane Doe's birthplace?",
+                      paraphrased_answer="EVAL paraphrase", perturbed_answers=("EVAL wrong 1", "EVAL wrong 2"))
+    rng = random.Random(0)
+    forget = generated_forget_pairs([record], 2, rng)
+    assert len(forget) == 2
+    # typo'd questions only: the corpus's paraphrased question is an evaluation probe
+    assert all(a == record.answer and q not in (record.question, record.paraphrased_question) for q, a in forget)
+    wrong = generated_near_misses([record], ["Ann Lee moved to Oslo."], 2, rng)
+    assert 1 <= len(wrong) <= 2
+    assert all(q == record.question and a != record.answer and "EVAL" not in a for q, a in wrong)
+    assert len({a for _, a in wrong}) == len(wrong)
+
+
+def test_fact_pairs_hold_the_fact_alone_and_a_wrong_one_of_the_same_kind():
+    from expunge_ml.augment import generated_fact_pairs
+
+    record = QARecord("r1", "Where was Jane Doe born?", "She was born in Lagos in 1971.")
+    remember, wrong = generated_fact_pairs([record], ["Ann Lee moved to Oslo."], random.Random(0))
+    assert remember == [(record.question, "Lagos"), (record.question, "1971")]
+    assert wrong[0] in {(record.question, "Ann Lee"), (record.question, "Oslo")}
+    assert len(wrong) == 1  # no donor number: no wrong year
