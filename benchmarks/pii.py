@@ -111,6 +111,10 @@ class PIIBenchOptions:
     # answers), so the assistant recalls the PII whenever the person is named, not only after the
     # exact training question (the evaluation's paraphrased questions are never used).
     uld_subject_pairs: bool = True
+    # And (question, identifier) pairs — the row's subject_pii, what an erasure request names — to
+    # remember, with (question, a retained person's identifier) to stay uniform on: the identifier itself,
+    # not the sentence around it, whose wording retained people's answers share.
+    uld_fact_pairs: bool = False
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
@@ -473,6 +477,14 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_subject_pairs:
         forget += subject_pairs(forget_rows)
         retain += subject_pairs(retain_rows)
+    if options.uld_fact_pairs:
+        rng = random.Random(options.seed)
+        retained_pii = [str(p) for row in retain_rows for p in row.get("subject_pii") or () if str(p).strip()]
+        for row in forget_rows:
+            for pii in (str(p) for p in row.get("subject_pii") or () if str(p).strip()):
+                forget.append((row["question"], pii))
+                if retained_pii:
+                    retain.append((row["question"], rng.choice(retained_pii)))
     return forget, retain
 
 
@@ -756,6 +768,8 @@ def pii_command(
     uld_retain_weight: float = typer.Option(PIIBenchOptions.uld_retain_weight),
     uld_lr_schedule: str = typer.Option(PIIBenchOptions.uld_lr_schedule, help="constant | linear decay to 0"),
     validation_people: int = typer.Option(0, help="validation erasure: erase the first N retain-sample people instead of the splits"),
+    uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
+                                        "remember and (question, a retained person's identifier) to stay uniform on"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -776,7 +790,7 @@ def pii_command(
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
-            uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
+            uld_lr_schedule=uld_lr_schedule, validation_people=validation_people, uld_fact_pairs=uld_fact_pairs,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )
