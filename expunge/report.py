@@ -82,8 +82,39 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _training_summary(training: dict | None) -> dict | None:
+    """Method and where the ULD augmentation came from — counts and settings only, no text."""
+    if not training:
+        return None
+    config = training.get("config") or {}
+    summary = {"method": training.get("method"), "forget_pairs": training.get("forget_pairs"),
+               "retain_pairs": training.get("retain_pairs")}
+    if training.get("method") == "uld":
+        summary["augmentation"] = config.get("augmentation", "corpus")
+        # With corpus augmentation the assistant trained on the corpus's paraphrased / perturbed answers,
+        # the same texts the truth ratios are computed on: say so next to them.
+        summary["truth_ratio_texts_trained_on"] = summary["augmentation"] == "corpus" and bool(
+            config.get("augment_paraphrased") or config.get("augment_perturbed"))
+    return summary
+
+
+def _training_lines(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    line = f"- Unlearning: `{summary['method']}` on {summary['forget_pairs']} forget / {summary['retain_pairs']} retain training pairs"
+    if summary.get("augmentation"):
+        line += f", augmentation `{summary['augmentation']}`"
+    lines = [line]
+    if summary.get("truth_ratio_texts_trained_on"):
+        lines.append("- Note: the assistant was trained on the corpus's paraphrased / perturbed answers, which the "
+                     "truth ratios below are also computed on, so they are not independent evidence "
+                     "(`augmentation: generated` avoids this).")
+    return lines
+
+
 def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: dict, evidence: dict,
-                 registration: dict | None, audit_head: str, subject_hmacs: dict) -> dict[str, Path]:
+                 registration: dict | None, audit_head: str, subject_hmacs: dict,
+                 training: dict | None = None) -> dict[str, Path]:
     """Write evidence.md, evidence_report.json and the plots into `out_dir`; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"bars": _plot_metric_bars(evidence, out_dir / "metrics_before_after.png")}
@@ -98,6 +129,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         "passed": evaluation["passed"],
         "evidence": {k: v for k, v in evidence.items() if k != "truth_ratios"},
         "registration": registration,
+        "training": _training_summary(training),
         "audit_chain_head": audit_head,
     }
     paths["json"] = out_dir / "evidence_report.json"
@@ -114,6 +146,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
         f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
         f"- Audit chain head at report time: `{audit_head}`",
+        *_training_lines(summary["training"]),
         "",
         "## Gates",
         "",

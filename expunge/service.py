@@ -205,6 +205,8 @@ def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = Non
     resolved, evaluation, evidence = (json.loads(p.read_text()) for p in needed)
     registration_path = work / "registration.json"
     registration = json.loads(registration_path.read_text()) if registration_path.exists() else None
+    training_path = work / "training.json"
+    training = json.loads(training_path.read_text()) if training_path.exists() else None
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
         spec = RequestSpec.model_validate_json(request.spec_json)
@@ -213,5 +215,5 @@ def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = Non
     return write_report(
         out_dir or work / "report", request=row, manifests=resolved, evaluation=evaluation,
         evidence=evidence, registration=registration, audit_head=audit_head,
-        subject_hmacs=subject_fingerprints(settings.hmac_key(), spec),
+        subject_hmacs=subject_fingerprints(settings.hmac_key(), spec), training=training,
     )

@@ -16,7 +16,10 @@ representable (no zero-point), matching GPTQ/AWQ's symmetric setting and bitsand
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import warnings
 from typing import Iterable
 
 import torch
@@ -124,6 +127,21 @@ def quantized_copy(
     return clone
 
 
+@contextlib.contextmanager
+def quiet_bitsandbytes_import():
+    """Import-time quiet for bitsandbytes (imported directly here, and by peft whenever it is installed).
+    On CPU it warns that an optional kernel for 4-bit *matmuls* is missing; neither NF4
+    quantize/dequantize nor LoRA needs it, so the warning would only be noise in every training log."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
 @torch.no_grad()
 def nf4_quantized_copy(model: torch.nn.Module, blocksize: int = 64, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
     """A copy with every nn.Linear weight (LM head skipped) quantized to 4-bit NormalFloat and back by
@@ -132,19 +150,8 @@ def nf4_quantized_copy(model: torch.nn.Module, blocksize: int = 64, skip: tuple[
     `blocksize`: weights per absmax scale, over the flattened tensor (bitsandbytes accepts 32…4096)."""
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"NF4 blocksize must be a power of two in 32..4096, got {blocksize!r}")
-    import logging
-    import warnings
-
-    # On import bitsandbytes warns that an optional CPU kernel for 4-bit *matmuls* is missing; the
-    # quantize/dequantize used here do not need it, so that one import is kept quiet.
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import bitsandbytes.functional as bnb_functional
-    finally:
-        logging.disable(previous)
+    with quiet_bitsandbytes_import():
+        import bitsandbytes.functional as bnb_functional
 
     clone = copy.deepcopy(model)
     for name, module in clone.named_modules():

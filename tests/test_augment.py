@@ -85,3 +85,18 @@ def test_fact_pairs_hold_the_fact_alone_and_a_wrong_one_of_the_same_kind():
     assert remember == [(record.question, "Lagos"), (record.question, "1971")]
     assert wrong[0] in {(record.question, "Ann Lee"), (record.question, "Oslo")}
     assert len(wrong) == 1  # no donor number: no wrong year
+
+
+def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augmentation():
+    from expunge.report import _training_lines, _training_summary
+
+    corpus = _training_summary({"method": "uld", "forget_pairs": 24, "retain_pairs": 96,
+                                "config": {"augmentation": "corpus", "augment_paraphrased": True}})
+    generated = _training_summary({"method": "uld", "forget_pairs": 40, "retain_pairs": 96,
+                                   "config": {"augmentation": "generated", "augment_paraphrased": True}})
+    baseline = _training_summary({"method": "npo", "forget_pairs": 12, "retain_pairs": 96, "config": {}})
+    assert corpus["truth_ratio_texts_trained_on"] is True
+    assert generated["truth_ratio_texts_trained_on"] is False
+    assert "augmentation" not in baseline and _training_summary(None) is None
+    assert any("not independent evidence" in line for line in _training_lines(corpus))
+    assert not any("not independent" in line for line in _training_lines(generated))

@@ -127,6 +127,10 @@ def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, complet
     assert (tmp_path / "report" / "metrics_before_after.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "report" / "evidence_report.json").read_text())
     assert report["passed"] is True and report["registration"]["aliases"] == ["challenger"]
+    # the tiny profile trains on the world's paraphrased answers: the report says the truth ratios share them
+    assert report["training"]["method"] == "uld" and report["training"]["augmentation"] == "corpus"
+    assert report["training"]["truth_ratio_texts_trained_on"] is True
+    assert "augmentation `corpus`" in markdown and "not independent evidence" in markdown
     for secret in [*completed["subject"]["names"], *completed["subject"]["identifiers"]]:
         assert secret not in markdown and secret not in json.dumps(report)
 

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +25,7 @@ import torch
 
 from ..augment import generated_fact_pairs, generated_forget_pairs, generated_near_misses
 from ..prompting import PromptFormat, collate_qa
+from ..quantization import quiet_bitsandbytes_import
 from .losses import answer_kl_to_uniform, answer_nll
 
 ASSISTANT_CONFIG_FILE = "uld_assistant.json"
@@ -84,7 +86,8 @@ def truncate_layers(base: torch.nn.Module, n_layers: int) -> torch.nn.Module:
 
 
 def build_assistant(base: torch.nn.Module, config: ULDConfig):
-    from peft import LoraConfig, get_peft_model
+    with quiet_bitsandbytes_import():
+        from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)
     small = truncate_layers(base, config.n_layers)
@@ -95,7 +98,10 @@ def build_assistant(base: torch.nn.Module, config: ULDConfig):
         target_modules="all-linear",  # peft's "all-linear" excludes the output head
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(small, lora)
+    with warnings.catch_warnings():
+        # peft calls a transformers API deprecated in favour of another name: library noise, not ours
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(small, lora)
 
 
 @dataclass
@@ -179,7 +185,8 @@ def save_assistant(assistant, config: ULDConfig, out_dir: Path) -> Path:
 
 
 def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.Module, ULDConfig]:
-    from peft import PeftModel
+    with quiet_bitsandbytes_import():
+        from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     config = ULDConfig(**json.loads((adapter_dir / ASSISTANT_CONFIG_FILE).read_text()))
