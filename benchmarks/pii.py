@@ -426,16 +426,11 @@ def per_split(value: str | int, split: str) -> int:
 
 
 def uld_config(options: PIIBenchOptions, split: str):
-    from expunge_ml.methods.uld import ULDConfig
+    from .uld_options import uld_config_from
 
-    return ULDConfig(
-        n_layers=options.uld_layers, lora_r=options.uld_lora_r, lora_alpha=options.uld_lora_alpha,
-        lora_dropout=options.uld_lora_dropout, retain_weight=options.uld_retain_weight,
-        weight=options.uld_weight, relative_top=options.uld_relative_top,
-        epochs=per_split(options.uld_epochs, split),
-        lr=options.uld_lr, batch_size=options.uld_batch_size, target_forget_loss=options.uld_target_loss,
-        augment_paraphrased=False, augment_perturbed=False, seed=options.seed, lr_schedule=options.uld_lr_schedule,
-    )
+    return uld_config_from(options, epochs=per_split(options.uld_epochs, split),
+                           target_forget_loss=options.uld_target_loss,
+                           augment_paraphrased=False, augment_perturbed=False)
 
 
 IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"

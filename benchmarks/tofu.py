@@ -433,18 +433,14 @@ def uld_pairs(data: TofuData, forget: Sequence[QARecord], retain: Sequence[QARec
 
 
 def uld_config(opts: TofuBenchOptions):
-    from expunge_ml.methods.uld import ULDConfig
+    from .uld_options import uld_config_from
 
-    return ULDConfig(
-        n_layers=opts.uld_layers, lora_r=opts.uld_lora_r, lora_alpha=opts.uld_lora_alpha,
-        lora_dropout=opts.uld_lora_dropout, retain_weight=opts.uld_retain_weight, weight=opts.uld_weight,
-        relative_top=opts.uld_relative_top, epochs=opts.uld_epochs, lr=opts.uld_lr,
-        batch_size=opts.uld_batch_size, target_forget_loss=opts.uld_target_forget_loss,
+    generated = opts.uld_augmentation == "generated"
+    return uld_config_from(
+        opts, epochs=opts.uld_epochs, target_forget_loss=opts.uld_target_forget_loss,
         augment_paraphrased=opts.uld_paraphrase_pairs > 0, augment_perturbed=opts.uld_perturbed_per_item > 0,
-        seed=opts.seed, lr_schedule=opts.uld_lr_schedule,
-        augmentation="generated" if opts.uld_augmentation == "generated" else "corpus",
-        near_misses_per_item=opts.uld_perturbed_per_item, question_variants=opts.uld_paraphrase_pairs,
-        fact_pairs=opts.uld_fact_pairs and opts.uld_augmentation == "generated",
+        augmentation="generated" if generated else "corpus", near_misses_per_item=opts.uld_perturbed_per_item,
+        question_variants=opts.uld_paraphrase_pairs, fact_pairs=opts.uld_fact_pairs and generated,
     )
 
 

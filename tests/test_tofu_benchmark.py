@@ -123,3 +123,23 @@ def test_quantization_rows_hand_computed():
     assert by[("base", "int4")]["recovery"] is None and by[("uld", "int4")]["recovery"] is None
     assert ("uld", "int8") not in by
     assert goal(rows) == {"uld_recovery_le_0.05": {"s/int4": False}, "met": False}
+
+
+def test_both_benchmarks_map_their_shared_uld_settings_the_same_way():
+    from dataclasses import asdict
+
+    from benchmarks.pii import PIIBenchOptions
+    from benchmarks.pii import uld_config as pii_uld_config
+    from benchmarks.tofu import TofuBenchOptions, uld_config
+    from benchmarks.uld_options import SHARED_FIELDS
+
+    shared = dict(uld_layers=3, uld_lora_r=8, uld_lora_alpha=16, uld_lora_dropout=0.1, uld_weight=-1.1,
+                  uld_relative_top=0.001, uld_retain_weight=7.0, uld_lr=2e-3, uld_batch_size=4,
+                  uld_lr_schedule="linear", seed=5)
+    tofu = asdict(uld_config(TofuBenchOptions(**shared, uld_epochs=9)))
+    pii = asdict(pii_uld_config(PIIBenchOptions(**shared, uld_epochs="forget5=11"), "forget5"))
+    for name, option in SHARED_FIELDS.items():
+        assert tofu[name] == pii[name] == shared[option], name
+    assert (tofu["epochs"], pii["epochs"]) == (9, 11)
+    assert tofu["augmentation"] == "generated" and pii["augmentation"] == "corpus"
+    assert pii["augment_paraphrased"] is False and pii["augment_perturbed"] is False
