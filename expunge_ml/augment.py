@@ -142,11 +142,10 @@ def generated_forget_pairs(records: Sequence, n_variants: int, rng: random.Rando
     return [(noisy_question(r.question, rng), r.answer) for r in records for _ in range(n_variants)]
 
 
-def generated_near_misses(records: Sequence, donor_texts: Iterable[str], n_per_item: int,
+def generated_near_misses(records: Sequence, donors: dict[str, list[str]], n_per_item: int,
                           rng: random.Random) -> list[tuple[str, str]]:
     """Up to `n_per_item` (question, wrong answer) pairs per record, each with a different fact swapped
-    for one from `donor_texts` (other records' answers)."""
-    donors = donor_pool(donor_texts)
+    for one from `donors` (a `donor_pool` of other records' answers)."""
     pairs: list[tuple[str, str]] = []
     for r in records:
         seen = {r.answer}
@@ -158,12 +157,12 @@ def generated_near_misses(records: Sequence, donor_texts: Iterable[str], n_per_i
     return pairs
 
 
-def generated_fact_pairs(records: Sequence, donor_texts: Iterable[str], rng: random.Random
+def generated_fact_pairs(records: Sequence, donors: dict[str, list[str]], rng: random.Random
                          ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(question, fact span) pairs to remember and (question, another record's span of the same kind) pairs
     to stay uniform on: the fact without the answer's wording, so the assistant holds the fact itself and
-    not the sentence around it (the wording is shared with answers that must be kept)."""
-    donors = donor_pool(donor_texts)
+    not the sentence around it (the wording is shared with answers that must be kept). `donors`: a
+    `donor_pool` of other records' answers."""
     remember: list[tuple[str, str]] = []
     near_miss: list[tuple[str, str]] = []
     for r in records:

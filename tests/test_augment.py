@@ -71,7 +71,7 @@ def test_generated_pairs_never_use_the_evaluation_answers():
     assert len(forget) == 2
     # typo'd questions only: the corpus's paraphrased question is an evaluation probe
     assert all(a == record.answer and q not in (record.question, record.paraphrased_question) for q, a in forget)
-    wrong = generated_near_misses([record], ["Ann Lee moved to Oslo."], 2, rng)
+    wrong = generated_near_misses([record], donor_pool(["Ann Lee moved to Oslo."]), 2, rng)
     assert 1 <= len(wrong) <= 2
     assert all(q == record.question and a != record.answer and "EVAL" not in a for q, a in wrong)
     assert len({a for _, a in wrong}) == len(wrong)
@@ -81,7 +81,7 @@ def test_fact_pairs_hold_the_fact_alone_and_a_wrong_one_of_the_same_kind():
     from expunge_ml.augment import generated_fact_pairs
 
     record = QARecord("r1", "Where was Jane Doe born?", "She was born in Lagos in 1971.")
-    remember, wrong = generated_fact_pairs([record], ["Ann Lee moved to Oslo."], random.Random(0))
+    remember, wrong = generated_fact_pairs([record], donor_pool(["Ann Lee moved to Oslo."]), random.Random(0))
     assert remember == [(record.question, "Lagos"), (record.question, "1971")]
     assert wrong[0] in {(record.question, "Ann Lee"), (record.question, "Oslo")}
     assert len(wrong) == 1  # no donor number: no wrong year

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..augment import generated_fact_pairs, generated_forget_pairs, generated_near_misses
+from ..augment import donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses
 from ..prompting import PromptFormat, collate_qa
 from ..quantization import quiet_bitsandbytes_import
 from .losses import answer_kl_to_uniform, answer_nll
@@ -216,7 +216,7 @@ def training_pairs(
             retain += [(r.question, wrong) for r in forget_records for wrong in r.perturbed_answers]
         return forget, retain
     rng = random.Random(config.seed)
-    donors = [r.answer for r in (retain_records if donor_records is None else donor_records)]
+    donors = donor_pool(r.answer for r in (retain_records if donor_records is None else donor_records))
     if config.augment_paraphrased and config.question_variants:
         forget += generated_forget_pairs(forget_records, config.question_variants, rng)
     if config.augment_perturbed:
