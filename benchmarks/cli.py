@@ -77,6 +77,11 @@ def tofu(
     eval_batch_size: int = typer.Option(D.eval_batch_size),
     seed: int = typer.Option(D.seed),
     threads: Optional[int] = typer.Option(D.threads, help="torch intra-op threads"),
+    uld_auto_weight: bool = typer.Option(D.uld_auto_weight, help="choose w per split against never-trained held-out "
+                                         "authors (expunge_ml/calibration.py) instead of --uld-weight"),
+    holdout_authors: int = typer.Option(D.holdout_authors, help="never-trained authors for --uld-auto-weight"),
+    retrain_seeds: str = typer.Option(",".join(map(str, D.retrain_seeds)), help="comma-separated init seeds of extra "
+                                      "retain-only models, rows retrain(seed=k): retraining's own forget quality ('' = none)"),
     dev_authors: str = typer.Option("", help="comma-separated retain authors to forget as a development split "
                                     "(for choosing settings without the TOFU forget splits); replaces --splits"),
     plot: bool = typer.Option(D.plot),
@@ -107,6 +112,8 @@ def tofu(
         uld_lora_r=uld_lora_r, uld_lora_alpha=uld_lora_alpha, uld_lr_schedule=uld_lr_schedule,
         max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, plot=plot,
         dev_authors=tuple(int(a) for a in _csv(dev_authors)),
+        retrain_seeds=tuple(int(a) for a in _csv(retrain_seeds)),
+        uld_auto_weight=uld_auto_weight, holdout_authors=holdout_authors,
         quiet=json_out,
     )
     prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"

@@ -89,7 +89,7 @@ def run_quantization_benchmark(opts: TofuBenchOptions, out_dir: Path, command: s
                                log: Callable[[str], None] | None = None) -> dict:
     opts = dataclasses.replace(
         opts, methods=METHODS, quant_bits=(8, 4), quant_nf4=True, quant_methods=("base", *METHODS), write=False, plot=False,
-        uld_sweep=(), dev_authors=(),
+        uld_sweep=(), dev_authors=(), retrain_seeds=(),
     )
     tofu = run_tofu_benchmark(opts, command=command, log=log)
     rows = quantization_rows(tofu["rows"])

@@ -44,19 +44,19 @@ def _smoke_options(cache: Path, out: Path, **changes):
 
     return TofuBenchOptions(
         data_dir=str(TOFU), cache_dir=str(cache), out_dir=str(out),
-        splits=("forget01",), methods=("uld", "ga"), n_retain_authors=1, qa_per_author=5,
+        splits=("forget01",), n_retain_authors=1, qa_per_author=5,
         real_max=3, world_max=3, vocab_size=320, hidden_size=48, intermediate_size=96, num_layers=2,
         num_heads=2, max_length=96, base_epochs=60, base_lr=1e-2, base_batch_size=8, base_target_loss=0.1,
         baseline_epochs=1, baseline_lr=1e-3, baseline_batch_size=5, uld_layers=1, uld_weight=-1.0,
         uld_epochs=6, uld_lr=1e-2, uld_batch_size=5, max_new_tokens=36, eval_batch_size=16, threads=1,
-        quiet=True, **changes,
+        quiet=True, **{"retrain_seeds": (), "methods": ("uld", "ga"), **changes},
     )
 
 
 def test_tofu_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     from benchmarks.tofu import run_tofu_benchmark
 
-    opts = _smoke_options(bench_cache, tmp_path / "out")
+    opts = _smoke_options(bench_cache, tmp_path / "out", retrain_seeds=(1,))
     report = run_tofu_benchmark(opts, command="pytest smoke")
     out = tmp_path / "out"
     saved = json.loads((out / "tofu.json").read_text())
@@ -64,7 +64,11 @@ def test_tofu_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     assert (out / "tofu.md").read_text().startswith("# TOFU benchmark")
     assert (out / "tofu_fq_vs_utility.png").stat().st_size > 1000
     rows = {(r["method"], r["split"]): r for r in saved["rows"]}
-    assert set(rows) == {(m, "forget01") for m in ("retain_oracle", "base", "uld", "ga")}
+    assert set(rows) == {(m, "forget01") for m in ("retain_oracle", "retrain(seed=1)", "base", "uld", "ga")}
+    assert rows[("retain_oracle", "forget01")]["forget_tr_rank_corr_oracle"] == pytest.approx(1.0)
+    assert saved["acceptance"]["forget01"]["retrain_forget_quality"] == {
+        "retrain(seed=1)": rows[("retrain(seed=1)", "forget01")]["forget_quality"]}
+    assert "retrain(seed=1)" in (out / "tofu.md").read_text()
     for r in saved["rows"]:
         assert ROW_KEYS <= set(r)
         assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
@@ -77,6 +81,20 @@ def test_tofu_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     assert uld["forget_prob"] < base["forget_prob"]
     # (forget quality itself is a KS p-value over ~10 items here: too noisy for a smoke assertion)
     assert report["rows"] == saved["rows"] or len(report["rows"]) == len(saved["rows"])
+
+
+def test_tofu_benchmark_calibrates_the_uld_weight_on_held_out_authors(tmp_path: Path, bench_cache: Path):
+    from benchmarks.tofu import run_tofu_benchmark
+
+    opts = _smoke_options(bench_cache, tmp_path / "out", methods=("uld",), uld_auto_weight=True, holdout_authors=2,
+                          write=False)
+    uld = next(r for r in run_tofu_benchmark(opts)["rows"] if r["method"] == "uld")
+    # w was chosen against the never-trained held-out authors' records, and that w is the one served
+    calibration = uld["weight_calibration"]
+    assert calibration["n_holdout"] >= 5 and calibration["weight"] == uld["config"]["weight"]
+    assert calibration["weight"] in {g["weight"] for g in calibration["grid"]}
+    best = min(g["ks_statistic"] for g in calibration["grid"])
+    assert calibration["ks_statistic"] == best
 
 
 def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
@@ -143,3 +161,21 @@ def test_both_benchmarks_map_their_shared_uld_settings_the_same_way():
     assert (tofu["epochs"], pii["epochs"]) == (9, 11)
     assert tofu["augmentation"] == "generated" and pii["augmentation"] == "corpus"
     assert pii["augment_paraphrased"] is False and pii["augment_perturbed"] is False
+
+
+def test_rank_correlation_hand_computed():
+    from benchmarks.tofu import rank_correlation
+
+    assert rank_correlation([0.5, 1.0, 2.0], [0.1, 0.2, 0.3]) == pytest.approx(1.0)
+    assert rank_correlation([3.0, 2.0, 1.0], [0.1, 0.2, 0.3]) == pytest.approx(-1.0)
+    # ranks (1, 3, 2) vs (1, 2, 3): d² = 0 + 1 + 1 → ρ = 1 − 6·2 / (3·8) = 0.5
+    assert rank_correlation([1.0, 9.0, 4.0], [1.0, 2.0, 3.0]) == pytest.approx(0.5)
+    assert rank_correlation([1.0, 2.0], [1.0, 2.0]) is None  # too few questions to rank
+    assert rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # constant: undefined
+
+
+def test_retrain_seeds_must_differ_from_the_oracle_seed():
+    from benchmarks.tofu import TofuBenchOptions
+
+    with pytest.raises(ValueError, match="retrain_seeds"):
+        TofuBenchOptions(seed=0, retrain_seeds=(0, 1)).validate()
