@@ -246,9 +246,12 @@ def make_plan(data: TofuData, opts: TofuBenchOptions) -> Plan:
         extra = [a for a in range(200) if a not in retain_authors and a not in forget_authors("forget10")]
         retain_authors = sorted(retain_authors + extra[: opts.n_retain_authors - len(retain_authors)])
     authors = sorted(retain_authors + chosen_forget)
-    keep = data.author_records(authors)
-    if opts.qa_per_author is not None:
-        keep = [r for r in keep if int(r.record_id.split("-")[1]) % 20 < opts.qa_per_author]
+    def within_qa_cap(records: list[QARecord]) -> list[QARecord]:  # only the first qa_per_author QA of each author
+        if opts.qa_per_author is None:
+            return records
+        return [r for r in records if int(r.record_id.split("-")[1]) % 20 < opts.qa_per_author]
+
+    keep = within_qa_cap(data.author_records(authors))
     kept_ids = {r.record_id for r in keep}
     real_eval = data.real_authors[: opts.real_max] if opts.real_max is not None else list(data.real_authors)
     world_eval = data.world_facts[: opts.world_max] if opts.world_max is not None else list(data.world_facts)
@@ -259,8 +262,7 @@ def make_plan(data: TofuData, opts: TofuBenchOptions) -> Plan:
         retain_eval = retain_eval[: opts.retain_eval_max]
     # held-out authors: the next authors outside every forget split that no base, oracle or method trains on
     untrained = [a for a in range(200) if a not in authors and a not in forget_authors("forget10")]
-    holdout = [r for r in data.author_records(untrained[: opts.holdout_authors])
-               if opts.qa_per_author is None or int(r.record_id.split("-")[1]) % 20 < opts.qa_per_author]
+    holdout = within_qa_cap(data.author_records(untrained[: opts.holdout_authors]))
     return Plan(authors, per_split, retain_authors, base_pairs, world_pairs, real_eval, world_eval, retain_eval,
                 kept_ids, holdout)
 
@@ -622,7 +624,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
                                                   dataclasses.replace(opts, seed=seed), cache, log)
             reseeded.requires_grad_(False)
             ev = evaluate_source(CausalLMLogits(reseeded), tokenizer, fmt, forget, eval_plan, opts)
-            row(f"retrain(seed={seed})", split, ev, oracle_ratios, meta["train_seconds"], meta["peak_mem_mb"],
+            row(retrain_method(seed), split, ev, oracle_ratios, meta["train_seconds"], meta["peak_mem_mb"],
                 cached=meta.get("cached", False), epochs=meta["epochs"], steps=meta["steps"])
             del reseeded
         base_ev = evaluate_source(base_source, tokenizer, fmt, forget, eval_plan, opts, base_utility)
@@ -693,6 +695,19 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
     return report
 
 
+def retrain_method(seed: int) -> str:
+    return f"retrain(seed={seed})"
+
+
+def is_retrain(method: str) -> bool:
+    return method.startswith("retrain(seed=")
+
+
+def _rho_text(row: dict) -> str:
+    rho = row.get("forget_tr_rank_corr_oracle")
+    return "—" if rho is None else f"{rho:.2f}"
+
+
 def rank_correlation(ratios: Sequence[float], oracle_ratios: Sequence[float]) -> float | None:
     """Spearman ρ of a model's per-question forget truth ratios with the oracle's (same questions, same order).
 
@@ -723,7 +738,7 @@ def acceptance(rows: list[dict], splits: Sequence[str]) -> dict:
                 checks[f"uld_beats_{other}"] = (uld["forget_quality"] > by[other]["forget_quality"]
                                                 and uld["model_utility"] > by[other]["model_utility"])
         # what retraining itself scores against the oracle: the metric's own ceiling at this scale (context only)
-        retrain = {r["method"]: r["forget_quality"] for r in by.values() if r["method"].startswith("retrain(")}
+        retrain = {r["method"]: r["forget_quality"] for r in by.values() if is_retrain(r["method"])}
         out[split] = {"checks": checks, "met": all(checks.values()), "retrain_forget_quality": retrain}
     return out
 
@@ -740,10 +755,8 @@ def print_table(report: dict, console=None) -> None:
     for col in ("split", "method", "forget quality", "model utility", "forget ROUGE-L", "forget-TR ρ", "train s", "peak MB"):
         table.add_column(col, justify="left" if col in ("split", "method") else "right")
     for r in report["rows"]:
-        rho = r.get("forget_tr_rank_corr_oracle")
         table.add_row(r["split"], r["method"], f"{r['forget_quality']:.3g}", f"{r['model_utility']:.4f}",
-                      f"{r['forget_rougeL']:.3f}", "—" if rho is None else f"{rho:.2f}", f"{r['train_seconds']:.1f}",
-                      f"{r['peak_mem_mb']:.0f}")
+                      f"{r['forget_rougeL']:.3f}", _rho_text(r), f"{r['train_seconds']:.1f}", f"{r['peak_mem_mb']:.0f}")
     console.print(table)
     for split, value in report.get("uld_npo_train_time_ratio", {}).items():
         console.print(f"{split}: ULD assistant training time / NPO training time = {value:.2f}")
@@ -837,10 +850,9 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        rho = r.get("forget_tr_rank_corr_oracle")
         lines.append(
             f"| {r['split']} | {r['method']} | {r['forget_quality']:.3g} | {r['model_utility']:.4f} | "
-            f"{r['forget_rougeL']:.3f} | {r['forget_prob']:.3f} | {'—' if rho is None else f'{rho:.2f}'} | "
+            f"{r['forget_rougeL']:.3f} | {r['forget_prob']:.3f} | {_rho_text(r)} | "
             f"{r['train_seconds']:.1f} | {r['peak_mem_mb']:.0f} |"
         )
     lines += ["", "ULD assistant training time ÷ NPO training time: "
@@ -886,7 +898,7 @@ def plot(report: dict, path: Path) -> None:
     style: dict[str, dict] = {"base": {"color": "grey", "marker": "X"}, "retain_oracle": {"color": "black", "marker": "*"},
                               "uld": {"color": "tab:red", "marker": "o"}}
     for m in methods:
-        if m.startswith("retrain("):  # retraining from another seed: the oracle's marker, hollow
+        if is_retrain(m):  # retraining from another seed: the oracle's marker, hollow
             style[m] = {"color": "white", "marker": "*"}
     others = [m for m in methods if m not in style]
     other_colors = [c for i, c in enumerate(palette.colors) if i not in (3, 7)]  # red = ULD, grey = base
@@ -902,7 +914,7 @@ def plot(report: dict, path: Path) -> None:
             ax.scatter(r["model_utility"], fq, color=st["color"], marker=st["marker"],
                        s=140 if r["method"] == "uld" else 70, edgecolors="black", linewidths=0.6, zorder=3,
                        label=r["method"])
-            if not r["method"].startswith("retrain("):  # they sit on the oracle; the legend names them
+            if not is_retrain(r["method"]):  # they sit on the oracle; the legend names them
                 ax.annotate(r["method"], (r["model_utility"], fq), textcoords="offset points", xytext=(5, 4), fontsize=7)
         ax.set_yscale("log")
         ax.axhline(0.05, color="grey", linestyle=":", linewidth=1)

@@ -142,19 +142,21 @@ def generated_forget_pairs(records: Sequence, n_variants: int, rng: random.Rando
     return [(noisy_question(r.question, rng), r.answer) for r in records for _ in range(n_variants)]
 
 
+def near_miss_answers(answer: str, donors: dict[str, list[str]], n: int, rng: random.Random) -> list[str]:
+    """Up to `n` distinct wrong versions of `answer`, each with a different fact swapped for one from
+    `donors` (a `donor_pool` of other records' answers); none equals the answer itself."""
+    wrong_answers: list[str] = []
+    for variant in range(n):
+        wrong = perturb_answer(answer, donors, rng, variant)
+        if wrong and wrong != answer and wrong not in wrong_answers:
+            wrong_answers.append(wrong)
+    return wrong_answers
+
+
 def generated_near_misses(records: Sequence, donors: dict[str, list[str]], n_per_item: int,
                           rng: random.Random) -> list[tuple[str, str]]:
-    """Up to `n_per_item` (question, wrong answer) pairs per record, each with a different fact swapped
-    for one from `donors` (a `donor_pool` of other records' answers)."""
-    pairs: list[tuple[str, str]] = []
-    for r in records:
-        seen = {r.answer}
-        for variant in range(n_per_item):
-            wrong = perturb_answer(r.answer, donors, rng, variant)
-            if wrong and wrong not in seen:
-                seen.add(wrong)
-                pairs.append((r.question, wrong))
-    return pairs
+    """Up to `n_per_item` (question, wrong answer) pairs per record (`near_miss_answers`)."""
+    return [(r.question, wrong) for r in records for wrong in near_miss_answers(r.answer, donors, n_per_item, rng)]
 
 
 def generated_fact_pairs(records: Sequence, donors: dict[str, list[str]], rng: random.Random

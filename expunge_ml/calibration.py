@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .augment import donor_pool, perturb_answer
-from .generation import score_answers
+from .augment import donor_pool, near_miss_answers
+from .truth_ratio_eval import log_truth_ratios
 
 DEFAULT_WEIGHT_GRID: tuple[float, ...] = (-0.5, -0.6, -0.7, -0.8, -0.9, -1.0, -1.1, -1.25, -1.5, -1.75, -2.0)
 
@@ -45,34 +45,17 @@ class WeightCalibration:
                 "n_forget": self.n_forget, "n_holdout": self.n_holdout, "grid": list(self.grid)}
 
 
-def near_miss_probes(records: Sequence, donors: dict[str, list[str]], n_variants: int, seed: int
-                     ) -> list[tuple[str, str, list[str]]]:
-    """(question, true answer, near-miss answers) per record that has a swappable fact span."""
+def near_miss_probes(records: Sequence, donors: dict[str, list[str]], n_variants: int, seed: int) -> list[dict]:
+    """Truth-ratio records built from training answers: the true answer in the paraphrase's place and its
+    near-miss answers (`augment.near_miss_answers`) as the perturbed ones; records without a swappable
+    fact are skipped."""
     rng = random.Random(seed)
     probes = []
     for record in records:
-        variants = []
-        for v in range(n_variants):
-            wrong = perturb_answer(record.answer, donors, rng, variant=v)
-            if wrong is not None and wrong != record.answer and wrong not in variants:
-                variants.append(wrong)
-        if variants:
-            probes.append((record.question, record.answer, variants))
+        wrong = near_miss_answers(record.answer, donors, n_variants, rng)
+        if wrong:
+            probes.append({"question": record.question, "paraphrased_answer": record.answer, "perturbed_answers": wrong})
     return probes
-
-
-def near_miss_log_ratios(source, tokenizer, fmt, probes: Sequence[tuple[str, str, list[str]]],
-                         batch_size: int = 32) -> list[float]:
-    """log truth ratio per probe: geometric-mean P(near-miss) over P(true answer), length-normalised."""
-    pairs, spans = [], []
-    for question, answer, wrong in probes:
-        start = len(pairs)
-        pairs.append((question, answer))
-        pairs += [(question, w) for w in wrong]
-        spans.append((start, len(pairs)))
-    lp = [s.mean_log_prob for s in score_answers(source, tokenizer, fmt, pairs, batch_size)]
-    # log of metrics.truth_ratio, kept in log space: the ratio itself underflows for a sharp model
-    return [float(np.mean(lp[s + 1:e]) - lp[s]) for s, e in spans]
 
 
 def closest_weight(reference: Sequence[float], candidates: dict[float, Sequence[float]]
@@ -118,8 +101,8 @@ def calibrate_weight(
         raise ValueError(
             f"weight calibration needs ≥ {min_records} forget and held-out records with a swappable fact; "
             f"got {len(forget_probes)} forget, {len(holdout_probes)} held-out")
-    reference = near_miss_log_ratios(base_source, tokenizer, fmt, holdout_probes, batch_size)
-    candidates = {w: near_miss_log_ratios(composite_at(w), tokenizer, fmt, forget_probes, batch_size) for w in grid}
+    reference = log_truth_ratios(base_source, tokenizer, fmt, holdout_probes, batch_size)
+    candidates = {w: log_truth_ratios(composite_at(w), tokenizer, fmt, forget_probes, batch_size) for w in grid}
     weight, table = closest_weight(reference, candidates)
     chosen = next(g for g in table if g["weight"] == weight)
     return WeightCalibration(weight=weight, ks_statistic=chosen["ks_statistic"], p_value=chosen["p_value"],

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from .generation import score_answers
 from .logits import LogitSource
-from .metrics import truth_ratio
 from .prompting import PromptFormat
 
-__all__ = ["truth_ratios"]
+__all__ = ["log_truth_ratios", "truth_ratios"]
 
 
 def _get(record: Any, key: str) -> Any:
@@ -29,7 +30,18 @@ def truth_ratios(
     records: Sequence[Any],
     batch_size: int = 16,
 ) -> list[float]:
-    """One truth ratio per record (QARecord or dict with question, paraphrased_answer, perturbed_answers).
+    """One truth ratio per record (QARecord or dict with question, paraphrased_answer, perturbed_answers)."""
+    return [float(np.exp(r)) for r in log_truth_ratios(source, tokenizer, fmt, records, batch_size)]
+
+
+def log_truth_ratios(
+    source: LogitSource,
+    tokenizer,
+    fmt: PromptFormat,
+    records: Sequence[Any],
+    batch_size: int = 16,
+) -> list[float]:
+    """log R per record, = mean_i lp(perturbed_i) − lp(paraphrased); stays finite where R underflows to 0.
 
     Every (question, answer) pair of every record is scored in one flat list, so batches are full
     regardless of how many perturbed answers each record has.
@@ -51,6 +63,7 @@ def truth_ratios(
         spans.append((start, len(pairs)))
     scores = score_answers(source, tokenizer, fmt, pairs, batch_size) if pairs else []
     return [
-        truth_ratio(scores[start].mean_log_prob, [s.mean_log_prob for s in scores[start + 1 : end]])
+        float(np.asarray([s.mean_log_prob for s in scores[start + 1 : end]], dtype=np.float64).mean()
+              - float(scores[start].mean_log_prob))
         for start, end in spans
     ]

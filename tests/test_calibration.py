@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from expunge_ml.augment import donor_pool
-from expunge_ml.calibration import calibrate_weight, closest_weight, near_miss_log_ratios, near_miss_probes
+from expunge_ml.calibration import calibrate_weight, closest_weight, near_miss_probes
 from expunge_ml.corpus import QARecord
 from expunge_ml.logits import CausalLMLogits
 from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer
 from expunge_ml.prompting import PromptFormat
+from expunge_ml.truth_ratio_eval import log_truth_ratios, truth_ratios
 
 
 def _record(i: int, answer: str, subject: str = "s") -> QARecord:
@@ -46,9 +47,11 @@ def test_closest_weight_breaks_ties_towards_the_smaller_weight():
 def test_near_miss_probes_swap_a_fact_and_skip_records_without_one():
     no_fact = _record(99, "they never said.")
     probes = near_miss_probes(FORGET[:2] + [no_fact], donor_pool(DONORS), n_variants=2, seed=0)
-    assert [p[1] for p in probes] == [FORGET[0].answer, FORGET[1].answer]  # the fact-less record is skipped
-    for question, answer, wrong in probes:
-        assert 1 <= len(wrong) <= 2 and answer not in wrong and len(set(wrong)) == len(wrong)
+    # the fact-less record is skipped; the true answer stands where a truth ratio has the paraphrase
+    assert [p["paraphrased_answer"] for p in probes] == [FORGET[0].answer, FORGET[1].answer]
+    for probe in probes:
+        wrong = probe["perturbed_answers"]
+        assert 1 <= len(wrong) <= 2 and probe["paraphrased_answer"] not in wrong and len(set(wrong)) == len(wrong)
     # the same seed gives the same probes (the calibration is reproducible)
     assert probes == near_miss_probes(FORGET[:2] + [no_fact], donor_pool(DONORS), n_variants=2, seed=0)
 
@@ -75,14 +78,17 @@ def test_log_ratios_are_log_truth_ratios_of_the_near_misses(tiny):
     model, tokenizer = tiny
     source, fmt = CausalLMLogits(model), PromptFormat()
     probes = near_miss_probes(FORGET[:3], donor_pool(DONORS), n_variants=1, seed=0)
-    ratios = near_miss_log_ratios(source, tokenizer, fmt, probes)
+    ratios = log_truth_ratios(source, tokenizer, fmt, probes)
     from expunge_ml.generation import score_answers
 
-    for (question, answer, wrong), log_ratio in zip(probes, ratios):
+    for probe, log_ratio in zip(probes, ratios):
+        question, answer, wrong = probe["question"], probe["paraphrased_answer"], probe["perturbed_answers"]
         true_lp, wrong_lp = (s.mean_log_prob for s in score_answers(source, tokenizer, fmt,
                                                                       [(question, answer), (question, wrong[0])]))
         assert log_ratio == pytest.approx(wrong_lp - true_lp, abs=1e-5)  # one near-miss: the plain ratio
         assert math.isfinite(log_ratio)
+    # the plain truth ratios are exactly their exponentials
+    assert truth_ratios(source, tokenizer, fmt, probes) == [pytest.approx(math.exp(r)) for r in ratios]
 
 
 def test_calibration_picks_the_weight_whose_model_matches_the_base_on_held_out_records(tiny):
