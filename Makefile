@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup postgres demo test test-slow clean
+.PHONY: setup postgres demo test test-slow test-gpu clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: $(STAMP) postgres
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# Only the CUDA tests (they skip where torch sees no GPU; install a CUDA torch build first).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu
 
 clean:
 	rm -rf $(VENV) .expunge

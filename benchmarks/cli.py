@@ -21,6 +21,18 @@ def _benchmarks() -> None:
     """Benchmarks of ULD and the baseline unlearning methods (results under benchmarks/results/)."""
 
 
+def _sweep(text: str) -> tuple[tuple[float, float], ...]:
+    """"-1.0:0,-1.25:0.01" → ((-1.0, 0.0), (-1.25, 0.01))."""
+    pairs = []
+    for item in _csv(text):
+        weight, sep, tau = item.partition(":")
+        try:
+            pairs.append((float(weight), float(tau) if sep else 0.0))
+        except ValueError as exc:
+            raise typer.BadParameter(f"--uld-sweep item {item!r} is not w:tau") from exc
+    return tuple(pairs)
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -77,6 +89,7 @@ def tofu(
     eval_batch_size: int = typer.Option(D.eval_batch_size),
     seed: int = typer.Option(D.seed),
     threads: Optional[int] = typer.Option(D.threads, help="torch intra-op threads"),
+    device: str = typer.Option(D.device, help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
     uld_auto_weight: bool = typer.Option(D.uld_auto_weight, help="choose w per split against never-trained held-out "
                                          "authors (expunge_ml/calibration.py) instead of --uld-weight"),
     holdout_authors: int = typer.Option(D.holdout_authors, help="never-trained authors for --uld-auto-weight"),
@@ -84,6 +97,8 @@ def tofu(
                                       "retain-only models, rows retrain(seed=k): retraining's own forget quality ('' = none)"),
     dev_authors: str = typer.Option("", help="comma-separated retain authors to forget as a development split "
                                     "(for choosing settings without the TOFU forget splits); replaces --splits"),
+    uld_sweep: str = typer.Option("", help="extra composites of the same assistant as rows uld(w=…,tau=…): "
+                                  "comma-separated w:tau pairs, e.g. -1.0:0,-1.25:0"),
     plot: bool = typer.Option(D.plot),
     json_out: bool = typer.Option(False, "--json", help="print the report JSON instead of the table"),
 ) -> None:
@@ -110,8 +125,9 @@ def tofu(
         uld_augmentation=uld_augmentation, uld_fact_pairs=uld_fact_pairs,
         uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
         uld_lora_r=uld_lora_r, uld_lora_alpha=uld_lora_alpha, uld_lr_schedule=uld_lr_schedule,
-        max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, plot=plot,
+        max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, device=device, plot=plot,
         dev_authors=tuple(int(a) for a in _csv(dev_authors)),
+        uld_sweep=_sweep(uld_sweep),
         retrain_seeds=tuple(int(a) for a in _csv(retrain_seeds)),
         uld_auto_weight=uld_auto_weight, holdout_authors=holdout_authors,
         quiet=json_out,
@@ -156,6 +172,7 @@ def quantization(
     cache_dir: Optional[Path] = typer.Option(None, help="cache of trained bases/oracles (default ~/.cache/expunge-bench)"),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="where quantization.json / .md go"),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: --from-tofu's)"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda[:N] (default: --from-tofu's)"),
     notes: Optional[Path] = typer.Option(None, help="Markdown file stored as the report's notes"),
 ) -> None:
     """Quantization attack: GA, NPO and ULD on the TOFU benchmark model at fp32 / int8 / int4 / NF4; recovery of forgotten answers."""
@@ -177,6 +194,8 @@ def quantization(
             changes["splits"] = _csv(splits)
         if threads:
             changes["threads"] = threads
+        if device:
+            changes["device"] = device
         opts = dataclasses.replace(opts, **changes)
         opts.validate()
         prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"

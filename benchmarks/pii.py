@@ -128,6 +128,7 @@ class PIIBenchOptions:
     seed: int = 0
     # 1 thread: on the shared 2-core machine 2 threads ran 5× slower per step under contention.
     threads: int | None = 1
+    device: str = "auto"  # where models train and run: auto (a CUDA GPU if torch sees one) | cpu | cuda[:N]
     # Validation erasure, for choosing settings without the reported splits: erase the first N people of
     # the retain sample (the base is the reported splits' base); retained = the other retain-sample people.
     # Replaces the reported splits in the run (split name "validation").
@@ -292,16 +293,18 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
     """The memorising base, from the cache when one with the same config hash exists."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    from expunge_ml.devices import resolve_device
     from expunge_ml.modeling import build_small_llama, train_bpe_tokenizer, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
+    device = resolve_device(options.device)
     key = options.base_key(data.digest, data.trained_people)
     model_dir = Path(options.cache_dir) / f"base-{key}"
     report_path = model_dir / "pii_base_report.json"
     if report_path.exists():
         log(f"base: cached {model_dir}")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = LlamaForCausalLM.from_pretrained(model_dir)
+        model = LlamaForCausalLM.from_pretrained(model_dir).to(device)
         model.eval()
         report = json.loads(report_path.read_text())
         report["cached"] = True
@@ -310,7 +313,7 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
     pairs = base_training_pairs(data.rows, options)
     texts = [fmt.prompt(q) + fmt.answer_prefix + a for q, a in pairs]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=options.vocab_size)
-    model = build_small_llama(tokenizer, _shape(options), seed=options.seed)
+    model = build_small_llama(tokenizer, _shape(options), seed=options.seed).to(device)
     log(f"base: training on {len(pairs)} pairs ({len(data.trained_people)} people), "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
@@ -770,6 +773,7 @@ def pii_command(
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
     max_new_tokens: int = typer.Option(PIIBenchOptions.max_new_tokens),
     threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core machine)"),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
     data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="UnlearnPII files"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, help="cache of trained bases, keyed by config hash"),
     out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where pii.json and pii.md go"),
@@ -780,7 +784,7 @@ def pii_command(
         raise typer.Exit(2)
     options = PIIBenchOptions(**SMOKE_OPTIONS) if smoke else PIIBenchOptions()
     common = dict(methods=_csv(methods), data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir,
-                  threads=threads or None)
+                  threads=threads or None, device=device)
     if not smoke:
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,

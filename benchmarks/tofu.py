@@ -53,6 +53,10 @@ MEMORY_METHOD = (
     "/proc/self/statm by a background thread (torch allocates outside Python's allocator, so tracemalloc "
     "would miss it, and getrusage's ru_maxrss is a process-lifetime high-water mark)"
 )
+CUDA_MEMORY_METHOD = (
+    "peak CUDA memory allocated by torch during the step over what was allocated at its start "
+    "(torch.cuda.max_memory_allocated after reset_peak_memory_stats); host memory is not counted"
+)
 
 
 @dataclass
@@ -120,6 +124,7 @@ class TofuBenchOptions:
     eval_batch_size: int = 32
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    device: str = "auto"  # where models train and run: auto (a CUDA GPU if torch sees one) | cpu | cuda[:N]
     # Development split for choosing hyper-parameters without looking at the TOFU forget splits: forget these
     # *retain* authors instead (a dev oracle is trained without them); replaces the TOFU splits in the run.
     dev_authors: tuple[int, ...] = ()
@@ -208,6 +213,13 @@ class PeakRSS:
         self._thread.join()
         self._peak = max(self._peak, _rss_bytes())
         self.peak_mb = (self._peak - self._start) / 2**20
+
+
+def peak_memory(device):
+    """Peak memory of a step where it matters: GPU memory on CUDA, the process's RSS on the CPU."""
+    from expunge_ml.devices import PeakDeviceMemory
+
+    return PeakDeviceMemory(device) if device.type == "cuda" else PeakRSS()
 
 
 @dataclass
@@ -307,7 +319,7 @@ def _load_or_train_tokenizer(opts: TofuBenchOptions, plan: Plan, cache: Path, lo
 
 def _load_or_train_model(
     role: str, pairs: list[tuple[str, str]], tokenizer, tokenizer_key: str, opts: TofuBenchOptions,
-    cache: Path, log: Callable[[str], None],
+    cache: Path, log: Callable[[str], None], device,
 ):
     """(model, meta): from the cache when the same tokenizer + shape + settings + pairs were trained before."""
     from transformers import AutoModelForCausalLM
@@ -322,25 +334,26 @@ def _load_or_train_model(
     path = cache / f"model-{key}"
     meta_path = path / "bench_meta.json"
     if meta_path.exists():
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path).to(device)
         model.eval()
         meta = json.loads(meta_path.read_text())
         meta["cached"] = True
         log(f"{role}: loaded from cache {path}")
         return model, meta
     log(f"{role}: training on {len(pairs)} QA pairs (cache key {key})")
-    model = build_small_llama(tokenizer, _shape(opts), seed=opts.seed)
+    model = build_small_llama(tokenizer, _shape(opts), seed=opts.seed).to(device)
     settings = _train_settings(opts)
 
     def progress(epoch: int, loss: float) -> None:
         if epoch % 5 == 0 or epoch == 1:
             log(f"  {role} epoch {epoch}: loss {loss:.4f}")
 
-    with PeakRSS() as mem:
+    with peak_memory(device) as mem:
         report = train_on_qa(model, tokenizer, PromptFormat(), pairs, progress=progress, **settings)
     meta = {
         "role": role, "key": key, "n_pairs": len(pairs), "epochs": report.epochs, "steps": report.steps,
-        "final_loss": report.final_loss, "train_seconds": report.seconds, "peak_mem_mb": mem.peak_mb, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "final_loss": report.final_loss, "train_seconds": report.seconds, "peak_mem_mb": mem.peak_mb,
+        "device": device.type, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
     }
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -504,6 +517,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
     import torch
 
     from expunge_ml.calibration import calibrate_weight
+    from expunge_ml.devices import resolve_device
     from expunge_ml.evidence import ServedModel
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
     from expunge_ml.methods.registry import get_method
@@ -511,6 +525,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
     from expunge_ml.metrics import forget_quality
     from expunge_ml.prompting import PromptFormat
 
+    device = resolve_device(opts.device)
     data = load_tofu(opts.data_dir)
     plan = make_plan(data, opts)
     fmt = PromptFormat()
@@ -520,7 +535,8 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         f"base pairs {len(plan.base_pairs)} (world knowledge {len(plan.world_pairs)})")
 
     tokenizer, tok_key = _load_or_train_tokenizer(opts, plan, cache, log)
-    base, base_meta = _load_or_train_model("base", plan.base_pairs, tokenizer, tok_key, opts, cache, log)
+    log(f"device: {device}")
+    base, base_meta = _load_or_train_model("base", plan.base_pairs, tokenizer, tok_key, opts, cache, log, device)
     base.requires_grad_(False)
     base_source = CausalLMLogits(base)
     rows: list[dict] = []
@@ -565,12 +581,13 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
                 "base_parameters": int(sum(p.numel() for p in base.parameters())),
             },
             "base_training": base_meta,
-            "memory_method": MEMORY_METHOD,
+            "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else MEMORY_METHOD,
             "uld_npo_train_time_ratio": ratio,
             "acceptance": acceptance(rows, split_names),
             "environment": {
                 "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                "cpu_count": os.cpu_count(), "platform": platform.platform(), "device": device.type,
+                "accelerator": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             },
             "rows": rows,
         }
@@ -610,7 +627,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         retain = plan.records(data, retain_authors)
         oracle_pairs = [r.pair for r in plan.records(data, oracle_authors)] + plan.world_pairs
         oracle, oracle_meta = _load_or_train_model(f"retain_oracle[{split}]", oracle_pairs, tokenizer, tok_key,
-                                                   opts, cache, log)
+                                                   opts, cache, log, device)
         oracle.requires_grad_(False)
         oracle_ev = evaluate_source(CausalLMLogits(oracle), tokenizer, fmt, forget, eval_plan, opts)
         oracle_ratios = oracle_ev["forget_truth_ratios"]
@@ -621,7 +638,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
         # is the most any method can be expected to reach at this scale (the KS test also sees seed noise).
         for seed in opts.retrain_seeds:
             reseeded, meta = _load_or_train_model(f"retrain[{split}, seed {seed}]", oracle_pairs, tokenizer, tok_key,
-                                                  dataclasses.replace(opts, seed=seed), cache, log)
+                                                  dataclasses.replace(opts, seed=seed), cache, log, device)
             reseeded.requires_grad_(False)
             ev = evaluate_source(CausalLMLogits(reseeded), tokenizer, fmt, forget, eval_plan, opts)
             row(retrain_method(seed), split, ev, oracle_ratios, meta["train_seconds"], meta["peak_mem_mb"],
@@ -635,7 +652,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
             if method == "uld":
                 config = uld_config(opts)
                 forget_plus, retain_plus = uld_pairs(data, forget, retain, opts, rng)
-                with PeakRSS() as mem:
+                with peak_memory(device) as mem:
                     t0 = time.perf_counter()
                     assistant = build_assistant(base, config)
                     report = train_assistant(assistant, tokenizer, fmt, forget_plus, retain_plus, config,
@@ -667,7 +684,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
             else:
                 module = get_method(method)
                 config = baseline_config(method, opts)
-                with PeakRSS() as mem:
+                with peak_memory(device) as mem:
                     t0 = time.perf_counter()
                     model = copy.deepcopy(base)
                     model.requires_grad_(True)
@@ -788,18 +805,19 @@ def markdown(report: dict, plot_name: str | None) -> str:
     lines = [
         "# TOFU benchmark",
         "",
-        "Generated by `benchmarks/tofu.py` from a real run; every number below comes from "
-        "`benchmarks/results/tofu.json`."
+        "Generated by `benchmarks/tofu.py` from a real run; every number below comes from the "
+        "`tofu.json` beside this file."
         + ("" if report.get("complete", True) else " **PARTIAL: the run had not finished when this was written.**"),
         "",
         f"Command: `{report['command']}`  ",
         f"Started {report['started_at']}, wall time {report['wall_seconds']:.0f} s on "
-        f"{report['environment']['cpu_count']} CPU cores (torch {report['environment']['torch']}, "
+        + (f"one {report['environment']['accelerator']} GPU and " if report["environment"].get("accelerator") else "")
+        + f"{report['environment']['cpu_count']} CPU cores (torch {report['environment']['torch']}, "
         f"{report['environment']['threads']} threads).",
         "",
         "## Protocol and sizes",
         "",
-        "TOFU protocol (Maini et al. 2024) at a CPU-sized scale: a small Llama-architecture model is trained "
+        "TOFU protocol (Maini et al. 2024) at a small scale: a small Llama-architecture model is trained "
         "from scratch (tokenizer trained on the benchmark's own training text) on the benchmark's authors; a "
         "retain-only oracle is trained per split without the split's forget authors; every method unlearns "
         "the split's forget authors from the base. Forget quality is the KS-test p-value between the forget "
@@ -809,8 +827,8 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "as mean(max(0, 1−R)); retain numbers on retain_perturbed rows of the trained retain authors).",
         "",
         f"- Authors: {len(sizes['authors'])} = forget authors {sizes['forget_authors']} + "
-        f"{len(sizes['retain_authors'])} retain authors {sizes['retain_authors']} (the first authors that "
-        "retain_perturbed covers, so every retain-utility question is about an author the model was trained on).",
+        f"{len(sizes['retain_authors'])} retain authors {sizes['retain_authors']} (first the authors that "
+        "retain_perturbed covers, then the next ones; every retain-utility question is about a trained author).",
         f"- Splits: {', '.join(cfg['splits'])} as TOFU defines them (the last 2 / 10 / 20 authors; nested).",
         f"- Base training set: {sizes['base_train_pairs']} QA = the authors' 20 QA each"
         + (f" + {sizes['world_knowledge_pairs']} real_authors/world_facts questions with their short answers, "

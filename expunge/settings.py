@@ -47,6 +47,12 @@ class Settings:
         return load_profile(self.profile_name)
 
     @property
+    def device(self) -> str:
+        """Where models train and run: EXPUNGE_DEVICE, else the profile's runtime.device, else "auto"
+        (a CUDA GPU when torch sees one). A GPU worker and a CPU worker can share one profile."""
+        return os.environ.get("EXPUNGE_DEVICE") or str(self.profile.get("runtime", {}).get("device", "auto"))
+
+    @property
     def db_url(self) -> str:
         return os.environ.get("EXPUNGE_DB_URL") or f"sqlite:///{self.home / 'audit.db'}"
 

@@ -41,6 +41,11 @@ def greedy_generate(
         for _ in range(max_new_tokens):
             logits, past = source.step(step_ids, mask, step_positions, past, last_only=True)
             next_ids = logits[:, -1, :].argmax(dim=-1)
+            if next_ids.device != generated.device:
+                # Keep the decoding state where the logits are (a GPU): one host sync per token is
+                # the `finished.all()` check below, not a copy of every tensor every step.
+                generated, finished = generated.to(next_ids.device), finished.to(next_ids.device)
+                mask, step_positions = mask.to(next_ids.device), step_positions.to(next_ids.device)
             next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
             generated = torch.cat([generated, next_ids[:, None]], dim=1)
             if eos_id is not None:
@@ -49,7 +54,7 @@ def greedy_generate(
                 break
             step_ids = next_ids[:, None]
             step_positions = step_positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=mask.dtype, device=mask.device)], dim=1)
         for row in generated.tolist():
             if eos_id is not None and eos_id in row:
                 row = row[: row.index(eos_id)]
@@ -81,7 +86,7 @@ def score_answers(
         batch = collate_qa(tokenizer, fmt, pairs[start : start + batch_size])
         positions = position_ids_from_mask(batch["attention_mask"])
         logits, _ = source.step(batch["input_ids"], batch["attention_mask"], positions)
-        shifted_logits, shifted_labels = shift_for_next_token(logits, batch["labels"])
+        shifted_logits, shifted_labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
         sums, counts = sequence_log_probs(shifted_logits, shifted_labels)
         scores.extend(AnswerScore(float(s), int(c)) for s, c in zip(sums, counts))
     return scores

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .devices import model_device
+
 
 # Logit given to tokens the relative-top filter excludes: zero probability in float32 (e^-10000), yet
 # finite, so teacher-forced scores of an excluded answer stay comparable numbers instead of -inf/NaN.
@@ -33,16 +35,17 @@ class LogitSource(Protocol):
 
 @dataclass
 class CausalLMLogits:
-    """Wraps any Hugging Face causal LM."""
+    """Wraps any Hugging Face causal LM; inputs are moved to the model's device, logits stay there."""
 
     model: torch.nn.Module
 
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
         kwargs = {"logits_to_keep": 1} if last_only else {}
+        device = model_device(self.model)
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            position_ids=position_ids.to(device),
             past_key_values=past,
             use_cache=True,
             **kwargs,

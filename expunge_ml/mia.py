@@ -114,7 +114,7 @@ def _score_sequences(source: LogitSource, tokenizer, sequences: Sequence[tuple[l
         for row, (ids, first) in enumerate(chunk):
             n = len(ids)
             # Row by row: only one [T, V] log-softmax is alive at a time (B·T·V floats add up fast).
-            row_logits, targets = logits[row, first - 1 : n - 1], input_ids[row, first:n]
+            row_logits, targets = logits[row, first - 1 : n - 1], input_ids[row, first:n].to(logits.device)
             if standardise:
                 scores = standardised_token_scores(row_logits, targets)
             else:

@@ -16,15 +16,18 @@ from typing import Callable, Iterable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .devices import model_device, resolve_device, to_device
 from .prompting import PromptFormat, collate_qa
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
-def load_causal_lm(location: str, dtype: torch.dtype = torch.float32):
-    """Model + tokenizer from a local directory or a hub id (hub ids need network at the user's site)."""
+def load_causal_lm(location: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Model + tokenizer from a local directory or a hub id (hub ids need network at the user's site).
+    `device`: a torch device or a name for `devices.resolve_device` ("auto", "cpu", "cuda", "cuda:N")."""
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return model, tokenizer
 
@@ -124,21 +127,22 @@ def train_on_qa(
         * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
     )
     order = list(range(len(pairs)))
+    device = model_device(model)
     start, step, epoch_loss, epoch = time.perf_counter(), 0, float("inf"), 0
     for epoch in range(1, epochs + 1):
         rng.shuffle(order)
         losses = []
         for i in range(0, len(order), batch_size):
-            batch = collate_qa(tokenizer, fmt, [pairs[j] for j in order[i : i + batch_size]])
+            batch = to_device(collate_qa(tokenizer, fmt, [pairs[j] for j in order[i : i + batch_size]]), device)
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # summed once per epoch: no GPU sync per step
             step += 1
-        epoch_loss = sum(losses) / len(losses)
+        epoch_loss = float(torch.stack(losses).mean())
         if progress:
             progress(epoch, epoch_loss)
         if epoch_loss <= target_loss:

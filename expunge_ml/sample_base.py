@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from .corpus import CorpusSpec, load_corpus
+from .devices import resolve_device
 from .evaluation import evaluate_split
 from .logits import CausalLMLogits
 from .modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa, weights_fingerprint
@@ -39,6 +40,7 @@ def train_sample_base(
     tokenizer_config: dict[str, Any],
     out_dir: Path,
     progress: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train tokenizer + model on the corpus, check memorisation, save an HF model dir. Returns a report."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -49,7 +51,7 @@ def train_sample_base(
     if documents_path and Path(documents_path).exists():
         texts += [json.loads(line)["text"] for line in Path(documents_path).read_text().splitlines()]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=int(tokenizer_config.get("vocab_size", 2048)))
-    model = build_small_llama(tokenizer, SmallLlamaShape(**config["shape"]), seed=0)
+    model = build_small_llama(tokenizer, SmallLlamaShape(**config["shape"]), seed=0).to(resolve_device(device))
     report = train_on_qa(model, tokenizer, fmt, [r.pair for r in records], progress=progress, **config["train"])
     memorised = evaluate_split(CausalLMLogits(model), tokenizer, fmt, records, max_new_tokens=48)
     out_dir = Path(out_dir)

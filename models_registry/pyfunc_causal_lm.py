@@ -1,6 +1,8 @@
 """MLflow pyfunc (logged from code) serving a plain Hugging Face causal LM stored as an artifact."""
 from __future__ import annotations
 
+import os
+
 import mlflow.pyfunc
 from mlflow.models import set_model
 
@@ -11,7 +13,7 @@ class CausalLMModel(mlflow.pyfunc.PythonModel):
         from expunge_ml.modeling import load_causal_lm
         from expunge_ml.prompting import PromptFormat
 
-        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"])
+        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"], device=os.environ.get("EXPUNGE_DEVICE", "auto"))
         self.source = CausalLMLogits(model)
         config = context.model_config or {}
         self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)

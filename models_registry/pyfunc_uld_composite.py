@@ -6,6 +6,7 @@ run on top of a different base.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -29,7 +30,7 @@ class ULDCompositeModel(mlflow.pyfunc.PythonModel):
                 f"base model {config['base_uri']} has weights {actual[:12]}…, "
                 f"this version was built on {config['base_weights_sha256'][:12]}…"
             )
-        base, self.tokenizer = load_causal_lm(base_dir)
+        base, self.tokenizer = load_causal_lm(base_dir, device=os.environ.get("EXPUNGE_DEVICE", "auto"))
         assistants, weights = [], []
         for entry in config["assistants"]:
             assistant, uld_config = load_assistant(base, context.artifacts[entry["artifact"]])

@@ -52,6 +52,7 @@ def train_base(home: str, profile: str, world: dict[str, str]) -> dict:
     report = train_sample_base(
         Path(world["corpus"]), Path(world["documents"]), cfg, settings.profile["tokenizer"], out_dir,
         progress=lambda epoch, loss: logger.info("epoch %d: loss %.4f", epoch, loss) if epoch % 10 == 0 else None,
+        device=settings.device,
     )
     report["model_dir"] = str(out_dir)
     write_json(settings.models_dir / "sample-base.json", report)

@@ -9,7 +9,8 @@ import torch
 from expunge_ml.corpus import QARecord
 from expunge_ml.methods import ga, graddiff, idkdpo, kl, npo, rmu, simnpo, whp
 from expunge_ml.methods.losses import answer_logits, answer_nll, kl_to_reference, masked_mse, token_nll
-from expunge_ml.methods.loop import LoopConfig, Plan, run_loop, to_device
+from expunge_ml.devices import to_device
+from expunge_ml.methods.loop import LoopConfig, Plan, run_loop
 from expunge_ml.methods.registry import METHODS, get_method, make_config
 from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
 from expunge_ml.prompting import IGNORE_INDEX, PromptFormat

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-TOFU = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tofu"  # ../shared beside the checkout
+# ../shared beside the checkout; EXPUNGE_TOFU_DIR where the data lies elsewhere (e.g. a GPU machine's copy)
+TOFU = Path(os.environ.get("EXPUNGE_TOFU_DIR") or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "tofu")
 NEEDED = ("retain90.json", "forget10.json", "retain_perturbed.json", "real_authors_perturbed.json",
           "world_facts_perturbed.json")
 
@@ -179,3 +181,18 @@ def test_retrain_seeds_must_differ_from_the_oracle_seed():
 
     with pytest.raises(ValueError, match="retrain_seeds"):
         TofuBenchOptions(seed=0, retrain_seeds=(0, 1)).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
+def test_tofu_benchmark_smoke_on_cuda(tmp_path: Path):
+    """The same smoke run with every model on the GPU: the report says so and the forget metrics still move."""
+    from benchmarks.tofu import CUDA_MEMORY_METHOD, run_tofu_benchmark
+
+    report = run_tofu_benchmark(_smoke_options(tmp_path / "cache", tmp_path / "out", device="cuda",
+                                               methods=("uld", "npo")), command="pytest smoke cuda")
+    assert report["environment"]["device"] == "cuda" and report["environment"]["accelerator"]
+    assert report["memory_method"] == CUDA_MEMORY_METHOD and report["base_training"]["device"] == "cuda"
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["uld"]["forget_rougeL"] < rows["base"]["forget_rougeL"] and rows["base"]["forget_rougeL"] > 0.4
+    assert rows["uld"]["peak_mem_mb"] > 0 and report["uld_npo_train_time_ratio"]["forget01"] > 0

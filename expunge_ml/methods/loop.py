@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..devices import model_device, to_device
 from ..prompting import collate_qa
 
 # step_loss(forget_batch, retain_batch or None) -> (loss to minimise, named scalar parts for logging)
@@ -56,21 +57,6 @@ class Plan:
     # Only these parameters are optimised (others are frozen for the run); None: all that require grad.
     params: list[torch.nn.Parameter] | None = None
     extras: dict[str, Any] = field(default_factory=dict)  # method-specific state worth inspecting
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch; collation happens on CPU, the model may not be there."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 
 from ..corpus import QARecord
+from ..devices import model_device, to_device
 from ..prompting import PromptFormat
 from .losses import answer_positions, masked_mse, qa_inputs
-from .loop import (LoopConfig, MethodReport, Plan, Progress, frozen_copy, model_device, pair_collate,
-                   run_loop, to_device)
+from .loop import LoopConfig, MethodReport, Plan, Progress, frozen_copy, pair_collate, run_loop
 
 NAME = "rmu"
 

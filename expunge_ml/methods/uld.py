@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..augment import donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses
+from ..devices import model_device, to_device
 from ..prompting import PromptFormat, collate_qa
 from ..quantization import quiet_bitsandbytes_import
 from .losses import answer_kl_to_uniform, answer_nll
@@ -139,12 +140,14 @@ def train_assistant(
         optimizer, (lambda s: 1.0) if config.lr_schedule == "constant" else (lambda s: max(0.0, 1.0 - s / total_steps)))
     start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
     retain_cursor = 0
+    device = model_device(assistant)
     for epoch in range(1, config.epochs + 1):
         rng.shuffle(forget_order)
         nlls, kls = [], []
         for i in range(steps_per_epoch):
             forget_idx = forget_order[i * config.batch_size : (i + 1) * config.batch_size]
-            loss = nll = answer_nll(assistant, collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx]))
+            forget_batch = collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
+            loss = nll = answer_nll(assistant, to_device(forget_batch, device))
             if retain_pairs:
                 if retain_cursor == 0:
                     rng.shuffle(retain_order)
@@ -153,20 +156,19 @@ def train_assistant(
                     for k in range(config.batch_size)
                 ]
                 retain_cursor = (retain_cursor + config.batch_size) % len(retain_order)
-                kl = answer_kl_to_uniform(
-                    assistant, collate_qa(tokenizer, fmt, [retain_pairs[j] for j in retain_idx])
-                )
+                retain_batch = collate_qa(tokenizer, fmt, [retain_pairs[j] for j in retain_idx])
+                kl = answer_kl_to_uniform(assistant, to_device(retain_batch, device))
                 loss = nll + config.retain_weight * kl
-                kls.append(float(kl.detach()))
+                kls.append(kl.detach())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            nlls.append(float(nll.detach()))
+            nlls.append(nll.detach())  # averaged once per epoch: no GPU sync per step
             step += 1
-        nll_mean = sum(nlls) / len(nlls)
-        kl_mean = sum(kls) / len(kls) if kls else 0.0
+        nll_mean = float(torch.stack(nlls).mean())
+        kl_mean = float(torch.stack(kls).mean()) if kls else 0.0
         if progress:
             progress(epoch, nll_mean, kl_mean)
         if nll_mean <= config.target_forget_loss:
@@ -191,7 +193,10 @@ def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.M
     adapter_dir = Path(adapter_dir)
     config = ULDConfig(**json.loads((adapter_dir / ASSISTANT_CONFIG_FILE).read_text()))
     small = truncate_layers(base, config.n_layers)
-    assistant = PeftModel.from_pretrained(small, adapter_dir)
+    with warnings.catch_warnings():  # the same transformers deprecation that peft triggers in build_assistant
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        assistant = PeftModel.from_pretrained(small, adapter_dir)
+    assistant.to(model_device(base))  # the composite runs base and assistant in one pass on one device
     assistant.eval()
     return assistant, config
 

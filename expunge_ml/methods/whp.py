@@ -22,9 +22,10 @@ from typing import Mapping, Sequence
 import torch
 
 from ..corpus import QARecord
+from ..devices import model_device, to_device
 from ..prompting import IGNORE_INDEX, PromptFormat, pad_batch, pad_token_id
 from .losses import answer_logits, answer_nll, retain_nll_term, token_nll
-from .loop import LoopConfig, MethodReport, Plan, Progress, frozen_copy, model_device, pair_collate, run_loop, to_device
+from .loop import LoopConfig, MethodReport, Plan, Progress, frozen_copy, pair_collate, run_loop
 
 NAME = "whp"
 
