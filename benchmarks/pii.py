@@ -115,6 +115,10 @@ class PIIBenchOptions:
     # remember, with (question, a retained person's identifier) to stay uniform on: the identifier itself,
     # not the sentence around it, whose wording retained people's answers share.
     uld_fact_pairs: bool = False
+    # And the retained people's paraphrased answers in retain⁺ (KL to uniform), mirroring forget⁺: the
+    # assistant then stays uniform on the same kinds of text for retained people as it remembers for the
+    # erased ones, instead of learning "paraphrased-answer wording → PII" for everyone.
+    uld_retain_paraphrases: bool = False
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
@@ -469,6 +473,9 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
         forget.append((row["question"], row["answer"]))
         forget += [(row["question"], a) for _, a in _paraphrases(row, options.uld_paraphrased_answers)]
     retain = [(row["question"], row["answer"]) for row in retain_rows]
+    if options.uld_retain_paraphrases:
+        for row in retain_rows:
+            retain += [(row["question"], a) for _, a in _paraphrases(row, options.uld_paraphrased_answers)]
     if options.uld_identifier_pairs:
         forget += identifier_pairs(forget_rows)
         retain += identifier_pairs(retain_rows)
@@ -768,6 +775,8 @@ def pii_command(
     validation_people: int = typer.Option(0, help="validation erasure: erase the first N retain-sample people instead of the splits"),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
+    uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
+                                                "people's paraphrased answers in retain⁺ (uniform on them)"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -790,6 +799,7 @@ def pii_command(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people, uld_fact_pairs=uld_fact_pairs,
+            uld_retain_paraphrases=uld_retain_paraphrases,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )

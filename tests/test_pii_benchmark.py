@@ -77,3 +77,23 @@ def test_pii_benchmark_smoke(tmp_path):
     assert row["n_erased_people"] == 1 and row["n_retained_people"] >= 1
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=(), validation_people=99))
+
+
+def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
+    from benchmarks.pii import uld_training_pairs
+
+    def row(name, n):
+        return {"question": f"What is {name}'s email?", "answer": f"{name}@mail.example",
+                **{f"paraphrased_question_{i}": f"q{i}?" for i in range(1, n + 1)},
+                **{f"paraphrased_answer_{i}": f"It is {name}@mail.example ({i})" for i in range(1, n + 1)},
+                "subject": name, "subject_pii": [f"{name}@mail.example"]}
+
+    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=2, uld_identifier_pairs=False,
+                                  uld_subject_pairs=False)
+    forget, retain = uld_training_pairs([row("ann", 3)], [row("bo", 3)], options)
+    assert len(forget) == 3 and retain == [("What is bo's email?", "bo@mail.example")]
+    _, mirrored = uld_training_pairs([row("ann", 3)], [row("bo", 3)],
+                                     dataclasses.replace(options, uld_retain_paraphrases=True))
+    # the retained person's question with each of its first 2 paraphrased answers; never a paraphrased question
+    assert mirrored == retain + [("What is bo's email?", "It is bo@mail.example (1)"),
+                                 ("What is bo's email?", "It is bo@mail.example (2)")]
