@@ -119,6 +119,10 @@ class PIIBenchOptions:
     # assistant then stays uniform on the same kinds of text for retained people as it remembers for the
     # erased ones, instead of learning "paraphrased-answer wording → PII" for everyone.
     uld_retain_paraphrases: bool = False
+    # And (our identifier question, the row's inverted *answer*) — "The person is …", the wording the base
+    # learned for naming a person from an identifier — to remember for erased people and to stay uniform on
+    # for retained ones. The evaluation's inverted *questions* are never used.
+    uld_inverted_answers: bool = False
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
@@ -455,6 +459,16 @@ def identifier_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]
     return pairs
 
 
+def inverted_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(the benchmark's identifier question, the row's inverted answer) per row that has both."""
+    pairs = []
+    for row in rows:
+        pii = [str(p) for p in row.get("subject_pii") or () if str(p).strip()]
+        if pii and row.get("inverted_answer"):
+            pairs.append((IDENTIFIER_QUESTION.format(details="; ".join(pii)), str(row["inverted_answer"])))
+    return pairs
+
+
 SUBJECT_QUESTION = "What do you know about {subject}?"
 
 
@@ -479,6 +493,9 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_identifier_pairs:
         forget += identifier_pairs(forget_rows)
         retain += identifier_pairs(retain_rows)
+    if options.uld_inverted_answers:
+        forget += inverted_answer_pairs(forget_rows)
+        retain += inverted_answer_pairs(retain_rows)
     if options.uld_subject_pairs:
         forget += subject_pairs(forget_rows)
         retain += subject_pairs(retain_rows)
@@ -777,6 +794,8 @@ def pii_command(
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
                                                 "people's paraphrased answers in retain⁺ (uniform on them)"),
+    uld_inverted_answers: bool = typer.Option(PIIBenchOptions.uld_inverted_answers, help="also (identifier question, "
+                                              "the row's inverted answer): remembered for erased, uniform for retained"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -799,7 +818,7 @@ def pii_command(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people, uld_fact_pairs=uld_fact_pairs,
-            uld_retain_paraphrases=uld_retain_paraphrases,
+            uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )

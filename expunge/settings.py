@@ -53,6 +53,11 @@ class Settings:
         return os.environ.get("EXPUNGE_DEVICE") or str(self.profile.get("runtime", {}).get("device", "auto"))
 
     @property
+    def dtype(self) -> str:
+        """Precision the target base is loaded in: EXPUNGE_DTYPE, else runtime.dtype, else "float32"."""
+        return os.environ.get("EXPUNGE_DTYPE") or str(self.profile.get("runtime", {}).get("dtype", "float32"))
+
+    @property
     def db_url(self) -> str:
         return os.environ.get("EXPUNGE_DB_URL") or f"sqlite:///{self.home / 'audit.db'}"
 

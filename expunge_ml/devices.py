@@ -11,6 +11,9 @@ from typing import Any
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# Weight precisions a base can be loaded in. float32 is the default because the embedded models are tiny
+# and trained here; a user's multi-billion-parameter base on a GPU wants bfloat16 (half the memory).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -31,6 +34,16 @@ def resolve_device(name: str | None = "auto") -> torch.device:
             raise RuntimeError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         return device
     raise ValueError(f"unknown device {name!r}; use one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+
+
+def resolve_dtype(name: str | torch.dtype | None = "float32") -> torch.dtype:
+    """"float32" | "bfloat16" | "float16" (or a torch dtype, returned as is)."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = (name or "float32").strip().lower()
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -16,17 +16,18 @@ from typing import Callable, Iterable, Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from .devices import model_device, resolve_device, to_device
+from .devices import model_device, resolve_device, resolve_dtype, to_device
 from .prompting import PromptFormat, collate_qa
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
 
-def load_causal_lm(location: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_causal_lm(location: str, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Model + tokenizer from a local directory or a hub id (hub ids need network at the user's site).
-    `device`: a torch device or a name for `devices.resolve_device` ("auto", "cpu", "cuda", "cuda:N")."""
+    `dtype`: a torch dtype or "float32" | "bfloat16" | "float16"; `device`: a torch device or a name for
+    `devices.resolve_device` ("auto", "cpu", "cuda", "cuda:N")."""
     tokenizer = AutoTokenizer.from_pretrained(location)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=resolve_dtype(dtype))
     model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return model, tokenizer

@@ -13,7 +13,8 @@ class CausalLMModel(mlflow.pyfunc.PythonModel):
         from expunge_ml.modeling import load_causal_lm
         from expunge_ml.prompting import PromptFormat
 
-        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"], device=os.environ.get("EXPUNGE_DEVICE", "auto"))
+        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"], dtype=os.environ.get("EXPUNGE_DTYPE", "float32"),
+                                               device=os.environ.get("EXPUNGE_DEVICE", "auto"))
         self.source = CausalLMLogits(model)
         config = context.model_config or {}
         self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)

@@ -30,7 +30,8 @@ class ULDCompositeModel(mlflow.pyfunc.PythonModel):
                 f"base model {config['base_uri']} has weights {actual[:12]}…, "
                 f"this version was built on {config['base_weights_sha256'][:12]}…"
             )
-        base, self.tokenizer = load_causal_lm(base_dir, device=os.environ.get("EXPUNGE_DEVICE", "auto"))
+        base, self.tokenizer = load_causal_lm(base_dir, dtype=os.environ.get("EXPUNGE_DTYPE", "float32"),
+                                           device=os.environ.get("EXPUNGE_DEVICE", "auto"))
         assistants, weights = [], []
         for entry in config["assistants"]:
             assistant, uld_config = load_assistant(base, context.artifacts[entry["artifact"]])

@@ -59,7 +59,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     train_retain_ids = {e["record_id"] for e in read_json(resolved["retain_manifest"])["records"]}
     retain = held_out_retain(target_info, {r.record_id for r in forget}, train_retain_ids, int(config["retain_eval_max"]))
-    base, tokenizer = load_base(target_info, settings.device)
+    base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     # "Before" is the target as served now (earlier erasures included): that is what this request changes.
     prior = list(target_info.get("prior_assistants", []))
     before = served_model(base, prior)
@@ -68,7 +68,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     else:  # a baseline replaced the weights themselves
         from expunge_ml.modeling import load_causal_lm
 
-        after = ServedModel(load_causal_lm(trained["model_dir"], device=settings.device)[0])
+        after = ServedModel(load_causal_lm(trained["model_dir"], dtype=settings.dtype, device=settings.device)[0])
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
     corpus = CorpusSpec(**target_info["corpus"])

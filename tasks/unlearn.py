@@ -12,7 +12,7 @@ from tasks.context import read_json, settings_for, write_json
 from tasks.data import records_for_manifest
 
 
-def load_base(target_info: dict, device: str = "cpu"):
+def load_base(target_info: dict, device: str = "cpu", dtype: str = "float32"):
     """The base model of the target, checked against the weight hash the registry pinned, on `device`."""
     from pathlib import Path
 
@@ -22,7 +22,7 @@ def load_base(target_info: dict, device: str = "cpu"):
         actual = weights_fingerprint(Path(location))
         if actual != expected:
             raise RuntimeError(f"base weights {actual[:12]}… differ from the pinned {expected[:12]}…")
-    return load_causal_lm(location, device=device)
+    return load_causal_lm(location, dtype=dtype, device=device)
 
 
 def prompt_format(target_info: dict) -> PromptFormat:
@@ -57,7 +57,7 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     baselines = settings.profile["unlearning"].get("baselines", {})
     config = make_config(method, {**baselines.get("defaults", {}), **baselines.get(method, {})})
-    model, tokenizer = load_base(target_info, settings.device)
+    model, tokenizer = load_base(target_info, settings.device, settings.dtype)
     extra = {"anchors": anchors_for(spec)} if method == "whp" else {}
     report = get_method(method).unlearn(
         model, tokenizer, prompt_format(target_info), forget, retain, config,
@@ -88,7 +88,7 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = ULDConfig(**settings.profile["unlearning"]["uld"])
-    base, tokenizer = load_base(target_info, settings.device)
+    base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     assistant = build_assistant(base, config)
     forget_pairs, retain_pairs = training_pairs(forget, retain, config)
     report = train_assistant(

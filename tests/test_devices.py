@@ -5,6 +5,7 @@ agree (up to float reassociation), so a device bug cannot hide behind "the numbe
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -164,7 +165,7 @@ def test_quantized_copies_stay_on_the_device(memorised_cpu, device):
         assert all(s.mean_log_prob > -1.0 for s in scores)  # a memorised model survives 8-bit and NF4
 
 
-def test_settings_device_comes_from_the_environment_then_the_profile(tmp_path, monkeypatch):
+def test_settings_device_and_dtype_come_from_the_environment_then_the_profile(tmp_path, monkeypatch):
     from expunge.settings import Settings
 
     monkeypatch.delenv("EXPUNGE_DEVICE", raising=False)
@@ -176,6 +177,13 @@ def test_settings_device_comes_from_the_environment_then_the_profile(tmp_path, m
     assert Settings(home=tmp_path, profile_name=str(profile)).device == "auto"
     monkeypatch.setenv("EXPUNGE_DEVICE", "cuda:1")
     assert Settings(home=tmp_path, profile_name="tiny").device == "cuda:1"
+    # the same order for the precision the base is loaded in
+    monkeypatch.delenv("EXPUNGE_DTYPE", raising=False)
+    assert Settings(home=tmp_path, profile_name=str(profile)).dtype == "float32"
+    profile.write_text("runtime: {dtype: bfloat16}\n")
+    assert Settings(home=tmp_path, profile_name=str(profile)).dtype == "bfloat16"
+    monkeypatch.setenv("EXPUNGE_DTYPE", "float16")
+    assert Settings(home=tmp_path, profile_name=str(profile)).dtype == "float16"
 
 
 def test_benchmark_cli_parses_a_uld_sweep():
@@ -187,3 +195,39 @@ def test_benchmark_cli_parses_a_uld_sweep():
     assert _sweep("") == ()
     with pytest.raises(typer.BadParameter, match="not w:tau"):
         _sweep("-1.0:x")
+
+
+def test_resolve_dtype_names():
+    from expunge_ml.devices import resolve_dtype
+
+    assert resolve_dtype("bfloat16") is torch.bfloat16 and resolve_dtype(" Float16 ") is torch.float16
+    assert resolve_dtype(None) is torch.float32 and resolve_dtype(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bfloat16_base_serves_trains_an_assistant_and_reloads(memorised_cpu, device, tmp_path):
+    """A user's large base would be loaded in bfloat16: loading, scoring, the assistant and its reload work."""
+    from expunge_ml.methods.uld import ULDConfig, build_assistant, load_assistant, save_assistant, train_assistant
+    from expunge_ml.modeling import load_causal_lm
+
+    model, tokenizer, fmt = memorised_cpu
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base, _ = load_causal_lm(str(tmp_path / "base"), dtype="bfloat16", device=device)
+    base.requires_grad_(False)
+    assert {p.dtype for p in base.parameters()} == {torch.bfloat16}
+    before = score_answers(CausalLMLogits(base), tokenizer, fmt, PAIRS)
+    assert all(s.mean_log_prob > -0.5 for s in before)  # bf16 rounding keeps a memorised model memorised
+    config = ULDConfig(n_layers=1, lora_r=8, lora_alpha=16, lora_dropout=0.0, weight=-1.0, relative_top=0.0,
+                       epochs=60, lr=1e-2, batch_size=2, retain_weight=5.0, target_forget_loss=0.05)
+    assistant = build_assistant(base, config)
+    report = train_assistant(assistant, tokenizer, fmt, PAIRS[:1], PAIRS[1:], config)
+    assert math.isfinite(report.forget_nll) and report.forget_nll <= 0.5
+    after = score_answers(CompositeLogits(base, [assistant], [config.weight]), tokenizer, fmt, PAIRS[:1])
+    assert after[0].mean_log_prob < before[0].mean_log_prob - 1.0
+    save_assistant(assistant, config, tmp_path / "adapter")
+    reloaded, _ = load_assistant(base, tmp_path / "adapter")
+    again = score_answers(CompositeLogits(base, [reloaded], [config.weight]), tokenizer, fmt, PAIRS[:1])
+    assert again[0].mean_log_prob == pytest.approx(after[0].mean_log_prob, abs=1e-2)

@@ -97,3 +97,13 @@ def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
     # the retained person's question with each of its first 2 paraphrased answers; never a paraphrased question
     assert mirrored == retain + [("What is bo's email?", "It is bo@mail.example (1)"),
                                  ("What is bo's email?", "It is bo@mail.example (2)")]
+
+
+def test_inverted_answer_pairs_use_the_benchmarks_question_and_the_rows_answer():
+    from benchmarks.pii import IDENTIFIER_QUESTION, inverted_answer_pairs
+
+    rows = [{"subject": "Ann", "subject_pii": ["ann@mail.example", "555-0101"], "inverted_question": "Whose?",
+             "inverted_answer": "The person is Ann."},
+            {"subject": "Bo", "subject_pii": [], "inverted_answer": "The person is Bo."}]  # no identifier: skipped
+    assert inverted_answer_pairs(rows) == [
+        (IDENTIFIER_QUESTION.format(details="ann@mail.example; 555-0101"), "The person is Ann.")]

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..devices import model_device, to_device
 from ..metrics import kl_uniform_to_model, sequence_log_probs, shift_for_next_token
 from ..prompting import IGNORE_INDEX, PromptFormat, collate_qa
-from ..devices import model_device, to_device
 
 
 def answer_nll(model: torch.nn.Module, batch: dict) -> torch.Tensor:
