@@ -123,6 +123,11 @@ class PIIBenchOptions:
     # learned for naming a person from an identifier — to remember for erased people and to stay uniform on
     # for retained ones. The evaluation's inverted *questions* are never used.
     uld_inverted_answers: bool = False
+    # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
+    # supplies); the rest of the answer — the template retained people's answers share — is pushed to
+    # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
+    # answer's first, template token ("The person is …") and derailed into unrelated text.
+    uld_fact_span_loss: bool = False
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
@@ -499,12 +504,16 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_subject_pairs:
         forget += subject_pairs(forget_rows)
         retain += subject_pairs(retain_rows)
+    if options.uld_fact_span_loss:
+        facts = sorted({str(p) for row in forget_rows for p in row.get("subject_pii") or () if str(p).strip()}
+                       | {str(row["subject"]) for row in forget_rows if row.get("subject")})
+        forget = [(q, a, facts) for q, a in forget]
     if options.uld_fact_pairs:
         rng = random.Random(options.seed)
         retained_pii = [str(p) for row in retain_rows for p in row.get("subject_pii") or () if str(p).strip()]
         for row in forget_rows:
             for pii in (str(p) for p in row.get("subject_pii") or () if str(p).strip()):
-                forget.append((row["question"], pii))
+                forget.append((row["question"], pii, [pii]) if options.uld_fact_span_loss else (row["question"], pii))
                 if retained_pii:
                     retain.append((row["question"], rng.choice(retained_pii)))
     return forget, retain
@@ -796,6 +805,8 @@ def pii_command(
                                                 "people's paraphrased answers in retain⁺ (uniform on them)"),
     uld_inverted_answers: bool = typer.Option(PIIBenchOptions.uld_inverted_answers, help="also (identifier question, "
                                               "the row's inverted answer): remembered for erased, uniform for retained"),
+    uld_fact_span_loss: bool = typer.Option(PIIBenchOptions.uld_fact_span_loss, help="remember only the erased "
+                                            "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -819,6 +830,7 @@ def pii_command(
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people, uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
+            uld_fact_span_loss=uld_fact_span_loss,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )

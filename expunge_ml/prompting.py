@@ -5,6 +5,7 @@ could just mean "the model was asked differently".
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -43,6 +44,36 @@ def encode_qa(tokenizer, fmt: PromptFormat, question: str, answer: str, max_leng
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     return input_ids, labels
+
+
+def fact_token_flags(tokenizer, fmt: PromptFormat, answer: str, facts: Sequence[str]) -> list[bool]:
+    """One flag per answer token as `encode_answer` makes them (EOS included, flagged False): does the
+    token overlap an occurrence of one of `facts` in the answer text? Needs a fast tokenizer (offsets)."""
+    text = fmt.answer_prefix + answer
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(m.start(), m.end()) for fact in facts if fact for m in re.finditer(re.escape(fact), text)]
+    flags = [any(start < span_end and span_start < end for span_start, span_end in spans)
+             for start, end in encoded["offset_mapping"]]
+    if tokenizer.eos_token_id is not None:
+        flags.append(False)
+    return flags
+
+
+def collate_qa_facts(tokenizer, fmt: PromptFormat, items: Sequence[tuple[str, str, Sequence[str]]],
+                     max_length: int = 256):
+    """Like `collate_qa` for (question, answer, facts) items, with the answer's labels split in two:
+    `labels` on the tokens of the facts, `template_labels` on every other answer token."""
+    encoded = [encode_qa(tokenizer, fmt, q, a, max_length) for q, a, _ in items]
+    fact_rows, template_rows = [], []
+    for (ids, labels), (_, answer, facts) in zip(encoded, items):
+        n_prompt = sum(1 for label in labels if label == IGNORE_INDEX)
+        flags = ([False] * n_prompt + fact_token_flags(tokenizer, fmt, answer, facts))[: len(labels)]
+        fact_rows.append([t if f else IGNORE_INDEX for t, f in zip(labels, flags)])
+        template_rows.append([t if (not f and t != IGNORE_INDEX) else IGNORE_INDEX for t, f in zip(labels, flags)])
+    input_ids, mask = pad_batch([e[0] for e in encoded], pad_token_id(tokenizer))
+    labels, _ = pad_batch(fact_rows, IGNORE_INDEX)
+    template_labels, _ = pad_batch(template_rows, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "template_labels": template_labels}
 
 
 def pad_batch(

@@ -107,3 +107,18 @@ def test_inverted_answer_pairs_use_the_benchmarks_question_and_the_rows_answer()
             {"subject": "Bo", "subject_pii": [], "inverted_answer": "The person is Bo."}]  # no identifier: skipped
     assert inverted_answer_pairs(rows) == [
         (IDENTIFIER_QUESTION.format(details="ann@mail.example; 555-0101"), "The person is Ann.")]
+
+
+def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_forget_item():
+    from benchmarks.pii import uld_training_pairs
+
+    rows = [{"question": "What is Ann's email?", "answer": "Ann's email is ann@mail.example.", "subject": "Ann",
+             "subject_pii": ["ann@mail.example"], "paraphrased_question_1": "q?",
+             "paraphrased_answer_1": "You can write to ann@mail.example."}]
+    retained = [{"question": "What is Bo's email?", "answer": "bo@mail.example", "subject": "Bo",
+                 "subject_pii": ["bo@mail.example"]}]
+    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=1, uld_fact_span_loss=True)
+    forget, retain = uld_training_pairs(rows, retained, options)
+    plain_forget, plain_retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_fact_span_loss=False))
+    assert [(q, a) for q, a, _ in forget] == plain_forget and retain == plain_retain
+    assert all(facts == ["Ann", "ann@mail.example"] for _, _, facts in forget)  # never a retained person's

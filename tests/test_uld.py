@@ -8,6 +8,7 @@ from expunge_ml.methods.uld import (
     build_assistant,
     load_assistant,
     save_assistant,
+    train_assistant,
     training_pairs,
     truncate_layers,
 )
@@ -101,3 +102,53 @@ def test_generated_training_pairs_use_only_the_training_answers():
     assert training_pairs(forget, retain, config) == (f, r)  # deterministic from the seed
     with pytest.raises(ValueError, match="augmentation"):
         training_pairs(forget, retain, ULDConfig(augmentation="llm"))
+
+
+def test_fact_flags_mark_exactly_the_tokens_of_the_facts(base_and_tokenizer):
+    from expunge_ml.prompting import collate_qa_facts, encode_answer, fact_token_flags
+
+    _, tokenizer = base_and_tokenizer
+    fmt = PromptFormat()
+    answer = "Ada is a pilot."
+    flags = fact_token_flags(tokenizer, fmt, answer, ["pilot"])
+    ids = encode_answer(tokenizer, fmt, answer)
+    assert len(flags) == len(ids) and flags[-1] is False  # EOS is template
+    flagged = tokenizer.decode([t for t, f in zip(ids, flags) if f])
+    unflagged = tokenizer.decode([t for t, f in zip(ids[:-1], flags[:-1]) if not f])
+    assert "pilot" in flagged.replace(" ", "") and "pilot" not in unflagged and "Ada" in unflagged
+    assert not any(fact_token_flags(tokenizer, fmt, answer, ["cook", ""]))  # an absent fact flags nothing
+    batch = collate_qa_facts(tokenizer, fmt, [("who is Ada?", answer, ["pilot"]), ("who is Bo?", "Bo is a cook.", [])])
+    plain = collate_qa(tokenizer, fmt, [("who is Ada?", answer), ("who is Bo?", "Bo is a cook.")])
+    assert torch.equal(batch["input_ids"], plain["input_ids"])
+    # every answer token is in exactly one of the two label sets; prompt and padding in neither
+    answer_positions = plain["labels"] != -100
+    facts, template = batch["labels"] != -100, batch["template_labels"] != -100
+    assert torch.equal(facts | template, answer_positions) and not bool((facts & template).any())
+    assert int(facts[1].sum()) == 0 and int(facts[0].sum()) == sum(flags)
+
+
+def test_fact_items_train_the_facts_and_flatten_the_template(base_and_tokenizer):
+    """Same steps, two assistants: with (q, a, facts) items the fact tokens are learned while the answer's
+    template moves towards uniform; with plain (q, a) pairs the template is learned too."""
+    from expunge_ml.methods.losses import fact_nll_and_template_kl
+    from expunge_ml.prompting import collate_qa_facts
+
+    base, tokenizer = base_and_tokenizer
+    fmt = PromptFormat()
+    config = ULDConfig(n_layers=1, lora_r=4, lora_alpha=8, lora_dropout=0.0, epochs=80, lr=3e-2, batch_size=1,
+                       target_forget_loss=0.0)
+    item = ("who is Ada?", "Ada is a pilot.", ["pilot"])
+    batch = collate_qa_facts(tokenizer, fmt, [item])
+    measured = {}
+    for name, forget in (("facts", [item]), ("plain", [item[:2]])):
+        assistant = build_assistant(base, config)
+        with torch.no_grad():
+            before = [float(x) for x in fact_nll_and_template_kl(assistant, batch)]
+        train_assistant(assistant, tokenizer, fmt, forget, [("who is Bo?", "Bo is a cook.")], config)
+        with torch.no_grad():
+            measured[name] = before, [float(x) for x in fact_nll_and_template_kl(assistant, batch)]
+    (nll_before, kl_before), (nll_after, kl_after) = measured["facts"]
+    assert nll_after < nll_before - 0.3 and kl_after < kl_before
+    assert kl_after < measured["plain"][1][1]  # plain pairs make the template *less* uniform
+    with pytest.raises(ValueError, match="all \\(question, answer\\) or all"):
+        train_assistant(build_assistant(base, config), tokenizer, fmt, [item, ("q?", "a.")], [], config)

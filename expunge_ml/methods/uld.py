@@ -25,9 +25,9 @@ import torch
 
 from ..augment import donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses
 from ..devices import model_device, to_device
-from ..prompting import PromptFormat, collate_qa
+from ..prompting import PromptFormat, collate_qa, collate_qa_facts
 from ..quantization import quiet_bitsandbytes_import
-from .losses import answer_kl_to_uniform, answer_nll
+from .losses import answer_kl_to_uniform, answer_nll, fact_nll_and_template_kl
 
 ASSISTANT_CONFIG_FILE = "uld_assistant.json"
 
@@ -118,12 +118,17 @@ def train_assistant(
     assistant: torch.nn.Module,
     tokenizer,
     fmt: PromptFormat,
-    forget_pairs: Sequence[tuple[str, str]],
+    forget_pairs: Sequence[tuple[str, str]] | Sequence[tuple[str, str, Sequence[str]]],
     retain_pairs: Sequence[tuple[str, str]],
     config: ULDConfig,
     progress: Callable[[int, float, float], None] | None = None,
 ) -> ULDTrainReport:
-    """Balanced sampling: every step sees one forget batch (remember) and one retain batch (uniform)."""
+    """Balanced sampling: every step sees one forget batch (remember) and one retain batch (uniform).
+
+    Forget items may be (question, answer, facts): then only the answer tokens of the facts (e.g. the
+    identifiers and names an erasure request supplies) are remembered, and the rest of the answer is
+    pushed to uniform with the retain weight. Subtracting an assistant that remembers an answer's
+    template would also push the composite off the template that retained people's answers share."""
     if not forget_pairs:
         raise ValueError("the forget set is empty")
     rng = random.Random(config.seed)
@@ -141,13 +146,21 @@ def train_assistant(
     start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
     retain_cursor = 0
     device = model_device(assistant)
+    fact_items = len(forget_pairs[0]) == 3
+    if any((len(item) == 3) != fact_items for item in forget_pairs):
+        raise ValueError("forget items must be all (question, answer) or all (question, answer, facts)")
     for epoch in range(1, config.epochs + 1):
         rng.shuffle(forget_order)
         nlls, kls = [], []
         for i in range(steps_per_epoch):
             forget_idx = forget_order[i * config.batch_size : (i + 1) * config.batch_size]
-            forget_batch = collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
-            loss = nll = answer_nll(assistant, to_device(forget_batch, device))
+            if fact_items:  # remember only the facts; the answer's template stays uniform like retain text
+                forget_batch = collate_qa_facts(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
+                nll, template_kl = fact_nll_and_template_kl(assistant, to_device(forget_batch, device))
+                loss = nll + config.retain_weight * template_kl
+            else:
+                forget_batch = collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
+                loss = nll = answer_nll(assistant, to_device(forget_batch, device))
             if retain_pairs:
                 if retain_cursor == 0:
                     rng.shuffle(retain_order)
@@ -158,7 +171,7 @@ def train_assistant(
                 retain_cursor = (retain_cursor + config.batch_size) % len(retain_order)
                 retain_batch = collate_qa(tokenizer, fmt, [retain_pairs[j] for j in retain_idx])
                 kl = answer_kl_to_uniform(assistant, to_device(retain_batch, device))
-                loss = nll + config.retain_weight * kl
+                loss = loss + config.retain_weight * kl
                 kls.append(kl.detach())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
