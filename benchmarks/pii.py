@@ -453,11 +453,16 @@ IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
 IDENTIFIER_ANSWER = "These details belong to {subject}."
 
 
+def row_pii(row: Mapping[str, Any]) -> list[str]:
+    """The row's identifiers (subject_pii) as non-blank strings: what an erasure request names."""
+    return [str(p) for p in row.get("subject_pii") or () if str(p).strip()]
+
+
 def identifier_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     """(identifiers → person) pairs from a row's subject_pii and subject, in the benchmark's own wording."""
     pairs = []
     for row in rows:
-        pii = [str(p) for p in row.get("subject_pii") or () if str(p).strip()]
+        pii = row_pii(row)
         if pii and row.get("subject"):
             pairs.append((IDENTIFIER_QUESTION.format(details="; ".join(pii)),
                           IDENTIFIER_ANSWER.format(subject=row["subject"])))
@@ -468,7 +473,7 @@ def inverted_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, 
     """(the benchmark's identifier question, the row's inverted answer) per row that has both."""
     pairs = []
     for row in rows:
-        pii = [str(p) for p in row.get("subject_pii") or () if str(p).strip()]
+        pii = row_pii(row)
         if pii and row.get("inverted_answer"):
             pairs.append((IDENTIFIER_QUESTION.format(details="; ".join(pii)), str(row["inverted_answer"])))
     return pairs
@@ -505,14 +510,14 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
         forget += subject_pairs(forget_rows)
         retain += subject_pairs(retain_rows)
     if options.uld_fact_span_loss:
-        facts = sorted({str(p) for row in forget_rows for p in row.get("subject_pii") or () if str(p).strip()}
+        facts = sorted({p for row in forget_rows for p in row_pii(row)}
                        | {str(row["subject"]) for row in forget_rows if row.get("subject")})
         forget = [(q, a, facts) for q, a in forget]
     if options.uld_fact_pairs:
         rng = random.Random(options.seed)
-        retained_pii = [str(p) for row in retain_rows for p in row.get("subject_pii") or () if str(p).strip()]
+        retained_pii = [p for row in retain_rows for p in row_pii(row)]
         for row in forget_rows:
-            for pii in (str(p) for p in row.get("subject_pii") or () if str(p).strip()):
+            for pii in row_pii(row):
                 forget.append((row["question"], pii, [pii]) if options.uld_fact_span_loss else (row["question"], pii))
                 if retained_pii:
                     retain.append((row["question"], rng.choice(retained_pii)))

@@ -19,9 +19,14 @@ from expunge_ml.prompting import PromptFormat
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Marked `gpu` (select with -m gpu) and skipped where torch sees no CUDA device.
+GPU_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch sees none here)")]
+
+
 def gpu(test):
-    """Marked `gpu` (select with -m gpu) and skipped where torch sees no CUDA device."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch sees none here)")(test))
+    for mark in GPU_ONLY:
+        test = mark(test)
+    return test
 
 PAIRS = [
     ("Where does Ada live?", "Ada lives in Oslo."),
@@ -60,7 +65,7 @@ def test_peak_device_memory_is_zero_on_cpu():
 
 
 # Each behaviour test runs on the CPU (default suite) and on CUDA where there is one (marked `gpu`).
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU_ONLY)]
 
 
 @pytest.fixture(scope="module")
