@@ -6,8 +6,9 @@ Source data: UnlearnPII (pariidanDKE/Toward-Practical-PII-Unlearning, data/PII),
 Protocol (see `benchmarks/results/pii.md` for the numbers of a real run):
 
 1. **Base.** A small Llama (the project's `build_small_llama`) is trained from scratch, with its own BPE
-   tokenizer, on every *trained person*: the first `n_people` people of `forget10_names.json` (the
-   forget split's people are always included) plus the people of `test_retain_pii_sample.json`.
+   tokenizer, on every *trained person*: the first `n_people` people of `forget10_names.json` (default
+   all 20; the forget split's people are always included) plus the people of
+   `test_retain_pii_sample.json`.
    Per QA row it sees the direct pair (question, answer), the paraphrased pairs
    (paraphrased_question_i, paraphrased_answer_i) and the inverted pair. A model trained from scratch
    does not generalise across wordings the way a pre-trained LLM does, so without these forms its
@@ -15,7 +16,10 @@ Protocol (see `benchmarks/results/pii.md` for the numbers of a real run):
    measure nothing. The base is cached by a hash of its configuration and the data files.
    Memorisation is checked: the PII recall on direct questions is reported as the base row.
 2. **Erase.** For each split (`forget1` = 2 people, `forget5` = 10 people) the split's people are the
-   forget set and the other trained people the retain set. Methods see only *direct* QA rows: ULD's
+   forget set and the other trained people the retain set. Settings are chosen on *validation erasures*
+   (`validation_people`, `validation_source="forget10"`): forget10 people who are in no reported split,
+   erased and checked against everyone outside the reported splits, so the reported splits' people are
+   never looked at while choosing. Methods see only *direct* QA rows: ULD's
    assistant is trained on forget⁺ = (question, answer) + (question, paraphrased_answer_i) — the
    original question with other wordings of the answer — plus identifier → name and name → answer
    pairs in the benchmark's own wording (built from subject + subject_pii, what an erasure request
@@ -73,7 +77,9 @@ class PIIBenchOptions:
     splits: tuple[str, ...] = ("forget1", "forget5")
     methods: tuple[str, ...] = ("uld", "ga", "npo")
     # People trained into the base: the first n_people of forget10_names (split people always added).
-    n_people: int = 0  # 0: only the splits' people (forget5 ⊇ forget1: 10 people) + the retain sample
+    # 20: all forget10 people, so the 10 outside forget5 serve as retained people and validation erasures;
+    # 0: only the splits' people (forget5 ⊇ forget1: 10 people). The retain sample is always trained.
+    n_people: int = 20
     retain_sample_rows: int | None = None  # rows of test_retain_pii_sample.json (None: all 25)
     # Base training data per QA row: direct + this many paraphrased pairs (+ the inverted pair).
     base_paraphrases: int = N_PARAPHRASES
@@ -142,10 +148,16 @@ class PIIBenchOptions:
     # 1 thread: on the shared 2-core machine 2 threads ran 5× slower per step under contention.
     threads: int | None = 1
     device: str = "auto"  # where models train and run: auto (a CUDA GPU if torch sees one) | cpu | cuda[:N]
-    # Validation erasure, for choosing settings without the reported splits: erase the first N people of
-    # the retain sample (the base is the reported splits' base); retained = the other retain-sample people.
-    # Replaces the reported splits in the run (split name "validation").
+    # Validation erasure, for choosing settings without the reported splits' people; replaces the reported
+    # splits in the run, on the reported splits' base. validation_source "retain_sample": erase the first N
+    # retain-sample people (split "validation"). "forget10": erase trained forget10 people who are in no
+    # reported split (they need n_people > 0), N at a time, as two disjoint erasures where they fit
+    # ("validation1", "validation2"): people with ten QA rows each, like the reported splits' people.
+    # Retained = every trained person outside the reported splits and the erasure.
     validation_people: int = 0
+    validation_source: str = "retain_sample"
+    # More w for the same ULD assistant: each adds a row "uld w=<w>" (one assistant, several composites).
+    uld_extra_weights: tuple[float, ...] = ()
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
@@ -434,7 +446,7 @@ def per_split(value: str | int, split: str) -> int:
         key, _, number = item.strip().partition("=")
         if not number:
             default = int(key)
-        elif key.strip() == split:
+        elif key.strip() == split or (key.strip() == "validation" and split.startswith("validation")):
             return int(number)
     if default is None:
         raise ValueError(f"no value for split {split!r} in {value!r}")
@@ -589,6 +601,52 @@ def current_command() -> str:
     return "benchmarks.pii.main(...)"
 
 
+def validation_erasures(rows_by_group: dict[str, list[dict]], split_people: dict[str, list[str]],
+                        options: PIIBenchOptions) -> list[str]:
+    """Carve the validation erasure(s) out of `rows_by_group` (in place); returns their split names."""
+    n = options.validation_people
+    if options.validation_source == "retain_sample":
+        people = list(dict.fromkeys(r["subject"] for r in rows_by_group["retain_sample"]))
+        if not 0 < n < len(people):
+            raise ValueError(f"validation_people must be in 1..{len(people) - 1} (the retain sample has {len(people)} people)")
+        chosen = set(people[:n])
+        rows = rows_by_group.pop("retain_sample")
+        rows_by_group["validation"] = [r for r in rows if r["subject"] in chosen]
+        rows_by_group["retain_sample"] = [r for r in rows if r["subject"] not in chosen]
+        split_people["validation"] = sorted(chosen)
+        return ["validation"]
+    if options.validation_source != "forget10":
+        raise ValueError(f"validation_source must be retain_sample or forget10, not {options.validation_source!r}")
+    rows = rows_by_group.pop("other", [])
+    people = list(dict.fromkeys(r["subject"] for r in rows))
+    count = min(2, len(people) // n) if n > 0 else 0
+    if count < 1:
+        raise ValueError(f"a forget10 validation erasure of {n} people needs ≥ {n} trained forget10 people outside "
+                         f"the reported splits; {len(people)} are trained (raise n_people, up to 20)")
+    names = []
+    for i in range(count):
+        chosen = set(people[i * n:(i + 1) * n])
+        names.append(f"validation{i + 1}")
+        rows_by_group[names[-1]] = [r for r in rows if r["subject"] in chosen]
+        split_people[names[-1]] = sorted(chosen)
+    rest = [r for r in rows if r["subject"] not in set(people[:count * n])]
+    if rest:
+        rows_by_group["other"] = rest
+    return names
+
+
+def split_groups(split: str, rows_by_group: Mapping[str, Sequence[Mapping[str, Any]]], erased_people: set[str],
+                 reported_groups: set[str]) -> tuple[list[str], list[str]]:
+    """(erased, retained) groups of a split. A validation erasure's retained check leaves out the reported
+    splits' people, so choosing settings never looks at them."""
+    erased = [g for g, rows in rows_by_group.items() if g not in ("retain_sample", "other")
+              and {r["subject"] for r in rows} <= erased_people]
+    retained = [g for g in rows_by_group if g not in erased]
+    if split.startswith("validation"):
+        retained = [g for g in retained if g not in reported_groups]
+    return erased, retained
+
+
 def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_default,
                   command: str | None = None) -> dict[str, Any]:
     """Train/load the base, erase each split with each method, measure; returns the result dict."""
@@ -618,16 +676,10 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     for row in data.forget10:
         rows_by_group.setdefault(group_of(row["subject"]), []).append(row)
     rows_by_group["retain_sample"] = list(data.retain_sample)
+    reported_groups = set(options.splits)  # group_of names a reported split's people after the split
     run_splits = list(options.splits)
     if options.validation_people:
-        people = list(dict.fromkeys(r["subject"] for r in data.retain_sample))
-        if not 0 < options.validation_people < len(people):
-            raise ValueError(f"validation_people must be in 1..{len(people) - 1} (the retain sample has {len(people)} people)")
-        chosen = set(people[: options.validation_people])
-        rows_by_group["validation"] = [r for r in data.retain_sample if r["subject"] in chosen]
-        rows_by_group["retain_sample"] = [r for r in data.retain_sample if r["subject"] not in chosen]
-        data.split_people["validation"] = sorted(chosen)
-        run_splits = ["validation"]
+        run_splits = validation_erasures(rows_by_group, data.split_people, options)
     probes = {g: records_from_unlearn_pii(rs) for g, rs in rows_by_group.items()}
 
     log("base: measuring PII recall")
@@ -641,11 +693,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     results_rows: list[dict[str, Any]] = []
     for split in run_splits:
         erased_people = set(data.split_people[split])
-        erased_groups = [g for g in rows_by_group if g != "retain_sample" and g != "other"
-                         and set(r["subject"] for r in rows_by_group[g]) <= erased_people]
-        retained_groups = [g for g in rows_by_group if g not in erased_groups]
-        if split == "validation":  # retained check on retain-sample people only: never the reported splits' people
-            retained_groups = ["retain_sample"]
+        erased_groups, retained_groups = split_groups(split, rows_by_group, erased_people, reported_groups)
         forget_rows = [r for g in erased_groups for r in rows_by_group[g]]
         retain_rows = [r for g in retained_groups for r in rows_by_group[g]]
         n_erased = len(erased_people)
@@ -673,6 +721,18 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             log(f"  → erased leak {row['erased_leak_rate']:.4f} ({erased}), retained ratio "
                 f"{row['retained_pii_recall_ratio'] or 0:.4f} ({kept}) [direct/paraphrased/inverted]")
             results_rows.append(row)
+            if method == "uld":
+                for weight in options.uld_extra_weights:
+                    swept = dataclasses.replace(source, weights=[weight])
+                    measured = measure(swept, tokenizer, fmt, {
+                        "erased": [p for g in erased_groups for p in probes[g]],
+                        "retained": [p for g in retained_groups for p in probes[g]],
+                    }, options)
+                    row = make_row(split, f"uld w={weight:g}", measured["erased"], measured["retained"],
+                                   base_retained, n_erased, n_retained, {"weight": weight})
+                    log(f"  w {weight:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
+                        f"{row['retained_pii_recall_ratio'] or 0:.4f}")
+                    results_rows.append(row)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     config.pop("cache_dir", None)
     config.pop("out_dir", None)
@@ -803,7 +863,11 @@ def pii_command(
     uld_lr: float = typer.Option(PIIBenchOptions.uld_lr),
     uld_retain_weight: float = typer.Option(PIIBenchOptions.uld_retain_weight),
     uld_lr_schedule: str = typer.Option(PIIBenchOptions.uld_lr_schedule, help="constant | linear decay to 0"),
-    validation_people: int = typer.Option(0, help="validation erasure: erase the first N retain-sample people instead of the splits"),
+    validation_people: int = typer.Option(0, help="validation erasure: erase N people outside the reported splits instead of the splits"),
+    validation_source: str = typer.Option(PIIBenchOptions.validation_source, help="where validation people come "
+                                          "from: retain_sample (first N) | forget10 (trained forget10 people in no "
+                                          "reported split, two disjoint erasures of N; needs --n-people)"),
+    uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistant, e.g. "-1,-1.5" (a row each)'),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
@@ -833,7 +897,9 @@ def pii_command(
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
-            uld_lr_schedule=uld_lr_schedule, validation_people=validation_people, uld_fact_pairs=uld_fact_pairs,
+            uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
+            validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+            uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             uld_fact_span_loss=uld_fact_span_loss,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,

@@ -117,7 +117,10 @@ def truth_ratio(paraphrased_norm_logprob: float, perturbed_norm_logprobs: Sequen
     perturbed = np.asarray(perturbed_norm_logprobs, dtype=np.float64)
     if perturbed.size == 0:
         raise ValueError("truth_ratio needs at least one perturbed answer")
-    return float(np.exp(perturbed.mean() - float(paraphrased_norm_logprob)))
+    # A very sharp model can put the ratio beyond float64 (log-ratio > ~709): inf is then the right value,
+    # not a warning — the scores map it to 0 and the KS test only uses the values' order.
+    with np.errstate(over="ignore"):
+        return float(np.exp(perturbed.mean() - float(paraphrased_norm_logprob)))
 
 
 def _as_1d(values, name: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Hand-computed checks for expunge_ml.metrics."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,11 @@ def test_truth_ratio():
     # R = e^-3 / e^-1 = e^-2
     assert M.truth_ratio(-1.0, [-2.0, -4.0]) == pytest.approx(math.exp(-2.0))
     assert M.truth_ratio(-2.0, [-2.0]) == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # beyond float range: inf, silently, and the scores take it
+        assert M.truth_ratio(-800.0, [-1.0]) == math.inf
+        assert M.forget_truth_ratio_score([math.inf, 1.0]) == pytest.approx(0.5)
+        assert M.retain_truth_ratio_score([math.inf, 0.5]) == pytest.approx(0.25)
     with pytest.raises(ValueError):
         M.truth_ratio(-1.0, [])
 

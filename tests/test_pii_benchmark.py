@@ -122,3 +122,42 @@ def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_for
     plain_forget, plain_retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_fact_span_loss=False))
     assert [(q, a) for q, a, _ in forget] == plain_forget and retain == plain_retain
     assert all(facts == ["Ann", "ann@mail.example"] for _, _, facts in forget)  # never a retained person's
+
+
+def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_splits():
+    from benchmarks.pii import split_groups, validation_erasures
+
+    def rows(people, n=2):
+        return [{"subject": p, "question": f"q{i}"} for p in people for i in range(n)]
+
+    groups = {"forget1": rows(["F1"]), "other": rows(["A", "B", "C", "D", "E"]), "retain_sample": rows(["R"], 1)}
+    split_people = {"forget1": ["F1"]}
+    options = dataclasses.replace(PIIBenchOptions(), splits=("forget1",), validation_people=2,
+                                  validation_source="forget10")
+    assert validation_erasures(groups, split_people, options) == ["validation1", "validation2"]
+    assert split_people["validation1"] == ["A", "B"] and split_people["validation2"] == ["C", "D"]
+    assert {r["subject"] for r in groups["other"]} == {"E"}  # the person left over stays retained
+
+    erased, retained = split_groups("validation1", groups, set(split_people["validation1"]), {"forget1"})
+    assert erased == ["validation1"]
+    assert sorted(retained) == ["other", "retain_sample", "validation2"]  # never forget1's people
+    # a reported split keeps every other trained person as retained, validation people included
+    erased, retained = split_groups("forget1", groups, {"F1"}, {"forget1"})
+    assert erased == ["forget1"] and "validation1" in retained and "retain_sample" in retained
+
+    # one erasure where only one fits; a clear error where none does or the source is unknown
+    groups = {"other": rows(["A", "B", "C"]), "retain_sample": rows(["R"], 1)}
+    assert validation_erasures(groups, {}, options) == ["validation1"]
+    with pytest.raises(ValueError, match="n_people"):
+        validation_erasures({"retain_sample": rows(["R"])}, {}, options)
+    with pytest.raises(ValueError, match="validation_source"):
+        validation_erasures(groups, {}, dataclasses.replace(options, validation_source="nowhere"))
+
+
+def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
+    from benchmarks.pii import per_split
+
+    assert per_split("forget1=60,validation=30", "validation2") == 30
+    assert per_split("forget1=60,validation=30", "forget1") == 60
+    with pytest.raises(ValueError):
+        per_split("forget1=60", "validation1")
