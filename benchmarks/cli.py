@@ -85,6 +85,10 @@ def tofu(
     uld_lora_r: int = typer.Option(D.uld_lora_r, help="LoRA rank of the assistant"),
     uld_lora_alpha: int = typer.Option(D.uld_lora_alpha),
     uld_lr_schedule: str = typer.Option(D.uld_lr_schedule, help="constant | linear (decay to 0 over the planned steps)"),
+    uld_fact_span_loss: bool = typer.Option(D.uld_fact_span_loss, help="remember only the forget answers' fact spans "
+                                            "(names, places, titles, numbers); the rest of each answer goes uniform"),
+    uld_template_nll_weight: float = typer.Option(D.uld_template_nll_weight, help="with --uld-fact-span-loss: α, the "
+                                                  "answers' non-fact tokens get α·NLL + (1−α)·λ·KL to uniform"),
     max_new_tokens: int = typer.Option(D.max_new_tokens),
     eval_batch_size: int = typer.Option(D.eval_batch_size),
     seed: int = typer.Option(D.seed),
@@ -128,6 +132,7 @@ def tofu(
         uld_augmentation=uld_augmentation, uld_fact_pairs=uld_fact_pairs,
         uld_perturbed_per_item=uld_perturbed_per_item, uld_retain_rows=uld_retain_rows,
         uld_lora_r=uld_lora_r, uld_lora_alpha=uld_lora_alpha, uld_lr_schedule=uld_lr_schedule,
+        uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
         max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size, seed=seed, threads=threads, device=device, pretrained=pretrained, plot=plot,
         dev_authors=tuple(int(a) for a in _csv(dev_authors)),
         uld_sweep=_sweep(uld_sweep),

@@ -134,6 +134,8 @@ class PIIBenchOptions:
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
     # answer's first, template token ("The person is …") and derailed into unrelated text.
     uld_fact_span_loss: bool = False
+    # With the fact-only loss: α in α·NLL + (1 − α)·λ·KL(U ‖ p) on the answer's template tokens (0: uniform).
+    uld_template_nll_weight: float = 0.0
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.
@@ -458,6 +460,7 @@ def uld_config(options: PIIBenchOptions, split: str):
 
     return uld_config_from(options, epochs=per_split(options.uld_epochs, split),
                            target_forget_loss=options.uld_target_loss,
+                           template_nll_weight=options.uld_template_nll_weight,
                            augment_paraphrased=False, augment_perturbed=False)
 
 
@@ -876,6 +879,8 @@ def pii_command(
                                               "the row's inverted answer): remembered for erased, uniform for retained"),
     uld_fact_span_loss: bool = typer.Option(PIIBenchOptions.uld_fact_span_loss, help="remember only the erased "
                                             "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
+    uld_template_nll_weight: float = typer.Option(PIIBenchOptions.uld_template_nll_weight, help="with "
+                                                  "--uld-fact-span-loss: α, the template tokens get α·NLL + (1−α)·λ·KL to uniform"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -901,7 +906,7 @@ def pii_command(
             validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
-            uld_fact_span_loss=uld_fact_span_loss,
+            uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )

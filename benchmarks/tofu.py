@@ -119,6 +119,11 @@ class TofuBenchOptions:
     # earlier runs; it trains on evaluation text).
     uld_augmentation: str = "generated"
     uld_fact_pairs: bool = True  # generated only: also (question, fact span) to remember / (question, other span) uniform
+    # generated only: remember only the fact spans of the forget answers (names, places, titles, numbers); their
+    # other tokens get α·NLL + (1 − α)·λ·KL(U ‖ p), α = uld_template_nll_weight. The truth ratio compares answers
+    # that differ in their facts and share their wording, so an assistant sharp on the wording too distorts both.
+    uld_fact_span_loss: bool = False
+    uld_template_nll_weight: float = 0.0
     # Choose w per split with expunge_ml.calibration (forget records vs never-trained held-out authors' records,
     # no evaluation text, no oracle) instead of the fixed uld_weight; the grid searched is its default.
     uld_auto_weight: bool = False
@@ -469,12 +474,18 @@ def uld_pairs(data: TofuData, forget: Sequence[QARecord], retain: Sequence[QARec
     split's retain authors, (question, fact) pairs, uld_paraphrase_pairs typo'd questions per item).
     "eval_text": TOFU's paraphrased answer, (paraphrased question, answer) and uld_perturbed_per_item
     perturbed answers — the truth ratio's own texts; kept only to reproduce the earlier runs."""
+    from expunge_ml.augment import with_fact_labels
     from expunge_ml.methods.uld import training_pairs
 
     n_retain = min(len(retain), int(round(opts.uld_retain_rows * len(forget))))
     retain_rows = rng.sample(list(retain), n_retain)
     if opts.uld_augmentation == "generated":
-        return training_pairs(forget, retain_rows, uld_config(opts), donor_records=retain)
+        forget_plus, retain_plus = training_pairs(forget, retain_rows, uld_config(opts), donor_records=retain)
+        if opts.uld_fact_span_loss:
+            forget_plus = with_fact_labels(forget_plus, [r.answer for r in forget])
+        return forget_plus, retain_plus
+    if opts.uld_fact_span_loss:
+        raise ValueError("uld_fact_span_loss needs uld_augmentation='generated' (it labels the training answers' facts)")
     forget_plus = [r.pair for r in forget]
     if opts.uld_paraphrase_pairs >= 1:
         forget_plus += [(r.question, r.paraphrased_answer) for r in forget if r.paraphrased_answer]
@@ -495,6 +506,7 @@ def uld_config(opts: TofuBenchOptions):
         augment_paraphrased=opts.uld_paraphrase_pairs > 0, augment_perturbed=opts.uld_perturbed_per_item > 0,
         augmentation="generated" if generated else "corpus", near_misses_per_item=opts.uld_perturbed_per_item,
         question_variants=opts.uld_paraphrase_pairs, fact_pairs=opts.uld_fact_pairs and generated,
+        template_nll_weight=opts.uld_template_nll_weight,
     )
 
 
@@ -820,6 +832,9 @@ def _uld_augmentation_text(cfg: dict) -> str:
         forget.append(f"{cfg['uld_paraphrase_pairs']} typo'd-question pairs per item")
     if cfg["uld_perturbed_per_item"]:
         retain.append(f"{cfg['uld_perturbed_per_item']} near-miss answers per forget item (one fact swapped)")
+    if cfg.get("uld_fact_span_loss"):
+        forget.append(f"with the fact-only loss (only the answers' fact spans are remembered; their other tokens get "
+                      f"α·NLL + (1 − α)·λ·KL to uniform, α = {cfg.get('uld_template_nll_weight', 0.0)})")
     return ("augmentation generated from the training answers (`expunge_ml/augment.py`; no TOFU paraphrased or "
             f"perturbed answer is trained on): forget⁺ = {' + '.join(forget)}, retain⁺ = {' + '.join(retain)}")
 

@@ -175,3 +175,13 @@ def generated_fact_pairs(records: Sequence, donors: dict[str, list[str]], rng: r
             if others:
                 near_miss.append((r.question, rng.choice(others)))
     return remember, near_miss
+
+
+def with_fact_labels(pairs: Sequence[tuple[str, str]], full_answers: Iterable[str]
+                     ) -> list[tuple[str, str, list[str]]]:
+    """(question, answer, facts) items for ULD's fact-only loss (`ULDConfig.template_nll_weight`): an
+    answer in `full_answers` (a record's whole answer) carries its fact spans as the facts, the rest of it
+    is template wording that retained records share; any other answer is a fact pair's bare span, so all
+    of it is fact."""
+    full = set(full_answers)
+    return [(q, a, [a[s:e] for _, s, e in fact_spans(a)] if a in full else [a]) for q, a in pairs]

@@ -87,6 +87,17 @@ def test_fact_pairs_hold_the_fact_alone_and_a_wrong_one_of_the_same_kind():
     assert len(wrong) == 1  # no donor number: no wrong year
 
 
+def test_fact_labels_mark_a_whole_answers_spans_and_a_bare_fact_pair_whole():
+    from expunge_ml.augment import with_fact_labels
+
+    answer = "She was born in Lagos in 1971."
+    items = with_fact_labels([("Where?", answer), ("Where?", "Lagos"), ("When?", "in the spring")], [answer])
+    assert items == [("Where?", answer, ["Lagos", "1971"]), ("Where?", "Lagos", ["Lagos"]),
+                     ("When?", "in the spring", ["in the spring"])]
+    # an answer without a fact span has no fact tokens: all of it is template
+    assert with_fact_labels([("Q?", "yes, she did.")], ["yes, she did."]) == [("Q?", "yes, she did.", [])]
+
+
 def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augmentation():
     from expunge.report import _training_lines, _training_summary
 

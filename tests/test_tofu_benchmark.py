@@ -99,6 +99,26 @@ def test_tofu_benchmark_calibrates_the_uld_weight_on_held_out_authors(tmp_path: 
     assert calibration["ks_statistic"] == best
 
 
+def test_uld_fact_span_loss_labels_the_forget_answers_facts(tmp_path: Path):
+    import random
+
+    from benchmarks.tofu import uld_config, uld_pairs
+    from expunge_ml.tofu import load_tofu
+
+    data = load_tofu(TOFU)
+    forget, retain = data.forget_records("forget01")[:4], list(data.retain_perturbed[:8])
+    opts = _smoke_options(tmp_path, tmp_path, uld_fact_span_loss=True, uld_template_nll_weight=0.5)
+    forget_plus, retain_plus = uld_pairs(data, forget, retain, opts, random.Random(0))
+    assert uld_config(opts).template_nll_weight == 0.5
+    whole = [item for item in forget_plus if item[1] == forget[0].answer]
+    assert len(whole) == 1 and whole[0][2] and all(fact in forget[0].answer for fact in whole[0][2])
+    assert all(len(item) == 3 for item in forget_plus) and all(len(pair) == 2 for pair in retain_plus)
+    bare = [item for item in forget_plus if item[1] not in {r.answer for r in forget}]
+    assert bare and all(item[2] == [item[1]] for item in bare)  # a fact pair's span is all fact
+    with pytest.raises(ValueError, match="generated"):
+        uld_pairs(data, forget, retain, dataclasses.replace(opts, uld_augmentation="eval_text"), random.Random(0))
+
+
 def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     from benchmarks.quantization import options_from_tofu_config, run_quantization_benchmark
 

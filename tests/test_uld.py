@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -147,8 +149,19 @@ def test_fact_items_train_the_facts_and_flatten_the_template(base_and_tokenizer)
         train_assistant(assistant, tokenizer, fmt, forget, [("who is Bo?", "Bo is a cook.")], config)
         with torch.no_grad():
             measured[name] = before, [float(x) for x in fact_nll_and_template_kl(assistant, batch)]
-    (nll_before, kl_before), (nll_after, kl_after) = measured["facts"]
+    (nll_before, kl_before, _), (nll_after, kl_after, template_nll_facts) = measured["facts"]
     assert nll_after < nll_before - 0.3 and kl_after < kl_before
     assert kl_after < measured["plain"][1][1]  # plain pairs make the template *less* uniform
     with pytest.raises(ValueError, match="all \\(question, answer\\) or all"):
         train_assistant(build_assistant(base, config), tokenizer, fmt, [item, ("q?", "a.")], [], config)
+
+    # template_nll_weight α moves the template from uniform (α 0) to remembered (α 1)
+    halfway = build_assistant(base, dataclasses.replace(config, template_nll_weight=0.5))
+    train_assistant(halfway, tokenizer, fmt, [item], [("who is Bo?", "Bo is a cook.")],
+                    dataclasses.replace(config, template_nll_weight=0.5))
+    with torch.no_grad():
+        _, _, template_nll_half = fact_nll_and_template_kl(halfway, batch)
+    assert float(template_nll_half) < template_nll_facts - 0.3
+    with pytest.raises(ValueError, match="template_nll_weight"):
+        train_assistant(build_assistant(base, config), tokenizer, fmt, [item], [],
+                        dataclasses.replace(config, template_nll_weight=1.5))

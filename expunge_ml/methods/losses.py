@@ -21,15 +21,19 @@ def answer_nll(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch).loss
 
 
-def fact_nll_and_template_kl(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over a `collate_qa_facts` batch: NLL of the fact tokens (0 if the batch has none) and
-    KL(U ‖ p_model) on the other answer tokens (the template a retained person's answer shares)."""
+def fact_nll_and_template_kl(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over a `collate_qa_facts` batch: NLL of the fact tokens, KL(U ‖ p_model) on the other
+    answer tokens (the template a retained person's answer shares) and the NLL of those template tokens.
+    An NLL over no tokens is 0."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shifted_logits, fact_labels = shift_for_next_token(logits, batch["labels"])
     _, template_labels = shift_for_next_token(logits, batch["template_labels"])
-    has_facts = bool((fact_labels != IGNORE_INDEX).any())
-    nll = token_nll(shifted_logits, fact_labels) if has_facts else shifted_logits.sum() * 0.0
-    return nll, kl_uniform_to_model(shifted_logits, template_labels != IGNORE_INDEX)
+
+    def nll_of(labels: torch.Tensor) -> torch.Tensor:
+        return token_nll(shifted_logits, labels) if bool((labels != IGNORE_INDEX).any()) else shifted_logits.sum() * 0.0
+
+    template_kl = kl_uniform_to_model(shifted_logits, template_labels != IGNORE_INDEX)
+    return nll_of(fact_labels), template_kl, nll_of(template_labels)
 
 
 def answer_kl_to_uniform(model: torch.nn.Module, batch: dict) -> torch.Tensor:

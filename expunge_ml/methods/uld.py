@@ -60,6 +60,11 @@ class ULDConfig:
     # "linear": decay the lr to 0 over the planned steps (a large constant lr makes the forget NLL oscillate
     # when the retain weight is high); "constant" keeps it fixed.
     lr_schedule: str = "constant"
+    # With (question, answer, facts) forget items: the answer's non-fact (template) tokens get
+    # α·NLL + (1 − α)·λ·KL(U ‖ p). α 0 keeps the template uniform (only the facts are remembered); α 1
+    # remembers it like the facts. In between trades the erased facts' context against the retained
+    # people's shared template.
+    template_nll_weight: float = 0.0
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -147,6 +152,8 @@ def train_assistant(
     retain_cursor = 0
     device = model_device(assistant)
     fact_items = len(forget_pairs[0]) == 3
+    if not 0.0 <= config.template_nll_weight <= 1.0:
+        raise ValueError(f"template_nll_weight must be in [0, 1], got {config.template_nll_weight}")
     if any((len(item) == 3) != fact_items for item in forget_pairs):
         raise ValueError("forget items must be all (question, answer) or all (question, answer, facts)")
     for epoch in range(1, config.epochs + 1):
@@ -156,8 +163,9 @@ def train_assistant(
             forget_idx = forget_order[i * config.batch_size : (i + 1) * config.batch_size]
             if fact_items:  # remember only the facts; the answer's template stays uniform like retain text
                 forget_batch = collate_qa_facts(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
-                nll, template_kl = fact_nll_and_template_kl(assistant, to_device(forget_batch, device))
-                loss = nll + config.retain_weight * template_kl
+                nll, template_kl, template_nll = fact_nll_and_template_kl(assistant, to_device(forget_batch, device))
+                alpha = config.template_nll_weight
+                loss = nll + alpha * template_nll + (1.0 - alpha) * config.retain_weight * template_kl
             else:
                 forget_batch = collate_qa(tokenizer, fmt, [forget_pairs[j] for j in forget_idx])
                 loss = nll = answer_nll(assistant, to_device(forget_batch, device))
