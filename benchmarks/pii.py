@@ -632,7 +632,8 @@ def validation_erasures(rows_by_group: dict[str, list[dict]], split_people: dict
         names.append(f"validation{i + 1}")
         rows_by_group[names[-1]] = [r for r in rows if r["subject"] in chosen]
         split_people[names[-1]] = sorted(chosen)
-    rest = [r for r in rows if r["subject"] not in set(people[:count * n])]
+    erased = set(people[:count * n])
+    rest = [r for r in rows if r["subject"] not in erased]
     if rest:
         rows_by_group["other"] = rest
     return names
@@ -707,15 +708,14 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             split, "base", base_erased, base_retained, base_retained, n_erased, n_retained,
             {"eval_seconds": round(base_eval_seconds, 2)},
         ))
+        split_probes = {"erased": [p for g in erased_groups for p in probes[g]],
+                        "retained": [p for g in retained_groups for p in probes[g]]}
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
                 f"retaining {n_retained} ({len(retain_rows)} QA)")
             source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split)
             t0 = time.perf_counter()
-            measured = measure(source, tokenizer, fmt, {
-                "erased": [p for g in erased_groups for p in probes[g]],
-                "retained": [p for g in retained_groups for p in probes[g]],
-            }, options)
+            measured = measure(source, tokenizer, fmt, split_probes, options)
             report["eval_seconds"] = round(time.perf_counter() - t0, 2)
             row = make_row(split, method, measured["erased"], measured["retained"], base_retained,
                            n_erased, n_retained, report)
@@ -727,10 +727,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             if method == "uld":
                 for weight in options.uld_extra_weights:
                     swept = dataclasses.replace(source, weights=[weight])
-                    measured = measure(swept, tokenizer, fmt, {
-                        "erased": [p for g in erased_groups for p in probes[g]],
-                        "retained": [p for g in retained_groups for p in probes[g]],
-                    }, options)
+                    measured = measure(swept, tokenizer, fmt, split_probes, options)
                     row = make_row(split, f"uld w={weight:g}", measured["erased"], measured["retained"],
                                    base_retained, n_erased, n_retained, {"weight": weight})
                     log(f"  w {weight:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "

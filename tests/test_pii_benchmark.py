@@ -78,6 +78,16 @@ def test_pii_benchmark_smoke(tmp_path):
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=(), validation_people=99))
 
+    # --uld-extra-weights scores the same assistant at more w: at the served w it measures the same answers
+    swept = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
+                                     uld_extra_weights=(options.uld_weight, 0.0)))
+    by_method = {r["method"]: r for r in swept["rows"]}
+    assert set(by_method) == {"base", "uld", f"uld w={options.uld_weight:g}", "uld w=0"}
+    same = by_method[f"uld w={options.uld_weight:g}"]
+    assert same["weight"] == options.uld_weight
+    assert [same[k] for k in KINDS] == [by_method["uld"][k] for k in KINDS]
+    assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]  # w 0: the base alone
+
 
 def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
     from benchmarks.pii import uld_training_pairs
