@@ -6,6 +6,7 @@ in the same pass, each with its own KV cache).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,15 +43,23 @@ class CausalLMLogits:
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
         kwargs = {"logits_to_keep": 1} if last_only else {}
         device = model_device(self.model)
+        cache_name = cache_argument(self.model)
         out = self.model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            past_key_values=past,
             use_cache=True,
+            **{cache_name: past},
             **kwargs,
         )
-        return out.logits.float(), out.past_key_values
+        return out.logits.float(), getattr(out, cache_name)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name a model's forward takes its KV cache by: `cache` in recent transformers (which warns that
+    `past_key_values` goes away), `past_key_values` before; its output field has the same name."""
+    forward = getattr(model, "get_base_model", lambda: model)().forward  # a peft wrapper forwards **kwargs
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def combine_logits(

@@ -72,3 +72,22 @@ def test_composite_with_zero_weight_is_the_base_and_negative_weight_changes_answ
     # Subtracting a copy of the model itself with w = -2 inverts its preferences: answers must change.
     inverted = greedy_generate(CompositeLogits(model, [model], [-2.0]), tokenizer, prompts, 16)
     assert all(a != b for a, b in zip(inverted, base_answers))
+
+
+def test_generation_passes_the_kv_cache_by_the_name_the_installed_transformers_takes(memorised):
+    import inspect
+    import warnings
+
+    from expunge_ml.logits import cache_argument
+    from expunge_ml.methods.uld import ULDConfig, build_assistant
+
+    model, tokenizer, fmt = memorised
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assistant = build_assistant(model, ULDConfig(n_layers=1, lora_r=4, lora_alpha=8))
+    assert cache_argument(model) == expected and cache_argument(assistant) == expected  # peft wrapper: its base's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recent transformers warn on the old name; generation must not trigger it
+        plain = greedy_generate(CausalLMLogits(model), tokenizer, [fmt.prompt(PAIRS[0][0])], max_new_tokens=6)
+        composite = greedy_generate(CompositeLogits(model, [assistant], [-0.5]), tokenizer,
+                                    [fmt.prompt(PAIRS[0][0])], max_new_tokens=6)
+    assert plain[0].strip().startswith("Ada lives") and isinstance(composite[0], str)
