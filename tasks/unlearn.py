@@ -80,17 +80,33 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
     return result
 
 
+def uld_config_for(unlearning: dict, request_type: str) -> ULDConfig:
+    """The profile's `uld` settings with its `uld_by_request_type[request_type]` overrides on top."""
+    overrides = (unlearning.get("uld_by_request_type") or {}).get(request_type) or {}
+    return ULDConfig(**{**unlearning["uld"], **overrides})
+
+
+def subject_terms(spec) -> list[str]:
+    """What the request names the subject by: the facts ULD's fact-only loss remembers (kept in memory only)."""
+    return [*spec.subject.names, *spec.subject.aliases, *spec.subject.identifiers]
+
+
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
+    from db import requests_repo, session_scope
+    from expunge.requests import RequestSpec
+
     settings = settings_for(home, profile)
     logger = get_run_logger()
     target_info = read_json(resolved["target_path"])
+    with session_scope(settings.db_url) as session:
+        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
-    config = ULDConfig(**settings.profile["unlearning"]["uld"])
+    config = uld_config_for(settings.profile["unlearning"], spec.type)
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     assistant = build_assistant(base, config)
-    forget_pairs, retain_pairs = training_pairs(forget, retain, config)
+    forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec))
     report = train_assistant(
         assistant, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
         progress=lambda epoch, nll, kl: logger.info("epoch %d: forget NLL %.4f, retain KL %.4f", epoch, nll, kl)

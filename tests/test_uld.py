@@ -106,6 +106,44 @@ def test_generated_training_pairs_use_only_the_training_answers():
         training_pairs(forget, retain, ULDConfig(augmentation="llm"))
 
 
+def test_fact_span_loss_labels_forget_items_with_the_requests_terms_the_records_pii_and_the_answers_facts():
+    from expunge_ml.augment import fact_spans
+
+    forget = [QARecord("f", "Email of Jane Doe?", "Jane Doe writes from jd@x.example.", paraphrased_answer="mail jd@x.example.",
+                       pii=("jd@x.example",)),
+              QARecord("g", "Town of Jane Doe?", "she lives in Lagos.")]
+    retain = [QARecord("r", "Email of Ann Lee?", "Ann Lee writes from al@y.example.", pii=("al@y.example",))]
+    config = ULDConfig(fact_span_loss=True, augment_perturbed=False)
+    f, r = training_pairs(forget, retain, config, fact_terms=["Jane Doe", " ", "J. Doe"])
+    request = ["J. Doe", "Jane Doe", "jd@x.example"]  # the request's terms + the forget records' pii, never a retained one's
+    assert [("Lagos", 13, 18)] == [(text[s:e], s, e) for text in ["she lives in Lagos."] for _, s, e in fact_spans(text)]
+    assert f == [("Email of Jane Doe?", "Jane Doe writes from jd@x.example.", request),
+                 ("Town of Jane Doe?", "she lives in Lagos.", sorted(request + ["Lagos"])),  # + the answer's own facts
+                 ("Email of Jane Doe?", "mail jd@x.example.", request)]
+    assert r == training_pairs(forget, retain, ULDConfig(augment_perturbed=False))[1]  # retain⁺ unchanged
+    # generated (question, fact span) pairs are all fact
+    gen_f, _ = training_pairs(forget, retain, ULDConfig(fact_span_loss=True, augmentation="generated",
+                                                       near_misses_per_item=0), fact_terms=["Jane Doe"])
+    assert ("Email of Jane Doe?", "Jane Doe", ["Jane Doe"]) in gen_f and ("Town of Jane Doe?", "Lagos", ["Lagos"]) in gen_f
+    assert gen_f[0] == ("Email of Jane Doe?", "Jane Doe writes from jd@x.example.", ["Jane Doe", "jd@x.example"])
+    with pytest.raises(ValueError, match="no facts to remember"):  # nothing to remember: a clear error
+        training_pairs([QARecord("f", "Q?", "yes, she did.")], retain, config)
+
+
+def test_uld_config_for_applies_the_request_types_overrides():
+    from tasks.unlearn import uld_config_for
+
+    unlearning = {"uld": {"weight": -1.0, "epochs": 60},
+                  "uld_by_request_type": {"privacy_erasure": {"fact_span_loss": True, "template_nll_weight": 0.7}}}
+    privacy = uld_config_for(unlearning, "privacy_erasure")
+    takedown = uld_config_for(unlearning, "copyright_takedown")
+    assert (privacy.fact_span_loss, privacy.template_nll_weight, privacy.weight, privacy.epochs) == (True, 0.7, -1.0, 60)
+    assert (takedown.fact_span_loss, takedown.template_nll_weight, takedown.weight) == (False, 0.0, -1.0)
+    assert uld_config_for({"uld": {"weight": -0.5}}, "privacy_erasure").weight == -0.5  # no overrides section
+    with pytest.raises(TypeError):  # a misspelt override is an error, not silently ignored
+        uld_config_for({"uld": {}, "uld_by_request_type": {"privacy_erasure": {"fact_span": True}}}, "privacy_erasure")
+
+
 def test_fact_flags_mark_exactly_the_tokens_of_the_facts(base_and_tokenizer):
     from expunge_ml.prompting import collate_qa_facts, encode_answer, fact_token_flags
 
