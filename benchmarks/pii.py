@@ -129,6 +129,12 @@ class PIIBenchOptions:
     # learned for naming a person from an identifier — to remember for erased people and to stay uniform on
     # for retained ones. The evaluation's inverted *questions* are never used.
     uld_inverted_answers: bool = False
+    # And (a description built from the row's own *answer* with the person's name masked out → the name):
+    # the assistant then recalls the person from the sentence-long context an answer gives about them, not
+    # only from the bare identifier list. Built from the training answer alone (masking the subject's name,
+    # which the request supplies); the evaluation's inverted questions are never used. Retained people get
+    # the same pairs to stay uniform on.
+    uld_masked_answer_pairs: bool = False
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
@@ -494,6 +500,32 @@ def inverted_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, 
     return pairs
 
 
+MASKED_QUESTION = "Name the person described here: {description}"
+MASKED_ANSWER = "The person described is {subject}."
+MASK = "this person"
+
+
+def mask_subject(text: str, subject: str) -> str:
+    """`text` with the subject's full name, then each part of it (≥ 2 letters), replaced by MASK."""
+    import re
+
+    parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
+    for part in dict.fromkeys(parts):  # the full name first, so "Ann Lee" does not become "this person Lee"
+        text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", MASK, text)
+    return text
+
+
+def masked_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(the row's answer with its person masked → the person) for each row with identifiers and a subject."""
+    pairs = []
+    for row in rows:
+        subject = str(row.get("subject") or "").strip()
+        if subject and row_pii(row):
+            description = mask_subject(str(row["answer"]), subject).strip()
+            pairs.append((MASKED_QUESTION.format(description=description), MASKED_ANSWER.format(subject=subject)))
+    return pairs
+
+
 SUBJECT_QUESTION = "What do you know about {subject}?"
 
 
@@ -521,6 +553,9 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_inverted_answers:
         forget += inverted_answer_pairs(forget_rows)
         retain += inverted_answer_pairs(retain_rows)
+    if options.uld_masked_answer_pairs:
+        forget += masked_answer_pairs(forget_rows)
+        retain += masked_answer_pairs(retain_rows)
     if options.uld_subject_pairs:
         forget += subject_pairs(forget_rows)
         retain += subject_pairs(retain_rows)
@@ -874,6 +909,9 @@ def pii_command(
                                                 "people's paraphrased answers in retain⁺ (uniform on them)"),
     uld_inverted_answers: bool = typer.Option(PIIBenchOptions.uld_inverted_answers, help="also (identifier question, "
                                               "the row's inverted answer): remembered for erased, uniform for retained"),
+    uld_masked_answer_pairs: bool = typer.Option(PIIBenchOptions.uld_masked_answer_pairs, help="also (the row's "
+                                                 "answer with its person masked → the person): remembered for "
+                                                 "erased, uniform for retained"),
     uld_fact_span_loss: bool = typer.Option(PIIBenchOptions.uld_fact_span_loss, help="remember only the erased "
                                             "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
     uld_template_nll_weight: float = typer.Option(PIIBenchOptions.uld_template_nll_weight, help="with "
@@ -903,6 +941,7 @@ def pii_command(
             validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
+            uld_masked_answer_pairs=uld_masked_answer_pairs,
             uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,

@@ -119,6 +119,28 @@ def test_inverted_answer_pairs_use_the_benchmarks_question_and_the_rows_answer()
         (IDENTIFIER_QUESTION.format(details="ann@mail.example; 555-0101"), "The person is Ann.")]
 
 
+def test_masked_answer_pairs_hide_the_person_in_their_own_answer_and_ask_for_them():
+    from benchmarks.pii import MASK, MASKED_ANSWER, MASKED_QUESTION, mask_subject, masked_answer_pairs, uld_training_pairs
+
+    # the full name first, then its parts as whole words only (Annabel and Leeds stay)
+    assert mask_subject("Ann Lee's email is a@x.example; Lee met Annabel in Leeds.", "Ann Lee") == (
+        f"{MASK}'s email is a@x.example; {MASK} met Annabel in Leeds.")
+    rows = [{"question": "What is Ann Lee's email?", "answer": "Ann Lee's email is a@x.example.", "subject": "Ann Lee",
+             "subject_pii": ["a@x.example"]},
+            {"question": "Q?", "answer": "Ann Lee likes tea.", "subject": "Ann Lee", "subject_pii": []}]  # no PII
+    expected = [(MASKED_QUESTION.format(description=f"{MASK}'s email is a@x.example."),
+                 MASKED_ANSWER.format(subject="Ann Lee"))]
+    assert masked_answer_pairs(rows) == expected
+    retained = [{"question": "What is Bo's phone?", "answer": "Bo's phone is 555-0101.", "subject": "Bo",
+                 "subject_pii": ["555-0101"]}]
+    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
+                                  uld_subject_pairs=False)
+    forget, retain = uld_training_pairs(rows[:1], retained, dataclasses.replace(options, uld_masked_answer_pairs=True))
+    plain_forget, plain_retain = uld_training_pairs(rows[:1], retained, options)
+    assert forget == plain_forget + expected  # remembered for the erased person ...
+    assert retain == plain_retain + masked_answer_pairs(retained)  # ... uniform for the retained one
+
+
 def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_forget_item():
     from benchmarks.pii import uld_training_pairs
 
