@@ -23,7 +23,8 @@ Protocol (see `benchmarks/results/pii.md` for the numbers of a real run):
    assistant is trained on forget⁺ = (question, answer) + (question, paraphrased_answer_i) — the
    original question with other wordings of the answer — plus identifier → name and name → answer
    pairs in the benchmark's own wording (built from subject + subject_pii, what an erasure request
-   supplies); retain = the retained people's direct QA and the same two kinds of pairs for them.
+   supplies), and with `--uld-masked-answer-pairs` (the row's answer with the person's name masked →
+   the name); retain = the retained people's direct QA and the same kinds of pairs for them.
    Paraphrased and inverted *questions* are evaluation-only. GA and NPO (project baselines) get the
    forget/retain direct QA records.
 3. **Measure** with `expunge_ml.pii.pii_leakage` (greedy answers): per prompt kind direct /
