@@ -95,12 +95,13 @@ class PIIBenchOptions:
     base_lr: float = 3e-3
     base_batch_size: int = 32
     base_target_loss: float = 0.02
-    # ULD (K, LoRA, w, training); forget⁺ uses this many paraphrased *answers* per forget question.
+    # ULD (K, LoRA, w, training); forget⁺ uses this many paraphrased *answers* per forget question. The defaults
+    # are the settings of the reported run (chosen on validation erasures; benchmarks/results/pii.md).
     uld_layers: int = 2
     uld_lora_r: int = 16
     uld_lora_alpha: int = 32
     uld_lora_dropout: float = 0.05
-    uld_weight: float = -1.25
+    uld_weight: float = -1.6
     uld_relative_top: float = 0.0
     uld_retain_weight: float = 20.0
     # Epochs per split (forget5 has 5× the pairs per epoch): "split=n,..." or one number for all.
@@ -135,14 +136,14 @@ class PIIBenchOptions:
     # only from the bare identifier list. Built from the training answer alone (masking the subject's name,
     # which the request supplies); the evaluation's inverted questions are never used. Retained people get
     # the same pairs to stay uniform on.
-    uld_masked_answer_pairs: bool = False
+    uld_masked_answer_pairs: bool = True
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
     # answer's first, template token ("The person is …") and derailed into unrelated text.
-    uld_fact_span_loss: bool = False
+    uld_fact_span_loss: bool = True
     # With the fact-only loss: α in α·NLL + (1 − α)·λ·KL(U ‖ p) on the answer's template tokens (0: uniform).
-    uld_template_nll_weight: float = 0.0
+    uld_template_nll_weight: float = 0.7
     # Full-model baselines (GA, NPO): tiny from-scratch models need a far larger lr than 7B ones.
     baseline_epochs: int = 10  # NPO
     # GA diverges (retained recall → 0) if run as long as NPO; epochs per split, tuned on direct prompts.

@@ -99,7 +99,7 @@ def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
                 "subject": name, "subject_pii": [f"{name}@mail.example"]}
 
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=2, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
     forget, retain = uld_training_pairs([row("ann", 3)], [row("bo", 3)], options)
     assert len(forget) == 3 and retain == [("What is bo's email?", "bo@mail.example")]
     _, mirrored = uld_training_pairs([row("ann", 3)], [row("bo", 3)],
@@ -134,7 +134,7 @@ def test_masked_answer_pairs_hide_the_person_in_their_own_answer_and_ask_for_the
     retained = [{"question": "What is Bo's phone?", "answer": "Bo's phone is 555-0101.", "subject": "Bo",
                  "subject_pii": ["555-0101"]}]
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
     forget, retain = uld_training_pairs(rows[:1], retained, dataclasses.replace(options, uld_masked_answer_pairs=True))
     plain_forget, plain_retain = uld_training_pairs(rows[:1], retained, options)
     assert forget == plain_forget + expected  # remembered for the erased person ...
@@ -193,3 +193,15 @@ def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
     assert per_split("forget1=60,validation=30", "forget1") == 60
     with pytest.raises(ValueError):
         per_split("forget1=60", "validation1")
+
+
+def test_option_defaults_are_the_committed_reports_settings():
+    """`expunge benchmark pii` with no options reruns the committed report (benchmarks/results/pii.json)."""
+    from benchmarks.pii import DEFAULT_OUT_DIR
+
+    report = json.loads((DEFAULT_OUT_DIR / "pii.json").read_text())
+    defaults = dataclasses.asdict(PIIBenchOptions())
+    differing = {k: (v, defaults[k]) for k, v in report["config"].items()
+                 if k in defaults and k not in ("data_dir", "threads", "device", "cache_dir", "out_dir")
+                 and (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k]) != v}
+    assert differing == {}
