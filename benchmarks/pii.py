@@ -922,6 +922,8 @@ def pii_command(
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
     max_new_tokens: int = typer.Option(PIIBenchOptions.max_new_tokens),
+    seed: int = typer.Option(PIIBenchOptions.seed, help="seed of the base's init and data order and of every "
+                             "unlearning run (another seed replicates the whole experiment on another base)"),
     threads: int = typer.Option(1, help="torch threads (1 is fastest on a busy 2-core machine)"),
     device: str = typer.Option("auto", help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
     data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="UnlearnPII files"),
@@ -934,7 +936,7 @@ def pii_command(
         raise typer.Exit(2)
     options = PIIBenchOptions(**SMOKE_OPTIONS) if smoke else PIIBenchOptions()
     common = dict(methods=_csv(methods), data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir,
-                  threads=threads or None, device=device)
+                  threads=threads or None, device=device, seed=seed)
     if not smoke:
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,

@@ -6,6 +6,7 @@ in the same pass, each with its own KV cache).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -58,8 +59,13 @@ class CausalLMLogits:
 def cache_argument(model: torch.nn.Module) -> str:
     """The name a model's forward takes its KV cache by: `cache` in recent transformers (which warns that
     `past_key_values` goes away), `past_key_values` before; its output field has the same name."""
-    forward = getattr(model, "get_base_model", lambda: model)().forward  # a peft wrapper forwards **kwargs
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    inner = getattr(model, "get_base_model", lambda: model)()  # a peft wrapper forwards **kwargs to its base
+    return _cache_argument_of(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument_of(model_class: type) -> str:  # once per class: step() runs once per generated token
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def combine_logits(
