@@ -160,6 +160,32 @@ def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, complete
     assert any(g["gate"] == "max_forget_rougeL" and g["margin"] < 0 for g in failed["failed_gates"])
 
 
+def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, completed, tmp_path):
+    """`uld_by_request_type.privacy_erasure.fact_span_loss`: the task labels the forget answers with the request's
+    terms (in memory only); the training record and the report say so and hold none of them."""
+    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile["unlearning"]["uld"].update(epochs=10)
+    profile["unlearning"]["uld_by_request_type"] = {"privacy_erasure": {"fact_span_loss": True, "template_nll_weight": 0.7}}
+    profile_path = tmp_path / "facts.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    request_path = tmp_path / "facts_request.yaml"
+    request_path.write_text(yaml.safe_dump(dict(completed, ticket_id="FACTS-0001")))
+    facts = ["--home", str(tiny_home), "--profile", str(profile_path)]
+    assert runner.invoke(app, [*facts, "submit", str(request_path)]).exit_code == 0
+    ran = runner.invoke(app, [*facts, "run", "FACTS-0001"])
+    assert ran.exit_code in (0, 5), ran.output  # completed or failed_gates: either way trained and evaluated
+    training_text = (tiny_home / "work" / "FACTS-0001" / "training.json").read_text()
+    training = json.loads(training_text)
+    assert training["config"]["fact_span_loss"] is True and training["config"]["template_nll_weight"] == 0.7
+    assert training["config"]["weight"] == profile["unlearning"]["uld"]["weight"]  # the rest from `uld`
+    result = runner.invoke(app, [*facts, "report", "FACTS-0001", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "evidence.md").read_text()
+    assert "fact-only loss" in markdown and "weight 0.7" in markdown
+    for secret in [*completed["subject"]["names"], *completed["subject"]["identifiers"]]:
+        assert secret not in training_text and secret not in markdown
+
+
 def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_path):
     """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates."""
     request = dict(completed, ticket_id="NPO-0001", method="npo")
