@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import shlex
 import sys
 import time
@@ -509,8 +510,6 @@ MASK = "this person"
 
 def mask_subject(text: str, subject: str) -> str:
     """`text` with the subject's full name, then each part of it (≥ 2 letters), replaced by MASK."""
-    import re
-
     parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
     for part in dict.fromkeys(parts):  # the full name first, so "Ann Lee" does not become "this person Lee"
         text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", MASK, text)

@@ -25,3 +25,12 @@ def write_json(path: Path, data: Any) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def request_spec(settings: Settings, ticket_id: str):
+    """The ticket's validated request (with its subject: keep it in memory, never in a result or log)."""
+    from db import requests_repo, session_scope
+    from expunge.requests import RequestSpec
+
+    with session_scope(settings.db_url) as session:
+        return RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)

@@ -5,13 +5,11 @@ import random
 
 from prefect import get_run_logger, task
 
-from db import requests_repo, session_scope
-from expunge.requests import RequestSpec
 from expunge_ml.corpus import CorpusSpec, load_corpus, load_holdout
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
 from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.methods.uld import load_assistant
-from tasks.context import read_json, settings_for, write_json
+from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.data import records_for_manifest
 from tasks.unlearn import load_base, prompt_format
 
@@ -53,8 +51,7 @@ def evidence_options(config: dict) -> EvidenceOptions:
 def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict) -> dict:
     settings = settings_for(home, profile)
     config = settings.profile["evaluation"]
-    with session_scope(settings.db_url) as session:
-        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
+    spec = request_spec(settings, ticket_id)
     target_info = read_json(resolved["target_path"])
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     train_retain_ids = {e["record_id"] for e in read_json(resolved["retain_manifest"])["records"]}

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from expunge_ml.methods.uld import ULDConfig, build_assistant, save_assistant, train_assistant, training_pairs
 from expunge_ml.modeling import load_causal_lm, weights_fingerprint
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
-from tasks.context import read_json, settings_for, write_json
+from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.data import records_for_manifest
 
 
@@ -39,8 +39,6 @@ def anchors_for(spec) -> dict[str, str]:
 @task(name="unlearn-full-model")
 def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, method: str) -> dict:
     """A baseline (GA, NPO, …) edits a copy of the base itself; the result is a full model version."""
-    from db import requests_repo, session_scope
-    from expunge.requests import RequestSpec
     from expunge_ml.methods.registry import get_method, make_config
 
     settings = settings_for(home, profile)
@@ -51,8 +49,7 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
 
         raise RequestError("method_needs_plain_model",
                            f"{method} edits model weights; the target is a ULD composite — use method uld")
-    with session_scope(settings.db_url) as session:
-        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
+    spec = request_spec(settings, ticket_id)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     baselines = settings.profile["unlearning"].get("baselines", {})
@@ -101,14 +98,10 @@ def subject_terms(spec) -> list[str]:
 
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
-    from db import requests_repo, session_scope
-    from expunge.requests import RequestSpec
-
     settings = settings_for(home, profile)
     logger = get_run_logger()
     target_info = read_json(resolved["target_path"])
-    with session_scope(settings.db_url) as session:
-        spec = RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)
+    spec = request_spec(settings, ticket_id)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = uld_config_for(settings.profile["unlearning"], spec.type)

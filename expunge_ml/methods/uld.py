@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..augment import donor_pool, fact_spans, generated_fact_pairs, generated_forget_pairs, generated_near_misses
+from ..augment import (donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses,
+                       with_fact_labels)
 from ..devices import model_device, to_device
 from ..prompting import PromptFormat, collate_qa, collate_qa_facts
 from ..quantization import quiet_bitsandbytes_import
@@ -243,13 +244,15 @@ def training_pairs(
     With `config.fact_span_loss` the forget items are (question, answer, facts): facts = `fact_terms` (the
     request's names and identifiers) + every forget record's `pii` + the answer's own fact spans; a
     generated (question, fact span) pair is all fact."""
-    forget, retain, fact_answers = _augmented_pairs(forget_records, retain_records, config, donor_records)
+    forget, retain = _augmented_pairs(forget_records, retain_records, config, donor_records)
     if not config.fact_span_loss:
         return forget, retain
     request_facts = ({t.strip() for t in fact_terms if t and t.strip()}
                      | {p for r in forget_records for p in r.pii if p.strip()})
-    items = [(q, a, [a] if (q, a) in fact_answers else
-              sorted(request_facts | {a[s:e] for _, s, e in fact_spans(a)})) for q, a in forget]
+    # a record's whole answer (or paraphrase) carries its fact spans; anything else is a bare fact pair
+    full_answers = {r.answer for r in forget_records} | {r.paraphrased_answer for r in forget_records}
+    items = [(q, a, sorted(request_facts | set(facts)) if a in full_answers else facts)
+             for q, a, facts in with_fact_labels(forget, full_answers)]
     if not any(facts for _, _, facts in items):
         raise ValueError("fact_span_loss found no facts to remember: give the request's names or identifiers, "
                          "or a `pii` column in the corpus")
@@ -257,7 +260,7 @@ def training_pairs(
 
 
 def _augmented_pairs(forget_records, retain_records, config: ULDConfig, donor_records):
-    """(forget⁺, retain⁺, the generated (question, fact span) pairs among forget⁺)."""
+    """(forget⁺, retain⁺) as (question, answer) pairs."""
     if config.augmentation not in ("corpus", "generated"):
         raise ValueError(f"augmentation must be 'corpus' or 'generated', got {config.augmentation!r}")
     forget = [r.pair for r in forget_records]
@@ -267,16 +270,15 @@ def _augmented_pairs(forget_records, retain_records, config: ULDConfig, donor_re
             forget += [(r.question, r.paraphrased_answer) for r in forget_records if r.paraphrased_answer]
         if config.augment_perturbed:
             retain += [(r.question, wrong) for r in forget_records for wrong in r.perturbed_answers]
-        return forget, retain, set()
+        return forget, retain
     rng = random.Random(config.seed)
     donors = donor_pool(r.answer for r in (retain_records if donor_records is None else donor_records))
     if config.augment_paraphrased and config.question_variants:
         forget += generated_forget_pairs(forget_records, config.question_variants, rng)
     if config.augment_perturbed:
         retain += generated_near_misses(forget_records, donors, config.near_misses_per_item, rng)
-    facts: list[tuple[str, str]] = []
     if config.fact_pairs:
         facts, wrong_facts = generated_fact_pairs(forget_records, donors, rng)
         forget += facts
         retain += wrong_facts
-    return forget, retain, set(facts)
+    return forget, retain
