@@ -39,7 +39,9 @@ def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
 def _plot_metric_bars(evidence: dict, path: Path) -> Path:
     names, before, after = [], [], []
     for split in ("forget", "retain"):
-        for metric in ("rougeL_recall", "answer_prob"):
+        for metric in ("rougeL_recall", "answer_prob", "fact_recall"):
+            if evidence["metrics"]["base"][split].get(metric) is None:
+                continue
             names.append(f"{split}\n{metric}")
             before.append(evidence["metrics"]["base"][split][metric])
             after.append(evidence["metrics"]["unlearned"][split][metric])
@@ -166,6 +168,9 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
     for split in ("forget", "retain"):
         for metric in ("rougeL_recall", "answer_prob"):
             lines.append(f"| {split} (n={m['base'][split]['n']}) | {metric} | {_fmt(m['base'][split][metric])} | {_fmt(m['unlearned'][split][metric])} |")
+        if m["base"][split].get("fact_recall") is not None:
+            lines.append(f"| {split} (n={m['base'][split]['n']}) | fact_recall ({m['base'][split]['n_facts']} facts) | "
+                         f"{_fmt(m['base'][split]['fact_recall'])} | {_fmt(m['unlearned'][split]['fact_recall'])} |")
     for group, by_model in (evidence.get("pii") or {}).items():
         for kind in ("direct", "paraphrased", "inverted"):
             b, a = by_model["base"][kind], by_model["unlearned"][kind]
@@ -173,6 +178,9 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
                 lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids) | {_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
     for precision, result in (evidence.get("quantization") or {}).items():
         lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
+        if result["forget"].get("fact_recall") is not None:
+            lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}) | "
+                         f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
     muse = evidence.get("muse") or {}
     if muse:
         for metric, label in (("knowmem_forget", "MUSE KnowMem (ROUGE-L F1)"), ("knowmem_retain", "MUSE KnowMem (ROUGE-L F1)"),

@@ -6,10 +6,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .augment import fact_spans
 from .corpus import QARecord
 from .generation import greedy_generate, score_answers
 from .logits import LogitSource
-from .metrics import length_normalised_prob, rouge_l_recall
+from .metrics import fact_appears, fact_recall, length_normalised_prob, rouge_l_recall
 from .muse import knowmem
 from .prompting import PromptFormat
 
@@ -20,10 +21,21 @@ class SplitMetrics:
     rougeL_recall: float  # TOFU's answer overlap
     answer_prob: float
     rougeL_f1: float = float("nan")  # MUSE's KnowMem on the same greedy answers
+    # Share of the answers' facts (names, places, numbers, identifiers) the greedy answers state; None
+    # when the split's answers carry none. A privacy erasure is about these, not about the wording.
+    fact_recall: float | None = None
+    n_facts: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {"n": self.n, "rougeL_recall": self.rougeL_recall, "answer_prob": self.answer_prob,
-                "rougeL_f1": self.rougeL_f1}
+                "rougeL_f1": self.rougeL_f1, "fact_recall": self.fact_recall, "n_facts": self.n_facts}
+
+
+def record_facts(record: QARecord) -> list[str]:
+    """The facts a correct answer gives away: the answer's fact spans and the record's identifiers, less
+    those the question itself states (repeating the subject's name from the question reveals nothing)."""
+    spans = [record.answer[start:end] for _, start, end in fact_spans(record.answer)]
+    return [f for f in dict.fromkeys([*spans, *record.pii]) if not fact_appears(record.question, f)]
 
 
 def evaluate_split(
@@ -41,8 +53,9 @@ def evaluate_split(
     recalls = [rouge_l_recall(pred, r.answer) for pred, r in zip(answers, records)]
     scores = score_answers(source, tokenizer, fmt, [r.pair for r in records], batch_size)
     probs = [float(length_normalised_prob(s.sum_log_prob, s.n_tokens)) for s in scores]
+    facts, n_facts = fact_recall(answers, [record_facts(r) for r in records])
     return SplitMetrics(len(records), float(np.mean(recalls)), float(np.nanmean(probs)),
-                        knowmem(answers, [r.answer for r in records]))
+                        knowmem(answers, [r.answer for r in records]), facts, n_facts)
 
 
 def evaluate_splits(

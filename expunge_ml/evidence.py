@@ -98,7 +98,7 @@ def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = (
 
 
 def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 0.05) -> float | None:
-    """Share of the forgotten ROUGE-L that an attack brings back: (attacked − unlearned) / (before − unlearned),
+    """Share of the forgotten ROUGE-L (or fact recall) that an attack brings back: (attacked − unlearned) / (before − unlearned),
     clipped to [0, 1]; None when unlearning removed (almost) nothing, so there is nothing to recover."""
     gap = before - unlearned
     if gap < min_gap:
@@ -151,13 +151,15 @@ def collect_evidence(
                     for name, served in models.items()
                 }
     evidence["quantization"] = {}
-    before_rouge = evidence["metrics"]["base"]["forget"]["rougeL_recall"]
-    unlearned_rouge = evidence["metrics"]["unlearned"]["forget"]["rougeL_recall"]
+    forget_before, forget_after = (evidence["metrics"][name]["forget"] for name in ("base", "unlearned"))
     for precision, group_size, build in after.quantization_attacks(options.quant_bits, options.quant_group_size, options.quant_nf4):
         attacked = evaluate_splits(build().source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
         evidence["quantization"][precision] = {
             "forget": attacked.as_dict(),
-            "recovery": recovery(before_rouge, unlearned_rouge, attacked.rougeL_recall),
+            "recovery": recovery(forget_before["rougeL_recall"], forget_after["rougeL_recall"], attacked.rougeL_recall),
+            # The same share for the facts alone: what an attacker learns back about the subject.
+            "fact_recovery": None if attacked.fact_recall is None else recovery(
+                forget_before["fact_recall"], forget_after["fact_recall"], attacked.fact_recall),
             "group_size": group_size,
             **({"library": "bitsandbytes"} if precision == "nf4" else {}),
         }

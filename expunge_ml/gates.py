@@ -32,6 +32,10 @@ def _forget_rouge(e):  # what the served model still says about the subject
     return e["metrics"]["unlearned"]["forget"]["rougeL_recall"]
 
 
+def _forget_facts(e):  # the subject's facts the served model still states, whatever the wording
+    return e["metrics"]["unlearned"]["forget"].get("fact_recall")
+
+
 def _forget_prob(e):
     return e["metrics"]["unlearned"]["forget"]["answer_prob"]
 
@@ -59,6 +63,11 @@ def _quant_recovery(e):
     return max(recoveries) if recoveries else None
 
 
+def _quant_fact_recovery(e):
+    recoveries = [v["fact_recovery"] for v in (e.get("quantization") or {}).values() if v.get("fact_recovery") is not None]
+    return max(recoveries) if recoveries else None
+
+
 def _fluency(e):
     fluency = e.get("fluency")
     if not fluency:
@@ -78,11 +87,13 @@ def _abs_privleak(e):  # MUSE PrivLeak vs an exchangeable held-out set: both und
 # gate name → (how to read the value from the evidence, comparison)
 GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "max_forget_rougeL": (_forget_rouge, "<="),
+    "max_forget_fact_recall": (_forget_facts, "<="),
     "max_forget_prob": (_forget_prob, "<="),
     "min_retain_rougeL_ratio": (_retain_ratio, ">="),
     "max_pii_leak_rate": (_pii_leak, "<="),
     "min_retained_pii_recall_ratio": (_retained_pii, ">="),
     "max_quant_recovery": (_quant_recovery, "<="),
+    "max_quant_fact_recovery": (_quant_fact_recovery, "<="),
     "min_fluency_ratio": (_fluency, ">="),
     "max_verbmem_forget": (_verbmem, "<="),
     "max_abs_privleak": (_abs_privleak, "<="),

@@ -30,6 +30,8 @@ __all__ = [
     "model_utility",
     "kl_uniform_to_model",
     "exact_and_normalised_leaks",
+    "fact_appears",
+    "fact_recall",
     "distinct_n",
     "repetition_rate",
     "min_k_percent_score",
@@ -210,6 +212,42 @@ def exact_and_normalised_leaks(text: str, identifiers: Sequence[str]) -> tuple[i
         exact += ident in text
         normalised += norm_ident in norm_text
     return exact, normalised
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def fact_appears(text: str, fact: str) -> bool:
+    """Whether `fact` (a name, place, number or identifier) is stated in `text`.
+
+    Words must match whole and in order (casefolded), so "Paris" is not found inside "comparison".
+    A fact with a digit also matches with its separators dropped, so "+44 7700-900 123" is found as
+    "+447700900123"; identifiers are written either way, while names are not glued together."""
+    fact_words = _words(fact)
+    if not fact_words:
+        return False
+    words = _words(text)
+    n = len(fact_words)
+    if any(words[i:i + n] == fact_words for i in range(len(words) - n + 1)):
+        return True
+    return any(c.isdigit() for c in fact) and "".join(fact_words) in "".join(words)
+
+
+def fact_recall(predictions: Sequence[str], facts: Sequence[Sequence[str]]) -> tuple[float | None, int]:
+    """Pooled share of facts that the predictions state: (recalled / total, total), over pairs of a
+    prediction and its record's facts (duplicates within a record count once); (None, 0) without facts.
+
+    ROUGE-L scores wording; this scores only what a reader would learn about the subject, so an answer
+    that keeps the template ("X works as a … in …") but none of the facts scores 0."""
+    if len(predictions) != len(facts):
+        raise ValueError(f"{len(predictions)} predictions but {len(facts)} fact lists")
+    total = recalled = 0
+    for text, record_facts in zip(predictions, facts):
+        for fact in dict.fromkeys(f for f in record_facts if _words(f)):
+            total += 1
+            recalled += fact_appears(text, fact)
+    return (recalled / total if total else None), total
 
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:

@@ -14,11 +14,13 @@ DEFAULT_REGISTERED_NAME = "expunge-unlearned"
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
+    """model.split.metric → value; metrics that do not apply (None, e.g. fact recall without facts) are left out."""
     return {
         f"{model}.{split}.{name}": float(value)
         for model, splits in metrics.items()
         for split, values in splits.items()
         for name, value in values.items()
+        if value is not None
     }
 
 

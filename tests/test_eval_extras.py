@@ -530,3 +530,29 @@ def test_nf4_copy_uses_bitsandbytes_levels_and_keeps_the_head(tokenizer, memoris
     # a memorising model still answers after NF4 (the attack keeps the model usable)
     answers = greedy_generate(CausalLMLogits(clone), tokenizer, [FMT.prompt(q) for q, _ in MEMBERS[:2]])
     assert any(a.startswith(MEMBERS[i][1][:10]) for i, a in enumerate(answers))
+
+
+# ------------------------------------------------------------------------ fact recall
+
+
+def test_record_facts_leave_out_what_the_question_states():
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.evaluation import record_facts
+
+    record = QARecord("r1", MEMBERS[1][0], MEMBERS[1][1], subject=SUBJECT, pii=(PHONE,))
+    # The answer repeats the subject's name from the question (no news) and states the phone number.
+    assert record_facts(record) == [PHONE]
+    born = QARecord("r2", MEMBERS[2][0], MEMBERS[2][1], subject=SUBJECT)
+    assert record_facts(born) == ["Larkspur Bay"]
+
+
+def test_fact_recall_of_a_memorising_model_and_of_one_that_never_saw_the_facts(tokenizer, memorised, never_saw_pii):
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.evaluation import evaluate_split
+
+    records = [QARecord(f"m{i}", q, a, subject=SUBJECT) for i, (q, a) in enumerate(MEMBERS[:2])]
+    knows = evaluate_split(CausalLMLogits(memorised), tokenizer, FMT, records, max_new_tokens=40)
+    forgot = evaluate_split(CausalLMLogits(never_saw_pii), tokenizer, FMT, records, max_new_tokens=40)
+    assert knows.n_facts == forgot.n_facts == 2  # the email and the phone number
+    assert knows.fact_recall == 1.0
+    assert forgot.fact_recall == 0.0

@@ -5,18 +5,19 @@ from expunge_ml.gates import check_gates, gates_for
 
 
 def evidence(forget=0.2, retain_before=1.0, retain_after=0.95, leak=0.0, kept_before=1.0, kept_after=1.0,
-             int4=0.22, d2_before=0.8, d2_after=0.6):
+             int4=0.22, d2_before=0.8, d2_after=0.6, facts=0.1, int4_facts=0.12):
     pii_kind = lambda rate, n=4: {"leak_rate": rate, "n_identifiers": n}  # noqa: E731
     return {
         "metrics": {
             "base": {"forget": {"rougeL_recall": 1.0, "answer_prob": 0.9}, "retain": {"rougeL_recall": retain_before, "answer_prob": 0.9}},
-            "unlearned": {"forget": {"rougeL_recall": forget, "answer_prob": 0.01}, "retain": {"rougeL_recall": retain_after, "answer_prob": 0.9}},
+            "unlearned": {"forget": {"rougeL_recall": forget, "answer_prob": 0.01, "fact_recall": facts}, "retain": {"rougeL_recall": retain_after, "answer_prob": 0.9}},
         },
         "pii": {
             "erased": {"unlearned": {"direct": pii_kind(0.0), "paraphrased": pii_kind(leak), "inverted": pii_kind(0.0, 0)}},
             "retained": {"base": {"direct": pii_kind(kept_before)}, "unlearned": {"direct": pii_kind(kept_after)}},
         },
-        "quantization": {"int8": {"recovery": 0.0}, "int4": {"recovery": recovery(1.0, forget, int4)}},
+        "quantization": {"int8": {"recovery": 0.0, "fact_recovery": None},
+                         "int4": {"recovery": recovery(1.0, forget, int4), "fact_recovery": None if facts is None else recovery(0.9, facts, int4_facts)}},
         "fluency": {"base": {"distinct_2": d2_before}, "unlearned": {"distinct_2": d2_after}},
     }
 
@@ -24,6 +25,7 @@ def evidence(forget=0.2, retain_before=1.0, retain_after=0.95, leak=0.0, kept_be
 THRESHOLDS = {
     "max_forget_rougeL": 0.3, "min_retain_rougeL_ratio": 0.9, "max_pii_leak_rate": 0.01,
     "min_retained_pii_recall_ratio": 0.95, "max_quant_recovery": 0.05, "min_fluency_ratio": 0.7,
+    "max_forget_fact_recall": 0.2, "max_quant_fact_recovery": 0.05,
 }
 
 
@@ -42,6 +44,7 @@ def test_every_gate_passes_on_good_evidence():
     by_name = {r.gate: r for r in results}
     assert by_name["min_retain_rougeL_ratio"].value == pytest.approx(0.95)
     assert by_name["max_quant_recovery"].value == pytest.approx(0.025)  # (0.22 − 0.2) / 0.8
+    assert by_name["max_quant_fact_recovery"].value == pytest.approx(0.025)  # (0.12 − 0.1) / (0.9 − 0.1); int8's None is ignored
 
 
 def test_each_gate_fails_with_its_margin():
@@ -53,6 +56,9 @@ def test_each_gate_fails_with_its_margin():
         # int4 ROUGE 0.6 after unlearning to 0.2 from 1.0: recovery (0.6−0.2)/0.8 = 0.5
         "max_quant_recovery": (evidence(int4=0.6), 0.5, -0.45),
         "min_fluency_ratio": (evidence(d2_after=0.4), 0.5, -0.2),
+        "max_forget_fact_recall": (evidence(facts=0.35), 0.35, -0.15),
+        # facts 0.9 → 0.1, int4 states 0.5 again: (0.5 − 0.1) / 0.8 = 0.5
+        "max_quant_fact_recovery": (evidence(int4_facts=0.5), 0.5, -0.45),
     }
     for gate, (ev, value, margin) in cases.items():
         result = {r.gate: r for r in check_gates(ev, THRESHOLDS)}[gate]
@@ -66,6 +72,9 @@ def test_gates_without_evidence_are_skipped_not_passed_silently():
     results = {r.gate: r for r in check_gates(ev, THRESHOLDS)}
     assert results["max_pii_leak_rate"].skipped == "no evidence applies"
     assert results["max_pii_leak_rate"].value is None
+    ev = evidence(facts=None)  # the forget answers carry no facts
+    results = {r.gate: r for r in check_gates(ev, THRESHOLDS)}
+    assert results["max_forget_fact_recall"].skipped and results["max_quant_fact_recovery"].skipped
 
 
 def test_gate_configuration_errors_and_request_types():

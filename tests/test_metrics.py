@@ -181,6 +181,26 @@ def test_exact_and_normalised_leaks():
     # the blank identifier is skipped -> 3
     assert M.exact_and_normalised_leaks(text, ids) == (1, 3)
     assert M.exact_and_normalised_leaks("nothing here", ids) == (0, 0)
+
+
+def test_fact_appears_matches_whole_words_and_unseparated_identifiers():
+    assert M.fact_appears("She moved to Paris in 1990.", "paris")
+    assert not M.fact_appears("A comparison of cities.", "Paris")  # not inside another word
+    assert M.fact_appears("Call +447700900123 now", "+44 7700-900 123")  # digits: separators may go
+    assert not M.fact_appears("Anna Maria", "Mariaanna")  # names are not glued together
+    assert M.fact_appears("Dr. Susanne Friedli treats her", "Susanne Friedli")
+    assert not M.fact_appears("Susanne treats her", "Susanne Friedli")  # the whole fact, not a part
+    assert not M.fact_appears("anything", "—")  # no words: never found
+
+
+def test_fact_recall_pools_over_records_by_hand():
+    predictions = ["Jane lives in Oslo and was born in 1971.", "I don't know.", "No facts asked."]
+    facts = [["Oslo", "1971", "Oslo"], ["Bergen", "IBAN NO93 8601 1117 947"], []]
+    # record 1: 2 of 2 distinct facts; record 2: 0 of 2; record 3: none to find → 2 / 4
+    assert M.fact_recall(predictions, facts) == (0.5, 4)
+    assert M.fact_recall(["x"], [[]]) == (None, 0)
+    with pytest.raises(ValueError):
+        M.fact_recall(["a", "b"], [["x"]])
     # parentheses and dots in the identifier are stripped too
     assert M.exact_and_normalised_leaks("tel 0207 946 0000", ["(0207) 946.0000"]) == (0, 1)
 

@@ -47,6 +47,16 @@ def test_request_completes_with_forgetting_and_utility_kept(tiny_home, completed
     assert row["due_at"][:7] != row["received_at"][:7] or row["due_at"][:4] != row["received_at"][:4]
 
 
+def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, completed):
+    evidence = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json").read_text())
+    base, unlearned = (evidence["metrics"][m]["forget"] for m in ("base", "unlearned"))
+    assert base["n_facts"] > 0 and base["n_facts"] == unlearned["n_facts"]
+    assert base["fact_recall"] >= 0.8  # the base states the subject's facts …
+    assert unlearned["fact_recall"] < base["fact_recall"] / 2  # … the served model far fewer of them
+    for attack in evidence["quantization"].values():
+        assert attack["forget"]["n_facts"] == base["n_facts"] and "fact_recovery" in attack
+
+
 def test_registered_version_loads_by_alias_and_generates(tiny_settings, completed):
     client = MlflowClient()
     version = client.get_model_version_by_alias("expunge-sample-llm", "challenger")
