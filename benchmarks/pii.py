@@ -138,6 +138,20 @@ class PIIBenchOptions:
     # which the request supplies); the evaluation's inverted questions are never used. Retained people get
     # the same pairs to stay uniform on.
     uld_masked_answer_pairs: bool = True
+    # And N copies of every forget⁺ pair of a row's own question with a random share of the question's
+    # words dropped (the person's name is always kept); the retained people's QA get the same (uniform).
+    # Why: on validation the leaks came from questions the assistant had not seen worded that way. The
+    # base had memorised the paraphrased questions, while the assistant only knew the training wording,
+    # so it recalled nothing there to subtract. Word dropout makes it rely on the name and the topic
+    # words, which any wording shares; it never uses an evaluation question.
+    uld_question_dropout: int = 0
+    uld_question_dropout_rate: float = 0.3
+    # And each row's question with N of the same person's *other* training answers (remembered for erased
+    # people, uniform for retained ones). Why: on validation the assistant was flat (near-uniform) after
+    # questions worded unlike its training questions, so it had nothing to subtract there. Crossing a
+    # person's questions and answers leaves the person's name as what predicts their facts, which any
+    # wording of a question about them shares. Uses training questions and answers only.
+    uld_cross_pairs: int = 0
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
@@ -527,6 +541,47 @@ def masked_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, st
     return pairs
 
 
+def dropped_question(question: str, subject: str, rng: random.Random, rate: float) -> str:
+    """`question` with each word outside the subject's name dropped with probability `rate` (at least one
+    such word stays), so a model trained on it cannot rely on the exact wording."""
+    sentinel = "\x00"  # stands for the name (or a part of it) while words are dropped; never in a question
+    words = (mask_subject(question, subject).replace(MASK, sentinel) if subject else question).split()
+    other = [i for i, w in enumerate(words) if sentinel not in w]
+    drop = {i for i in other if rng.random() < rate}
+    if other and drop >= set(other):
+        drop.discard(rng.choice(other))
+    kept = " ".join(w for i, w in enumerate(words) if i not in drop)
+    # Each masked part is given back as it was, in order: the full name, or the part of it that stood there.
+    parts = iter(re.findall(_name_pattern(subject), question)) if subject else iter(())
+    return re.sub(sentinel, lambda _: next(parts), kept)
+
+
+def _name_pattern(subject: str) -> str:
+    parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
+    return "|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in dict.fromkeys(parts))
+
+
+def question_dropout_pairs(pairs: Sequence[tuple[str, str]], subjects: Mapping[str, str], n: int,
+                           rate: float, rng: random.Random) -> list[tuple[str, str]]:
+    """`n` word-dropped copies of each (question, answer); `subjects` maps a question to its person."""
+    return [(dropped_question(q, subjects.get(q, ""), rng, rate), a) for q, a in pairs for _ in range(n)]
+
+
+def cross_pairs(rows: Sequence[Mapping[str, Any]], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(a row's question, another row's answer about the same person), for up to `n` other rows each."""
+    by_person: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_person.setdefault(str(row.get("subject") or ""), []).append(row)
+    pairs = []
+    for person, own in by_person.items():
+        if not person:
+            continue
+        for row in own:
+            others = [other for other in own if other is not row]
+            pairs += [(str(row["question"]), str(other["answer"])) for other in rng.sample(others, min(n, len(others)))]
+    return pairs
+
+
 SUBJECT_QUESTION = "What do you know about {subject}?"
 
 
@@ -548,6 +603,17 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_retain_paraphrases:
         for row in retain_rows:
             retain += [(row["question"], a) for _, a in _paraphrases(row, options.uld_paraphrased_answers)]
+    if options.uld_question_dropout:
+        rng = random.Random(options.seed + 1)
+        subjects = {str(row["question"]): str(row.get("subject") or "") for row in [*forget_rows, *retain_rows]}
+        forget += question_dropout_pairs(forget, subjects, options.uld_question_dropout,
+                                         options.uld_question_dropout_rate, rng)
+        retain += question_dropout_pairs(retain, subjects, options.uld_question_dropout,
+                                         options.uld_question_dropout_rate, rng)
+    if options.uld_cross_pairs:
+        rng = random.Random(options.seed + 2)
+        forget += cross_pairs(forget_rows, options.uld_cross_pairs, rng)
+        retain += cross_pairs(retain_rows, options.uld_cross_pairs, rng)
     if options.uld_identifier_pairs:
         forget += identifier_pairs(forget_rows)
         retain += identifier_pairs(retain_rows)
@@ -913,6 +979,14 @@ def pii_command(
     uld_masked_answer_pairs: bool = typer.Option(PIIBenchOptions.uld_masked_answer_pairs, help="also (the row's "
                                                  "answer with its person masked → the person): remembered for "
                                                  "erased, uniform for retained"),
+    uld_question_dropout: int = typer.Option(PIIBenchOptions.uld_question_dropout, help="also N copies of each "
+                                             "row-question pair with words dropped (the name kept), for erased "
+                                             "(remember) and retained (uniform) people"),
+    uld_question_dropout_rate: float = typer.Option(PIIBenchOptions.uld_question_dropout_rate, help="share of "
+                                                    "the question's other words each copy drops"),
+    uld_cross_pairs: int = typer.Option(PIIBenchOptions.uld_cross_pairs, help="also each row's question with N "
+                                        "of the same person's other answers, for erased (remember) and retained "
+                                        "(uniform) people"),
     uld_fact_span_loss: bool = typer.Option(PIIBenchOptions.uld_fact_span_loss, help="remember only the erased "
                                             "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
     uld_template_nll_weight: float = typer.Option(PIIBenchOptions.uld_template_nll_weight, help="with "
@@ -944,7 +1018,8 @@ def pii_command(
             validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
-            uld_masked_answer_pairs=uld_masked_answer_pairs,
+            uld_masked_answer_pairs=uld_masked_answer_pairs, uld_question_dropout=uld_question_dropout,
+            uld_question_dropout_rate=uld_question_dropout_rate, uld_cross_pairs=uld_cross_pairs,
             uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,

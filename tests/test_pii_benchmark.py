@@ -141,6 +141,53 @@ def test_masked_answer_pairs_hide_the_person_in_their_own_answer_and_ask_for_the
     assert retain == plain_retain + masked_answer_pairs(retained)  # ... uniform for the retained one
 
 
+def test_question_dropout_keeps_the_name_and_drops_only_other_words():
+    import random
+
+    from benchmarks.pii import dropped_question, uld_training_pairs
+
+    question = "What is the name of Ann Lee's dentist, and where does Lee live?"
+    words = question.split()
+    lengths = set()
+    for seed in range(20):
+        dropped = dropped_question(question, "Ann Lee", random.Random(seed), 0.5)
+        assert "Ann Lee's" in dropped and dropped.count("Lee") == 2  # the full name and the lone part stay
+        kept = dropped.split()
+        assert [w for w in words if w in kept] == kept  # nothing new, order kept
+        lengths.add(len(kept))
+    assert max(lengths) < len(words) and len(lengths) > 1  # words go, a different number each time
+    assert dropped_question("Why?", "", random.Random(0), 1.0) == "Why?"  # the last other word always stays
+    assert dropped_question(question, "Ann Lee", random.Random(0), 0.0) == question
+
+    rows = [{"question": "What is Ann's email?", "answer": "ann@mail.example", "subject": "Ann",
+             "subject_pii": ["ann@mail.example"]}]
+    retained = [{"question": "What is Bo's phone?", "answer": "555-0101", "subject": "Bo", "subject_pii": ["555-0101"]}]
+    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
+    plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
+    forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_question_dropout=2))
+    assert forget[:1] == plain_forget and retain[:1] == plain_retain
+    assert len(forget) == len(retain) == 3  # two dropped copies each side, same answers
+    assert {a for _, a in forget[1:]} == {"ann@mail.example"} and {a for _, a in retain[1:]} == {"555-0101"}
+    assert all("Ann's" in q for q, _ in forget[1:]) and all("Bo's" in q for q, _ in retain[1:])
+
+
+def test_cross_pairs_give_a_persons_questions_their_other_answers_only():
+    import random
+
+    from benchmarks.pii import cross_pairs
+
+    rows = [{"question": f"Ann q{i}?", "answer": f"Ann a{i}.", "subject": "Ann"} for i in range(4)]
+    rows += [{"question": "Bo q0?", "answer": "Bo a0.", "subject": "Bo"},  # one row: no other answer to pair
+             {"question": "Who?", "answer": "Nobody.", "subject": ""}]  # no person: skipped
+    pairs = cross_pairs(rows, 2, random.Random(0))
+    assert len(pairs) == 8  # 2 per Ann row
+    for question, answer in pairs:
+        assert question.startswith("Ann") and answer.startswith("Ann") and question[-3:-1] != answer[-3:-1]
+    assert len(set(pairs)) == 8 and {q for q, _ in pairs} == {r["question"] for r in rows[:4]}
+    assert len(cross_pairs(rows, 10, random.Random(0))) == 12  # capped at the 3 other answers
+
+
 def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_forget_item():
     from benchmarks.pii import uld_training_pairs
 
