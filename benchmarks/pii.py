@@ -143,14 +143,16 @@ class PIIBenchOptions:
     # Why: on validation the leaks came from questions the assistant had not seen worded that way. The
     # base had memorised the paraphrased questions, while the assistant only knew the training wording,
     # so it recalled nothing there to subtract. Word dropout makes it rely on the name and the topic
-    # words, which any wording shares; it never uses an evaluation question.
+    # words, which any wording shares; it never uses an evaluation question. Session 9, validation on two
+    # bases: more leak (mean 0.98 % vs 0.65 %), so off (pii.md).
     uld_question_dropout: int = 0
     uld_question_dropout_rate: float = 0.3
     # And each row's question with N of the same person's *other* training answers (remembered for erased
     # people, uniform for retained ones). Why: on validation the assistant was flat (near-uniform) after
     # questions worded unlike its training questions, so it had nothing to subtract there. Crossing a
     # person's questions and answers leaves the person's name as what predicts their facts, which any
-    # wording of a question about them shares. Uses training questions and answers only.
+    # wording of a question about them shares. Uses training questions and answers only. Session 9,
+    # validation on two bases: more leak (mean 1.46 % vs 0.65 %), so off (pii.md).
     uld_cross_pairs: int = 0
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
@@ -522,12 +524,16 @@ MASKED_ANSWER = "The person described is {subject}."
 MASK = "this person"
 
 
-def mask_subject(text: str, subject: str) -> str:
-    """`text` with the subject's full name, then each part of it (≥ 2 letters), replaced by MASK."""
+def _name_pattern(subject: str) -> str:
+    """A regex for the subject's full name or any part of it (≥ 2 letters) as whole words. The full name
+    comes first in the alternation, so "Ann Lee" is one match, not "Ann" then "Lee"."""
     parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
-    for part in dict.fromkeys(parts):  # the full name first, so "Ann Lee" does not become "this person Lee"
-        text = re.sub(rf"(?<!\w){re.escape(part)}(?!\w)", MASK, text)
-    return text
+    return "|".join(rf"(?<!\w){re.escape(part)}(?!\w)" for part in dict.fromkeys(parts))
+
+
+def mask_subject(text: str, subject: str) -> str:
+    """`text` with the subject's full name, and each part of it standing alone, replaced by MASK."""
+    return re.sub(_name_pattern(subject), MASK, text)
 
 
 def masked_answer_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -545,20 +551,16 @@ def dropped_question(question: str, subject: str, rng: random.Random, rate: floa
     """`question` with each word outside the subject's name dropped with probability `rate` (at least one
     such word stays), so a model trained on it cannot rely on the exact wording."""
     sentinel = "\x00"  # stands for the name (or a part of it) while words are dropped; never in a question
-    words = (mask_subject(question, subject).replace(MASK, sentinel) if subject else question).split()
+    pattern = _name_pattern(subject) if subject.strip() else None
+    words = (re.sub(pattern, sentinel, question) if pattern else question).split()
     other = [i for i, w in enumerate(words) if sentinel not in w]
     drop = {i for i in other if rng.random() < rate}
     if other and drop >= set(other):
         drop.discard(rng.choice(other))
     kept = " ".join(w for i, w in enumerate(words) if i not in drop)
     # Each masked part is given back as it was, in order: the full name, or the part of it that stood there.
-    parts = iter(re.findall(_name_pattern(subject), question)) if subject else iter(())
-    return re.sub(sentinel, lambda _: next(parts), kept)
-
-
-def _name_pattern(subject: str) -> str:
-    parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
-    return "|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in dict.fromkeys(parts))
+    names = iter(re.findall(pattern, question)) if pattern else iter(())
+    return re.sub(sentinel, lambda _: next(names), kept)
 
 
 def question_dropout_pairs(pairs: Sequence[tuple[str, str]], subjects: Mapping[str, str], n: int,

@@ -98,8 +98,9 @@ def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = (
 
 
 def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 0.05) -> float | None:
-    """Share of the forgotten ROUGE-L (or fact recall) that an attack brings back: (attacked − unlearned) / (before − unlearned),
-    clipped to [0, 1]; None when unlearning removed (almost) nothing, so there is nothing to recover."""
+    """Share of the forgotten ROUGE-L (or fact recall) that an attack brings back:
+    (attacked − unlearned) / (before − unlearned), clipped to [0, 1]; None when unlearning removed (almost)
+    nothing, so there is nothing to recover."""
     gap = before - unlearned
     if gap < min_gap:
         return None
