@@ -122,8 +122,9 @@ def _print_summary(summary: dict) -> None:
     base, unlearned = summary["metrics"]["base"], summary["metrics"]["unlearned"]
     table = Table("split", "metric", "before", "after")
     for split in ("forget", "retain"):
-        for metric in ("rougeL_recall", "answer_prob"):
-            table.add_row(split, metric, f"{base[split][metric]:.3f}", f"{unlearned[split][metric]:.3f}")
+        for metric in ("rougeL_recall", "answer_prob", "fact_recall"):
+            if base[split].get(metric) is not None:  # fact recall: only where the answers carry facts
+                table.add_row(split, metric, f"{base[split][metric]:.3f}", f"{unlearned[split][metric]:.3f}")
     out.print(table)
     for gate in summary.get("gates", []):
         mark = f"skipped ({gate['skipped']})" if gate.get("skipped") else ("pass" if gate["passed"] else "FAIL")
@@ -259,6 +260,8 @@ def demo() -> None:
     out.print(f"request {row['ticket_id']}: {row['status']}")
     out.print(f"model version: {row['model_uri']}")
     out.print(f"forget ROUGE-L recall: base {metrics.get('base_forget_rougeL')} → unlearned {metrics.get('unlearned_forget_rougeL')}")
+    if metrics.get("base_forget_facts") is not None:
+        out.print(f"forget fact recall: base {metrics.get('base_forget_facts')} → unlearned {metrics.get('unlearned_forget_facts')}")
     out.print(f"retain ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")

@@ -46,7 +46,8 @@ def store_outcome(home: str, profile: str, ticket_id: str, model_uri: str, metri
         f"{model}_{split}_{name}": round(float(values[metric]), 4)
         for model, splits in metrics.items()
         for split, values in splits.items()
-        for name, metric in (("rougeL", "rougeL_recall"), ("prob", "answer_prob"))
+        for name, metric in (("rougeL", "rougeL_recall"), ("prob", "answer_prob"), ("facts", "fact_recall"))
+        if values.get(metric) is not None  # fact recall: only where the answers carry facts
     }
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:

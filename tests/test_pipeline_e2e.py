@@ -44,6 +44,7 @@ def test_request_completes_with_forgetting_and_utility_kept(tiny_home, completed
     assert m["base_forget_rougeL"] >= 0.9  # the base really knew the subject …
     assert m["unlearned_forget_rougeL"] <= 0.3  # … and the served model no longer does
     assert m["unlearned_retain_rougeL"] >= 0.9 * m["base_retain_rougeL"]
+    assert m["unlearned_forget_facts"] < m["base_forget_facts"]  # the key numbers include fact recall
     assert row["due_at"][:7] != row["received_at"][:7] or row["due_at"][:4] != row["received_at"][:4]
 
 
