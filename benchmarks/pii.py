@@ -188,11 +188,19 @@ class PIIBenchOptions:
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
-    def base_key(self, data_digest: str, people: Sequence[str]) -> str:
+    def base_key(self, data_digest: str, people: Sequence[str], device_type: str = "cpu") -> str:
         """Hash of everything that determines the base model (not the unlearning settings)."""
         fields = {k: v for k, v in asdict(self).items() if k in _BASE_FIELDS}
         fields["data"] = data_digest
         fields["people"] = list(people)
+        # The thread count and the device change the float summation order, hence the trained weights
+        # (session 8 measured a few points of memorisation): a base built another way is another base.
+        # Keyed only where they differ from the reported build (1 thread, CPU), so the bases behind the
+        # committed results keep their keys.
+        if self.threads != 1:
+            fields["threads"] = self.threads
+        if device_type != "cpu":
+            fields["device"] = device_type
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -343,6 +351,7 @@ def _shape(options: PIIBenchOptions):
 
 def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[str], None]):
     """The memorising base, from the cache when one with the same config hash exists."""
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from expunge_ml.devices import resolve_device
@@ -350,7 +359,7 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
     from expunge_ml.prompting import PromptFormat
 
     device = resolve_device(options.device)
-    key = options.base_key(data.digest, data.trained_people)
+    key = options.base_key(data.digest, data.trained_people, torch.device(device).type)
     model_dir = Path(options.cache_dir) / f"base-{key}"
     report_path = model_dir / "pii_base_report.json"
     if report_path.exists():

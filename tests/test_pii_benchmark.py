@@ -252,3 +252,12 @@ def test_option_defaults_are_the_committed_reports_settings():
                  if k in defaults and k not in ("data_dir", "threads", "device", "cache_dir", "out_dir")
                  and (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k]) != v}
     assert differing == {}
+
+
+def test_the_base_key_tells_bases_built_another_way_apart_but_keeps_the_reported_builds_key():
+    options = PIIBenchOptions()
+    reported = options.base_key("digest", ["Ann", "Bo"])
+    assert options.base_key("digest", ["Ann", "Bo"], "cpu") == reported
+    assert dataclasses.replace(options, threads=2).base_key("digest", ["Ann", "Bo"]) != reported
+    assert options.base_key("digest", ["Ann", "Bo"], "cuda") != reported
+    assert dataclasses.replace(options, uld_weight=-9.0).base_key("digest", ["Ann", "Bo"]) == reported  # not a base setting
