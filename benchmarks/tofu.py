@@ -353,9 +353,12 @@ def _load_or_train_model(
     from expunge_ml.prompting import PromptFormat
 
     init = {"pretrained": _pretrained_identity(opts.pretrained)} if opts.pretrained else asdict(_shape(opts))
+    # The thread count and the device change the float summation order, hence the trained weights:
+    # a model trained another way is another model, not a cache hit.
+    build = {"threads": torch.get_num_threads(), "device": torch.device(device).type}
     key = _sha({
         "v": CACHE_VERSION, "tokenizer": tokenizer_key, "shape": init,
-        "train": _train_settings(opts), "pairs": pairs,
+        "train": _train_settings(opts), "pairs": pairs, "build": build,
     })[:16]
     path = cache / f"model-{key}"
     meta_path = path / "bench_meta.json"
