@@ -181,6 +181,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         if result["forget"].get("fact_recall") is not None:
             lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}) | "
                          f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
+    notes: list[str] = []  # caveats printed under the metrics table
     muse = evidence.get("muse") or {}
     if muse:
         for metric, label in (("knowmem_forget", "MUSE KnowMem (ROUGE-L F1)"), ("knowmem_retain", "MUSE KnowMem (ROUGE-L F1)"),
@@ -192,10 +193,16 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
             held = f"{b['n_members']} vs {b['n_holdout']} held-out"
             lines.append(f"| forget | MIA AUC Min-K%++ ({held}) | {_fmt(b['auc_min_k_pp'])} | {_fmt(a['auc_min_k_pp'])} |")
             lines.append(f"| forget | PrivLeak vs 0.5 (0 = like a retrained model) | {_fmt(b['privleak'])} | {_fmt(a['privleak'])} |")
+            tpc = b.get("answer_tokens_per_char")
+            if tpc and not b.get("tokenisation_matches", True):
+                notes.append(f"- Note: the tokenizer splits the held-out answers into {tpc['holdout']:.3f} tokens per "
+                             f"character and the forget answers into {tpc['members']:.3f}, so the two sets are not "
+                             "exchangeable and PrivLeak's 0.5 reference is unsound: a model that never saw "
+                             "the forget set may already tell them apart.")
     if evidence.get("fluency"):
         for metric in ("distinct_2", "repetition_rate", "reference_perplexity"):
             lines.append(f"| neutral prompts | {metric} | {_fmt(evidence['fluency']['base'][metric])} | {_fmt(evidence['fluency']['unlearned'][metric])} |")
-    lines += ["", "## Plots", "", "![before vs after](metrics_before_after.png)", ""]
+    lines += ["", *notes, *([""] if notes else []), "## Plots", "", "![before vs after](metrics_before_after.png)", ""]
     if truth:
         lines += ["![truth ratios](truth_ratios.png)", ""]
     lines += ["Identifiers and forget-set text are not in this report: only ids, counts, keyed hashes and numbers."]

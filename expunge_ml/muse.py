@@ -9,7 +9,9 @@
   reference is 0.5: valid when the held-out records are exchangeable with the forget records (the
   sample world's held-out people are drawn from the same generator), so a retrained model could not
   tell them apart. PrivLeak > 0: still remembers; < 0: suspiciously *un*familiar (over-unlearning,
-  itself a membership signal).
+  itself a membership signal). One part of exchangeability is checked, because it breaks silently: the
+  tokenizer must split both sets alike. A tokenizer fitted on the training corpus (as the sample world's
+  is) splits never-seen people's names into more, rarer pieces, which Min-K% reads as unfamiliarity.
 """
 from __future__ import annotations
 
@@ -27,6 +29,16 @@ from .prompting import PromptFormat
 
 # The AUC a model that never saw the forget set gets when held-out records are exchangeable with them.
 EXCHANGEABLE_RETRAIN_AUC = 0.5
+# How far the two sets' tokens per character may differ before the 0.5 reference is flagged as unsound.
+TOKENISATION_TOLERANCE = 0.10
+
+
+def tokens_per_character(tokenizer, texts: Sequence[str]) -> float:
+    """Tokens the tokenizer splits `texts` into, per character (pooled over the texts)."""
+    chars = sum(len(t) for t in texts)
+    if not chars:
+        raise ValueError("tokens_per_character needs non-empty texts")
+    return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / chars
 
 
 @dataclass(frozen=True)
@@ -82,4 +94,7 @@ def membership_evidence(source: LogitSource, tokenizer, fmt: PromptFormat, membe
     for method in ("min_k", "min_k_pp"):
         out[f"auc_{method}"] = qa_mia_auc(source, tokenizer, fmt, member_pairs, holdout_pairs, method, k, batch_size)
     out["privleak"] = priv_leak(out["auc_min_k_pp"], EXCHANGEABLE_RETRAIN_AUC)
+    members_tpc, holdout_tpc = (tokens_per_character(tokenizer, [r.answer for r in rs]) for rs in (members, holdout))
+    out["answer_tokens_per_char"] = {"members": round(members_tpc, 4), "holdout": round(holdout_tpc, 4)}
+    out["tokenisation_matches"] = abs(holdout_tpc / members_tpc - 1.0) <= TOKENISATION_TOLERANCE
     return out

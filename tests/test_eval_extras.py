@@ -497,6 +497,26 @@ def test_membership_evidence_flags_the_memorising_model(tokenizer, memorised, ne
     assert retrained["privleak"] < remembered["privleak"]
     with pytest.raises(ValueError):
         membership_evidence(CausalLMLogits(memorised), tokenizer, FMT, members, [])
+    # The fixture's subject is named far more often in the tokenizer's text than the held-out person, so
+    # their answers split into fewer tokens per character (0.21 vs 0.31): flagged, whatever the model.
+    from expunge_ml.muse import tokens_per_character
+
+    tpc = remembered["answer_tokens_per_char"]
+    assert tpc == {"members": round(tokens_per_character(tokenizer, [a for _, a in MEMBERS[:2]]), 4),
+                   "holdout": round(tokens_per_character(tokenizer, [a for _, a in NON_MEMBERS[:4]]), 4)}
+    assert tpc["holdout"] > 1.1 * tpc["members"] and remembered["tokenisation_matches"] is False
+    assert retrained["answer_tokens_per_char"] == tpc  # a property of the data and tokenizer, not the model
+
+
+def test_tokens_per_character_by_hand():
+    from expunge_ml.muse import tokens_per_character
+
+    def words(text, add_special_tokens=False):  # one token per whitespace-separated word
+        return {"input_ids": text.split()}
+
+    assert tokens_per_character(words, ["ab cd", "efgh"]) == pytest.approx(3 / 9)  # 2 + 1 tokens, 5 + 4 chars
+    with pytest.raises(ValueError):
+        tokens_per_character(words, [""])
 
 
 def test_holdout_people_are_new_people_of_the_same_kind(tmp_path):

@@ -58,6 +58,16 @@ def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, co
         assert attack["forget"]["n_facts"] == base["n_facts"] and "fact_recovery" in attack
 
 
+def test_membership_evidence_flags_a_holdout_the_tokenizer_splits_differently(tiny_home, completed, tmp_path):
+    """The sample world's tokenizer is fitted on the trained people only, so it splits the held-out people's
+    answers into more pieces; the evidence records both rates and the report says the reference is unsound."""
+    mia = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json").read_text())["muse"]["base"]["mia"]
+    tpc = mia["answer_tokens_per_char"]
+    assert tpc["holdout"] > 1.1 * tpc["members"] and mia["tokenisation_matches"] is False
+    assert cli(tiny_home, "report", "DEMO-GDPR-0001", "--out", str(tmp_path / "r")).exit_code == 0
+    assert "not exchangeable" in (tmp_path / "r" / "evidence.md").read_text()
+
+
 def test_registered_version_loads_by_alias_and_generates(tiny_settings, completed):
     client = MlflowClient()
     version = client.get_model_version_by_alias("expunge-sample-llm", "challenger")
