@@ -6,9 +6,9 @@
 - KnowMem: ROUGE-L F1 of greedy answers to forget (should fall) and retain (should stay) questions.
 - PrivLeak: a membership-inference AUC (Min-K%++ by default) on forget vs held-out records of the same
   kind, compared with the AUC of a model that never saw the forget set. Without a retrained model the
-  reference is 0.5: valid when the held-out records are exchangeable with the forget records (the
-  sample world's held-out people are drawn from the same generator), so a retrained model could not
-  tell them apart. PrivLeak > 0: still remembers; < 0: suspiciously *un*familiar (over-unlearning,
+  reference is 0.5: valid when the held-out records are exchangeable with the forget records, so a
+  retrained model could not tell them apart (the sample world's held-out people come from the same
+  generator, but see the tokenizer below). PrivLeak > 0: still remembers; < 0: suspiciously *un*familiar (over-unlearning,
   itself a membership signal). One part of exchangeability is checked, because it breaks silently: the
   tokenizer must split both sets alike. A tokenizer fitted on the training corpus (as the sample world's
   is) splits never-seen people's names into more, rarer pieces, which Min-K% reads as unfamiliarity.
