@@ -58,14 +58,13 @@ def _retained_pii(e):
     return _ratio(retained["unlearned"]["direct"]["leak_rate"], retained["base"]["direct"]["leak_rate"])
 
 
-def _quant_recovery(e):
-    recoveries = [v["recovery"] for v in (e.get("quantization") or {}).values() if v.get("recovery") is not None]
-    return max(recoveries) if recoveries else None
-
-
-def _quant_fact_recovery(e):
-    recoveries = [v["fact_recovery"] for v in (e.get("quantization") or {}).values() if v.get("fact_recovery") is not None]
-    return max(recoveries) if recoveries else None
+def _worst_attack(key: str) -> Callable[[Mapping[str, Any]], float | None]:
+    """The largest `key` ("recovery": ROUGE-L, "fact_recovery": facts) over the quantization attacks that
+    measured it; None when none did."""
+    def read(e):
+        recoveries = [v[key] for v in (e.get("quantization") or {}).values() if v.get(key) is not None]
+        return max(recoveries) if recoveries else None
+    return read
 
 
 def _fluency(e):
@@ -92,8 +91,8 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "min_retain_rougeL_ratio": (_retain_ratio, ">="),
     "max_pii_leak_rate": (_pii_leak, "<="),
     "min_retained_pii_recall_ratio": (_retained_pii, ">="),
-    "max_quant_recovery": (_quant_recovery, "<="),
-    "max_quant_fact_recovery": (_quant_fact_recovery, "<="),
+    "max_quant_recovery": (_worst_attack("recovery"), "<="),
+    "max_quant_fact_recovery": (_worst_attack("fact_recovery"), "<="),
     "min_fluency_ratio": (_fluency, ">="),
     "max_verbmem_forget": (_verbmem, "<="),
     "max_abs_privleak": (_abs_privleak, "<="),

@@ -224,10 +224,13 @@ def fact_appears(text: str, fact: str) -> bool:
     Words must match whole and in order (casefolded), so "Paris" is not found inside "comparison".
     A fact with a digit also matches with its separators dropped, so "+44 7700-900 123" is found as
     "+447700900123"; identifiers are written either way, while names are not glued together."""
+    return _appears_in(_words(text), fact)
+
+
+def _appears_in(words: list[str], fact: str) -> bool:  # `words`: the text's _words, split once per text
     fact_words = _words(fact)
     if not fact_words:
         return False
-    words = _words(text)
     n = len(fact_words)
     if any(words[i:i + n] == fact_words for i in range(len(words) - n + 1)):
         return True
@@ -244,9 +247,10 @@ def fact_recall(predictions: Sequence[str], facts: Sequence[Sequence[str]]) -> t
         raise ValueError(f"{len(predictions)} predictions but {len(facts)} fact lists")
     total = recalled = 0
     for text, record_facts in zip(predictions, facts):
+        words = _words(text)
         for fact in dict.fromkeys(f for f in record_facts if _words(f)):
             total += 1
-            recalled += fact_appears(text, fact)
+            recalled += _appears_in(words, fact)
     return (recalled / total if total else None), total
 
 
