@@ -188,8 +188,8 @@ def test_fact_appears_matches_whole_words_and_unseparated_identifiers():
     assert not M.fact_appears("A comparison of cities.", "Paris")  # not inside another word
     assert M.fact_appears("Call +447700900123 now", "+44 7700-900 123")  # digits: separators may go
     assert not M.fact_appears("Anna Maria", "Mariaanna")  # names are not glued together
-    assert M.fact_appears("Dr. Susanne Friedli treats her", "Susanne Friedli")
-    assert not M.fact_appears("Susanne treats her", "Susanne Friedli")  # the whole fact, not a part
+    assert M.fact_appears("Dr. Maren Quillfeather treats her", "Maren Quillfeather")
+    assert not M.fact_appears("Maren treats her", "Maren Quillfeather")  # the whole fact, not a part
     assert not M.fact_appears("anything", "—")  # no words: never found
 
 
