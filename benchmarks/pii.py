@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import typer  # torch and the ML stack are imported lazily: `expunge --help` imports this module
 
@@ -86,6 +86,11 @@ class PIIBenchOptions:
     # Base training data per QA row: direct + this many paraphrased pairs (+ the inverted pair).
     base_paraphrases: int = N_PARAPHRASES
     base_inverted: bool = True
+    # A local HF causal-LM directory to fine-tune as the base instead of training a small Llama from scratch
+    # (its own tokenizer; the shape fields below then do not apply). Why: a pre-trained model carries facts
+    # across wordings, so with `base_paraphrases=0` the paraphrased probes measure what a real LLM leaks
+    # after seeing each fact in one wording, and the assistant (its first K layers) inherits that too.
+    pretrained: str | None = None
     vocab_size: int = 2048
     hidden_size: int = 160
     intermediate_size: int = 432
@@ -201,6 +206,10 @@ class PIIBenchOptions:
             fields["threads"] = self.threads
         if device_type != "cpu":
             fields["device"] = device_type
+        if self.pretrained:  # pinned by its weights, so a cache entry never outlives the model it was tuned from
+            from .tofu import _pretrained_identity
+
+            fields["pretrained"] = _pretrained_identity(self.pretrained)
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -352,7 +361,7 @@ def _shape(options: PIIBenchOptions):
 def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[str], None]):
     """The memorising base, from the cache when one with the same config hash exists."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from expunge_ml.devices import resolve_device
     from expunge_ml.modeling import build_small_llama, train_bpe_tokenizer, train_on_qa
@@ -365,16 +374,20 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
     if report_path.exists():
         log(f"base: cached {model_dir}")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = LlamaForCausalLM.from_pretrained(model_dir).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
         model.eval()
         report = json.loads(report_path.read_text())
         report["cached"] = True
         return model, tokenizer, report
     fmt = PromptFormat()
     pairs = base_training_pairs(data.rows, options)
-    texts = [fmt.prompt(q) + fmt.answer_prefix + a for q, a in pairs]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=options.vocab_size)
-    model = build_small_llama(tokenizer, _shape(options), seed=options.seed).to(device)
+    if options.pretrained:
+        tokenizer = AutoTokenizer.from_pretrained(options.pretrained)
+        model = AutoModelForCausalLM.from_pretrained(options.pretrained, dtype=torch.float32).to(device)
+    else:
+        texts = [fmt.prompt(q) + fmt.answer_prefix + a for q, a in pairs]
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=options.vocab_size)
+        model = build_small_llama(tokenizer, _shape(options), seed=options.seed).to(device)
     log(f"base: training on {len(pairs)} pairs ({len(data.trained_people)} people), "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
@@ -923,7 +936,8 @@ def markdown(result: Mapping[str, Any]) -> str:
         "Base memorisation (PII recall per disjoint group of people — a split's group holds its people "
         "not in a smaller split — and prompt kind direct/paraphrased/inverted): "
         + ", ".join(f"{g}: " + "/".join(_pct(v[k]) for k in KINDS) for g, v in base.get("memorisation", {}).items())
-        + f" (base trained on {c.get('base_training_pairs')} pairs, {c.get('trained_people')} people, "
+        + f" (base {'fine-tuned from `' + str(c['pretrained']) + '`' if c.get('pretrained') else 'trained from scratch'}"
+        f" on {c.get('base_training_pairs')} pairs, {c.get('trained_people')} people, "
         f"{base.get('n_parameters', 0) / 1e6:.2f}M parameters).",
         "",
     ]
@@ -970,6 +984,14 @@ def pii_command(
     n_people: int = typer.Option(PIIBenchOptions.n_people, help="first N forget10 people trained besides the splits' people"),
     smoke: bool = typer.Option(False, help="tiny model, forget1 only (the test-suite configuration)"),
     base_epochs: int = typer.Option(PIIBenchOptions.base_epochs, help="max base epochs (stops at the target loss)"),
+    base_lr: float = typer.Option(PIIBenchOptions.base_lr, help="the base's learning rate"),
+    base_batch_size: int = typer.Option(PIIBenchOptions.base_batch_size),
+    base_target_loss: float = typer.Option(PIIBenchOptions.base_target_loss, help="the base stops at this mean answer loss"),
+    base_paraphrases: int = typer.Option(PIIBenchOptions.base_paraphrases, help="paraphrased (question, answer) "
+                                         "pairs per row in the base's training data (0: direct + inverted only)"),
+    pretrained: Optional[Path] = typer.Option(None, help="fine-tune this local HF causal LM as the base (e.g. the "
+                                              "`expunge benchmark export-smollm2` directory) instead of training "
+                                              "a small Llama from scratch"),
     uld_layers: int = typer.Option(PIIBenchOptions.uld_layers, help="K: base layers kept in the assistant"),
     uld_weight: float = typer.Option(PIIBenchOptions.uld_weight, help="w in base + w·assistant"),
     uld_epochs: str = typer.Option(PIIBenchOptions.uld_epochs, help='ULD epochs: "forget1=60,forget5=15" or one number'),
@@ -1023,7 +1045,9 @@ def pii_command(
                   threads=threads or None, device=device, seed=seed)
     if not smoke:
         common.update(
-            splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, uld_layers=uld_layers,
+            splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, base_lr=base_lr,
+            base_batch_size=base_batch_size, base_target_loss=base_target_loss, base_paraphrases=base_paraphrases,
+            pretrained=str(pretrained) if pretrained else None, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),

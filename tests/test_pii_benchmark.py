@@ -261,3 +261,35 @@ def test_the_base_key_tells_bases_built_another_way_apart_but_keeps_the_reported
     assert dataclasses.replace(options, threads=2).base_key("digest", ["Ann", "Bo"]) != reported
     assert options.base_key("digest", ["Ann", "Bo"], "cuda") != reported
     assert dataclasses.replace(options, uld_weight=-9.0).base_key("digest", ["Ann", "Bo"]) == reported  # not a base setting
+
+
+def test_a_pretrained_base_is_fine_tuned_from_its_own_weights_and_tokenizer(tmp_path):
+    """--pretrained DIR: the base starts from DIR's model and tokenizer (not a fresh small Llama), and its
+    cache key pins DIR's weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer
+
+    texts = [f"Question {i}: who lives at number {i}? Answer: somebody called person {i}." for i in range(60)]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=400)
+    given = build_small_llama(tokenizer, SmallLlamaShape(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=160), seed=3)
+    given.save_pretrained(tmp_path / "given")
+    tokenizer.save_pretrained(tmp_path / "given")
+
+    options = dataclasses.replace(PIIBenchOptions(**SMOKE_OPTIONS), cache_dir=tmp_path / "cache", out_dir=None,
+                                  pretrained=str(tmp_path / "given"), base_epochs=2, max_new_tokens=4)
+    result = main(options)
+    assert {r["method"] for r in result["rows"]} == {"base", "uld"}
+    (base_dir,) = (tmp_path / "cache").glob("base-*")
+    assert AutoConfig.from_pretrained(base_dir).hidden_size == 48  # the given shape, not SMOKE's 64
+    assert AutoTokenizer.from_pretrained(base_dir).get_vocab() == tokenizer.get_vocab()
+    assert result["config"]["pretrained"] == str(tmp_path / "given")
+
+    from benchmarks.tofu import _IDENTITIES
+
+    key = options.base_key("digest", ["Ann"])
+    assert key != dataclasses.replace(options, pretrained=None).base_key("digest", ["Ann"])
+    (tmp_path / "given" / "model.safetensors").write_bytes(b"other weights")
+    _IDENTITIES.clear()
+    assert options.base_key("digest", ["Ann"]) != key
