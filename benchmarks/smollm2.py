@@ -8,6 +8,7 @@ package itself is never imported (it needs llama.cpp); only its data file is rea
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def gguf_path() -> Path:
     return path
 
 
+def plain_config(config):
+    """The config without its GGUF `quantization_config`: the weights are de-quantized float32 by now, and a
+    model whose config still names GGUF refuses `save_pretrained` ("quantized with gguf and is not
+    serializable"), so a base fine-tuned from the export could never be saved."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def export_smollm2(out_dir: Path) -> Path:
     """Write model + tokenizer to `out_dir`; returns it."""
     import torch
@@ -32,7 +43,7 @@ def export_smollm2(out_dir: Path) -> Path:
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    plain = LlamaForCausalLM(loaded.config)
+    plain = LlamaForCausalLM(plain_config(loaded.config))
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
         raise RuntimeError(f"GGUF weights do not match a Llama: missing {missing}, unexpected {unexpected}")

