@@ -31,6 +31,10 @@ Protocol (see `benchmarks/results/pii.md` for the numbers of a real run):
    paraphrased / inverted, the erased people's leak rate (normalised PII hits / identifiers; for
    inverted, the name) and the retained people's PII recall (the same quantity, which should stay),
    reported as a ratio to the base's recall.
+
+Presets (`PRESETS`, `--preset`) name the configurations of the committed reports: `scratch` (the default,
+`benchmarks/results/pii.json`) and `smollm2` (step 1 fine-tunes SmolLM2-135M-Instruct on one wording per
+fact instead; `benchmarks/results/pii_smollm2/`).
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ GOAL_MIN_RETAINED_RATIO = 0.95
 __all__ = [
     "PIIBenchOptions",
     "SMOKE_OPTIONS",
+    "PRESETS",
+    "preset_options",
     "data_available",
     "run_benchmark",
     "main",
@@ -75,6 +81,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PIIBenchOptions:
+    # Which entry of PRESETS these options started from (recorded, so a report names how to rerun it).
+    preset: str = "scratch"
     data_dir: Path = DEFAULT_DATA_DIR
     splits: tuple[str, ...] = ("forget1", "forget5")
     methods: tuple[str, ...] = ("uld", "ga", "npo")
@@ -219,6 +227,35 @@ _BASE_FIELDS = {
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "max_position_embeddings", "base_epochs", "base_lr", "base_batch_size", "base_target_loss", "seed",
 }
+
+# Where `expunge benchmark export-smollm2` writes SmolLM2-135M-Instruct (relative to the working directory).
+SMOLLM2_DIR = ".expunge/models/smollm2"
+
+# Named starting points for `--preset`; explicit options override them. Each is the configuration of a
+# committed report, so `expunge benchmark pii --preset NAME` reruns it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A small Llama trained from scratch on every wording (benchmarks/results/pii.json).
+    "scratch": {},
+    # SmolLM2-135M-Instruct fine-tuned on one wording per fact (direct + inverted pairs), erased with the
+    # ULD settings that met both goals on the session-10 validation erasure (benchmarks/results/pii_pretrained/);
+    # its report: benchmarks/results/pii_smollm2/. ULD epochs give every split the validation run's step
+    # count (900 forget pairs × 6 epochs).
+    "smollm2": dict(
+        out_dir=DEFAULT_OUT_DIR / "pii_smollm2", pretrained=SMOLLM2_DIR,
+        base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
+        base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
+        uld_epochs="forget1=30,forget5=6,forget10=3", threads=2,
+        # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
+        baseline_lr=2e-4,
+    ),
+}
+
+
+def preset_options(name: str, **overrides: Any) -> PIIBenchOptions:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PIIBenchOptions(preset=name, **{**PRESETS[name], **overrides})
+
 
 # The default-suite smoke configuration: 2 people to erase, a few retained rows, a tiny model.
 SMOKE_OPTIONS = dict(
@@ -442,6 +479,33 @@ def measure(source, tokenizer, fmt, groups: Mapping[str, Sequence[Any]], options
         name: pii_leakage(source, tokenizer, fmt, probes, options.max_new_tokens, options.eval_batch_size)
         for name, probes in groups.items() if probes
     }
+
+
+def measure_key(rows_by_group: Mapping[str, Sequence[Mapping[str, Any]]], options: PIIBenchOptions,
+                device_type: str) -> str:
+    """Hash of what the base's answers depend on: the probed rows per group and the generation settings
+    (threads and device change float summation order, so greedy answers may differ)."""
+    blob = json.dumps({"groups": rows_by_group, "max_new_tokens": options.max_new_tokens,
+                       "eval_batch_size": options.eval_batch_size, "threads": options.threads,
+                       "device": device_type}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def measure_base(compute: Callable[[], dict], path: Path, log: Callable[[str], None]) -> tuple[dict, float]:
+    """The base's per-group PII report, from `path` when this base was measured on these probes before.
+    Why: the base is fixed, and measuring it (every prompt of every group) is the longest single step of a
+    rerun that only adds methods; returns the report and the seconds the measurement took when it ran."""
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        log(f"base: PII recall cached {path}")
+        return cached["by_group"], cached["eval_seconds"]
+    log("base: measuring PII recall")
+    t0 = time.perf_counter()
+    by_group = compute()
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"by_group": by_group, "eval_seconds": seconds}))
+    return by_group, seconds
 
 
 def _ratio(value: float, base: float) -> float | None:
@@ -812,10 +876,10 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         run_splits = validation_erasures(rows_by_group, data.split_people, options)
     probes = {g: records_from_unlearn_pii(rs) for g, rs in rows_by_group.items()}
 
-    log("base: measuring PII recall")
-    t0 = time.perf_counter()
-    base_by_group = measure(CausalLMLogits(base), tokenizer, fmt, probes, options)
-    base_eval_seconds = time.perf_counter() - t0
+    base_dir = Path(options.cache_dir) / f"base-{base_report['key']}"
+    base_by_group, base_eval_seconds = measure_base(
+        lambda: measure(CausalLMLogits(base), tokenizer, fmt, probes, options),
+        base_dir / f"measured-{measure_key(rows_by_group, options, base.device.type)}.json", log)
     base_report["memorisation"] = {g: {k: r[k]["leak_rate"] for k in KINDS} for g, r in base_by_group.items()}
     base_report["eval_seconds"] = round(base_eval_seconds, 2)
     log("base recall by group: " + json.dumps(base_report["memorisation"]))
@@ -926,6 +990,10 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Command: `{result['command']}` — wall time {result['wall_seconds']:.0f} s on this machine.",
         "",
+        *([f"Merged from {len(result['runs'])} runs on the same base (every method seeds itself, so one run "
+           "of the command gives the same rows): "
+           + "; ".join(f"`{run['command']}` ({', '.join(run['rows'])}; {run['wall_seconds']:.0f} s)"
+                       for run in result["runs"]), ""] if result.get("runs") else []),
         "\n".join(lines),
         "",
         "Erased leak = normalised PII hits / PII identifiers in greedy answers about the erased people "
@@ -945,6 +1013,31 @@ def markdown(result: Mapping[str, Any]) -> str:
 
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
+
+
+def merge_reports(first: Mapping[str, Any], second: Mapping[str, Any], command: str,
+                  config: Mapping[str, Any]) -> dict[str, Any]:
+    """One report from two runs on the same base and probes that ran different methods, e.g. ULD first and the
+    baselines later. Every method seeds itself, so the rows are those one run of `command` gives; refuses
+    runs on different bases or whose base rows differ. `config` is the combined run's (its preset's)."""
+    if first["base"].get("key") != second["base"].get("key"):
+        raise ValueError("the reports were run on different bases")
+    strip = lambda row: {k: v for k, v in row.items() if k != "eval_seconds"}  # noqa: E731
+    bases = {(r["split"]): strip(r) for r in first["rows"] if r["method"] == "base"}
+    for row in second["rows"]:
+        if row["method"] == "base" and row["split"] in bases and bases[row["split"]] != strip(row):
+            raise ValueError(f"the base rows of {row['split']} differ: not the same probes")
+    splits = list(dict.fromkeys([r["split"] for r in first["rows"]] + [r["split"] for r in second["rows"]]))
+    rows = []
+    for split in splits:
+        rows += [r for r in first["rows"] if r["split"] == split]
+        rows += [r for r in second["rows"] if r["split"] == split and not (r["method"] == "base" and split in bases)]
+    runs = []
+    for report in (first, second):
+        covered = sorted({f"{r['method']} on {r['split']}" for r in report["rows"] if r["method"] != "base"})
+        runs.append({"command": report["command"], "rows": covered, "wall_seconds": report["wall_seconds"]})
+    return {**first, "command": command, "config": dict(config), "rows": rows, "runs": runs,
+            "wall_seconds": round(first["wall_seconds"] + second["wall_seconds"], 1)}
 
 
 def write_outputs(result: Mapping[str, Any], out_dir: Path) -> tuple[Path, Path]:
@@ -978,7 +1071,17 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was on the command line (typer ships its own click, so compare by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
 def pii_command(
+    ctx: typer.Context,
+    preset: str = typer.Option("scratch", help="starting configuration, each a committed report's: scratch (a small "
+                               "Llama trained from scratch) | smollm2 (SmolLM2-135M-Instruct fine-tuned, exported "
+                               "on first use; benchmarks/results/pii_smollm2/); options given explicitly override it"),
     splits: str = typer.Option("forget1,forget5", help="comma-separated UnlearnPII splits: forget1, forget5, forget10"),
     methods: str = typer.Option("uld,ga,npo", help="comma-separated methods: uld, ga, npo"),
     n_people: int = typer.Option(PIIBenchOptions.n_people, help="first N forget10 people trained besides the splits' people"),
@@ -1034,13 +1137,21 @@ def pii_command(
     device: str = typer.Option("auto", help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
     data_dir: Path = typer.Option(DEFAULT_DATA_DIR, help="UnlearnPII files"),
     cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, help="cache of trained bases, keyed by config hash"),
-    out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where pii.json and pii.md go"),
+    out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where pii.json and pii.md go (--preset smollm2: "
+                                 "benchmarks/results/pii_smollm2 unless given)"),
 ) -> None:
     """UnlearnPII: train a small base on the people, erase forget1/forget5 with ULD/GA/NPO, measure PII leakage."""
     if not data_available(data_dir):
         typer.echo(f"error: UnlearnPII data not found under {data_dir}", err=True)
         raise typer.Exit(2)
-    options = PIIBenchOptions(**SMOKE_OPTIONS) if smoke else PIIBenchOptions()
+    if smoke and preset != "scratch":
+        typer.echo("error: --smoke is its own configuration; drop --preset", err=True)
+        raise typer.Exit(2)
+    try:
+        options = PIIBenchOptions(**SMOKE_OPTIONS) if smoke else preset_options(preset)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     common = dict(methods=_csv(methods), data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir,
                   threads=threads or None, device=device, seed=seed)
     if not smoke:
@@ -1059,8 +1170,17 @@ def pii_command(
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,
         )
+    # A preset's value stands unless that option was given on the command line.
+    common = {name: value for name, value in common.items()
+              if name not in PRESETS.get(preset, {}) or _given(ctx, name)}
+    options = dataclasses.replace(options, **common)
     try:
-        main(dataclasses.replace(options, **common))
+        if options.pretrained == SMOLLM2_DIR and not Path(SMOLLM2_DIR).is_dir():
+            from .smollm2 import export_smollm2
+
+            typer.echo(f"exporting SmolLM2-135M-Instruct to {SMOLLM2_DIR} (first use)", err=True)
+            export_smollm2(Path(SMOLLM2_DIR))
+        main(options)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

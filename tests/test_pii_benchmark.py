@@ -242,16 +242,73 @@ def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
         per_split("forget1=60", "validation1")
 
 
-def test_option_defaults_are_the_committed_reports_settings():
-    """`expunge benchmark pii` with no options reruns the committed report (benchmarks/results/pii.json)."""
+def _committed_reports():
     from benchmarks.pii import DEFAULT_OUT_DIR
 
-    report = json.loads((DEFAULT_OUT_DIR / "pii.json").read_text())
-    defaults = dataclasses.asdict(PIIBenchOptions())
-    differing = {k: (v, defaults[k]) for k, v in report["config"].items()
-                 if k in defaults and k not in ("data_dir", "threads", "device", "cache_dir", "out_dir")
-                 and (list(defaults[k]) if isinstance(defaults[k], tuple) else defaults[k]) != v}
+    return sorted(DEFAULT_OUT_DIR.glob("pii*/pii.json")) + [DEFAULT_OUT_DIR / "pii.json"]
+
+
+@pytest.mark.parametrize("report_path", _committed_reports(), ids=lambda p: p.parent.name + "/" + p.name)
+def test_each_committed_report_is_its_preset(report_path):
+    """`expunge benchmark pii --preset NAME` reruns a committed report: the options it records are its
+    preset's, apart from its command line's own options (a validation erasure's, a subset of methods ...)."""
+    import shlex
+
+    from benchmarks.pii import preset_options
+
+    report = json.loads(report_path.read_text())
+    config = report["config"]
+    preset = preset_options(config.get("preset", "scratch"))
+    given = {arg[2:].split("=")[0].replace("-", "_") for arg in shlex.split(report["command"]) if arg.startswith("--")}
+    expected = dataclasses.asdict(preset)
+    differing = {k: (v, expected[k]) for k, v in config.items()
+                 if k in expected and k not in given
+                 and k not in ("data_dir", "threads", "device", "cache_dir", "out_dir")
+                 and (list(expected[k]) if isinstance(expected[k], tuple) else expected[k]) != v}
     assert differing == {}
+
+
+def _run_cli(monkeypatch, tmp_path, *args):
+    """The command line as typer parses it; `main` is replaced so nothing trains."""
+    from typer.testing import CliRunner
+
+    import benchmarks.pii as pii
+
+    seen = {}
+    monkeypatch.setattr(pii, "main", lambda options: seen.setdefault("options", options))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(pii.pii_app, ["--data-dir", str(DEFAULT_DATA_DIR), *args])
+    return result, seen.get("options")
+
+
+def test_a_preset_sets_its_options_and_explicit_options_override_it(monkeypatch, tmp_path):
+    from benchmarks.pii import PRESETS, SMOLLM2_DIR
+
+    (tmp_path / SMOLLM2_DIR).mkdir(parents=True)  # as if exported before
+    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "smollm2", "--uld-weight", "-1.6",
+                               "--methods", "uld")
+    assert result.exit_code == 0, result.output
+    assert options.preset == "smollm2"
+    assert options.uld_weight == -1.6  # given: overrides the preset's -1.0
+    assert options.methods == ("uld",)
+    preset = PRESETS["smollm2"]
+    assert options.pretrained == SMOLLM2_DIR
+    assert options.out_dir.name == "pii_smollm2"  # its report's folder, so it never overwrites results/pii.json
+    assert (options.base_lr, options.uld_layers, options.uld_epochs, options.threads) == (
+        preset["base_lr"], preset["uld_layers"], preset["uld_epochs"], preset["threads"])
+
+    result, options = _run_cli(monkeypatch, tmp_path)
+    assert result.exit_code == 0, result.output
+    assert options == dataclasses.replace(PIIBenchOptions(), data_dir=DEFAULT_DATA_DIR, cache_dir=options.cache_dir,
+                                          out_dir=options.out_dir)
+
+
+def test_an_unknown_preset_or_a_preset_with_smoke_is_refused(monkeypatch, tmp_path):
+    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "gpt5")
+    assert result.exit_code == 2 and options is None
+    assert "unknown preset 'gpt5'" in result.output
+    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "smollm2", "--smoke")
+    assert result.exit_code == 2 and options is None
 
 
 def test_the_base_key_tells_bases_built_another_way_apart_but_keeps_the_reported_builds_key():
@@ -293,3 +350,53 @@ def test_a_pretrained_base_is_fine_tuned_from_its_own_weights_and_tokenizer(tmp_
     (tmp_path / "given" / "model.safetensors").write_bytes(b"other weights")
     _IDENTITIES.clear()
     assert options.base_key("digest", ["Ann"]) != key
+
+
+def test_the_base_is_measured_once_per_probe_set_and_generation_settings(tmp_path):
+    """A rerun that only adds methods reuses the base's measurement; other probes or settings measure anew."""
+    from benchmarks.pii import measure_base, measure_key
+
+    calls = []
+    report = {"forget1": {k: {"n_prompts": 2, "n_identifiers": 4, "normalised_leaks": 3, "leak_rate": 0.75}
+                          for k in KINDS}}
+
+    def compute():
+        calls.append(1)
+        return report
+
+    rows = {"forget1": [{"subject": "A", "question": "q"}]}
+    options = PIIBenchOptions()
+    path = tmp_path / f"measured-{measure_key(rows, options, 'cpu')}.json"
+    first, seconds = measure_base(compute, path, lambda _: None)
+    logged = []
+    again, again_seconds = measure_base(compute, path, logged.append)
+    assert first == again == report and len(calls) == 1
+    assert again_seconds == seconds and "cached" in logged[0]
+    assert measure_key(rows, options, "cpu") != measure_key({"forget1": rows["forget1"] * 2}, options, "cpu")
+    assert measure_key(rows, options, "cpu") != measure_key(rows, dataclasses.replace(options, max_new_tokens=8), "cpu")
+    assert measure_key(rows, options, "cpu") != measure_key(rows, options, "cuda")
+
+
+def _report(command, rows, key="k1"):
+    return {"command": command, "config": {}, "base": {"key": key}, "rows": rows, "wall_seconds": 10.0}
+
+
+def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
+    from benchmarks.pii import merge_reports
+
+    base = {"split": "forget1", "method": "base", "erased_leak_rate": 0.7, "eval_seconds": 5.0}
+    uld = _report("pii --methods uld", [base, {"split": "forget1", "method": "uld", "erased_leak_rate": 0.01},
+                                        {"split": "forget5", "method": "base", "erased_leak_rate": 0.6},
+                                        {"split": "forget5", "method": "uld", "erased_leak_rate": 0.02}])
+    baselines = _report("pii --methods ga", [dict(base, eval_seconds=9.0),
+                                             {"split": "forget1", "method": "ga", "erased_leak_rate": 0.3}])
+    merged = merge_reports(uld, baselines, "pii --preset x", {"preset": "x"})
+    assert [(r["split"], r["method"]) for r in merged["rows"]] == [
+        ("forget1", "base"), ("forget1", "uld"), ("forget1", "ga"), ("forget5", "base"), ("forget5", "uld")]
+    assert merged["command"] == "pii --preset x" and merged["wall_seconds"] == 20.0
+    assert merged["runs"][1] == {"command": "pii --methods ga", "rows": ["ga on forget1"], "wall_seconds": 10.0}
+
+    with pytest.raises(ValueError, match="different bases"):
+        merge_reports(uld, _report("pii", baselines["rows"], key="k2"), "pii", {})
+    with pytest.raises(ValueError, match="base rows of forget1 differ"):
+        merge_reports(uld, _report("pii", [dict(base, erased_leak_rate=0.5)]), "pii", {})
