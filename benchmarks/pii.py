@@ -215,9 +215,9 @@ class PIIBenchOptions:
         if device_type != "cpu":
             fields["device"] = device_type
         if self.pretrained:  # pinned by its weights, so a cache entry never outlives the model it was tuned from
-            from .tofu import _pretrained_identity
+            from .tofu import pretrained_identity
 
-            fields["pretrained"] = _pretrained_identity(self.pretrained)
+            fields["pretrained"] = pretrained_identity(self.pretrained)
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -306,7 +306,7 @@ def _shape(opts: TofuBenchOptions):
 _IDENTITIES: dict[str, str] = {}
 
 
-def _pretrained_identity(location: str) -> str:
+def pretrained_identity(location: str) -> str:
     """sha256 of a local model's weight files (so a cache entry never outlives the weights it was tuned
     from); a hub id stands for itself."""
     from expunge_ml.modeling import weights_fingerprint
@@ -329,7 +329,7 @@ def _load_or_train_tokenizer(opts: TofuBenchOptions, plan: Plan, cache: Path, lo
     from expunge_ml.modeling import train_bpe_tokenizer
 
     if opts.pretrained:  # the model's own tokenizer; the key pins the exact weights it came with
-        return AutoTokenizer.from_pretrained(opts.pretrained), _sha({"pretrained": _pretrained_identity(opts.pretrained)})[:16]
+        return AutoTokenizer.from_pretrained(opts.pretrained), _sha({"pretrained": pretrained_identity(opts.pretrained)})[:16]
     key = _sha({"v": CACHE_VERSION, "kind": "tokenizer", "vocab": opts.vocab_size, "pairs": plan.base_pairs})[:16]
     path = cache / f"tokenizer-{key}"
     if (path / "tokenizer.json").exists():
@@ -352,7 +352,7 @@ def _load_or_train_model(
     from expunge_ml.modeling import build_small_llama, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
-    init = {"pretrained": _pretrained_identity(opts.pretrained)} if opts.pretrained else asdict(_shape(opts))
+    init = {"pretrained": pretrained_identity(opts.pretrained)} if opts.pretrained else asdict(_shape(opts))
     # The thread count and the device change the float summation order, hence the trained weights:
     # a model trained another way is another model, not a cache hit.
     build = {"threads": torch.get_num_threads(), "device": torch.device(device).type}

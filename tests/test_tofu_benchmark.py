@@ -241,12 +241,12 @@ def test_tofu_benchmark_fine_tunes_a_given_pretrained_model(tmp_path: Path):
     assert "pre-trained" in (tmp_path / "out" / "tofu.md").read_text()
     # every trained model (base, oracle, one retrain seed) is cached under a key that pins the weights
     assert len(list((tmp_path / "cache").glob("model-*"))) == 3
-    from benchmarks.tofu import _IDENTITIES, _pretrained_identity
+    from benchmarks.tofu import _IDENTITIES, pretrained_identity
 
-    before = _pretrained_identity(str(tmp_path / "pretrained"))
+    before = pretrained_identity(str(tmp_path / "pretrained"))
     (tmp_path / "pretrained" / "model.safetensors").write_bytes(b"changed")  # other weights: other keys
     _IDENTITIES.clear()
-    assert _pretrained_identity(str(tmp_path / "pretrained")) != before
+    assert pretrained_identity(str(tmp_path / "pretrained")) != before
 
 
 def test_export_smollm2_says_what_to_install_when_the_package_is_missing(tmp_path, monkeypatch):
