@@ -395,6 +395,11 @@ def _shape(options: PIIBenchOptions):
     )
 
 
+def base_dir(options: PIIBenchOptions, key: str) -> Path:
+    """Where the base with cache key `key` lives, with everything cached about it (its PII measurement)."""
+    return Path(options.cache_dir) / f"base-{key}"
+
+
 def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[str], None]):
     """The memorising base, from the cache when one with the same config hash exists."""
     import torch
@@ -406,7 +411,7 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
 
     device = resolve_device(options.device)
     key = options.base_key(data.digest, data.trained_people, torch.device(device).type)
-    model_dir = Path(options.cache_dir) / f"base-{key}"
+    model_dir = base_dir(options, key)
     report_path = model_dir / "pii_base_report.json"
     if report_path.exists():
         log(f"base: cached {model_dir}")
@@ -876,10 +881,10 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         run_splits = validation_erasures(rows_by_group, data.split_people, options)
     probes = {g: records_from_unlearn_pii(rs) for g, rs in rows_by_group.items()}
 
-    base_dir = Path(options.cache_dir) / f"base-{base_report['key']}"
+    measured_file = f"measured-{measure_key(rows_by_group, options, base.device.type)}.json"
     base_by_group, base_eval_seconds = measure_base(
         lambda: measure(CausalLMLogits(base), tokenizer, fmt, probes, options),
-        base_dir / f"measured-{measure_key(rows_by_group, options, base.device.type)}.json", log)
+        base_dir(options, base_report["key"]) / measured_file, log)
     base_report["memorisation"] = {g: {k: r[k]["leak_rate"] for k in KINDS} for g, r in base_by_group.items()}
     base_report["eval_seconds"] = round(base_eval_seconds, 2)
     log("base recall by group: " + json.dumps(base_report["memorisation"]))
@@ -1023,7 +1028,7 @@ def merge_reports(first: Mapping[str, Any], second: Mapping[str, Any], command: 
     if first["base"].get("key") != second["base"].get("key"):
         raise ValueError("the reports were run on different bases")
     strip = lambda row: {k: v for k, v in row.items() if k != "eval_seconds"}  # noqa: E731
-    bases = {(r["split"]): strip(r) for r in first["rows"] if r["method"] == "base"}
+    bases = {r["split"]: strip(r) for r in first["rows"] if r["method"] == "base"}
     for row in second["rows"]:
         if row["method"] == "base" and row["split"] in bases and bases[row["split"]] != strip(row):
             raise ValueError(f"the base rows of {row['split']} differ: not the same probes")
