@@ -167,6 +167,20 @@ class PIIBenchOptions:
     # wording of a question about them shares. Uses training questions and answers only. Session 9,
     # validation on two bases: more leak (mean 1.46 % vs 0.65 %), so off (pii.md).
     uld_cross_pairs: int = 0
+    # And each identifier on its own, after an empty question: the erased people's to remember, the
+    # retained people's to stay uniform on. Why (session 9's diagnosis): every validation leak was a whole
+    # identifier emitted after a wording the assistant never saw, and the assistant was near-uniform on
+    # every token of it. A bare identifier teaches the assistant to continue an erased identifier from its
+    # own first tokens, whatever came before, so the composite derails it mid-way. Built from subject_pii,
+    # what an erasure request names. Session 12, validation on three bases: see pii.md.
+    uld_bare_identifiers: bool = False
+    # Train N assistants that differ only in their seed (LoRA init, data order) and subtract their mean:
+    # each gets w / N. Why: an assistant that happens to be flat after an unseen wording leaks there, and
+    # where it does is partly the seed's doing; the mean is sharp wherever either assistant is, and smoother
+    # on retained text, so it may stand a stronger w. Costs N trainings. Session 12, validation on three
+    # bases: 2 assistants at w -1.6 leak less (mean 0.90 % vs 1.08 %) and keep >= 96 % retained on each
+    # base (one assistant: 93.9 % on one), so 2 is the default (pii.md).
+    uld_assistants: int = 2
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
@@ -196,6 +210,13 @@ class PIIBenchOptions:
     # Retained = every trained person outside the reported splits and the erasure.
     validation_people: int = 0
     validation_source: str = "retain_sample"
+    # A validation erasure's assistant also stays uniform on the reported splits' people (they join its
+    # retain⁺), while its retained *measurement* still leaves them out: the erasure then has the reported
+    # splits' shape (forget5 retains 26 people, 10 of them with ten QA rows each; a validation erasure
+    # alone retains only the 16 retain-sample people), and choosing settings still never looks at a number
+    # about a reported person. Why (session 11): a setting chosen with the smaller retain set did not carry
+    # over to the reported splits.
+    validation_retain_reported: bool = False
     # More w for the same ULD assistant: each adds a row "uld w=<w>" (one assistant, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     cache_dir: Path = DEFAULT_CACHE_DIR
@@ -244,7 +265,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         out_dir=DEFAULT_OUT_DIR / "pii_smollm2", pretrained=SMOLLM2_DIR,
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
-        uld_epochs="forget1=30,forget5=6,forget10=3", threads=2,
+        uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1,
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),
@@ -280,6 +301,7 @@ SMOKE_OPTIONS = dict(
     uld_epochs=10,
     uld_lr=1e-2,
     uld_paraphrased_answers=1,
+    uld_assistants=1,  # the default ensemble doubles the training; the smoke run checks one, then two
     max_new_tokens=32,
 )
 
@@ -675,6 +697,12 @@ def cross_pairs(rows: Sequence[Mapping[str, Any]], n: int, rng: random.Random) -
     return pairs
 
 
+def bare_identifier_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """("", identifier) once per distinct identifier of the rows: the identifier with no question."""
+    identifiers = dict.fromkeys(p for row in rows for p in row_pii(row))
+    return [("", identifier) for identifier in identifiers]
+
+
 SUBJECT_QUESTION = "What do you know about {subject}?"
 
 
@@ -707,6 +735,9 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
         rng = random.Random(options.seed + 2)
         forget += cross_pairs(forget_rows, options.uld_cross_pairs, rng)
         retain += cross_pairs(retain_rows, options.uld_cross_pairs, rng)
+    if options.uld_bare_identifiers:
+        forget += bare_identifier_pairs(forget_rows)
+        retain += bare_identifier_pairs(retain_rows)
     if options.uld_identifier_pairs:
         forget += identifier_pairs(forget_rows)
         retain += identifier_pairs(retain_rows)
@@ -734,6 +765,16 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     return forget, retain
 
 
+ASSISTANT_SEED_STRIDE = 1000
+
+
+def ensemble_weights(weight: float, n_assistants: int) -> list[float]:
+    """w / N for each of N assistants: the composite subtracts their mean at the total weight w."""
+    if n_assistants < 1:
+        raise ValueError("at least one assistant is needed")
+    return [weight / n_assistants] * n_assistants
+
+
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
                log: Callable[[str], None], split: str = "forget1"):
     """Returns (logit source, report dict)."""
@@ -745,15 +786,23 @@ def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, opti
 
         config = uld_config(options, split)
         forget, retain = uld_training_pairs(forget_rows, retain_rows, options)
-        assistant = build_assistant(base, config)
+        assistants, trains = [], []
+        for index in range(options.uld_assistants):
+            # The first assistant keeps the single-assistant seed, so N = 1 reproduces earlier runs.
+            seeded = dataclasses.replace(config, seed=config.seed + ASSISTANT_SEED_STRIDE * index)
 
-        def progress(epoch, nll, kl):
-            if epoch == 1 or epoch % 10 == 0:
-                log(f"  uld epoch {epoch}: forget nll {nll:.4f} retain kl {kl:.4f}")
+            def progress(epoch, nll, kl, index=index):
+                if epoch == 1 or epoch % 10 == 0:
+                    log(f"  uld{f' #{index + 1}' if options.uld_assistants > 1 else ''} epoch {epoch}: "
+                        f"forget nll {nll:.4f} retain kl {kl:.4f}")
 
-        train = train_assistant(assistant, tokenizer, fmt, forget, retain, config, progress=progress)
-        source = CompositeLogits(base, [assistant], [config.weight], config.relative_top)
-        report = {"train": asdict(train), "n_forget_pairs": len(forget), "n_retain_pairs": len(retain)}
+            assistant = build_assistant(base, seeded)
+            trains.append(train_assistant(assistant, tokenizer, fmt, forget, retain, seeded, progress=progress))
+            assistants.append(assistant)
+        source = CompositeLogits(base, assistants, ensemble_weights(config.weight, len(assistants)),
+                                 config.relative_top)
+        train_report = asdict(trains[0]) if len(trains) == 1 else [asdict(t) for t in trains]
+        report = {"train": train_report, "n_forget_pairs": len(forget), "n_retain_pairs": len(retain)}
     elif method in ("ga", "npo"):
         from expunge_ml.methods.registry import get_method, make_config
 
@@ -795,7 +844,7 @@ def current_command() -> str:
     if "pii" in argv[1:] and not argv[0].endswith("pii.py"):  # mounted: `expunge benchmark pii ...`
         return "expunge benchmark " + " ".join(shlex.quote(a) for a in argv[argv.index("pii", 1):])
     if argv and argv[0].endswith("pii.py"):
-        return "python -m benchmarks.pii " + " ".join(shlex.quote(a) for a in argv[1:])
+        return " ".join(["python -m benchmarks.pii", *(shlex.quote(a) for a in argv[1:])])
     return "benchmarks.pii.main(...)"
 
 
@@ -846,6 +895,17 @@ def split_groups(split: str, rows_by_group: Mapping[str, Sequence[Mapping[str, A
     return erased, retained
 
 
+def retain_training_groups(split: str, erased: Sequence[str], retained: Sequence[str],
+                           rows_by_group: Mapping[str, Sequence[Mapping[str, Any]]], reported_groups: set[str],
+                           options: PIIBenchOptions) -> list[str]:
+    """The groups whose rows the unlearning methods keep (retain set): the measured retained groups, plus,
+    for a validation erasure with `validation_retain_reported`, the reported splits' people (kept in
+    training, never measured)."""
+    if not (split.startswith("validation") and options.validation_retain_reported):
+        return list(retained)
+    return list(retained) + [g for g in rows_by_group if g in reported_groups and g not in erased]
+
+
 def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_default,
                   command: str | None = None) -> dict[str, Any]:
     """Train/load the base, erase each split with each method, measure; returns the result dict."""
@@ -894,9 +954,11 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         erased_people = set(data.split_people[split])
         erased_groups, retained_groups = split_groups(split, rows_by_group, erased_people, reported_groups)
         forget_rows = [r for g in erased_groups for r in rows_by_group[g]]
-        retain_rows = [r for g in retained_groups for r in rows_by_group[g]]
+        kept_groups = retain_training_groups(split, erased_groups, retained_groups, rows_by_group,
+                                             reported_groups, options)
+        retain_rows = [r for g in kept_groups for r in rows_by_group[g]]
         n_erased = len(erased_people)
-        n_retained = len({r["subject"] for r in retain_rows})
+        n_retained = len({r["subject"] for g in retained_groups for r in rows_by_group[g]})
         base_erased = sum_reports(base_by_group[g] for g in erased_groups)
         base_retained = sum_reports(base_by_group[g] for g in retained_groups)
         results_rows.append(make_row(
@@ -907,7 +969,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                         "retained": [p for g in retained_groups for p in probes[g]]}
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
-                f"retaining {n_retained} ({len(retain_rows)} QA)")
+                f"retaining {len({r['subject'] for r in retain_rows})} ({len(retain_rows)} QA; "
+                f"{n_retained} of them measured)")
             source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split)
             t0 = time.perf_counter()
             measured = measure(source, tokenizer, fmt, split_probes, options)
@@ -921,7 +984,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             results_rows.append(row)
             if method == "uld":
                 for weight in options.uld_extra_weights:
-                    swept = dataclasses.replace(source, weights=[weight])
+                    swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
                     measured = measure(swept, tokenizer, fmt, split_probes, options)
                     row = make_row(split, f"uld w={weight:g}", measured["erased"], measured["retained"],
                                    base_retained, n_erased, n_retained, {"weight": weight})
@@ -1110,6 +1173,9 @@ def pii_command(
     validation_source: str = typer.Option(PIIBenchOptions.validation_source, help="where validation people come "
                                           "from: retain_sample (first N) | forget10 (trained forget10 people in no "
                                           "reported split, two disjoint erasures of N; needs --n-people)"),
+    validation_retain_reported: bool = typer.Option(PIIBenchOptions.validation_retain_reported, help="a validation "
+                                                    "erasure also keeps the reported splits' people in its retain "
+                                                    "set (never measures them), matching the splits' shape"),
     uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistant, e.g. "-1,-1.5" (a row each)'),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
@@ -1128,6 +1194,11 @@ def pii_command(
     uld_cross_pairs: int = typer.Option(PIIBenchOptions.uld_cross_pairs, help="also each row's question with N "
                                         "of the same person's other answers, for erased (remember) and retained "
                                         "(uniform) people"),
+    uld_bare_identifiers: bool = typer.Option(PIIBenchOptions.uld_bare_identifiers, help="also each identifier "
+                                              "alone after an empty question, for erased (remember) and retained "
+                                              "(uniform) people"),
+    uld_assistants: int = typer.Option(PIIBenchOptions.uld_assistants, min=1, help="train N assistants (seeds "
+                                       "differ) and subtract their mean, each at w / N"),
     uld_fact_span_loss: bool = typer.Option(PIIBenchOptions.uld_fact_span_loss, help="remember only the erased "
                                             "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
     uld_template_nll_weight: float = typer.Option(PIIBenchOptions.uld_template_nll_weight, help="with "
@@ -1166,11 +1237,13 @@ def pii_command(
             pretrained=str(pretrained) if pretrained else None, uld_layers=uld_layers,
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
-            validation_source=validation_source, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+            validation_source=validation_source, validation_retain_reported=validation_retain_reported,
+            uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             uld_masked_answer_pairs=uld_masked_answer_pairs, uld_question_dropout=uld_question_dropout,
             uld_question_dropout_rate=uld_question_dropout_rate, uld_cross_pairs=uld_cross_pairs,
+            uld_bare_identifiers=uld_bare_identifiers, uld_assistants=uld_assistants,
             uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
             max_new_tokens=max_new_tokens,

@@ -88,6 +88,28 @@ def test_pii_benchmark_smoke(tmp_path):
     assert [same[k] for k in KINDS] == [by_method["uld"][k] for k in KINDS]
     assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]  # w 0: the base alone
 
+    # --uld-assistants 2: two assistants from different seeds, the composite subtracting their mean
+    pair = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
+                                    uld_assistants=2, uld_extra_weights=(0.0,)))
+    by_method = {r["method"]: r for r in pair["rows"]}
+    first, second = (losses(t) for t in by_method["uld"]["train"])
+    assert first == losses(next(r["train"] for r in swept["rows"] if r["method"] == "uld"))  # #1: the single one
+    assert second != first  # #2 trained from another seed
+    assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]
+
+
+def losses(train):
+    return train["forget_nll"], train["retain_kl"]
+
+
+def test_an_ensemble_of_assistants_shares_the_total_weight():
+    from benchmarks.pii import ensemble_weights
+
+    assert ensemble_weights(-1.6, 1) == [-1.6]
+    assert ensemble_weights(-1.6, 2) == [-0.8, -0.8]
+    with pytest.raises(ValueError):
+        ensemble_weights(-1.6, 0)
+
 
 def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
     from benchmarks.pii import uld_training_pairs
@@ -188,6 +210,24 @@ def test_cross_pairs_give_a_persons_questions_their_other_answers_only():
     assert len(cross_pairs(rows, 10, random.Random(0))) == 12  # capped at the 3 other answers
 
 
+def test_bare_identifier_pairs_give_each_identifier_once_with_no_question():
+    from benchmarks.pii import bare_identifier_pairs, uld_training_pairs
+
+    rows = [{"question": "What is Ann's email?", "answer": "a", "subject": "Ann", "subject_pii": ["ann@mail.example"]},
+            {"question": "And her phone?", "answer": "b", "subject": "Ann",
+             "subject_pii": ["555-0199", "ann@mail.example", " "]}]  # a repeat and a blank: skipped
+    assert bare_identifier_pairs(rows) == [("", "ann@mail.example"), ("", "555-0199")]
+    retained = [{"question": "What is Bo's phone?", "answer": "c", "subject": "Bo", "subject_pii": ["555-0101"]}]
+    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False)
+    plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
+    forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_bare_identifiers=True))
+    # remembered for the erased person, every token of it a fact under the fact-only loss ...
+    assert forget == plain_forget + [("", p, ["555-0199", "Ann", "ann@mail.example"])
+                                     for p in ("ann@mail.example", "555-0199")]
+    assert retain == plain_retain + [("", "555-0101")]  # ... uniform for the retained one
+
+
 def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_forget_item():
     from benchmarks.pii import uld_training_pairs
 
@@ -223,6 +263,16 @@ def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_
     # a reported split keeps every other trained person as retained, validation people included
     erased, retained = split_groups("forget1", groups, {"F1"}, {"forget1"})
     assert erased == ["forget1"] and "validation1" in retained and "retain_sample" in retained
+
+    # --validation-retain-reported: forget1's people join the validation assistant's retain set, unmeasured
+    from benchmarks.pii import retain_training_groups
+
+    erased, retained = split_groups("validation1", groups, set(split_people["validation1"]), {"forget1"})
+    both = dataclasses.replace(options, validation_retain_reported=True)
+    assert retain_training_groups("validation1", erased, retained, groups, {"forget1"}, options) == retained
+    assert retain_training_groups("validation1", erased, retained, groups, {"forget1"}, both) == retained + ["forget1"]
+    erased, retained = split_groups("forget1", groups, {"F1"}, {"forget1"})
+    assert retain_training_groups("forget1", erased, retained, groups, {"forget1"}, both) == retained  # no change
 
     # one erasure where only one fits; a clear error where none does or the source is unknown
     groups = {"other": rows(["A", "B", "C"]), "retain_sample": rows(["R"], 1)}
