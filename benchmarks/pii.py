@@ -117,7 +117,11 @@ class PIIBenchOptions:
     uld_lora_dropout: float = 0.05
     uld_weight: float = -1.6
     uld_relative_top: float = 0.0
-    uld_retain_weight: float = 20.0
+    # λ, the retain KL weight: 10 since session 12, chosen by a pre-registered rule on validation erasures
+    # with the reported splits' retain-set shape (`--validation-retain-reported`, three bases: mean leak
+    # 1.38 % vs 1.70 % at λ 20). On the reported splits it then did worse than λ 20 (pii.md, session 12);
+    # kept because changing it back would choose by the reported people's numbers.
+    uld_retain_weight: float = 10.0
     # Epochs per split (forget5 has 5× the pairs per epoch): "split=n,..." or one number for all.
     uld_epochs: str = "forget1=60,forget5=15,forget10=8"
     uld_lr: float = 3e-3
@@ -265,7 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         out_dir=DEFAULT_OUT_DIR / "pii_smollm2", pretrained=SMOLLM2_DIR,
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
-        uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1,
+        uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1, uld_retain_weight=20.0,
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),
