@@ -221,7 +221,7 @@ class PIIBenchOptions:
     # about a reported person. Why (session 11): a setting chosen with the smaller retain set did not carry
     # over to the reported splits.
     validation_retain_reported: bool = False
-    # More w for the same ULD assistant: each adds a row "uld w=<w>" (one assistant, several composites).
+    # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
@@ -962,7 +962,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                                              reported_groups, options)
         retain_rows = [r for g in kept_groups for r in rows_by_group[g]]
         n_erased = len(erased_people)
-        n_retained = len({r["subject"] for g in retained_groups for r in rows_by_group[g]})
+        n_retained = len({r["subject"] for g in retained_groups for r in rows_by_group[g]})  # measured
+        n_kept = len({r["subject"] for r in retain_rows})  # trained on; more with validation_retain_reported
         base_erased = sum_reports(base_by_group[g] for g in erased_groups)
         base_retained = sum_reports(base_by_group[g] for g in retained_groups)
         results_rows.append(make_row(
@@ -973,8 +974,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                         "retained": [p for g in retained_groups for p in probes[g]]}
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
-                f"retaining {len({r['subject'] for r in retain_rows})} ({len(retain_rows)} QA; "
-                f"{n_retained} of them measured)")
+                f"retaining {n_kept} ({len(retain_rows)} QA; {n_retained} of them measured)")
             source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split)
             t0 = time.perf_counter()
             measured = measure(source, tokenizer, fmt, split_probes, options)
@@ -1180,7 +1180,7 @@ def pii_command(
     validation_retain_reported: bool = typer.Option(PIIBenchOptions.validation_retain_reported, help="a validation "
                                                     "erasure also keeps the reported splits' people in its retain "
                                                     "set (never measures them), matching the splits' shape"),
-    uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistant, e.g. "-1,-1.5" (a row each)'),
+    uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistants, e.g. "-1,-1.5" (a row each)'),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
