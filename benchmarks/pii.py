@@ -115,7 +115,8 @@ class PIIBenchOptions:
     uld_lora_r: int = 16
     uld_lora_alpha: int = 32
     uld_lora_dropout: float = 0.05
-    uld_weight: float = -1.6
+    # w: -1.8 since session 13, adopted with the question wordings below (-1.6 from session 8 to 12).
+    uld_weight: float = -1.8
     uld_relative_top: float = 0.0
     # λ, the retain KL weight: 10 since session 12, chosen by a pre-registered rule on validation erasures
     # with the reported splits' retain-set shape (`--validation-retain-reported`, three bases: mean leak
@@ -190,8 +191,10 @@ class PIIBenchOptions:
     # remembered for erased people, uniform for retained ones. Why (session 9's diagnosis): the assistant
     # recalls an erased fact only after wordings it was trained on, and the ULD authors trained theirs on
     # LLM-written paraphrases for that reason. The LM sees only the training question, never an
-    # evaluation wording. Generated once per data set and cached under cache_dir. Session 13: see pii.md.
-    uld_question_paraphrases: int = 0
+    # evaluation wording. Generated once per data set and cached under cache_dir. Session 13, validation on
+    # three bases: with w -1.8 it leaks 35 of 3×922 identifiers against the previous defaults' 38 and keeps
+    # >= 95.4 % retained, so 3 (with w -1.8) is the default by the pre-registered rule (pii.md).
+    uld_question_paraphrases: int = 3
     paraphraser: str = ""  # a local causal LM directory; "" means SMOLLM2_DIR
     # Remember only the erased people's identifiers and names inside each forget⁺ answer (what the request
     # supplies); the rest of the answer — the template retained people's answers share — is pushed to
@@ -278,6 +281,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
         uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1, uld_retain_weight=20.0,
+        uld_question_paraphrases=0,
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),
@@ -314,6 +318,7 @@ SMOKE_OPTIONS = dict(
     uld_lr=1e-2,
     uld_paraphrased_answers=1,
     uld_assistants=1,  # the default ensemble doubles the training; the smoke run checks one, then two
+    uld_question_paraphrases=0,  # needs the SmolLM2 export, which CI has not; tests/test_paraphrase.py covers it
     max_new_tokens=32,
 )
 
