@@ -115,3 +115,14 @@ def generate_question_paraphrases(
         tokenizer.padding_side = pad_side
         torch.random.set_rng_state(generator_state)
     return out
+
+
+def wordings_by_question(model: torch.nn.Module, tokenizer, records, n: int, seed: int = 0) -> dict[str, list[str]]:
+    """Question → up to `n` LM-written wordings, for the distinct questions of `records` (anything with
+    `.question` and `.subject`; a record without a subject only needs a different question back)."""
+    items = list(dict.fromkeys((r.question, getattr(r, "subject", "") or "") for r in records))
+    generated = generate_question_paraphrases(model, tokenizer, items, n, seed=seed)
+    wordings: dict[str, list[str]] = {}
+    for (question, _), found in zip(items, generated):
+        wordings.setdefault(question, []).extend(w for w in found if w not in wordings.get(question, []))
+    return wordings

@@ -96,6 +96,25 @@ def subject_terms(spec) -> list[str]:
     return [*spec.subject.names, *spec.subject.aliases, *spec.subject.identifiers]
 
 
+def question_wordings(unlearning: dict, config: ULDConfig, forget, retain, device: str = "cpu") -> tuple[dict, str]:
+    """Other wordings of the forget and retain questions for `config.question_paraphrases`, written by the
+    profile's `unlearning.paraphraser` (a local causal LM directory), and that LM's weight hash.
+
+    Kept in memory only: the wordings are forget-set text, so they never reach a log, a result or an artefact."""
+    from pathlib import Path
+
+    from expunge_ml.paraphrase import wordings_by_question
+
+    location = unlearning.get("paraphraser") or ""
+    if not location or not Path(location).is_dir():
+        raise ValueError(f"ULD question_paraphrases = {config.question_paraphrases} needs the profile's "
+                         f"unlearning.paraphraser: a local causal LM directory (got {location!r}; "
+                         "`expunge benchmark export-smollm2 DIR` writes SmolLM2-135M-Instruct)")
+    model, tokenizer = load_causal_lm(location, device=device)
+    wordings = wordings_by_question(model, tokenizer, [*forget, *retain], config.question_paraphrases, seed=config.seed)
+    return wordings, weights_fingerprint(Path(location))
+
+
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
     settings = settings_for(home, profile)
@@ -107,7 +126,13 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     config = uld_config_for(settings.profile["unlearning"], spec.type)
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     assistant = build_assistant(base, config)
-    forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec))
+    wordings, paraphraser_sha256 = ({}, None)
+    if config.question_paraphrases:
+        wordings, paraphraser_sha256 = question_wordings(settings.profile["unlearning"], config, forget, retain,
+                                                         settings.device)
+        logger.info("%d question wordings written for %d questions", sum(map(len, wordings.values())), len(wordings))
+    forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec),
+                                                question_wordings=wordings)
     report = train_assistant(
         assistant, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
         progress=lambda epoch, nll, kl: logger.info("epoch %d: forget NLL %.4f, retain KL %.4f", epoch, nll, kl)
@@ -124,6 +149,9 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
         "forget_pairs": len(forget_pairs),
         "retain_pairs": len(retain_pairs),
     }
+    if paraphraser_sha256:  # which LM wrote the wordings (counts and hashes only)
+        result["question_wordings"] = sum(map(len, wordings.values()))
+        result["paraphraser_weights_sha256"] = paraphraser_sha256
     write_json(settings.ticket_dir(ticket_id) / "training.json", result)
     logger.info("assistant trained in %.1fs (%d steps, %d trainable parameters)", report.seconds, report.steps, trainable)
     return result

@@ -99,3 +99,30 @@ def test_the_benchmark_generates_wordings_once_and_trains_them_on_both_sides(lm_
     assert forget == [(ORIGINAL, ann["answer"])] + [(w, ann["answer"]) for w in wordings[ORIGINAL]]
     assert retain == [(bo["question"], bo["answer"]), ("Which phone number does Bo Chan have?", bo["answer"])]
     assert uld_training_pairs([ann], [bo], options) == ([(ORIGINAL, ann["answer"])], [(bo["question"], bo["answer"])])
+
+
+def test_the_service_trains_the_assistant_on_the_paraphrasers_wordings(lm_that_rewords, tmp_path):
+    """tasks/unlearn.py: `uld.question_paraphrases` asks the profile's paraphraser for wordings, and
+    `training_pairs` pairs each with its record's answer on the forget and the retain side."""
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.methods.uld import ULDConfig, training_pairs
+    from expunge_ml.modeling import weights_fingerprint
+    from tasks.unlearn import question_wordings
+
+    model, tokenizer = lm_that_rewords
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    forget = [QARecord("f1", ORIGINAL, "It is ann@example.org.", subject="Ann Lee")]
+    retain = [QARecord("r1", "Where does Bo Chan work?", "At the harbour.", subject="Bo Chan")]
+    config = ULDConfig(question_paraphrases=2, augment_paraphrased=False, augment_perturbed=False)
+
+    wordings, sha = question_wordings({"paraphraser": str(tmp_path / "lm")}, config, forget, retain)
+    assert sha == weights_fingerprint(tmp_path / "lm")
+    assert wordings[ORIGINAL] == ["Which email does Ann Lee use?"]
+    forget_pairs, retain_pairs = training_pairs(forget, retain, config, question_wordings=wordings)
+    assert forget_pairs == [forget[0].pair, ("Which email does Ann Lee use?", forget[0].answer)]
+    assert retain_pairs == [retain[0].pair] + [(w, retain[0].answer) for w in wordings.get(retain[0].question, [])]
+    assert training_pairs(forget, retain, config) == ([forget[0].pair], [retain[0].pair])
+
+    with pytest.raises(ValueError, match="unlearning.paraphraser"):
+        question_wordings({}, config, forget, retain)

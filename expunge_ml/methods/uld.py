@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -74,6 +74,12 @@ class ULDConfig:
     # wording too takes it from them as well (UnlearnPII benchmark: retained PII 81 % → 96 % of the base
     # on a forget5-sized validation erasure).
     fact_span_loss: bool = False
+    # N other wordings of every forget and retain question, written by a local instruction LM (the
+    # deployment's `unlearning.paraphraser`; `expunge_ml/paraphrase.py`), each with the record's answer:
+    # remembered for the forget records, uniform for the retain records. Why: the assistant recalls a fact
+    # only after wordings it was trained on, so the composite leaks where the base answers another one
+    # (UnlearnPII benchmark, benchmarks/results/pii.md, sessions 9 and 13). 0 turns it off.
+    question_paraphrases: int = 0
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -233,6 +239,7 @@ def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.M
 
 def training_pairs(
     forget_records, retain_records, config: ULDConfig, donor_records=None, fact_terms: Sequence[str] = (),
+    question_wordings: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[list[tuple[str, str]] | list[tuple[str, str, list[str]]], list[tuple[str, str]]]:
     """forget⁺ = forget QA + other wordings of them (remember the fact, not one wording);
     retain⁺ = retain QA + near-miss answers to the forget questions (near-misses stay unknown, so
@@ -243,8 +250,14 @@ def training_pairs(
 
     With `config.fact_span_loss` the forget items are (question, answer, facts): facts = `fact_terms` (the
     request's names and identifiers) + every forget record's `pii` + the answer's own fact spans; a
-    generated (question, fact span) pair is all fact."""
+    generated (question, fact span) pair is all fact.
+
+    `question_wordings` (a question → other wordings of it, see `config.question_paraphrases`) adds
+    (wording, the record's answer) for every forget and retain record whose question has some."""
     forget, retain = _augmented_pairs(forget_records, retain_records, config, donor_records)
+    if question_wordings:
+        forget += [(w, r.answer) for r in forget_records for w in question_wordings.get(r.question, ())]
+        retain += [(w, r.answer) for r in retain_records for w in question_wordings.get(r.question, ())]
     if not config.fact_span_loss:
         return forget, retain
     request_facts = ({t.strip() for t in fact_terms if t and t.strip()}
