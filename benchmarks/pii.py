@@ -237,7 +237,9 @@ class PIIBenchOptions:
     # paraphrases above), never an evaluation prompt. The weakest w under which the composite states none of
     # the erased identifiers there while keeping >= uld_calibrate_min_retained of the base's retained recall
     # there (`choose_weight`). Why (session 13): one fixed w was too weak for one erasure (4.6 % leak with
-    # 99.6 % retained) and too strong for another (no leak, 94.5 % retained).
+    # 99.6 % retained) and too strong for another (no leak, 94.5 % retained). Session 13, validation on three
+    # bases: more leak than the fixed w (mean 2.42 % vs 1.27 %); the retained side of the signal counts people
+    # the evaluation does not, and fell below 98 % at every w on two bases. Off (pii.md).
     uld_calibrate_weights: tuple[float, ...] = ()
     uld_calibrate_min_retained: float = 0.98
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
