@@ -1418,8 +1418,8 @@ def pii_command(
               if name not in PRESETS.get(preset, {}) or _given(ctx, name)}
     options = dataclasses.replace(options, **common)
     try:
-        needs_smollm2 = options.pretrained == SMOLLM2_DIR or (options.uld_question_paraphrases
-                                                              and not options.paraphraser)
+        writes_wordings = bool(options.uld_question_paraphrases) and "uld" in options.methods
+        needs_smollm2 = options.pretrained == SMOLLM2_DIR or (writes_wordings and not options.paraphraser)
         if needs_smollm2 and not Path(SMOLLM2_DIR).is_dir():
             from .smollm2 import export_smollm2
 
