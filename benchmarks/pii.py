@@ -247,6 +247,11 @@ class PIIBenchOptions:
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
+    @property
+    def writes_question_wordings(self) -> bool:
+        """Whether a run asks the paraphraser for wordings: only ULD trains on them."""
+        return bool(self.uld_question_paraphrases) and "uld" in self.methods
+
     def base_key(self, data_digest: str, people: Sequence[str], device_type: str = "cpu") -> str:
         """Hash of everything that determines the base model (not the unlearning settings)."""
         fields = {k: v for k, v in asdict(self).items() if k in _BASE_FIELDS}
@@ -833,23 +838,22 @@ def load_question_paraphrases(data: PIIData, options: PIIBenchOptions,
         return json.loads(path.read_text(encoding="utf-8"))["paraphrases"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expunge_ml.paraphrase import generate_question_paraphrases
+    from expunge_ml.paraphrase import wordings_by_question
 
     log(f"question paraphrases: generating {options.uld_question_paraphrases} per question for {len(items)} "
         f"questions with {location}")
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(location)
-    settings = dict(PARAPHRASER_SETTINGS)
-    generated = generate_question_paraphrases(
-        model, tokenizer, items, options.uld_question_paraphrases, **settings,
-        progress=lambda done, total: log(f"  paraphrased {done}/{total}") if done % 40 < settings["batch_size"] else None,
+    every = PARAPHRASER_SETTINGS["batch_size"] * 5
+    paraphrases = wordings_by_question(
+        model, tokenizer, items, options.uld_question_paraphrases, **PARAPHRASER_SETTINGS,
+        progress=lambda done, total: log(f"  paraphrased {done}/{total}") if done % every == 0 else None,
     )
-    paraphrases = {question: wordings for (question, _), wordings in zip(items, generated)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"fields": fields, "seconds": round(time.perf_counter() - started, 1),
                                 "paraphrases": paraphrases}, indent=1, ensure_ascii=False), encoding="utf-8")
-    counts = [len(w) for w in generated]
+    counts = [len(w) for w in paraphrases.values()]
     log(f"question paraphrases: {sum(counts)} kept for {len(items)} questions "
         f"({sum(c == 0 for c in counts)} with none) in {time.perf_counter() - started:.0f} s → {path.name}")
     return paraphrases
@@ -1065,8 +1069,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     base_report["eval_seconds"] = round(base_eval_seconds, 2)
     log("base recall by group: " + json.dumps(base_report["memorisation"]))
 
-    paraphrases = (load_question_paraphrases(data, options, log)
-                   if options.uld_question_paraphrases and "uld" in options.methods else None)
+    paraphrases = load_question_paraphrases(data, options, log) if options.writes_question_wordings else None
     results_rows: list[dict[str, Any]] = []
     for split in run_splits:
         erased_people = set(data.split_people[split])
@@ -1418,8 +1421,8 @@ def pii_command(
               if name not in PRESETS.get(preset, {}) or _given(ctx, name)}
     options = dataclasses.replace(options, **common)
     try:
-        writes_wordings = bool(options.uld_question_paraphrases) and "uld" in options.methods
-        needs_smollm2 = options.pretrained == SMOLLM2_DIR or (writes_wordings and not options.paraphraser)
+        needs_smollm2 = options.pretrained == SMOLLM2_DIR or (options.writes_question_wordings
+                                                              and not options.paraphraser)
         if needs_smollm2 and not Path(SMOLLM2_DIR).is_dir():
             from .smollm2 import export_smollm2
 

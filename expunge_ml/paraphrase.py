@@ -117,12 +117,14 @@ def generate_question_paraphrases(
     return out
 
 
-def wordings_by_question(model: torch.nn.Module, tokenizer, records, n: int, seed: int = 0) -> dict[str, list[str]]:
-    """Question → up to `n` LM-written wordings, for the distinct questions of `records` (anything with
-    `.question` and `.subject`; a record without a subject only needs a different question back)."""
-    items = list(dict.fromkeys((r.question, getattr(r, "subject", "") or "") for r in records))
-    generated = generate_question_paraphrases(model, tokenizer, items, n, seed=seed)
+def wordings_by_question(model: torch.nn.Module, tokenizer, items: Sequence[tuple[str, str]], n: int,
+                         **sampling) -> dict[str, list[str]]:
+    """Question → up to `n` LM-written wordings, for each distinct (question, subject) of `items` (a subject
+    may be "": then a wording only has to differ from the question). `sampling` goes to
+    `generate_question_paraphrases`. A question asked about two subjects gets both sets of wordings."""
+    distinct = list(dict.fromkeys(items))
     wordings: dict[str, list[str]] = {}
-    for (question, _), found in zip(items, generated):
-        wordings.setdefault(question, []).extend(w for w in found if w not in wordings.get(question, []))
+    for (question, _), found in zip(distinct, generate_question_paraphrases(model, tokenizer, distinct, n, **sampling)):
+        kept = wordings.setdefault(question, [])
+        kept += [w for w in found if w not in kept]
     return wordings

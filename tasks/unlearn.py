@@ -111,7 +111,8 @@ def question_wordings(unlearning: dict, config: ULDConfig, forget, retain, devic
                          f"unlearning.paraphraser: a local causal LM directory (got {location!r}; "
                          "`expunge benchmark export-smollm2 DIR` writes SmolLM2-135M-Instruct)")
     model, tokenizer = load_causal_lm(location, device=device)
-    wordings = wordings_by_question(model, tokenizer, [*forget, *retain], config.question_paraphrases, seed=config.seed)
+    items = [(r.question, r.subject) for r in [*forget, *retain]]
+    wordings = wordings_by_question(model, tokenizer, items, config.question_paraphrases, seed=config.seed)
     return wordings, weights_fingerprint(Path(location))
 
 
