@@ -244,6 +244,16 @@ class PIIBenchOptions:
     uld_calibrate_min_retained: float = 0.98
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
+    # After training, N rounds of: generate the composite's greedy answers to the erased people's training
+    # questions and their LM wordings (never an evaluation prompt) at w × each of uld_refine_weight_scales;
+    # wherever an answer states one of the row's identifiers, remember those identifiers inside that answer
+    # (`expunge_ml/leak_mining.py`), training every assistant uld_refine_epochs more epochs on the mined
+    # answers plus as many replayed forget⁺ items. Each round adds a row "uld refined r<k>". Why (sessions 9
+    # and 13): the composite steers an answer onto text the assistant never saw, where it is near uniform,
+    # and the base states the identifier a few tokens later — even after a trained question.
+    uld_refine_rounds: int = 0
+    uld_refine_epochs: int = 5
+    uld_refine_weight_scales: tuple[float, ...] = (0.5, 0.75, 1.0)
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
@@ -1117,6 +1127,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                     log(f"  w {weight:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
                         f"{row['retained_pii_recall_ratio'] or 0:.4f}")
                     results_rows.append(row)
+                results_rows += refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases,
+                                             split_probes, base_retained, n_erased, n_retained, options, log)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     config.pop("cache_dir", None)
     config.pop("out_dir", None)
@@ -1133,6 +1145,44 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         "rows": results_rows,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def refinement_prompts(rows: Sequence[Mapping[str, Any]],
+                       question_paraphrases: Mapping[str, Sequence[str]] | None) -> list[tuple[str, list[str]]]:
+    """(training question or one of its LM wordings, the row's identifiers) for every row with identifiers."""
+    return [(question, row_pii(row)) for row in rows if row_pii(row)
+            for question in (str(row["question"]), *(question_paraphrases or {}).get(str(row["question"]), ()))]
+
+
+def refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes, base_retained,
+                 n_erased, n_retained, options: PIIBenchOptions, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Refine the ULD assistants in place (`refine_on_stated_facts`), `uld_refine_rounds` times; measure the
+    composite on the evaluation probes after each round (a row "uld refined r<k>")."""
+    if not options.uld_refine_rounds:
+        return []
+    from expunge_ml.leak_mining import refine_on_stated_facts
+
+    config = uld_config(options, split)
+    forget, retain = uld_training_pairs(forget_rows, retain_rows, options, paraphrases)
+    prompts = refinement_prompts(forget_rows, paraphrases)
+    rows = []
+    for round_number in range(1, options.uld_refine_rounds + 1):
+        t0 = time.perf_counter()
+        report = refine_on_stated_facts(
+            source, tokenizer, fmt, prompts, forget, retain,
+            dataclasses.replace(config, seed=config.seed + 100 * round_number),
+            options.uld_refine_weight_scales, options.uld_refine_epochs, options.max_new_tokens,
+            options.eval_batch_size)
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        log(f"  refinement round {round_number}: {report['mined']} answers stating an erased identifier "
+            f"(by w scale: {report['mined_by_weight_scale']}), {report['seconds']} s")
+        measured = measure(source, tokenizer, fmt, split_probes, options)
+        row = make_row(split, f"uld refined r{round_number}", measured["erased"], measured["retained"],
+                       base_retained, n_erased, n_retained, {"refine": report})
+        log(f"  refined r{round_number} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
+            f"{row['retained_pii_recall_ratio'] or 0:.4f}")
+        rows.append(row)
+    return rows
 
 
 def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes,
@@ -1333,6 +1383,13 @@ def pii_command(
                                                     "erasure also keeps the reported splits' people in its retain "
                                                     "set (never measures them), matching the splits' shape"),
     uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistants, e.g. "-1,-1.5" (a row each)'),
+    uld_refine_rounds: int = typer.Option(PIIBenchOptions.uld_refine_rounds, min=0, help="after training, N "
+                                          "rounds of remembering the erased identifiers the composite still states "
+                                          "on the erased people's training questions (a row each)"),
+    uld_refine_epochs: int = typer.Option(PIIBenchOptions.uld_refine_epochs, min=1, help="epochs per refinement "
+                                          "round (the mined answers plus as many replayed forget⁺ items)"),
+    uld_refine_weight_scales: str = typer.Option(",".join(f"{x:g}" for x in PIIBenchOptions.uld_refine_weight_scales),
+                                                 help="mine at w times each of these"),
     uld_calibrate_weights: str = typer.Option("", help='candidate w, e.g. "-1.4,-1.8,-2.2": adds a row "uld calibrated" '
                                               "with the w chosen per erasure on its own training questions"),
     uld_calibrate_min_retained: float = typer.Option(PIIBenchOptions.uld_calibrate_min_retained, help="retained "
@@ -1404,6 +1461,8 @@ def pii_command(
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             validation_source=validation_source, validation_retain_reported=validation_retain_reported,
             uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+            uld_refine_rounds=uld_refine_rounds, uld_refine_epochs=uld_refine_epochs,
+            uld_refine_weight_scales=tuple(float(x) for x in _csv(uld_refine_weight_scales)),
             uld_calibrate_weights=tuple(float(w) for w in _csv(uld_calibrate_weights)),
             uld_calibrate_min_retained=uld_calibrate_min_retained,
             uld_fact_pairs=uld_fact_pairs,

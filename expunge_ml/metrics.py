@@ -189,10 +189,12 @@ def kl_uniform_to_model(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 # --------------------------------------------------------------------- text-side
 
-_NORMALISE_STRIP = re.compile(r"[\s\-.()\u2010\u2011\u2012\u2013\u2014\u2212]+")
+# What identifiers are written with or without ("+44 7700-900 123" vs "+447700900123").
+IDENTIFIER_SEPARATORS = r"[\s\-.()\u2010\u2011\u2012\u2013\u2014\u2212]"
+_NORMALISE_STRIP = re.compile(IDENTIFIER_SEPARATORS + "+")
 
 
-def _normalise_identifier(s: str) -> str:
+def normalise_identifier(s: str) -> str:
     return _NORMALISE_STRIP.sub("", s.casefold())
 
 
@@ -203,10 +205,10 @@ def exact_and_normalised_leaks(text: str, identifiers: Sequence[str]) -> tuple[i
     sides, so "+44 7700-900 123" matches "+447700900123". The normalised count is >= the exact
     count. Identifiers that are empty (after normalisation) are skipped.
     """
-    norm_text = _normalise_identifier(text)
+    norm_text = normalise_identifier(text)
     exact = normalised = 0
     for ident in identifiers:
-        norm_ident = _normalise_identifier(ident)
+        norm_ident = normalise_identifier(ident)
         if not norm_ident:
             continue
         exact += ident in text
