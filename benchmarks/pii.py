@@ -184,8 +184,10 @@ class PIIBenchOptions:
     # where it does is partly the seed's doing; the mean is sharp wherever either assistant is, and smoother
     # on retained text, so it may stand a stronger w. Costs N trainings. Session 12, validation on three
     # bases: 2 assistants at w -1.6 leak less (mean 0.90 % vs 1.08 %) and keep >= 96 % retained on each
-    # base (one assistant: 93.9 % on one), so 2 is the default (pii.md).
-    uld_assistants: int = 2
+    # base (one assistant: 93.9 % on one), so 2 was the default. Session 14, same validation erasures at
+    # w -1.8: 3 assistants leak 26 of 3×922 identifiers against 2's 35 and keep >= 95.4 % retained on each
+    # base, so 3 is the default by the pre-registered rule (pii.md).
+    uld_assistants: int = 3
     # And N other wordings of each row's question, written by a small local instruction LM (`paraphraser`,
     # SmolLM2-135M-Instruct by default; `expunge_ml/paraphrase.py`), each paired with the row's answer:
     # remembered for erased people, uniform for retained ones. Why (session 9's diagnosis): the assistant
