@@ -896,32 +896,21 @@ def choose_weight(scores: Sequence[tuple[float, int, float]], min_retained: floa
     return min(keeping, key=lambda s: s[1])[0]  # min keeps the first (weakest) of equal leak counts
 
 
-ASSISTANT_SEED_STRIDE = 1000
-
-
-def ensemble_weights(weight: float, n_assistants: int) -> list[float]:
-    """w / N for each of N assistants: the composite subtracts their mean at the total weight w."""
-    if n_assistants < 1:
-        raise ValueError("at least one assistant is needed")
-    return [weight / n_assistants] * n_assistants
-
-
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
                log: Callable[[str], None], split: str = "forget1",
                paraphrases: Mapping[str, Sequence[str]] | None = None):
     """Returns (logit source, report dict)."""
     from expunge_ml.logits import CausalLMLogits, CompositeLogits
+    from expunge_ml.methods.uld import ensemble_weights
 
     start = time.perf_counter()
     if method == "uld":
-        from expunge_ml.methods.uld import build_assistant, train_assistant
+        from expunge_ml.methods.uld import build_assistant, ensemble_members, train_assistant
 
         config = uld_config(options, split)
         forget, retain = uld_training_pairs(forget_rows, retain_rows, options, paraphrases)
         assistants, trains = [], []
-        for index in range(options.uld_assistants):
-            # The first assistant keeps the single-assistant seed, so N = 1 reproduces earlier runs.
-            seeded = dataclasses.replace(config, seed=config.seed + ASSISTANT_SEED_STRIDE * index)
+        for index, seeded in enumerate(ensemble_members(dataclasses.replace(config, assistants=options.uld_assistants))):
 
             def progress(epoch, nll, kl, index=index):
                 if epoch == 1 or epoch % 10 == 0:
@@ -1042,6 +1031,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                   command: str | None = None) -> dict[str, Any]:
     """Train/load the base, erase each split with each method, measure; returns the result dict."""
     from expunge_ml.logits import CausalLMLogits
+    from expunge_ml.methods.uld import ensemble_weights
     from expunge_ml.pii import records_from_unlearn_pii
     from expunge_ml.prompting import PromptFormat
 
@@ -1192,6 +1182,7 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
     """Score each candidate w on the erasure's own training questions (`calibration_probes`), serve the one
     `choose_weight` picks, and measure that composite on the evaluation probes like any other row."""
     from expunge_ml.logits import CausalLMLogits
+    from expunge_ml.methods.uld import ensemble_weights
 
     t0 = time.perf_counter()
     probes = {"erased": calibration_probes(forget_rows, paraphrases),

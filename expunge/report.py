@@ -97,6 +97,8 @@ def _training_summary(training: dict | None) -> dict | None:
         # the same texts the truth ratios are computed on: say so next to them.
         summary["truth_ratio_texts_trained_on"] = summary["augmentation"] == "corpus" and bool(
             config.get("augment_paraphrased") or config.get("augment_perturbed"))
+        if int(config.get("assistants", 1)) > 1:  # an ensemble: each served at w / N
+            summary["assistants"] = int(config["assistants"])
         if config.get("fact_span_loss"):  # only the subject's names / identifiers / facts were remembered
             summary["fact_span_loss"] = True
             summary["template_nll_weight"] = config.get("template_nll_weight", 0.0)
@@ -112,6 +114,8 @@ def _training_lines(summary: dict | None) -> list[str]:
     if summary.get("fact_span_loss"):
         line += (f"; fact-only loss (the assistant remembered the subject's names and identifiers and the facts in "
                  f"the answers, their other words at weight {summary['template_nll_weight']:g})")
+    if summary.get("assistants"):
+        line += f"; {summary['assistants']} assistants (seeds differ), each subtracted at w / {summary['assistants']}"
     lines = [line]
     if summary.get("truth_ratio_texts_trained_on"):
         lines.append("- Note: the assistant was trained on the corpus's paraphrased / perturbed answers, which the "

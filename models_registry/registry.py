@@ -204,19 +204,21 @@ def register_causal_lm(
 def register_uld_composite(
     name: str,
     target: ResolvedTarget,
-    new_assistant_dir: Path,
-    weight: float,
+    new_assistants: list[dict],
     relative_top: float,
     tags: dict[str, str],
     alias: str | None = "challenger",
 ) -> ModelRef:
-    """A new version = earlier assistants of the target (if it was a composite) + the new one."""
+    """A new version = earlier assistants of the target (if it was a composite) + this erasure's
+    (`new_assistants`: {"dir": adapter directory, "weight": its w}, one per assistant of an ensemble)."""
     import shutil
     import tempfile
 
     staging = Path(tempfile.mkdtemp(prefix="expunge-adapters-"))
     artifacts, assistants = {}, []
-    for index, prior in enumerate(target.prior_assistants + [{"dir": str(new_assistant_dir), "weight": weight}]):
+    if not new_assistants:
+        raise ValueError("a ULD version needs at least one new assistant")
+    for index, prior in enumerate(target.prior_assistants + list(new_assistants)):
         key = f"assistant_{index}"
         # MLflow stores an artifact directory under its base name: give each adapter a unique one.
         artifacts[key] = str(shutil.copytree(prior["dir"], staging / key))

@@ -11,7 +11,7 @@ from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.methods.uld import load_assistant
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.data import records_for_manifest
-from tasks.unlearn import load_base, prompt_format
+from tasks.unlearn import load_base, new_assistants, prompt_format
 
 
 def served_model(base, adapters: list[dict]) -> ServedModel:
@@ -61,7 +61,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     prior = list(target_info.get("prior_assistants", []))
     before = served_model(base, prior)
     if trained["method"] == "uld":
-        after = served_model(base, prior + [{"dir": trained["adapter_dir"], "weight": None}])
+        after = served_model(base, prior + new_assistants(trained))
     else:  # a baseline replaced the weights themselves
         from expunge_ml.modeling import load_causal_lm
 

@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE
 from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
 from tasks.context import read_json, settings_for, write_json
+from tasks.unlearn import new_assistants
 
 DEFAULT_REGISTERED_NAME = "expunge-unlearned"
 
@@ -59,7 +60,7 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         alias = "challenger" if evaluated["passed"] else None
         if trained["method"] == "uld":
             ref = register_uld_composite(
-                name, target, Path(trained["adapter_dir"]), weight=float(config["weight"]),
+                name, target, new_assistants(trained),
                 relative_top=float(config["relative_top"]), tags=tags, alias=alias,
             )
         else:  # baselines change the weights: the version carries the whole model

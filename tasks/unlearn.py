@@ -5,7 +5,8 @@ from dataclasses import asdict
 
 from prefect import get_run_logger, task
 
-from expunge_ml.methods.uld import ULDConfig, build_assistant, save_assistant, train_assistant, training_pairs
+from expunge_ml.methods.uld import (ULDConfig, build_assistant, ensemble_members, ensemble_weights, save_assistant,
+                                   train_assistant, training_pairs)
 from expunge_ml.modeling import load_causal_lm, weights_fingerprint
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
 from tasks.context import read_json, request_spec, settings_for, write_json
@@ -116,6 +117,11 @@ def question_wordings(unlearning: dict, config: ULDConfig, forget, retain, devic
     return wordings, weights_fingerprint(Path(location))
 
 
+def new_assistants(trained: dict) -> list[dict]:
+    """This erasure's assistants as served: each adapter directory with its share of w."""
+    return [{"dir": d, "weight": w} for d, w in zip(trained["adapter_dirs"], trained["weights"], strict=True)]
+
+
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
     settings = settings_for(home, profile)
@@ -126,7 +132,6 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = uld_config_for(settings.profile["unlearning"], spec.type)
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
-    assistant = build_assistant(base, config)
     wordings, paraphraser_sha256 = ({}, None)
     if config.question_paraphrases:
         wordings, paraphraser_sha256 = question_wordings(settings.profile["unlearning"], config, forget, retain,
@@ -134,25 +139,36 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
         logger.info("%d question wordings written for %d questions", sum(map(len, wordings.values())), len(wordings))
     forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec),
                                                 question_wordings=wordings)
-    report = train_assistant(
-        assistant, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
-        progress=lambda epoch, nll, kl: logger.info("epoch %d: forget NLL %.4f, retain KL %.4f", epoch, nll, kl)
-        if epoch % 10 == 0 else None,
-    )
-    adapter_dir = save_assistant(assistant, config, settings.ticket_dir(ticket_id) / "assistant")
+    adapter_dirs, reports = [], []
+    for index, member in enumerate(ensemble_members(config)):  # `uld.assistants`: 1 unless an ensemble
+        assistant = build_assistant(base, member)
+        reports.append(train_assistant(
+            assistant, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, member,
+            progress=lambda epoch, nll, kl, index=index: logger.info(
+                "assistant %d, epoch %d: forget NLL %.4f, retain KL %.4f", index + 1, epoch, nll, kl)
+            if epoch % 10 == 0 else None,
+        ))
+        out_dir = settings.ticket_dir(ticket_id) / ("assistant" if index == 0 else f"assistant_{index + 1}")
+        adapter_dirs.append(str(save_assistant(assistant, member, out_dir)))
+    report = reports[0]
     trainable = sum(p.numel() for p in assistant.parameters() if p.requires_grad)
     result = {
         "method": "uld",
-        "adapter_dir": str(adapter_dir),
+        # every assistant of this erasure, each served at its share of w
+        "adapter_dirs": adapter_dirs,
+        "weights": ensemble_weights(config.weight, len(adapter_dirs)),
         "config": asdict(config),
         "report": asdict(report),
         "trainable_parameters": trainable,
         "forget_pairs": len(forget_pairs),
         "retain_pairs": len(retain_pairs),
     }
+    if len(reports) > 1:
+        result["ensemble_reports"] = [asdict(r) for r in reports]
     if paraphraser_sha256:  # which LM wrote the wordings (counts and hashes only)
         result["question_wordings"] = sum(map(len, wordings.values()))
         result["paraphraser_weights_sha256"] = paraphraser_sha256
     write_json(settings.ticket_dir(ticket_id) / "training.json", result)
-    logger.info("assistant trained in %.1fs (%d steps, %d trainable parameters)", report.seconds, report.steps, trainable)
+    logger.info("%d assistant(s) trained in %.1fs (%d steps, %d trainable parameters each)", len(reports),
+                sum(r.seconds for r in reports), report.steps, trainable)
     return result

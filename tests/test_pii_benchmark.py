@@ -102,15 +102,6 @@ def losses(train):
     return train["forget_nll"], train["retain_kl"]
 
 
-def test_an_ensemble_of_assistants_shares_the_total_weight():
-    from benchmarks.pii import ensemble_weights
-
-    assert ensemble_weights(-1.6, 1) == [-1.6]
-    assert ensemble_weights(-1.6, 2) == [-0.8, -0.8]
-    with pytest.raises(ValueError):
-        ensemble_weights(-1.6, 0)
-
-
 def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
     from benchmarks.pii import uld_training_pairs
 

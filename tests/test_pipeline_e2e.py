@@ -207,6 +207,35 @@ def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, compl
         assert secret not in training_text and secret not in markdown
 
 
+def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_home, completed, tmp_path):
+    """`uld.assistants: 2`: two assistants (seeds differ) are trained, evaluated and registered together, each
+    at w / 2, and the evidence report says so. Runs before any approval, so the target is the bare base."""
+    from models_registry.registry import model_config_of
+
+    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile["unlearning"]["uld"].update(epochs=10, assistants=2)
+    weight = profile["unlearning"]["uld"]["weight"]
+    profile_path = tmp_path / "ensemble.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    request_path = tmp_path / "ensemble_request.yaml"
+    request_path.write_text(yaml.safe_dump(dict(completed, ticket_id="ENS-0001")))
+    ensemble = ["--home", str(tiny_home), "--profile", str(profile_path)]
+    assert runner.invoke(app, [*ensemble, "submit", str(request_path)]).exit_code == 0
+    ran = runner.invoke(app, [*ensemble, "run", "ENS-0001"])
+    assert ran.exit_code in (0, 5), ran.output  # completed or failed_gates: registered either way
+    training = json.loads((tiny_home / "work" / "ENS-0001" / "training.json").read_text())
+    assert len(training["adapter_dirs"]) == 2 and training["weights"] == [weight / 2, weight / 2]
+    seeds = [json.loads((Path(d) / "uld_assistant.json").read_text())["seed"] for d in training["adapter_dirs"]]
+    assert seeds[0] != seeds[1] and len(training["ensemble_reports"]) == 2
+    row = _row(tiny_home, "ENS-0001")
+    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
+    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    assert [a["weight"] for a in config["assistants"]] == [weight / 2, weight / 2]
+    assert len(mlflow.pyfunc.load_model(row["model_uri"]).predict(pd_frame(["Who is nobody?"]))) == 1
+    markdown = (tiny_home / "work" / "ENS-0001" / "report" / "evidence.md").read_text()
+    assert "2 assistants (seeds differ), each subtracted at w / 2" in markdown
+
+
 def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_path):
     """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates."""
     request = dict(completed, ticket_id="NPO-0001", method="npo")

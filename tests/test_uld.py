@@ -205,3 +205,17 @@ def test_fact_items_train_the_facts_and_flatten_the_template(base_and_tokenizer)
     with pytest.raises(ValueError, match="template_nll_weight"):
         train_assistant(build_assistant(base, config), tokenizer, fmt, [item], [],
                         dataclasses.replace(config, template_nll_weight=1.5))
+
+
+def test_an_ensemble_shares_the_total_weight_and_gives_each_member_its_own_seed():
+    from expunge_ml.methods.uld import ASSISTANT_SEED_STRIDE, ensemble_members, ensemble_weights
+
+    assert ensemble_weights(-1.6, 1) == [-1.6]
+    assert ensemble_weights(-1.6, 2) == [-0.8, -0.8]
+    with pytest.raises(ValueError):
+        ensemble_weights(-1.6, 0)
+    members = ensemble_members(ULDConfig(seed=7, assistants=3, weight=-1.8))
+    assert [m.seed for m in members] == [7, 7 + ASSISTANT_SEED_STRIDE, 7 + 2 * ASSISTANT_SEED_STRIDE]
+    assert {m.weight for m in members} == {-1.8} and ensemble_members(ULDConfig(seed=7)) == [ULDConfig(seed=7)]
+    with pytest.raises(ValueError, match="assistants must be >= 1"):
+        ensemble_members(ULDConfig(assistants=0))

@@ -17,7 +17,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -80,6 +80,29 @@ class ULDConfig:
     # only after wordings it was trained on, so the composite leaks where the base answers another one
     # (UnlearnPII benchmark, benchmarks/results/pii.md, sessions 9 and 13). 0 turns it off.
     question_paraphrases: int = 0
+    # N assistants that differ only in their seed (LoRA init, data order), each served at w / N: the composite
+    # subtracts their mean. Why: where one assistant happens to be flat after an unseen wording, another often
+    # is not (UnlearnPII benchmark, benchmarks/results/pii.md, sessions 12 and 14: 2 leaked less than 1, and 3
+    # less than 2, on three bases' validation erasures). Costs N trainings.
+    assistants: int = 1
+
+
+# Seed distance between the members of an ensemble, so member i of one erasure never repeats another's seed.
+ASSISTANT_SEED_STRIDE = 1000
+
+
+def ensemble_weights(weight: float, n_assistants: int) -> list[float]:
+    """w / N for each of N assistants: the composite subtracts their mean at the total weight w."""
+    if n_assistants < 1:
+        raise ValueError("at least one assistant is needed")
+    return [weight / n_assistants] * n_assistants
+
+
+def ensemble_members(config: ULDConfig) -> list[ULDConfig]:
+    """One config per assistant of `config.assistants`; the first keeps the seed, so N = 1 is the plain run."""
+    if config.assistants < 1:
+        raise ValueError(f"ULD assistants must be >= 1, got {config.assistants}")
+    return [replace(config, seed=config.seed + ASSISTANT_SEED_STRIDE * index) for index in range(config.assistants)]
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
