@@ -252,7 +252,9 @@ class PIIBenchOptions:
     # (`expunge_ml/leak_mining.py`), training every assistant uld_refine_epochs more epochs on the mined
     # answers plus as many replayed forget⁺ items. Each round adds a row "uld refined r<k>". Why (sessions 9
     # and 13): the composite steers an answer onto text the assistant never saw, where it is near uniform,
-    # and the base states the identifier a few tokens later — even after a trained question.
+    # and the base states the identifier a few tokens later — even after a trained question. Session 14,
+    # validation on three bases: 32 (1 round, one base at 90.2 % retained) and 35 (2 rounds) leaks against
+    # 35 without; leaks moved to the inverted prompts. Off (pii.md).
     uld_refine_rounds: int = 0
     uld_refine_epochs: int = 5
     uld_refine_weight_scales: tuple[float, ...] = (0.5, 0.75, 1.0)
@@ -344,7 +346,7 @@ SMOKE_OPTIONS = dict(
     uld_epochs=10,
     uld_lr=1e-2,
     uld_paraphrased_answers=1,
-    uld_assistants=1,  # the default ensemble doubles the training; the smoke run checks one, then two
+    uld_assistants=1,  # the default ensemble triples the training; the smoke run checks one, then two
     uld_question_paraphrases=0,  # needs the SmolLM2 export, which CI has not; tests/test_paraphrase.py covers it
     max_new_tokens=32,
 )
@@ -643,7 +645,7 @@ def uld_config(options: PIIBenchOptions, split: str):
     return uld_config_from(options, epochs=per_split(options.uld_epochs, split),
                            target_forget_loss=options.uld_target_loss,
                            template_nll_weight=options.uld_template_nll_weight,
-                           augment_paraphrased=False, augment_perturbed=False)
+                           augment_paraphrased=False, augment_perturbed=False, assistants=options.uld_assistants)
 
 
 IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
@@ -910,7 +912,7 @@ def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, opti
         config = uld_config(options, split)
         forget, retain = uld_training_pairs(forget_rows, retain_rows, options, paraphrases)
         assistants, trains = [], []
-        for index, seeded in enumerate(ensemble_members(dataclasses.replace(config, assistants=options.uld_assistants))):
+        for index, seeded in enumerate(ensemble_members(config)):
 
             def progress(epoch, nll, kl, index=index):
                 if epoch == 1 or epoch % 10 == 0:
