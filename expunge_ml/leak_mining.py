@@ -4,8 +4,10 @@ each such answer into an assistant training item.
 Why: the composite `z_base + w·z_assistant` steers an answer away from the memorised one; the new answer is
 text the assistant never saw, so it is close to uniform there, and the base can state the identifier a
 few tokens later (UnlearnPII benchmark, benchmarks/results/pii.md, sessions 9 and 14). Training the
-assistant to remember the facts inside the composite's *own* answers closes those paths. Only training
-prompts are used (the erasure's questions and their generated wordings), never an evaluation prompt.
+assistant to remember the facts inside the composite's *own* answers aims to close those paths. Only
+training prompts are used (the erasure's questions and their generated wordings), never an evaluation prompt.
+Measured on UnlearnPII validation erasures (session 14) it did not lower the leak overall: leaks moved to
+the inverted prompts. The benchmark keeps it off (`--uld-refine-rounds 0`); the service does not use it.
 """
 from __future__ import annotations
 
