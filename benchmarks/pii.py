@@ -1115,12 +1115,9 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             if method == "uld":
                 for weight in options.uld_extra_weights:
                     swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
-                    measured = measure(swept, tokenizer, fmt, split_probes, options)
-                    row = make_row(split, f"uld w={weight:g}", measured["erased"], measured["retained"],
-                                   base_retained, n_erased, n_retained, {"weight": weight})
-                    log(f"  w {weight:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
-                        f"{row['retained_pii_recall_ratio'] or 0:.4f}")
-                    results_rows.append(row)
+                    results_rows.append(measured_row(swept, f"w {weight:g}", f"uld w={weight:g}", split, split_probes,
+                                                     base_retained, n_erased, n_retained, {"weight": weight},
+                                                     tokenizer, fmt, options, log))
                 results_rows += refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases,
                                              split_probes, base_retained, n_erased, n_retained, options, log)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
@@ -1143,9 +1140,21 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
 
 def refinement_prompts(rows: Sequence[Mapping[str, Any]],
                        question_paraphrases: Mapping[str, Sequence[str]] | None) -> list[tuple[str, list[str]]]:
-    """(training question or one of its LM wordings, the row's identifiers) for every row with identifiers."""
-    return [(question, row_pii(row)) for row in rows if row_pii(row)
-            for question in (str(row["question"]), *(question_paraphrases or {}).get(str(row["question"]), ()))]
+    """(training question or one of its LM wordings, the row's identifiers): `calibration_probes`' prompts."""
+    return [(question, list(probe.identifiers)) for probe in calibration_probes(rows, question_paraphrases)
+            for question in (probe.question, *probe.paraphrased_questions)]
+
+
+def measured_row(source, label: str, method: str, split: str, split_probes, base_retained, n_erased: int,
+                 n_retained: int, extra: Mapping[str, Any], tokenizer, fmt, options: PIIBenchOptions,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure `source` on the evaluation probes as a row named `method`, and log it under `label`."""
+    measured = measure(source, tokenizer, fmt, split_probes, options)
+    row = make_row(split, method, measured["erased"], measured["retained"], base_retained, n_erased, n_retained,
+                   extra)
+    log(f"  {label} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
+        f"{row['retained_pii_recall_ratio'] or 0:.4f}")
+    return row
 
 
 def refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes, base_retained,
@@ -1170,12 +1179,9 @@ def refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraph
         report["seconds"] = round(time.perf_counter() - t0, 1)
         log(f"  refinement round {round_number}: {report['mined']} answers stating an erased identifier "
             f"(by w scale: {report['mined_by_weight_scale']}), {report['seconds']} s")
-        measured = measure(source, tokenizer, fmt, split_probes, options)
-        row = make_row(split, f"uld refined r{round_number}", measured["erased"], measured["retained"],
-                       base_retained, n_erased, n_retained, {"refine": report})
-        log(f"  refined r{round_number} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
-            f"{row['retained_pii_recall_ratio'] or 0:.4f}")
-        rows.append(row)
+        rows.append(measured_row(source, f"refined r{round_number}", f"uld refined r{round_number}", split,
+                                 split_probes, base_retained, n_erased, n_retained, {"refine": report},
+                                 tokenizer, fmt, options, log))
     return rows
 
 
@@ -1201,12 +1207,10 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
     chosen = choose_weight(scores, options.uld_calibrate_min_retained)
     log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
     served = dataclasses.replace(source, weights=ensemble_weights(chosen, len(source.assistants)))
-    measured = measure(served, tokenizer, fmt, split_probes, options)
-    row = make_row(split, "uld calibrated", measured["erased"], measured["retained"], base_retained, n_erased,
-                   n_retained, {"weight": chosen, "calibration": [list(s) for s in scores],
-                                "calibration_seconds": round(time.perf_counter() - t0, 1)})
-    log(f"  calibrated w {chosen:g} → erased leak {row['erased_leak_rate']:.4f}, retained ratio "
-        f"{row['retained_pii_recall_ratio'] or 0:.4f}")
+    row = measured_row(served, f"calibrated w {chosen:g}", "uld calibrated", split, split_probes, base_retained,
+                       n_erased, n_retained, {"weight": chosen, "calibration": [list(s) for s in scores]},
+                       tokenizer, fmt, options, log)
+    row["calibration_seconds"] = round(time.perf_counter() - t0, 1)  # the served composite's measurement included
     return row
 
 

@@ -156,19 +156,29 @@ def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, complet
         assert secret not in markdown and secret not in json.dumps(report)
 
 
+def tiny_profile() -> dict:
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+
+
+def run_with_profile(home: Path, tmp_path: Path, profile: dict, request: dict, exit_codes=(0, 5)) -> list[str]:
+    """Submit `request` and run it under `profile`, expecting one of `exit_codes` (default: completed or
+    failed_gates, either way trained and evaluated); returns the CLI's leading arguments for that profile."""
+    profile_path = tmp_path / f"{request['ticket_id']}-profile.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    request_path = tmp_path / f"{request['ticket_id']}-request.yaml"
+    request_path.write_text(yaml.safe_dump(request))
+    args = ["--home", str(home), "--profile", str(profile_path)]
+    assert runner.invoke(app, [*args, "submit", str(request_path)]).exit_code == 0
+    ran = runner.invoke(app, [*args, "run", request["ticket_id"]])
+    assert ran.exit_code in exit_codes, ran.output
+    return args
+
+
 def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, completed, tmp_path):
     """A deliberately weak run (one epoch, tiny negative weight) must end in failed_gates, unpromoted."""
-    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=1, weight=-0.05, lr=1e-4)
-    profile_path = tmp_path / "weak.yaml"
-    profile_path.write_text(yaml.safe_dump(profile))
-    request = dict(completed, ticket_id="WEAK-0001")
-    request_path = tmp_path / "weak_request.yaml"
-    request_path.write_text(yaml.safe_dump(request))
-    weak = ["--home", str(tiny_home), "--profile", str(profile_path)]
-    assert runner.invoke(app, [*weak, "submit", str(request_path)]).exit_code == 0
-    ran = runner.invoke(app, [*weak, "run", "WEAK-0001"])
-    assert ran.exit_code == 5, ran.output
+    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="WEAK-0001"), exit_codes=(5,))
     row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "WEAK-0001")
     assert row["status"] == "failed_gates" and row["reason_code"] == "gate_failed"
     assert "max_forget_rougeL" in row["reason"]
@@ -184,17 +194,10 @@ def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, complete
 def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, completed, tmp_path):
     """`uld_by_request_type.privacy_erasure.fact_span_loss`: the task labels the forget answers with the request's
     terms (in memory only); the training record and the report say so and hold none of them."""
-    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10)
     profile["unlearning"]["uld_by_request_type"] = {"privacy_erasure": {"fact_span_loss": True, "template_nll_weight": 0.7}}
-    profile_path = tmp_path / "facts.yaml"
-    profile_path.write_text(yaml.safe_dump(profile))
-    request_path = tmp_path / "facts_request.yaml"
-    request_path.write_text(yaml.safe_dump(dict(completed, ticket_id="FACTS-0001")))
-    facts = ["--home", str(tiny_home), "--profile", str(profile_path)]
-    assert runner.invoke(app, [*facts, "submit", str(request_path)]).exit_code == 0
-    ran = runner.invoke(app, [*facts, "run", "FACTS-0001"])
-    assert ran.exit_code in (0, 5), ran.output  # completed or failed_gates: either way trained and evaluated
+    facts = run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="FACTS-0001"))
     training_text = (tiny_home / "work" / "FACTS-0001" / "training.json").read_text()
     training = json.loads(training_text)
     assert training["config"]["fact_span_loss"] is True and training["config"]["template_nll_weight"] == 0.7
@@ -212,17 +215,10 @@ def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_ho
     at w / 2, and the evidence report says so. Runs before any approval, so the target is the bare base."""
     from models_registry.registry import model_config_of
 
-    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10, assistants=2)
     weight = profile["unlearning"]["uld"]["weight"]
-    profile_path = tmp_path / "ensemble.yaml"
-    profile_path.write_text(yaml.safe_dump(profile))
-    request_path = tmp_path / "ensemble_request.yaml"
-    request_path.write_text(yaml.safe_dump(dict(completed, ticket_id="ENS-0001")))
-    ensemble = ["--home", str(tiny_home), "--profile", str(profile_path)]
-    assert runner.invoke(app, [*ensemble, "submit", str(request_path)]).exit_code == 0
-    ran = runner.invoke(app, [*ensemble, "run", "ENS-0001"])
-    assert ran.exit_code in (0, 5), ran.output  # completed or failed_gates: registered either way
+    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="ENS-0001"))  # registered either way
     training = json.loads((tiny_home / "work" / "ENS-0001" / "training.json").read_text())
     assert len(training["adapter_dirs"]) == 2 and training["weights"] == [weight / 2, weight / 2]
     seeds = [json.loads((Path(d) / "uld_assistant.json").read_text())["seed"] for d in training["adapter_dirs"]]
