@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import hashlib
 import json
 import random
@@ -77,6 +78,13 @@ __all__ = [
     "pii_command",
     "pii_app",
 ]
+
+
+class CalibrateRule(str, enum.Enum):
+    """How `--uld-calibrate-weights` picks w per erasure (see PIIBenchOptions.uld_calibrate_rule)."""
+
+    silent = "silent"
+    headroom = "headroom"
 
 
 @dataclass(frozen=True)
@@ -186,8 +194,10 @@ class PIIBenchOptions:
     # bases: 2 assistants at w -1.6 leak less (mean 0.90 % vs 1.08 %) and keep >= 96 % retained on each
     # base (one assistant: 93.9 % on one), so 2 was the default. Session 14, same validation erasures at
     # w -1.8: 3 assistants leak 26 of 3×922 identifiers against 2's 35 and keep >= 95.4 % retained on each
-    # base, so 3 is the default by the pre-registered rule (pii.md).
-    uld_assistants: int = 3
+    # base, so 3 was the default by the pre-registered rule (pii.md). Session 14 round 3, same erasures and
+    # w: 4 assistants leak 20 against 3's 26 and keep >= 95.8 % retained on each base, which met that
+    # rule's bar; adopted in session 15, whose reported splits were rerun with it.
+    uld_assistants: int = 4
     # And N other wordings of each row's question, written by a small local instruction LM (`paraphraser`,
     # SmolLM2-135M-Instruct by default; `expunge_ml/paraphrase.py`), each paired with the row's answer:
     # remembered for erased people, uniform for retained ones. Why (session 9's diagnosis): the assistant
@@ -244,6 +254,15 @@ class PIIBenchOptions:
     # the evaluation does not, and fell below 98 % at every w on two bases. Off (pii.md).
     uld_calibrate_weights: tuple[float, ...] = ()
     uld_calibrate_min_retained: float = 0.98
+    # How the calibration picks w. "silent": as above. "headroom": start from the validated uld_weight and
+    # take each stronger candidate in turn while it keeps >= uld_calibrate_min_retained there; never weaker
+    # than uld_weight, and the erased count is only logged (`choose_weight_with_headroom`). Why (session
+    # 13's calibration table): the erased count on the trained questions is small and noisy (0–15, not
+    # monotonic in w), so it cannot rank neighbouring w; what limits w is the retained people, and their
+    # recall on the erasure's own questions did track the evaluation's headroom: flat (>= .978 up to w -2.4)
+    # on the base whose evaluation kept 99 % and leaked too much, falling fast (.84 / .92 by -1.8) on the
+    # two whose evaluation sat near 95 %. Session 15: judged on validation (pii.md).
+    uld_calibrate_rule: str = "silent"
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     # After training, N rounds of: generate the composite's greedy answers to the erased people's training
@@ -898,6 +917,21 @@ def choose_weight(scores: Sequence[tuple[float, int, float]], min_retained: floa
     return min(keeping, key=lambda s: s[1])[0]  # min keeps the first (weakest) of equal leak counts
 
 
+def choose_weight_with_headroom(scores: Sequence[tuple[float, int, float]], default: float,
+                                min_retained: float) -> float:
+    """The w to serve, from (w, erased identifiers stated, retained ratio) per candidate w: `default`, or
+    the strongest candidate stronger than it reached without passing one that keeps < `min_retained`.
+
+    Walking outward and stopping at the first miss (rather than taking any stronger w that keeps enough)
+    is deliberate: a ratio that dips and recovers at a stronger w is noise, not headroom."""
+    chosen = default
+    for weight, _stated, ratio in sorted((s for s in scores if abs(s[0]) > abs(default)), key=lambda s: abs(s[0])):
+        if ratio < min_retained:
+            break
+        chosen = weight
+    return chosen
+
+
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
                log: Callable[[str], None], split: str = "forget1",
                paraphrases: Mapping[str, Sequence[str]] | None = None):
@@ -1037,6 +1071,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     from expunge_ml.pii import records_from_unlearn_pii
     from expunge_ml.prompting import PromptFormat
 
+    CalibrateRule(options.uld_calibrate_rule)  # an unknown rule fails now, not after the training
     if options.threads:
         import torch
 
@@ -1204,7 +1239,10 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
         stated = sum(measured["erased"][k]["normalised_leaks"] for k in KINDS)
         ratio = pooled_rate(measured["retained"]) / base_recall if base_recall else 1.0
         scores.append((weight, int(stated), round(ratio, 4)))
-    chosen = choose_weight(scores, options.uld_calibrate_min_retained)
+    if CalibrateRule(options.uld_calibrate_rule) is CalibrateRule.headroom:
+        chosen = choose_weight_with_headroom(scores, options.uld_weight, options.uld_calibrate_min_retained)
+    else:
+        chosen = choose_weight(scores, options.uld_calibrate_min_retained)
     log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
     served = dataclasses.replace(source, weights=ensemble_weights(chosen, len(source.assistants)))
     row = measured_row(served, f"calibrated w {chosen:g}", "uld calibrated", split, split_probes, base_retained,
@@ -1393,6 +1431,9 @@ def pii_command(
                                               "with the w chosen per erasure on its own training questions"),
     uld_calibrate_min_retained: float = typer.Option(PIIBenchOptions.uld_calibrate_min_retained, help="retained "
                                                      "ratio the calibrated w must keep on those questions"),
+    uld_calibrate_rule: CalibrateRule = typer.Option(
+        CalibrateRule(PIIBenchOptions.uld_calibrate_rule), help="silent: the weakest w stating no erased identifier "
+        "there; headroom: from --uld-weight, each stronger w in turn while the retained ratio holds"),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "
@@ -1463,7 +1504,7 @@ def pii_command(
             uld_refine_rounds=uld_refine_rounds, uld_refine_epochs=uld_refine_epochs,
             uld_refine_weight_scales=tuple(float(x) for x in _csv(uld_refine_weight_scales)),
             uld_calibrate_weights=tuple(float(w) for w in _csv(uld_calibrate_weights)),
-            uld_calibrate_min_retained=uld_calibrate_min_retained,
+            uld_calibrate_min_retained=uld_calibrate_min_retained, uld_calibrate_rule=uld_calibrate_rule.value,
             uld_fact_pairs=uld_fact_pairs,
             uld_retain_paraphrases=uld_retain_paraphrases, uld_inverted_answers=uld_inverted_answers,
             uld_masked_answer_pairs=uld_masked_answer_pairs, uld_question_dropout=uld_question_dropout,

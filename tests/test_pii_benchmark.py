@@ -97,6 +97,18 @@ def test_pii_benchmark_smoke(tmp_path):
     assert second != first  # #2 trained from another seed
     assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]
 
+    # --uld-calibrate-rule headroom serves a stronger candidate only while the retained ratio holds
+    stronger = 1.5 * options.uld_weight
+    for min_retained, expected in ((0.0, stronger), (2.0, options.uld_weight)):
+        calibrated = main(dataclasses.replace(
+            options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
+            uld_calibrate_weights=(options.uld_weight, stronger), uld_calibrate_rule="headroom",
+            uld_calibrate_min_retained=min_retained))
+        (row,) = [r for r in calibrated["rows"] if r["method"] == "uld calibrated"]
+        assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [options.uld_weight, stronger]
+    with pytest.raises(ValueError):
+        main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="loudest"))
+
 
 def losses(train):
     return train["forget_nll"], train["retain_kl"]
@@ -346,6 +358,11 @@ def test_a_preset_sets_its_options_and_explicit_options_override_it(monkeypatch,
     assert options == dataclasses.replace(PIIBenchOptions(), data_dir=DEFAULT_DATA_DIR, cache_dir=options.cache_dir,
                                           out_dir=options.out_dir)
 
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-calibrate-rule", "headroom")
+    assert result.exit_code == 0 and options.uld_calibrate_rule == "headroom"  # stored as text, as reports hold it
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-calibrate-rule", "loudest")
+    assert result.exit_code == 2 and options is None
+
 
 def test_an_unknown_preset_or_a_preset_with_smoke_is_refused(monkeypatch, tmp_path):
     result, options = _run_cli(monkeypatch, tmp_path, "--preset", "gpt5")
@@ -456,6 +473,19 @@ def test_the_calibrated_weight_is_the_weakest_that_states_nothing_and_keeps_the_
     assert choose_weight([(-1.8, 1, 0.99), (-1.4, 1, 0.99)], 0.98) == -1.4  # a tie goes to the weaker
     with pytest.raises(ValueError):
         choose_weight([], 0.98)
+
+
+def test_the_headroom_weight_walks_outward_from_the_default_and_stops_at_the_first_retained_miss():
+    from benchmarks.pii import choose_weight_with_headroom
+
+    scores = [(-1.8, 4, 0.99), (-2.0, 3, 0.985), (-2.2, 1, 0.975), (-2.4, 0, 0.98)]
+    assert choose_weight_with_headroom(scores, -1.8, 0.97) == -2.4  # every stronger w keeps 0.97
+    assert choose_weight_with_headroom(scores, -1.8, 0.98) == -2.0  # -2.2 misses; -2.4's recovery is not headroom
+    assert choose_weight_with_headroom(scores, -1.8, 0.99) == -1.8  # -2.0 misses: the default, however it scored
+    assert choose_weight_with_headroom(list(reversed(scores)), -1.8, 0.98) == -2.0  # order of candidates is irrelevant
+    # never weaker than the default, even where a weaker candidate keeps more and states less
+    assert choose_weight_with_headroom([(-1.2, 0, 1.0), (-2.0, 5, 0.5)], -1.8, 0.97) == -1.8
+    assert choose_weight_with_headroom([], -1.8, 0.97) == -1.8
 
 
 def test_calibration_probes_are_the_training_questions_with_their_generated_wordings():
