@@ -864,6 +864,10 @@ def load_question_paraphrases(data: PIIData, options: PIIBenchOptions,
     fields = {"data": data.digest, "items": hashlib.sha256(json.dumps(items).encode()).hexdigest(),
               "paraphraser": pretrained_identity(location), "n": options.uld_question_paraphrases,
               **PARAPHRASER_SETTINGS}
+    # As for the base (`base_key`): the thread count changes the float summation order, hence the sampled
+    # wordings; keyed only where it differs from the reported build's 1 thread, so that cache keeps its key.
+    if options.threads != 1:
+        fields["threads"] = options.threads
     key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(options.cache_dir) / f"question-paraphrases-{key}.json"
     if path.exists():

@@ -93,6 +93,8 @@ def test_the_benchmark_generates_wordings_once_and_trains_them_on_both_sides(lm_
     other = dataclasses.replace(options, uld_question_paraphrases=1)
     load_question_paraphrases(data, other, logs.append)  # other settings: another cache entry
     assert len(list((tmp_path / "c").glob("question-paraphrases-*.json"))) == 2
+    load_question_paraphrases(data, dataclasses.replace(options, threads=2), logs.append)  # another thread count too
+    assert len(list((tmp_path / "c").glob("question-paraphrases-*.json"))) == 3
 
     wordings[bo["question"]] = ["Which phone number does Bo Chan have?"]
     forget, retain = uld_training_pairs([ann], [bo], options, wordings)
