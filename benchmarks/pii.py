@@ -261,7 +261,9 @@ class PIIBenchOptions:
     # monotonic in w), so it cannot rank neighbouring w; what limits w is the retained people, and their
     # recall on the erasure's own questions did track the evaluation's headroom: flat (>= .978 up to w -2.4)
     # on the base whose evaluation kept 99 % and leaked too much, falling fast (.84 / .92 by -1.8) on the
-    # two whose evaluation sat near 95 %. Session 15: judged on validation (pii.md).
+    # two whose evaluation sat near 95 %. Session 15, validation on three bases with four assistants: the
+    # shape held (seed 0 .954 → .882 from w -1.8 to -3.0, the others down to .44 / .37), but every ratio
+    # sat below the 0.98 floor, so it served the default w everywhere: 20 leaks, no gain. Off (pii.md).
     uld_calibrate_rule: str = "silent"
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
