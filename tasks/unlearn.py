@@ -80,15 +80,11 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
 
 def uld_config_for(unlearning: dict, request_type: str) -> ULDConfig:
     """The profile's `uld` settings with its `uld_by_request_type[request_type]` overrides on top."""
-    from dataclasses import fields
+    from expunge_ml.methods.registry import check_settings
 
     overrides = (unlearning.get("uld_by_request_type") or {}).get(request_type) or {}
-    known = {f.name for f in fields(ULDConfig)}
-    for where, settings in (("unlearning.uld", unlearning["uld"]),
-                            (f"unlearning.uld_by_request_type.{request_type}", overrides)):
-        unknown = sorted(set(settings) - known)
-        if unknown:  # a misspelt setting would otherwise be a bare TypeError mid-flow
-            raise ValueError(f"profile {where}: unknown ULD setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    check_settings(ULDConfig, unlearning["uld"], "profile unlearning.uld (ULD)")
+    check_settings(ULDConfig, overrides, f"profile unlearning.uld_by_request_type.{request_type} (ULD)")
     return ULDConfig(**{**unlearning["uld"], **overrides})
 
 

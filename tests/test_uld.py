@@ -140,9 +140,9 @@ def test_uld_config_for_applies_the_request_types_overrides():
     assert (privacy.fact_span_loss, privacy.template_nll_weight, privacy.weight, privacy.epochs) == (True, 0.7, -1.0, 60)
     assert (takedown.fact_span_loss, takedown.template_nll_weight, takedown.weight) == (False, 0.0, -1.0)
     assert uld_config_for({"uld": {"weight": -0.5}}, "privacy_erasure").weight == -0.5  # no overrides section
-    with pytest.raises(ValueError, match=r"uld_by_request_type\.privacy_erasure: unknown ULD setting\(s\) fact_span;"):
+    with pytest.raises(ValueError, match=r"uld_by_request_type\.privacy_erasure \(ULD\): unknown setting\(s\) fact_span;"):
         uld_config_for({"uld": {}, "uld_by_request_type": {"privacy_erasure": {"fact_span": True}}}, "privacy_erasure")
-    with pytest.raises(ValueError, match=r"profile unlearning\.uld: unknown ULD setting\(s\) weigth;"):
+    with pytest.raises(ValueError, match=r"profile unlearning\.uld \(ULD\): unknown setting\(s\) weigth;"):
         uld_config_for({"uld": {"weigth": -1.0}}, "copyright_takedown")
 
 

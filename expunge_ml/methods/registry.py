@@ -23,11 +23,17 @@ def get_method(name: str) -> ModuleType:
     return METHODS[key]
 
 
+def check_settings(config_cls: type, settings: Mapping[str, Any] | None, where: str) -> None:
+    """Refuse settings that `config_cls` (a dataclass) has no field for, naming them and `where` they came
+    from: a misspelt profile setting would otherwise be ignored or a bare TypeError mid-flow."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(settings or {}) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
 def make_config(name: str, overrides: Mapping[str, Any] | None = None):
     """The method's Config with `overrides` (e.g. from a profile); unknown keys are an error, not ignored."""
     config_cls = get_method(name).Config
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides or {}) - fields)
-    if unknown:
-        raise ValueError(f"{name}: unknown settings {unknown}; known: {sorted(fields)}")
+    check_settings(config_cls, overrides, name)
     return config_cls(**dict(overrides or {}))
