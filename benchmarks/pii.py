@@ -196,7 +196,8 @@ class PIIBenchOptions:
     # w -1.8: 3 assistants leak 26 of 3×922 identifiers against 2's 35 and keep >= 95.4 % retained on each
     # base, so 3 was the default by the pre-registered rule (pii.md). Session 14 round 3, same erasures and
     # w: 4 assistants leak 20 against 3's 26 and keep >= 95.8 % retained on each base, which met that
-    # rule's bar; adopted in session 15, whose reported splits were rerun with it.
+    # rule's bar; adopted in session 15. Its reported splits: forget1 leaks nothing on three bases, but
+    # forget5 leaks more than with 3 (mean 2.14 % vs 1.43 %); the validation gain did not carry over (pii.md).
     uld_assistants: int = 4
     # And N other wordings of each row's question, written by a small local instruction LM (`paraphraser`,
     # SmolLM2-135M-Instruct by default; `expunge_ml/paraphrase.py`), each paired with the row's answer:
