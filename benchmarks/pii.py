@@ -654,7 +654,7 @@ def per_split(value: str | int, split: str) -> int:
         key, _, number = item.strip().partition("=")
         if not number:
             default = int(key)
-        elif key.strip() == split or (key.strip() == "validation" and split.startswith("validation")):
+        elif key.strip() == split or (key.strip() == "validation" and is_validation(split)):
             return int(number)
     if default is None:
         raise ValueError(f"no value for split {split!r} in {value!r}")
@@ -783,8 +783,9 @@ def subject_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
 def generated_question_pairs(rows: Sequence[Mapping[str, Any]],
                              question_paraphrases: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
     """(an LM-written wording of the row's question, the row's answer) for each wording generated for it."""
-    return [(wording, str(row["answer"])) for row in rows
-            for wording in question_paraphrases.get(str(row["question"]), ())]
+    from expunge_ml.methods.uld import reworded_pairs
+
+    return reworded_pairs(((str(row["question"]), str(row["answer"])) for row in rows), question_paraphrases)
 
 
 def uld_training_pairs(forget_rows, retain_rows, options: PIIBenchOptions,
@@ -1047,6 +1048,11 @@ def validation_erasures(rows_by_group: dict[str, list[dict]], split_people: dict
     return names
 
 
+def is_validation(split: str) -> bool:
+    """Whether a split is a validation erasure (`validation1`, …), made for choosing settings."""
+    return split.startswith("validation")
+
+
 def split_groups(split: str, rows_by_group: Mapping[str, Sequence[Mapping[str, Any]]], erased_people: set[str],
                  reported_groups: set[str]) -> tuple[list[str], list[str]]:
     """(erased, retained) groups of a split. A validation erasure's retained check leaves out the reported
@@ -1054,7 +1060,7 @@ def split_groups(split: str, rows_by_group: Mapping[str, Sequence[Mapping[str, A
     erased = [g for g, rows in rows_by_group.items() if g not in ("retain_sample", "other")
               and {r["subject"] for r in rows} <= erased_people]
     retained = [g for g in rows_by_group if g not in erased]
-    if split.startswith("validation"):
+    if is_validation(split):
         retained = [g for g in retained if g not in reported_groups]
     return erased, retained
 
@@ -1065,7 +1071,7 @@ def retain_training_groups(split: str, erased: Sequence[str], retained: Sequence
     """The groups whose rows the unlearning methods keep (retain set): the measured retained groups, plus,
     for a validation erasure with `validation_retain_reported`, the reported splits' people (kept in
     training, never measured)."""
-    if not (split.startswith("validation") and options.validation_retain_reported):
+    if not (is_validation(split) and options.validation_retain_reported):
         return list(retained)
     return list(retained) + [g for g in rows_by_group if g in reported_groups and g not in erased]
 

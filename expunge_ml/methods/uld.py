@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -260,6 +260,13 @@ def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.M
     return assistant, config
 
 
+def reworded_pairs(question_answers: Iterable[tuple[str, str]],
+                   question_wordings: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+    """(wording, answer) for every wording of each (question, answer)'s question in `question_wordings`."""
+    return [(wording, answer) for question, answer in question_answers
+            for wording in question_wordings.get(question, ())]
+
+
 def training_pairs(
     forget_records, retain_records, config: ULDConfig, donor_records=None, fact_terms: Sequence[str] = (),
     question_wordings: Mapping[str, Sequence[str]] | None = None,
@@ -279,8 +286,8 @@ def training_pairs(
     (wording, the record's answer) for every forget and retain record whose question has some."""
     forget, retain = _augmented_pairs(forget_records, retain_records, config, donor_records)
     if question_wordings:
-        forget += [(w, r.answer) for r in forget_records for w in question_wordings.get(r.question, ())]
-        retain += [(w, r.answer) for r in retain_records for w in question_wordings.get(r.question, ())]
+        forget += reworded_pairs(((r.question, r.answer) for r in forget_records), question_wordings)
+        retain += reworded_pairs(((r.question, r.answer) for r in retain_records), question_wordings)
     if not config.fact_span_loss:
         return forget, retain
     request_facts = ({t.strip() for t in fact_terms if t and t.strip()}
