@@ -368,7 +368,7 @@ SMOKE_OPTIONS = dict(
     uld_epochs=10,
     uld_lr=1e-2,
     uld_paraphrased_answers=1,
-    uld_assistants=1,  # the default ensemble triples the training; the smoke run checks one, then two
+    uld_assistants=1,  # the default ensemble quadruples the training; the smoke run checks one, then two
     uld_question_paraphrases=0,  # needs the SmolLM2 export, which CI has not; tests/test_paraphrase.py covers it
     max_new_tokens=32,
 )
