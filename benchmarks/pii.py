@@ -85,6 +85,7 @@ class CalibrateRule(str, enum.Enum):
 
     silent = "silent"
     headroom = "headroom"
+    relative = "relative"
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,10 @@ class PIIBenchOptions:
     # two whose evaluation sat near 95 %. Session 15, validation on three bases with four assistants: the
     # shape held (seed 0 .954 → .882 from w -1.8 to -3.0, the others down to .44 / .37), but every ratio
     # sat below the 0.98 floor, so it served the default w everywhere: 20 leaks, no gain. Off (pii.md).
+    # "relative": as "headroom", but the floor is uld_calibrate_min_retained × the default w's own ratio
+    # there (`choose_weight_relative`). Why (session 15's table): the ratio's level moves with the
+    # ensemble and the base, while its fall from the default's level is what separated the base with
+    # headroom (.954 → .938 at w -2.4) from the two without (-.04 by w -2.0). Session 16 (pii.md).
     uld_calibrate_rule: str = "silent"
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
@@ -940,6 +945,16 @@ def choose_weight_with_headroom(scores: Sequence[tuple[float, int, float]], defa
     return chosen
 
 
+def choose_weight_relative(scores: Sequence[tuple[float, int, float]], default: float,
+                           min_relative: float) -> float:
+    """`choose_weight_with_headroom` with the floor at `min_relative` × the default w's own retained ratio,
+    so the rule asks how much a stronger w costs the retained people, not where their ratio starts."""
+    own = [ratio for weight, _stated, ratio in scores if weight == default]
+    if not own:
+        raise ValueError(f"the relative rule needs the default w {default:g} among the candidates")
+    return choose_weight_with_headroom(scores, default, min_relative * own[0])
+
+
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
                log: Callable[[str], None], split: str = "forget1",
                paraphrases: Mapping[str, Sequence[str]] | None = None):
@@ -1084,7 +1099,11 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     from expunge_ml.pii import records_from_unlearn_pii
     from expunge_ml.prompting import PromptFormat
 
-    CalibrateRule(options.uld_calibrate_rule)  # an unknown rule fails now, not after the training
+    # An unknown rule, or a relative rule with nothing to be relative to, fails now, not after the training.
+    if (CalibrateRule(options.uld_calibrate_rule) is CalibrateRule.relative and options.uld_calibrate_weights
+            and options.uld_weight not in options.uld_calibrate_weights):
+        raise ValueError(f"--uld-calibrate-rule relative needs --uld-weight {options.uld_weight:g} among "
+                         "--uld-calibrate-weights")
     if options.threads:
         import torch
 
@@ -1252,8 +1271,11 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
         stated = sum(measured["erased"][k]["normalised_leaks"] for k in KINDS)
         ratio = pooled_rate(measured["retained"]) / base_recall if base_recall else 1.0
         scores.append((weight, int(stated), round(ratio, 4)))
-    if CalibrateRule(options.uld_calibrate_rule) is CalibrateRule.headroom:
+    rule = CalibrateRule(options.uld_calibrate_rule)
+    if rule is CalibrateRule.headroom:
         chosen = choose_weight_with_headroom(scores, options.uld_weight, options.uld_calibrate_min_retained)
+    elif rule is CalibrateRule.relative:
+        chosen = choose_weight_relative(scores, options.uld_weight, options.uld_calibrate_min_retained)
     else:
         chosen = choose_weight(scores, options.uld_calibrate_min_retained)
     log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
@@ -1443,10 +1465,12 @@ def pii_command(
     uld_calibrate_weights: str = typer.Option("", help='candidate w, e.g. "-1.4,-1.8,-2.2": adds a row "uld calibrated" '
                                               "with the w chosen per erasure on its own training questions"),
     uld_calibrate_min_retained: float = typer.Option(PIIBenchOptions.uld_calibrate_min_retained, help="retained "
-                                                     "ratio the calibrated w must keep on those questions"),
+                                                     "ratio the calibrated w must keep on those questions (relative "
+                                                     "rule: as a fraction of --uld-weight's own ratio there)"),
     uld_calibrate_rule: CalibrateRule = typer.Option(
         CalibrateRule(PIIBenchOptions.uld_calibrate_rule), help="silent: the weakest w stating no erased identifier "
-        "there; headroom: from --uld-weight, each stronger w in turn while the retained ratio holds"),
+        "there; headroom: from --uld-weight, each stronger w in turn while the retained ratio holds; relative: "
+        "the same, with the floor relative to --uld-weight's own ratio"),
     uld_fact_pairs: bool = typer.Option(PIIBenchOptions.uld_fact_pairs, help="also (question, identifier) pairs to "
                                         "remember and (question, a retained person's identifier) to stay uniform on"),
     uld_retain_paraphrases: bool = typer.Option(PIIBenchOptions.uld_retain_paraphrases, help="also the retained "

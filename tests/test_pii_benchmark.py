@@ -108,6 +108,9 @@ def test_pii_benchmark_smoke(tmp_path):
         assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [options.uld_weight, stronger]
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="loudest"))
+    with pytest.raises(ValueError, match="relative needs --uld-weight"):  # before any training, too
+        main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="relative",
+                                 uld_calibrate_weights=(2 * options.uld_weight,)))
 
 
 def losses(train):
@@ -486,6 +489,20 @@ def test_the_headroom_weight_walks_outward_from_the_default_and_stops_at_the_fir
     # never weaker than the default, even where a weaker candidate keeps more and states less
     assert choose_weight_with_headroom([(-1.2, 0, 1.0), (-2.0, 5, 0.5)], -1.8, 0.97) == -1.8
     assert choose_weight_with_headroom([], -1.8, 0.97) == -1.8
+
+
+def test_the_relative_weight_puts_the_floor_at_a_share_of_the_default_weights_own_ratio():
+    from benchmarks.pii import choose_weight_relative
+
+    # session 15's shapes: a base with headroom falls slowly from a low level, one without falls fast
+    slow = [(-1.8, 1, 0.954), (-2.0, 0, 0.952), (-2.2, 2, 0.933), (-2.4, 0, 0.938), (-2.6, 1, 0.928), (-2.8, 0, 0.904)]
+    fast = [(-1.8, 1, 0.854), (-2.0, 4, 0.816), (-2.2, 0, 0.739)]
+    assert choose_weight_relative(slow, -1.8, 0.97) == -2.6  # floor 0.97 × 0.954 = 0.925: -2.8 at 0.904 misses
+    assert choose_weight_relative(slow, -1.8, 0.98) == -2.0  # floor 0.935: -2.2 at 0.933 misses, -2.4 is not reached
+    assert choose_weight_relative(fast, -1.8, 0.97) == -1.8  # floor 0.828: -2.0 at 0.816 misses
+    assert choose_weight_relative(list(reversed(slow)), -1.8, 0.97) == -2.6
+    with pytest.raises(ValueError, match="default w -1.8"):
+        choose_weight_relative([(-2.0, 0, 0.9)], -1.8, 0.97)
 
 
 def test_calibration_probes_are_the_training_questions_with_their_generated_wordings():
