@@ -253,9 +253,13 @@ class PIIBenchOptions:
     # there (`choose_weight`). Why (session 13): one fixed w was too weak for one erasure (4.6 % leak with
     # 99.6 % retained) and too strong for another (no leak, 94.5 % retained). Session 13, validation on three
     # bases: more leak than the fixed w (mean 2.42 % vs 1.27 %); the retained side of the signal counts people
-    # the evaluation does not, and fell below 98 % at every w on two bases. Off (pii.md).
-    uld_calibrate_weights: tuple[float, ...] = ()
-    uld_calibrate_min_retained: float = 0.98
+    # the evaluation does not, and fell below 98 % at every w on two bases. Session 16: on by default with
+    # the "relative" rule below (pre-registered, fresh validation erasures on three new bases: 38 leaks of
+    # 3×922 against the fixed w's 66, ≥ 96.2 % retained on each). The fixed w stays the "uld" row.
+    uld_calibrate_weights: tuple[float, ...] = (-1.8, -2.0, -2.2, -2.4, -2.6, -2.8, -3.0)
+    # The floor on that retained ratio (relative rule: as a share of the default w's own ratio). 0.98
+    # (absolute) for the silent and headroom rules of sessions 13 and 15; 0.97 (relative) since session 16.
+    uld_calibrate_min_retained: float = 0.97
     # How the calibration picks w. "silent": as above. "headroom": start from the validated uld_weight and
     # take each stronger candidate in turn while it keeps >= uld_calibrate_min_retained there; never weaker
     # than uld_weight, and the erased count is only logged (`choose_weight_with_headroom`). Why (session
@@ -269,8 +273,9 @@ class PIIBenchOptions:
     # "relative": as "headroom", but the floor is uld_calibrate_min_retained × the default w's own ratio
     # there (`choose_weight_relative`). Why (session 15's table): the ratio's level moves with the
     # ensemble and the base, while its fall from the default's level is what separated the base with
-    # headroom (.954 → .938 at w -2.4) from the two without (-.04 by w -2.0). Session 16 (pii.md).
-    uld_calibrate_rule: str = "silent"
+    # headroom (.954 → .938 at w -2.4) from the two without (-.04 by w -2.0). The default since session 16:
+    # judged on fresh erasures it leaked 38 against 66 for the fixed w (pii.md, "Session 16").
+    uld_calibrate_rule: str = "relative"
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     # After training, N rounds of: generate the composite's greedy answers to the erased people's training
@@ -337,7 +342,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
         uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1, uld_retain_weight=20.0,
-        uld_question_paraphrases=0,
+        uld_question_paraphrases=0, uld_calibrate_weights=(), uld_calibrate_rule="silent",
+        uld_calibrate_min_retained=0.98,  # its report (session 11) predates the per-erasure w
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),
@@ -375,6 +381,7 @@ SMOKE_OPTIONS = dict(
     uld_paraphrased_answers=1,
     uld_assistants=1,  # the default ensemble quadruples the training; the smoke run checks one, then two
     uld_question_paraphrases=0,  # needs the SmolLM2 export, which CI has not; tests/test_paraphrase.py covers it
+    uld_calibrate_weights=(),  # one row per method; the smoke test runs the calibrated row on its own
     max_new_tokens=32,
 )
 
@@ -1462,8 +1469,9 @@ def pii_command(
                                           "round (the mined answers plus as many replayed forget⁺ items)"),
     uld_refine_weight_scales: str = typer.Option(",".join(f"{x:g}" for x in PIIBenchOptions.uld_refine_weight_scales),
                                                  help="mine at w times each of these"),
-    uld_calibrate_weights: str = typer.Option("", help='candidate w, e.g. "-1.4,-1.8,-2.2": adds a row "uld calibrated" '
-                                              "with the w chosen per erasure on its own training questions"),
+    uld_calibrate_weights: str = typer.Option(",".join(f"{w:g}" for w in PIIBenchOptions.uld_calibrate_weights),
+                                              help='candidate w: adds a row "uld calibrated" with the w chosen per '
+                                              'erasure on its own training questions ("" for none)'),
     uld_calibrate_min_retained: float = typer.Option(PIIBenchOptions.uld_calibrate_min_retained, help="retained "
                                                      "ratio the calibrated w must keep on those questions (relative "
                                                      "rule: as a fraction of --uld-weight's own ratio there)"),
