@@ -342,8 +342,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
         uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1, uld_retain_weight=20.0,
-        uld_question_paraphrases=0, uld_calibrate_weights=(), uld_calibrate_rule="silent",
-        uld_calibrate_min_retained=0.98,  # its report (session 11) predates the per-erasure w
+        uld_question_paraphrases=0,
+        uld_calibrate_weights=(),  # its report (session 11) predates the per-erasure w
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),
