@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import hashlib
 import json
 import random
@@ -53,6 +52,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import typer  # torch and the ML stack are imported lazily: `expunge --help` imports this module
+
+from expunge_ml.weight_selection import WeightRule, apply_rule, check_candidates, pooled_rate, score_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "unlearn_pii"
@@ -80,12 +81,9 @@ __all__ = [
 ]
 
 
-class CalibrateRule(str, enum.Enum):
-    """How `--uld-calibrate-weights` picks w per erasure (see PIIBenchOptions.uld_calibrate_rule)."""
-
-    silent = "silent"
-    headroom = "headroom"
-    relative = "relative"
+# How `--uld-calibrate-weights` picks w per erasure (see PIIBenchOptions.uld_calibrate_rule); the rules
+# live in the ML core, which the pipeline's ULD task uses too.
+CalibrateRule = WeightRule
 
 
 @dataclass(frozen=True)
@@ -573,12 +571,6 @@ def sum_reports(reports: Iterable[Mapping[str, Mapping[str, float]]]) -> dict[st
     return total
 
 
-def pooled_rate(report: Mapping[str, Mapping[str, float]]) -> float:
-    leaks = sum(report[k]["normalised_leaks"] for k in KINDS)
-    n = sum(report[k]["n_identifiers"] for k in KINDS)
-    return leaks / n if n else 0.0
-
-
 def measure(source, tokenizer, fmt, groups: Mapping[str, Sequence[Any]], options: PIIBenchOptions):
     from expunge_ml.pii import pii_leakage
 
@@ -923,45 +915,6 @@ def calibration_probes(rows: Sequence[Mapping[str, Any]], question_paraphrases: 
             for row in rows if row_pii(row)]
 
 
-def choose_weight(scores: Sequence[tuple[float, int, float]], min_retained: float) -> float:
-    """The w to serve, from (w, erased identifiers stated, retained ratio) per candidate w.
-
-    The weakest |w| that states no erased identifier while keeping `min_retained`; failing that, the one
-    that states the fewest while keeping `min_retained` (the weaker on ties); failing that, the weakest."""
-    if not scores:
-        raise ValueError("no candidate weights to choose from")
-    by_strength = sorted(scores, key=lambda s: abs(s[0]))
-    keeping = [s for s in by_strength if s[2] >= min_retained]
-    if not keeping:
-        return by_strength[0][0]
-    return min(keeping, key=lambda s: s[1])[0]  # min keeps the first (weakest) of equal leak counts
-
-
-def choose_weight_with_headroom(scores: Sequence[tuple[float, int, float]], default: float,
-                                min_retained: float) -> float:
-    """The w to serve, from (w, erased identifiers stated, retained ratio) per candidate w: `default`, or
-    the strongest candidate stronger than it reached without passing one that keeps < `min_retained`.
-
-    Walking outward and stopping at the first miss (rather than taking any stronger w that keeps enough)
-    is deliberate: a ratio that dips and recovers at a stronger w is noise, not headroom."""
-    chosen = default
-    for weight, _stated, ratio in sorted((s for s in scores if abs(s[0]) > abs(default)), key=lambda s: abs(s[0])):
-        if ratio < min_retained:
-            break
-        chosen = weight
-    return chosen
-
-
-def choose_weight_relative(scores: Sequence[tuple[float, int, float]], default: float,
-                           min_relative: float) -> float:
-    """`choose_weight_with_headroom` with the floor at `min_relative` × the default w's own retained ratio,
-    so the rule asks how much a stronger w costs the retained people, not where their ratio starts."""
-    own = [ratio for weight, _stated, ratio in scores if weight == default]
-    if not own:
-        raise ValueError(f"the relative rule needs the default w {default:g} among the candidates")
-    return choose_weight_with_headroom(scores, default, min_relative * own[0])
-
-
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
                log: Callable[[str], None], split: str = "forget1",
                paraphrases: Mapping[str, Sequence[str]] | None = None):
@@ -1107,10 +1060,13 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     from expunge_ml.prompting import PromptFormat
 
     # An unknown rule, or a relative rule with nothing to be relative to, fails now, not after the training.
-    if (CalibrateRule(options.uld_calibrate_rule) is CalibrateRule.relative and options.uld_calibrate_weights
-            and options.uld_weight not in options.uld_calibrate_weights):
-        raise ValueError(f"--uld-calibrate-rule relative needs --uld-weight {options.uld_weight:g} among "
-                         "--uld-calibrate-weights")
+    rule = CalibrateRule(options.uld_calibrate_rule)
+    if options.uld_calibrate_weights:
+        try:
+            check_candidates(options.uld_calibrate_weights, options.uld_weight, rule)
+        except ValueError as exc:
+            raise ValueError(f"--uld-calibrate-weights with --uld-weight {options.uld_weight:g} and "
+                             f"--uld-calibrate-rule {rule.value}: {exc}") from exc
     if options.threads:
         import torch
 
@@ -1262,29 +1218,18 @@ def refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraph
 def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes,
                    base_retained, n_erased, n_retained, options: PIIBenchOptions, log: Callable[[str], None]):
     """Score each candidate w on the erasure's own training questions (`calibration_probes`), serve the one
-    `choose_weight` picks, and measure that composite on the evaluation probes like any other row."""
+    `--uld-calibrate-rule` picks (`apply_rule`), and measure that composite on the evaluation probes like any
+    other row."""
     from expunge_ml.logits import CausalLMLogits
     from expunge_ml.methods.uld import ensemble_weights
 
     t0 = time.perf_counter()
-    probes = {"erased": calibration_probes(forget_rows, paraphrases),
-              "retained": calibration_probes(retain_rows, paraphrases)}
-    base_recall = pooled_rate(measure(CausalLMLogits(base), tokenizer, fmt, {"retained": probes["retained"]},
-                                      options)["retained"])
-    scores = []
-    for weight in options.uld_calibrate_weights:
-        swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
-        measured = measure(swept, tokenizer, fmt, probes, options)
-        stated = sum(measured["erased"][k]["normalised_leaks"] for k in KINDS)
-        ratio = pooled_rate(measured["retained"]) / base_recall if base_recall else 1.0
-        scores.append((weight, int(stated), round(ratio, 4)))
-    rule = CalibrateRule(options.uld_calibrate_rule)
-    if rule is CalibrateRule.headroom:
-        chosen = choose_weight_with_headroom(scores, options.uld_weight, options.uld_calibrate_min_retained)
-    elif rule is CalibrateRule.relative:
-        chosen = choose_weight_relative(scores, options.uld_weight, options.uld_calibrate_min_retained)
-    else:
-        chosen = choose_weight(scores, options.uld_calibrate_min_retained)
+    scores = score_weights(
+        CausalLMLogits(base),
+        lambda weight: dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants))),
+        tokenizer, fmt, calibration_probes(forget_rows, paraphrases), calibration_probes(retain_rows, paraphrases),
+        options.uld_calibrate_weights, options.max_new_tokens, options.eval_batch_size)
+    chosen = apply_rule(options.uld_calibrate_rule, scores, options.uld_weight, options.uld_calibrate_min_retained)
     log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
     served = dataclasses.replace(source, weights=ensemble_weights(chosen, len(source.assistants)))
     row = measured_row(served, f"calibrated w {chosen:g}", "uld calibrated", split, split_probes, base_retained,

@@ -102,6 +102,10 @@ def _training_summary(training: dict | None) -> dict | None:
         if config.get("fact_span_loss"):  # only the subject's names / identifiers / facts were remembered
             summary["fact_span_loss"] = True
             summary["template_nll_weight"] = config.get("template_nll_weight", 0.0)
+        if training.get("weights"):  # what this erasure's assistants are served at, together
+            summary["served_weight"] = round(sum(training["weights"]), 6)
+        if training.get("weight_selection"):  # w chosen per erasure: counts and ratios only
+            summary["weight_selection"] = training["weight_selection"]
     return summary
 
 
@@ -117,11 +121,28 @@ def _training_lines(summary: dict | None) -> list[str]:
     if summary.get("assistants"):
         line += f"; {summary['assistants']} assistants (seeds differ), each subtracted at w / {summary['assistants']}"
     lines = [line]
+    if summary.get("served_weight") is not None:
+        lines.append(_weight_line(summary["served_weight"], summary.get("weight_selection")))
     if summary.get("truth_ratio_texts_trained_on"):
         lines.append("- Note: the assistant was trained on the corpus's paraphrased / perturbed answers, which the "
                      "truth ratios below are also computed on, so they are not independent evidence "
                      "(`augmentation: generated` avoids this).")
     return lines
+
+
+def _weight_line(weight: float, selection: dict | None) -> str:
+    if not selection:
+        return f"- Served at w = {weight:g} (the profile's)"
+    floor = (f"{selection['min_retained']:g} × the default's own ratio" if selection["rule"] == "relative"
+             else f"{selection['min_retained']:g}")
+    scores = "; ".join(f"{w:g}: {stated}, {ratio:.3f}" for w, stated, ratio in selection["scores"])
+    retained = {"held_out": "held-out records that neither the training nor this evaluation uses",
+                "training": "the retain set's training questions"}.get(selection.get("retained_probes"), "")
+    return (f"- Served at w = {weight:g}, chosen for this erasure by the `{selection['rule']}` rule (profile default "
+            f"{selection['default']:g}, retained floor {floor}), scored on the erasure's training questions "
+            f"({selection['n_erased_probes']} erased probes) and {retained or 'other records'} "
+            f"({selection['n_retained_probes']} retained probes); per candidate w: erased identifiers stated, "
+            f"retained recall vs the model served before — {scores}")
 
 
 def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: dict, evidence: dict,

@@ -30,6 +30,8 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
         trained = train_uld_assistant(*ctx, resolved) if method == "uld" else unlearn_baseline(*ctx, resolved, method)
         audit_event(*ctx, "unlearning_trained", {
             "method": trained["method"], "config": trained["config"], "report": trained["report"],
+            # the served w where it was chosen per erasure, with its candidates' counts and ratios
+            **({"weight_selection": trained["weight_selection"]} if "weight_selection" in trained else {}),
         })
 
         transition(*ctx, "evaluating")

@@ -86,3 +86,44 @@ def records_for_manifest(settings, target_info: dict, manifest_path: str):
             raise CorpusDrift(f"record {entry['record_id']} changed or vanished since the manifest was written")
         selected.append(record)
     return selected
+
+
+def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], seed: int = 1):
+    """The corpus records neither erased nor trained on, in a fixed shuffled order: the evaluation takes
+    its held-out retain records from the front (`held_out_retain`), the ULD weight selection its
+    validation records from right after them, so the two never share a record."""
+    import random
+
+    from expunge_ml.corpus import CorpusSpec, load_corpus
+
+    records = load_corpus(CorpusSpec(**target_info["corpus"]))
+    pool = [r for r in records if r.record_id not in forget_ids and r.record_id not in train_retain_ids]
+    random.Random(seed).shuffle(pool)
+    return pool, records
+
+
+def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], limit: int, seed: int = 1):
+    """Retain questions the assistant never trained on, so utility is measured, not memorised (a corpus too
+    small for `limit` of them falls back to every record not erased, trained-on ones included)."""
+    import random
+
+    unseen, records = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
+    if len(unseen) >= limit:
+        return unseen[:limit]
+    pool = [r for r in records if r.record_id not in forget_ids]
+    random.Random(seed).shuffle(pool)
+    return pool[:limit]
+
+
+def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], eval_limit: int,
+                     limit: int, seed: int = 1):
+    """Validation records for choosing ULD's w: unseen records after the evaluation's `eval_limit`, at most
+    `limit`. Raises when none are left, rather than score on the evaluation's own records."""
+    unseen, _ = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
+    validation = unseen[eval_limit:eval_limit + limit]
+    if not validation:
+        raise ValueError(f"weight selection on held-out records: the corpus has {len(unseen)} records neither "
+                         f"erased nor trained on, and the evaluation takes the first {eval_limit}; lower "
+                         "evaluation.retain_eval_max or set unlearning.weight_selection.retained: training")
+    return validation
+

@@ -1,37 +1,14 @@
 """Evaluate the served model before vs after the erasure, and apply the request type's gates."""
 from __future__ import annotations
 
-import random
-
 from prefect import get_run_logger, task
 
 from expunge_ml.corpus import CorpusSpec, load_corpus, load_holdout
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
 from expunge_ml.gates import check_gates, gates_for
-from expunge_ml.methods.uld import load_assistant
 from tasks.context import read_json, request_spec, settings_for, write_json
-from tasks.data import records_for_manifest
-from tasks.unlearn import load_base, new_assistants, prompt_format
-
-
-def served_model(base, adapters: list[dict]) -> ServedModel:
-    """The base alone, or base + Σ w·assistant over every erasure so far (weight None = the adapter's own)."""
-    loaded = [load_assistant(base, adapter["dir"]) for adapter in adapters]
-    weights = [
-        float(adapter["weight"]) if adapter.get("weight") is not None else config.weight
-        for adapter, (_, config) in zip(adapters, loaded)
-    ]
-    relative_top = loaded[-1][1].relative_top if loaded else 0.0
-    return ServedModel(base, [model for model, _ in loaded], weights, relative_top)
-
-
-def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], limit: int, seed: int = 1):
-    """Retain questions the assistant never trained on, so utility is measured, not memorised."""
-    records = load_corpus(CorpusSpec(**target_info["corpus"]))
-    unseen = [r for r in records if r.record_id not in forget_ids and r.record_id not in train_retain_ids]
-    pool = unseen if len(unseen) >= limit else [r for r in records if r.record_id not in forget_ids]
-    random.Random(seed).shuffle(pool)
-    return pool[:limit]
+from tasks.data import held_out_retain, records_for_manifest
+from tasks.unlearn import load_base, new_assistants, prompt_format, served_model
 
 
 def evidence_options(config: dict) -> EvidenceOptions:

@@ -53,6 +53,9 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         mlflow.set_tags({"expunge.ticket_id": ticket_id, "expunge.method": trained["method"]})
         mlflow.log_params({f"{trained['method']}.{k}": v for k, v in config.items()})
         mlflow.log_params({"forget_count": resolved["forget_count"], "retain_count": resolved["retain_count"]})
+        if "weight_selection" in trained:  # `uld.weight` is the profile's; this is the w the version serves
+            mlflow.log_params({"uld.served_weight": trained["weight_selection"]["weight"],
+                               "uld.weight_selection_rule": trained["weight_selection"]["rule"]})
         mlflow.log_metrics({k.replace(".", "_"): v for k, v in _flat_metrics(evaluated["metrics"]).items()})
         mlflow.log_artifact(evaluated["metrics_path"], artifact_path="evidence")
         mlflow.log_artifact(resolved["forget_manifest"], artifact_path="evidence")

@@ -5,8 +5,9 @@ from dataclasses import asdict
 
 from prefect import get_run_logger, task
 
-from expunge_ml.methods.uld import (ULDConfig, build_assistant, ensemble_members, ensemble_weights, save_assistant,
-                                   train_assistant, training_pairs)
+from expunge_ml.evidence import ServedModel
+from expunge_ml.methods.uld import (ULDConfig, build_assistant, ensemble_members, ensemble_weights, load_assistant,
+                                   save_assistant, train_assistant, training_pairs)
 from expunge_ml.modeling import load_causal_lm, weights_fingerprint
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
 from tasks.context import read_json, request_spec, settings_for, write_json
@@ -24,6 +25,17 @@ def load_base(target_info: dict, device: str = "cpu", dtype: str = "float32"):
         if actual != expected:
             raise RuntimeError(f"base weights {actual[:12]}… differ from the pinned {expected[:12]}…")
     return load_causal_lm(location, dtype=dtype, device=device)
+
+
+def served_model(base, adapters: list[dict]) -> ServedModel:
+    """The base alone, or base + Σ w·assistant over every erasure so far (weight None = the adapter's own)."""
+    loaded = [load_assistant(base, adapter["dir"]) for adapter in adapters]
+    weights = [
+        float(adapter["weight"]) if adapter.get("weight") is not None else config.weight
+        for adapter, (_, config) in zip(adapters, loaded)
+    ]
+    relative_top = loaded[-1][1].relative_top if loaded else 0.0
+    return ServedModel(base, [model for model, _ in loaded], weights, relative_top)
 
 
 def prompt_format(target_info: dict) -> PromptFormat:
@@ -88,6 +100,45 @@ def uld_config_for(unlearning: dict, request_type: str) -> ULDConfig:
     return ULDConfig(**{**unlearning["uld"], **overrides})
 
 
+WEIGHT_SELECTION_KEYS = {"request_types", "candidates", "rule", "min_retained", "retained"}
+# Where the retained side of the selection is scored. held_out: corpus records neither erased, trained on nor
+# evaluated (the evaluation's retain records are held out too, so this is what its gate will see); training:
+# the retain set's training questions and their LM wordings (the UnlearnPII benchmark's validated signal,
+# where the evaluation probes the same retained people).
+RETAINED_PROBES = ("held_out", "training")
+
+
+def weight_selection_for(unlearning: dict, request_type: str, config: ULDConfig) -> dict | None:
+    """The profile's `unlearning.weight_selection` if it applies to `request_type`, checked before any
+    training (unknown keys, candidates that cannot serve the rule); None where w stays the profile's."""
+    from expunge_ml.weight_selection import WeightRule, check_candidates
+
+    selection = unlearning.get("weight_selection")
+    if not selection:
+        return None
+    unknown = set(selection) - WEIGHT_SELECTION_KEYS
+    if unknown:
+        raise ValueError(f"profile unlearning.weight_selection: unknown keys {sorted(unknown)}; "
+                         f"known: {sorted(WEIGHT_SELECTION_KEYS)}")
+    if request_type not in selection.get("request_types", ["privacy_erasure"]):
+        return None
+    try:
+        rule = WeightRule(selection.get("rule", WeightRule.relative.value))
+    except ValueError as exc:
+        raise ValueError(f"profile unlearning.weight_selection.rule: {exc}; "
+                         f"known: {[r.value for r in WeightRule]}") from exc
+    candidates = [float(w) for w in selection.get("candidates", ())]
+    try:
+        check_candidates(candidates, config.weight, rule)
+    except ValueError as exc:
+        raise ValueError(f"profile unlearning.weight_selection (uld weight {config.weight:g}): {exc}") from exc
+    retained = selection.get("retained", "held_out")
+    if retained not in RETAINED_PROBES:
+        raise ValueError(f"profile unlearning.weight_selection.retained: {retained!r}; known: {list(RETAINED_PROBES)}")
+    return {"candidates": candidates, "rule": rule.value, "min_retained": float(selection.get("min_retained", 0.97)),
+            "retained": retained}
+
+
 def subject_terms(spec) -> list[str]:
     """What the request names the subject by: the facts ULD's fact-only loss remembers (kept in memory only)."""
     return [*spec.subject.names, *spec.subject.aliases, *spec.subject.identifiers]
@@ -118,6 +169,39 @@ def new_assistants(trained: dict) -> list[dict]:
     return [{"dir": d, "weight": w} for d, w in zip(trained["adapter_dirs"], trained["weights"], strict=True)]
 
 
+def select_served_weight(settings, target_info: dict, spec, base, tokenizer, assistants: list, config: ULDConfig,
+                         selection: dict, forget, retain, wordings: dict):
+    """w for this erasure's assistants (`expunge_ml.weight_selection`), scored on the served composite:
+    the earlier erasures' assistants at their own w plus this erasure's at each candidate's shares. The
+    erased side is the forget records' training questions; the retained side per `selection["retained"]`."""
+    import dataclasses
+
+    from expunge_ml.evidence import probes_for
+    from expunge_ml.weight_selection import select_weight, training_question_probes
+    from tasks.data import selection_retain
+
+    prior = served_model(base, list(target_info.get("prior_assistants", [])))
+    evaluation = settings.profile["evaluation"]
+    erased = training_question_probes(forget, wordings, spec.subject.identifiers)
+    if selection["retained"] == "held_out":
+        limit = int(evaluation["retain_eval_max"])
+        validation = selection_retain(target_info, {r.record_id for r in forget}, {r.record_id for r in retain},
+                                      limit, limit)
+        retained = probes_for(validation)  # every probe kind: these records are in no evaluation
+    else:
+        retained = training_question_probes(retain, wordings)
+
+    def composite_at(weight: float):
+        return ServedModel(base, [*prior.assistants, *assistants],
+                           [*prior.weights, *ensemble_weights(weight, len(assistants))], config.relative_top).source()
+
+    chosen = select_weight(
+        prior.source(), composite_at, tokenizer, prompt_format(target_info), erased, retained,
+        selection["candidates"], config.weight, selection["rule"], selection["min_retained"],
+        max_new_tokens=int(evaluation["max_new_tokens"]), batch_size=int(evaluation["batch_size"]))
+    return dataclasses.replace(chosen, retained_probes=selection["retained"])
+
+
 @task(name="train-uld-assistant")
 def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict) -> dict:
     settings = settings_for(home, profile)
@@ -127,6 +211,7 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = uld_config_for(settings.profile["unlearning"], spec.type)
+    selection = weight_selection_for(settings.profile["unlearning"], spec.type, config)
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     wordings, paraphraser_sha256 = ({}, None)
     if config.question_paraphrases:
@@ -135,7 +220,7 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
         logger.info("%d question wordings written for %d questions", sum(map(len, wordings.values())), len(wordings))
     forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec),
                                                 question_wordings=wordings)
-    adapter_dirs, reports = [], []
+    adapter_dirs, reports, assistants = [], [], []
     for index, member in enumerate(ensemble_members(config)):  # `uld.assistants`: 1 unless an ensemble
         assistant = build_assistant(base, member)
         reports.append(train_assistant(
@@ -146,13 +231,22 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
         ))
         out_dir = settings.ticket_dir(ticket_id) / ("assistant" if index == 0 else f"assistant_{index + 1}")
         adapter_dirs.append(str(save_assistant(assistant, member, out_dir)))
+        assistants.append(assistant)
+    weight = config.weight
+    chosen = None
+    if selection:
+        chosen = select_served_weight(settings, target_info, spec, base, tokenizer, assistants, config, selection,
+                                      forget, retain, wordings)
+        weight = chosen.weight
+        logger.info("served w %g chosen by the %s rule from %d candidates (default %g)", weight, chosen.rule,
+                    len(chosen.scores), config.weight)
     report = reports[0]
     trainable = sum(p.numel() for p in assistant.parameters() if p.requires_grad)
     result = {
         "method": "uld",
         # every assistant of this erasure, each served at its share of w
         "adapter_dirs": adapter_dirs,
-        "weights": ensemble_weights(config.weight, len(adapter_dirs)),
+        "weights": ensemble_weights(weight, len(adapter_dirs)),
         "config": asdict(config),
         "report": asdict(report),
         "trainable_parameters": trainable,
@@ -161,6 +255,8 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     }
     if len(reports) > 1:
         result["ensemble_reports"] = [asdict(r) for r in reports]
+    if chosen:  # the served w and what it was chosen from: counts and ratios only
+        result["weight_selection"] = chosen.as_dict()
     if paraphraser_sha256:  # which LM wrote the wordings (counts and hashes only)
         result["question_wordings"] = sum(map(len, wordings.values()))
         result["paraphraser_weights_sha256"] = paraphraser_sha256

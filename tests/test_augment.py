@@ -116,3 +116,23 @@ def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augment
     assert (facts_only["fact_span_loss"], facts_only["template_nll_weight"]) == (True, 0.7)
     assert "fact-only loss" in _training_lines(facts_only)[0] and "weight 0.7" in _training_lines(facts_only)[0]
     assert "fact_span_loss" not in corpus and "fact-only" not in _training_lines(corpus)[0]
+
+
+def test_report_says_which_w_is_served_and_how_it_was_chosen():
+    from expunge.report import _training_lines, _training_summary
+
+    fixed = _training_summary({"method": "uld", "forget_pairs": 4, "retain_pairs": 8, "config": {},
+                               "weights": [-0.5, -0.5]})
+    assert fixed["served_weight"] == -1.0 and "weight_selection" not in fixed
+    assert "- Served at w = -1 (the profile's)" in _training_lines(fixed)
+    selection = {"weight": -1.4, "default": -1.0, "rule": "relative", "min_retained": 0.97,
+                 "scores": [[-1.0, 3, 0.98], [-1.4, 0, 0.962], [-1.8, 0, 0.9]],
+                 "n_erased_probes": 6, "n_retained_probes": 30, "retained_probes": "held_out"}
+    chosen = _training_summary({"method": "uld", "forget_pairs": 4, "retain_pairs": 8, "config": {},
+                                "weights": [-1.4], "weight_selection": selection})
+    (line,) = [line for line in _training_lines(chosen) if line.startswith("- Served at")]
+    assert "w = -1.4, chosen for this erasure by the `relative` rule (profile default -1" in line
+    assert "0.97 × the default's own ratio" in line and "-1.4: 0, 0.962" in line
+    assert "(6 erased probes) and held-out records that neither the training nor this evaluation uses (30" in line
+    baseline = _training_summary({"method": "npo", "forget_pairs": 12, "retain_pairs": 96, "config": {}})
+    assert not any(line.startswith("- Served at") for line in _training_lines(baseline))

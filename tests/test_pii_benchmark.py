@@ -108,7 +108,7 @@ def test_pii_benchmark_smoke(tmp_path):
         assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [options.uld_weight, stronger]
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="loudest"))
-    with pytest.raises(ValueError, match="relative needs --uld-weight"):  # before any training, too
+    with pytest.raises(ValueError, match="--uld-calibrate-rule relative: the relative rule needs the default w"):  # before training
         main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="relative",
                                  uld_calibrate_weights=(2 * options.uld_weight,)))
 
@@ -464,45 +464,6 @@ def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
         merge_reports(uld, _report("pii", baselines["rows"], key="k2"), "pii", {})
     with pytest.raises(ValueError, match="base rows of forget1 differ"):
         merge_reports(uld, _report("pii", [dict(base, erased_leak_rate=0.5)]), "pii", {})
-
-
-def test_the_calibrated_weight_is_the_weakest_that_states_nothing_and_keeps_the_retained():
-    from benchmarks.pii import choose_weight
-
-    scores = [(-1.4, 3, 0.99), (-1.8, 0, 0.985), (-2.2, 0, 0.95), (-1.6, 1, 0.99)]
-    assert choose_weight(scores, 0.98) == -1.8  # -2.2 also states nothing, but is stronger and keeps too little
-    assert choose_weight(scores, 0.99) == -1.6  # nothing silent keeps 0.99: the fewest stated among those that do
-    assert choose_weight([(-2.0, 2, 0.9), (-1.2, 5, 0.97)], 0.98) == -1.2  # none keeps enough: the weakest
-    assert choose_weight([(-1.8, 1, 0.99), (-1.4, 1, 0.99)], 0.98) == -1.4  # a tie goes to the weaker
-    with pytest.raises(ValueError):
-        choose_weight([], 0.98)
-
-
-def test_the_headroom_weight_walks_outward_from_the_default_and_stops_at_the_first_retained_miss():
-    from benchmarks.pii import choose_weight_with_headroom
-
-    scores = [(-1.8, 4, 0.99), (-2.0, 3, 0.985), (-2.2, 1, 0.975), (-2.4, 0, 0.98)]
-    assert choose_weight_with_headroom(scores, -1.8, 0.97) == -2.4  # every stronger w keeps 0.97
-    assert choose_weight_with_headroom(scores, -1.8, 0.98) == -2.0  # -2.2 misses; -2.4's recovery is not headroom
-    assert choose_weight_with_headroom(scores, -1.8, 0.99) == -1.8  # -2.0 misses: the default, however it scored
-    assert choose_weight_with_headroom(list(reversed(scores)), -1.8, 0.98) == -2.0  # order of candidates is irrelevant
-    # never weaker than the default, even where a weaker candidate keeps more and states less
-    assert choose_weight_with_headroom([(-1.2, 0, 1.0), (-2.0, 5, 0.5)], -1.8, 0.97) == -1.8
-    assert choose_weight_with_headroom([], -1.8, 0.97) == -1.8
-
-
-def test_the_relative_weight_puts_the_floor_at_a_share_of_the_default_weights_own_ratio():
-    from benchmarks.pii import choose_weight_relative
-
-    # session 15's shapes: a base with headroom falls slowly from a low level, one without falls fast
-    slow = [(-1.8, 1, 0.954), (-2.0, 0, 0.952), (-2.2, 2, 0.933), (-2.4, 0, 0.938), (-2.6, 1, 0.928), (-2.8, 0, 0.904)]
-    fast = [(-1.8, 1, 0.854), (-2.0, 4, 0.816), (-2.2, 0, 0.739)]
-    assert choose_weight_relative(slow, -1.8, 0.97) == -2.6  # floor 0.97 × 0.954 = 0.925: -2.8 at 0.904 misses
-    assert choose_weight_relative(slow, -1.8, 0.98) == -2.0  # floor 0.935: -2.2 at 0.933 misses, -2.4 is not reached
-    assert choose_weight_relative(fast, -1.8, 0.97) == -1.8  # floor 0.828: -2.0 at 0.816 misses
-    assert choose_weight_relative(list(reversed(slow)), -1.8, 0.97) == -2.6
-    with pytest.raises(ValueError, match="default w -1.8"):
-        choose_weight_relative([(-2.0, 0, 0.9)], -1.8, 0.97)
 
 
 def test_calibration_probes_are_the_training_questions_with_their_generated_wordings():

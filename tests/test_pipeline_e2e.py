@@ -232,6 +232,76 @@ def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_ho
     assert "2 assistants (seeds differ), each subtracted at w / 2" in markdown
 
 
+@pytest.mark.parametrize("retained", ["held_out", "training"])
+def test_a_privacy_erasure_serves_the_w_chosen_for_it(tiny_home, completed, tmp_path, retained):
+    """`unlearning.weight_selection`: after training, each candidate w is scored on the erasure's training
+    questions (erased) and on held-out or training retain records (retained), and the relative rule picks the
+    served w; training record, MLflow, the registered version, the audit log and the report all carry it, and
+    none of them the subject's text. Runs before any approval."""
+    from models_registry.registry import model_config_of
+
+    profile = tiny_profile()
+    profile["unlearning"]["uld"].update(epochs=10)
+    default = profile["unlearning"]["uld"]["weight"]
+    candidates = [default, default - 0.5, default - 1.0]
+    profile["unlearning"]["weight_selection"] = {"candidates": candidates, "rule": "relative", "min_retained": 0.97,
+                                                 "retained": retained}
+    ticket = f"WSEL-{retained.upper().replace('_', '')}"
+    args = run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id=ticket))
+    training_text = (tiny_home / "work" / ticket / "training.json").read_text()
+    selection = json.loads(training_text)["weight_selection"]
+    assert [s[0] for s in selection["scores"]] == candidates and selection["default"] == default
+    assert all(isinstance(s[1], int) and s[2] > 0 for s in selection["scores"])
+    assert selection["n_erased_probes"] > 0 and selection["n_retained_probes"] > 0
+    assert selection["retained_probes"] == retained
+    from expunge_ml.weight_selection import choose_weight_relative
+
+    chosen = selection["weight"]
+    assert chosen == choose_weight_relative([tuple(s) for s in selection["scores"]], default, 0.97)
+    assert json.loads(training_text)["weights"] == [chosen]
+    row = _row(tiny_home, ticket)
+    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
+    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    assert [a["weight"] for a in config["assistants"]] == [chosen]  # the version serves the chosen w
+    run = MlflowClient().get_run(MlflowClient().get_model_version(
+        *row["model_uri"].removeprefix("models:/").split("/")).run_id)
+    assert float(run.data.params["uld.served_weight"]) == chosen
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        events = db.execute("SELECT event_type, payload_json FROM audit_events WHERE ticket_id = ? ORDER BY seq",
+                            (ticket,)).fetchall()
+    payloads = [p for _, p in events]
+    trained_event = next(json.loads(p) for kind, p in events if kind == "unlearning_trained")
+    assert trained_event["weight_selection"]["weight"] == chosen
+    result = runner.invoke(app, [*args, "report", ticket, "--out", str(tmp_path / "wsel-report")])
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "wsel-report" / "evidence.md").read_text()
+    assert f"Served at w = {chosen:g}, chosen for this erasure by the `relative` rule" in markdown
+    assert {"held_out": "held-out records that neither the training nor this evaluation uses",
+            "training": "the retain set's training questions"}[retained] in markdown
+    for secret in [*completed["subject"]["names"], *completed["subject"]["identifiers"]]:
+        assert secret not in training_text and secret not in markdown and all(secret not in p for p in payloads)
+
+
+def test_a_weight_selection_that_cannot_serve_its_rule_fails_before_training():
+    from expunge_ml.methods.uld import ULDConfig
+    from tasks.unlearn import weight_selection_for
+
+    config = ULDConfig(weight=-1.0)
+    assert weight_selection_for({}, "privacy_erasure", config) is None
+    assert weight_selection_for({"weight_selection": {"candidates": [-1.0, -2.0]}}, "privacy_erasure", config) == {
+        "candidates": [-1.0, -2.0], "rule": "relative", "min_retained": 0.97, "retained": "held_out"}
+    # request types outside `request_types` (default: privacy erasures, where it was validated) keep w
+    assert weight_selection_for({"weight_selection": {"candidates": [-1.0]}}, "copyright_takedown", config) is None
+    with pytest.raises(ValueError, match="default w -1 among"):
+        weight_selection_for({"weight_selection": {"candidates": [-1.5, -2.0]}}, "privacy_erasure", config)
+    with pytest.raises(ValueError, match="unknown keys \\['grid'\\]"):
+        weight_selection_for({"weight_selection": {"grid": [-1.0]}}, "privacy_erasure", config)
+    with pytest.raises(ValueError, match="known: \\['silent', 'headroom', 'relative'\\]"):
+        weight_selection_for({"weight_selection": {"candidates": [-1.0], "rule": "loudest"}}, "privacy_erasure", config)
+    with pytest.raises(ValueError, match="known: \\['held_out', 'training'\\]"):
+        weight_selection_for({"weight_selection": {"candidates": [-1.0], "retained": "eval"}}, "privacy_erasure", config)
+
+
 def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_path):
     """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates."""
     request = dict(completed, ticket_id="NPO-0001", method="npo")
