@@ -1,12 +1,14 @@
 """Resolve a request's subject to its forget set and build the retain set; write id+hash manifests."""
 from __future__ import annotations
 
+import random
+
 from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
 from expunge.intake import corpus_spec_for, load_records, match_subject, target_for
 from expunge.requests import RequestError, RequestSpec
-from expunge_ml.corpus import build_manifest, select_retain
+from expunge_ml.corpus import CorpusSpec, build_manifest, load_corpus, select_retain
 from tasks.context import settings_for, write_json
 
 
@@ -92,10 +94,6 @@ def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids
     """The corpus records neither erased nor trained on, in a fixed shuffled order: the evaluation takes
     its held-out retain records from the front (`held_out_retain`), the ULD weight selection its
     validation records from right after them, so the two never share a record."""
-    import random
-
-    from expunge_ml.corpus import CorpusSpec, load_corpus
-
     records = load_corpus(CorpusSpec(**target_info["corpus"]))
     pool = [r for r in records if r.record_id not in forget_ids and r.record_id not in train_retain_ids]
     random.Random(seed).shuffle(pool)
@@ -105,8 +103,6 @@ def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids
 def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], limit: int, seed: int = 1):
     """Retain questions the assistant never trained on, so utility is measured, not memorised (a corpus too
     small for `limit` of them falls back to every record not erased, trained-on ones included)."""
-    import random
-
     unseen, records = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
     if len(unseen) >= limit:
         return unseen[:limit]
@@ -126,4 +122,3 @@ def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: 
                          f"erased nor trained on, and the evaluation takes the first {eval_limit}; lower "
                          "evaluation.retain_eval_max or set unlearning.weight_selection.retained: training")
     return validation
-

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from expunge_ml.corpus import CorpusSpec, load_corpus, load_holdout
+from expunge_ml.corpus import CorpusSpec, load_holdout
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
 from expunge_ml.gates import check_gates, gates_for
 from tasks.context import read_json, request_spec, settings_for, write_json

@@ -137,3 +137,22 @@ def test_a_forget_answer_that_states_the_requests_identifier_is_probed_without_a
     (probe,) = training_question_probes([plain, ANN_CITY], extra_identifiers=["ann@x.org", "+47 555"])
     assert probe.identifiers == ("ann@x.org",)  # found case-insensitively; the phone is not in the answer
     assert training_question_probes([ANN], extra_identifiers=["ann@x.org"])[0].identifiers == ("ann@x.org",)
+
+
+def test_validation_records_for_the_selection_never_overlap_the_evaluations(tmp_path):
+    import json
+
+    from tasks.data import held_out_retain, selection_retain
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"record_id": f"r{i}", "question": f"Q{i}?", "answer": f"A{i}."}) + "\n"
+                              for i in range(30)))
+    target = {"corpus": {"source": str(corpus), "split": "train"}}
+    forget, trained = {"r0", "r1"}, {f"r{i}" for i in range(2, 12)}
+    evaluated = {r.record_id for r in held_out_retain(target, forget, trained, 8)}
+    validation = {r.record_id for r in selection_retain(target, forget, trained, 8, 8)}
+    assert len(evaluated) == 8 and len(validation) == 8  # 18 unseen: 8 evaluated, the next 8 for the selection
+    assert not validation & (evaluated | forget | trained)
+    assert len(selection_retain(target, forget, trained, 8, 20)) == 10  # at most what is left
+    with pytest.raises(ValueError, match="18 records neither erased nor trained on"):
+        selection_retain(target, forget, trained, 18, 8)
