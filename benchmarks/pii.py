@@ -906,13 +906,16 @@ def load_question_paraphrases(data: PIIData, options: PIIBenchOptions,
 
 def calibration_probes(rows: Sequence[Mapping[str, Any]], question_paraphrases: Mapping[str, Sequence[str]] | None):
     """PII probes from what an erasure trains on: each row's training question, with its LM-written wordings
-    standing where an evaluation's paraphrased questions would; no inverted question."""
-    from expunge_ml.pii import PIIProbe
+    standing where an evaluation's paraphrased questions would; no inverted question. The pipeline's
+    `training_question_probes` on the rows' identifiers (subject_pii), so the benchmark scores w as the
+    pipeline's `retained: training` does."""
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.weight_selection import training_question_probes
 
-    return [PIIProbe(subject=str(row.get("subject") or ""), question=str(row["question"]),
-                     paraphrased_questions=tuple((question_paraphrases or {}).get(str(row["question"]), ())),
-                     identifiers=tuple(row_pii(row)))
-            for row in rows if row_pii(row)]
+    records = [QARecord(record_id=f"row-{i:04d}", question=str(row["question"]), answer=str(row.get("answer") or ""),
+                        subject=str(row.get("subject") or ""), pii=tuple(row_pii(row)))
+               for i, row in enumerate(rows)]
+    return training_question_probes(records, question_paraphrases)
 
 
 def run_method(method: str, base, tokenizer, fmt, forget_rows, retain_rows, options: PIIBenchOptions,
