@@ -213,8 +213,6 @@ def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, compl
 def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_home, completed, tmp_path):
     """`uld.assistants: 2`: two assistants (seeds differ) are trained, evaluated and registered together, each
     at w / 2, and the evidence report says so. Runs before any approval, so the target is the bare base."""
-    from models_registry.registry import model_config_of
-
     profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10, assistants=2)
     weight = profile["unlearning"]["uld"]["weight"]
@@ -224,8 +222,7 @@ def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_ho
     seeds = [json.loads((Path(d) / "uld_assistant.json").read_text())["seed"] for d in training["adapter_dirs"]]
     assert seeds[0] != seeds[1] and len(training["ensemble_reports"]) == 2
     row = _row(tiny_home, "ENS-0001")
-    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
-    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    config = _registered_config(row["model_uri"])
     assert [a["weight"] for a in config["assistants"]] == [weight / 2, weight / 2]
     assert len(mlflow.pyfunc.load_model(row["model_uri"]).predict(pd_frame(["Who is nobody?"]))) == 1
     markdown = (tiny_home / "work" / "ENS-0001" / "report" / "evidence.md").read_text()
@@ -238,8 +235,6 @@ def test_a_privacy_erasure_serves_the_w_chosen_for_it(tiny_home, completed, tmp_
     questions (erased) and on held-out or training retain records (retained), and the relative rule picks the
     served w; training record, MLflow, the registered version, the audit log and the report all carry it, and
     none of them the subject's text. Runs before any approval."""
-    from models_registry.registry import model_config_of
-
     profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10)
     default = profile["unlearning"]["uld"]["weight"]
@@ -260,8 +255,7 @@ def test_a_privacy_erasure_serves_the_w_chosen_for_it(tiny_home, completed, tmp_
     assert chosen == choose_weight_relative([tuple(s) for s in selection["scores"]], default, 0.97)
     assert json.loads(training_text)["weights"] == [chosen]
     row = _row(tiny_home, ticket)
-    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
-    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    config = _registered_config(row["model_uri"])
     assert [a["weight"] for a in config["assistants"]] == [chosen]  # the version serves the chosen w
     run = MlflowClient().get_run(MlflowClient().get_model_version(
         *row["model_uri"].removeprefix("models:/").split("/")).run_id)
@@ -321,6 +315,14 @@ def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_pat
 
 
 # ------------------------------------------------------------------ human approval, then a second erasure
+
+
+def _registered_config(model_uri: str) -> dict:
+    """The registered version's pyfunc config (its assistants with their w, the pinned base)."""
+    from models_registry.registry import model_config_of
+
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    return model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
 
 
 def _row(home, ticket):
@@ -414,10 +416,7 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
     assert ran.exit_code in (0, 5), ran.output
     row = _row(tiny_home, "DEMO-GDPR-0002")
     assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
-    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
-    from models_registry.registry import model_config_of
-
-    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    config = _registered_config(row["model_uri"])
     assert len(config["assistants"]) == 2  # the first erasure's assistant is still subtracted
     # … and the served model still does not know the first subject
     corpus = [json.loads(line) for line in (tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()]
