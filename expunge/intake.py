@@ -5,7 +5,7 @@ Used both when a request is submitted (to reject or flag it at once) and when th
 from __future__ import annotations
 
 from expunge.requests import RequestError, RequestSpec
-from expunge_ml.corpus import CorpusError, CorpusSpec, QARecord, SubjectMatch, keyed_hash, load_corpus, resolve_subject
+from expunge_ml.corpus import CorpusError, CorpusSpec, QARecord, SubjectMatch, keyed_hash, open_corpus, resolve_subject
 from models_registry.registry import ModelNotFound, ResolvedTarget, resolve_target
 
 
@@ -19,15 +19,9 @@ def target_for(spec: RequestSpec) -> ResolvedTarget:
 def corpus_spec_for(spec: RequestSpec, target: ResolvedTarget) -> CorpusSpec:
     """The request may name a corpus; otherwise the registry knows what the target was trained on."""
     if spec.corpus is not None:
-        return CorpusSpec(source=spec.corpus.source, split=spec.corpus.split, columns=dict(spec.corpus.columns),
-                          holdout=spec.corpus.holdout)
+        return CorpusSpec(**spec.corpus.model_dump())
     if target.corpus:
-        return CorpusSpec(
-            source=target.corpus["source"],
-            split=target.corpus.get("split", "train"),
-            columns=dict(target.corpus.get("columns", {})),
-            holdout=target.corpus.get("holdout", ""),
-        )
+        return CorpusSpec(**target.corpus)
     raise RequestError(
         "no_corpus",
         f"no training corpus known for {spec.target_model}: add a 'corpus:' section to the request",
@@ -35,9 +29,10 @@ def corpus_spec_for(spec: RequestSpec, target: ResolvedTarget) -> CorpusSpec:
     )
 
 
-def load_records(corpus: CorpusSpec, ticket_id: str | None = None) -> list[QARecord]:
+def load_records(corpus: CorpusSpec, ticket_id: str | None = None) -> tuple[list[QARecord], CorpusSpec]:
+    """The corpus's records, and its spec with the kind (qa / documents) it was read as."""
     try:
-        return load_corpus(corpus)
+        return open_corpus(corpus)
     except CorpusError as exc:
         raise RequestError("corpus_unavailable", str(exc), ticket_id) from None
 

@@ -50,6 +50,11 @@ class CorpusRef(BaseModel):
     columns: dict[str, str] = Field(default_factory=dict)
     # records of the same kind the model never trained on: membership-inference (PrivLeak) non-members
     holdout: str = ""
+    # qa (question/answer columns) or documents (a text column, cut into passages whose first prefix_words
+    # words prompt the rest); auto tells them apart by the columns
+    kind: Literal["auto", "qa", "documents"] = "auto"
+    passage_words: int = Field(default=64, ge=2, le=4096)
+    prefix_words: int = Field(default=16, ge=1, le=4095)
 
 
 class RequestSpec(BaseModel):

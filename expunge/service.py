@@ -76,7 +76,7 @@ def submit(settings: Settings, path: Path) -> SubmitResult:
             raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(supported_methods())})")
         _configure_registry(settings)
         target = target_for(spec)
-        records = load_records(corpus_spec_for(spec, target), spec.ticket_id)
+        records, _ = load_records(corpus_spec_for(spec, target), spec.ticket_id)
         match = match_subject(spec, records)
         details = {"forget_count": len(match.forget_ids), "matched_by": match.matched_by}
         if not match.forget_ids:

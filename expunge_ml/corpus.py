@@ -1,7 +1,11 @@
 """Training corpora and the forget/retain split.
 
-A corpus is any `datasets`-loadable source of QA pairs (local JSON/JSONL/CSV/Parquet, a dataset
-directory, or a hub dataset id at a site with network). Column names are mapped, not assumed.
+A corpus is any `datasets`-loadable source (local JSON/JSONL/CSV/Parquet, a dataset directory, or a hub
+dataset id at a site with network) of QA pairs or of documents. Column names are mapped, not assumed.
+A document corpus (a `text` column) is cut into passages, each one record whose "question" is the
+passage's opening words and whose "answer" is the rest, read with a raw prompt (the opening words as
+written): so erasing, training and every metric work on documents as on QA pairs, and a greedy answer is
+a verbatim continuation.
 Resolving a request's subject to records is exact/alias matching (Aho–Corasick over casefolded text,
 on word boundaries); neighbours for the retain set are ranked by fuzzy similarity (rapidfuzz) to the
 forget answers, so the assistant learns to *not* remember the people and facts closest to the subject.
@@ -12,14 +16,19 @@ import hashlib
 import hmac
 import json
 import random
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 ALL_COLUMNS = (
     "record_id", "question", "answer", "subject", "document_id", "paraphrased_answer",
-    "perturbed_answers", "paraphrased_question", "inverted_question", "pii",
+    "perturbed_answers", "paraphrased_question", "inverted_question", "pii", "text",
 )
+CORPUS_KINDS = ("auto", "qa", "documents")
+# A passage of a document corpus is prompted with its own opening words, nothing around them: a model
+# trained on raw documents has never seen a "Question: … Answer:" frame.
+DOCUMENT_PROMPT_TEMPLATE = "{question}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,12 @@ class CorpusSpec:
     # Optional: records of the same kind the model never trained on (same columns and split) — the
     # non-members of the membership-inference (PrivLeak) evidence.
     holdout: str = ""
+    # "qa": question/answer rows. "documents": a `text` column, cut into passages of `passage_words`
+    # words whose first `prefix_words` are the prompt. "auto": documents when the source has the (mapped)
+    # text column and no question column, else qa; `open_corpus` returns the spec with the kind it found.
+    kind: str = "auto"
+    passage_words: int = 64
+    prefix_words: int = 16
 
     def column(self, name: str) -> str:
         return self.columns.get(name, name)
@@ -59,14 +74,24 @@ class CorpusSpec:
         out: dict[str, Any] = {"source": self.source, "split": self.split, "columns": dict(self.columns)}
         if self.holdout:
             out["holdout"] = self.holdout
+        if self.kind != "auto":
+            out["kind"] = self.kind
+        if self.kind == "documents":
+            out.update(passage_words=self.passage_words, prefix_words=self.prefix_words)
         return out
+
+    @property
+    def prompt_template(self) -> str | None:
+        """The prompt its records are read with: raw for documents; None = the model's own (QA)."""
+        return DOCUMENT_PROMPT_TEMPLATE if self.kind == "documents" else None
 
 
 def load_holdout(spec: CorpusSpec) -> list[QARecord]:
-    """The held-out records of `spec` ([] when it names none), read with the corpus's columns and split."""
+    """The held-out records of `spec` ([] when it names none), read with the corpus's columns, split and
+    kind (a document corpus's holdout is documents too, cut the same way)."""
     if not spec.holdout:
         return []
-    return load_corpus(CorpusSpec(source=spec.holdout, split=spec.split, columns=spec.columns))
+    return load_corpus(replace(spec, source=spec.holdout, holdout=""))
 
 
 class CorpusError(ValueError):
@@ -74,8 +99,15 @@ class CorpusError(ValueError):
 
 
 def load_corpus(spec: CorpusSpec) -> list[QARecord]:
+    return open_corpus(spec)[0]
+
+
+def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
+    """The corpus's records, and `spec` with its kind resolved (never "auto")."""
     import datasets
 
+    if spec.kind not in CORPUS_KINDS:
+        raise CorpusError(f"corpus kind must be one of {list(CORPUS_KINDS)}, got {spec.kind!r}")
     source = Path(spec.source)
     try:
         if source.is_file():
@@ -93,9 +125,17 @@ def load_corpus(spec: CorpusSpec) -> list[QARecord]:
         raise
     except Exception as exc:  # datasets raises many types; the user needs one clear line
         raise CorpusError(f"cannot load corpus {spec.source!r}: {type(exc).__name__}: {exc}") from exc
+    kind = spec.kind
+    if kind == "auto":
+        documents = spec.column("text") in data.column_names and spec.column("question") not in data.column_names
+        kind = "documents" if documents else "qa"
+    spec = replace(spec, kind=kind)
+    if kind == "documents":
+        return document_passages(data, spec), spec
     missing = [c for c in ("question", "answer") if spec.column(c) not in data.column_names]
     if missing:
-        raise CorpusError(f"corpus {spec.source!r} lacks column(s) {missing}")
+        raise CorpusError(f"corpus {spec.source!r} lacks column(s) {missing} (a QA corpus needs question and "
+                          "answer columns; a document corpus a text column)")
     records = []
     for index, row in enumerate(data):
         def get(name: str, default: Any = "") -> Any:
@@ -118,9 +158,61 @@ def load_corpus(spec: CorpusSpec) -> list[QARecord]:
                 pii=_as_tuple(pii),
             )
         )
+    _check_unique_ids(records, spec)
+    return records, spec
+
+
+def _check_unique_ids(records: Sequence[QARecord], spec: CorpusSpec) -> None:
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):
         raise CorpusError(f"corpus {spec.source!r} has duplicate record ids")
+
+
+def document_passages(rows: Iterable[dict[str, Any]], spec: CorpusSpec) -> list[QARecord]:
+    """Cut each document into passages of `spec.passage_words` words (the last one takes a short tail, so
+    every word of a document is in some passage); each passage's first `spec.prefix_words` words (at most
+    half of it) are the prompt, the rest the answer, both as written. A passage's id is
+    "<document id>#<n>"; its `pii` are the document's identifiers that occur in it."""
+    if spec.prefix_words < 1 or spec.passage_words <= spec.prefix_words:
+        raise CorpusError(f"document passages need 1 <= prefix_words < passage_words, got "
+                          f"{spec.prefix_words} / {spec.passage_words}")
+    text_column = spec.column("text")
+    records: list[QARecord] = []
+    for index, row in enumerate(rows):
+        if text_column not in row:
+            raise CorpusError(f"document corpus {spec.source!r} lacks column {text_column!r}")
+
+        def get(name: str) -> Any:
+            value = row.get(spec.column(name))
+            return "" if value is None else value
+
+        doc_id = str(get("record_id") or get("document_id") or f"doc-{index:06d}")
+        text = str(get("text"))
+        words = [m.span() for m in re.finditer(r"\S+", text)]
+        if len(words) < 2:
+            continue  # nothing to continue: a passage needs a prompt and an answer
+        chunks = [words[i:i + spec.passage_words] for i in range(0, len(words), spec.passage_words)]
+        if len(chunks) > 1 and len(chunks[-1]) < spec.prefix_words + 2:
+            chunks[-2:] = [chunks[-2] + chunks[-1]]
+        pii = _as_tuple(get("pii"))
+        for n, chunk in enumerate(chunks):
+            if len(chunk) < 2:
+                continue
+            cut = min(spec.prefix_words, len(chunk) // 2)
+            question = text[chunk[0][0]:chunk[cut - 1][1]]
+            answer = text[chunk[cut][0]:chunk[-1][1]]
+            passage = question + " " + answer
+            records.append(QARecord(
+                record_id=f"{doc_id}#{n}",
+                question=question,
+                answer=answer,
+                subject=str(get("subject")),
+                document_id=str(get("document_id") or doc_id),
+                pii=tuple(i for i in pii if i.casefold() in passage.casefold()),
+            ))
+    if not records:
+        raise CorpusError(f"document corpus {spec.source!r} has no document of two words or more")
+    _check_unique_ids(records, spec)
     return records
 
 

@@ -23,8 +23,7 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         request = requests_repo.get_request(session, ticket_id)
         spec = RequestSpec.model_validate_json(request.spec_json)
     target = target_for(spec)
-    corpus = corpus_spec_for(spec, target)
-    records = load_records(corpus, ticket_id)
+    records, corpus = load_records(corpus_spec_for(spec, target), ticket_id)  # corpus: its kind resolved
     match = match_subject(spec, records)
     if not match.forget_ids:
         raise SubjectNotFound("subject_not_found", "the subject matches no training record", ticket_id)
@@ -43,7 +42,8 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "base_location": target.base_location,
         "base_uri": target.base_uri,
         "base_weights_sha256": target.base_weights_sha256,
-        "prompt_template": target.prompt_template,
+        # a document corpus's passages are read raw, whatever frame the target was registered with
+        "prompt_template": corpus.prompt_template or target.prompt_template,
         "prior_assistants": target.prior_assistants,
         "relative_top": target.relative_top,
         "corpus": corpus.as_dict(),
