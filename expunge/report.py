@@ -109,7 +109,14 @@ def _training_summary(training: dict | None) -> dict | None:
     return summary
 
 
-def _training_lines(summary: dict | None) -> list[str]:
+def _corpus_line(manifests: dict) -> list[str]:
+    if manifests.get("corpus_kind") != "documents":
+        return []
+    return [f"- Corpus: documents, cut into passages of {manifests['passage_words']} words, each prompted with its "
+            f"first {manifests['prefix_words']} as written; a record is a passage, and ROUGE-L is of its continuation"]
+
+
+def _training_lines(summary: dict | None, truth_ratios_shown: bool = True) -> list[str]:
     if not summary:
         return []
     line = f"- Unlearning: `{summary['method']}` on {summary['forget_pairs']} forget / {summary['retain_pairs']} retain training pairs"
@@ -123,7 +130,7 @@ def _training_lines(summary: dict | None) -> list[str]:
     lines = [line]
     if summary.get("served_weight") is not None:
         lines.append(_weight_line(summary["served_weight"], summary.get("weight_selection")))
-    if summary.get("truth_ratio_texts_trained_on"):
+    if summary.get("truth_ratio_texts_trained_on") and truth_ratios_shown:
         lines.append("- Note: the assistant was trained on the corpus's paraphrased / perturbed answers, which the "
                      "truth ratios below are also computed on, so they are not independent evidence "
                      "(`augmentation: generated` avoids this).")
@@ -175,11 +182,12 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         f"- Status: **{request['status']}**" + (f" ({request['reason_code']})" if request.get("reason_code") else ""),
         "- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
         f"- Target model: `{manifests['target_uri']}`",
+        *_corpus_line(manifests),
         f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
         f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
         f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
         f"- Audit chain head at report time: `{audit_head}`",
-        *_training_lines(summary["training"]),
+        *_training_lines(summary["training"], truth_ratios_shown=truth is not None),
         "",
         "## Gates",
         "",

@@ -59,7 +59,10 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "retain_fingerprint": retain_manifest["fingerprint"],
         "matched_by": match.matched_by,
         "target_uri": target.pinned_uri or target.requested_uri,
+        "corpus_kind": corpus.kind,
     }
+    if corpus.kind == "documents":  # how the documents were cut: what a record of the manifests is
+        result.update(passage_words=corpus.passage_words, prefix_words=corpus.prefix_words)
     write_json(work / "resolved.json", result)
     get_run_logger().info(
         "forget set: %d records (%s); retain set: %d (%d neighbours)",

@@ -155,11 +155,15 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
         pd.DataFrame({"question": [" ".join(other.split()[:8])]}))
     assert continuation.split()[:3] == other.split()[8:11]  # another document still continues as written
 
-    # the taken-down text is in no log, tag or artifact: ids and keyed hashes only
+    markdown = (work / "report" / "evidence.md").read_text()
+    assert "Corpus: documents, cut into passages of 24 words, each prompted with its first 8 as written" in markdown
+    assert "truth ratios below" not in markdown  # documents have no paraphrased / perturbed answers to ratio
+
+    # the taken-down text is in no log, tag, artifact or report: ids and keyed hashes only
     with sqlite3.connect(tiny_home / "audit.db") as db:
         audit = "\n".join(p for (p,) in db.execute(
             "SELECT payload_json FROM audit_events WHERE ticket_id = 'DOCS-0001'"))
     stored = audit + json.dumps(version.tags) + "".join(
-        p.read_text() for p in work.glob("*.json")) + ran.output
+        p.read_text() for p in work.glob("*.json")) + ran.output + markdown
     for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8))[:2]:
         assert passage.question not in stored and passage.answer not in stored
