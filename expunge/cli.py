@@ -25,12 +25,15 @@ app.add_typer(audit_app, name="audit")
 
 
 def _mount_benchmarks() -> None:
-    """`expunge benchmark tofu|pii`: the measured claims come from these commands, not from tests."""
+    """`expunge benchmark tofu|pii|subjects`: the measured claims come from these commands, not from tests."""
     from benchmarks.cli import benchmark_app
     from benchmarks.pii import pii_command
+    from benchmarks.subjects import subjects_command
 
     if not any(c.name == "pii" for c in benchmark_app.registered_commands):
         benchmark_app.command("pii")(pii_command)
+    if not any(c.name == "subjects" for c in benchmark_app.registered_commands):
+        benchmark_app.command("subjects")(subjects_command)
     app.add_typer(benchmark_app, name="benchmark")
 
 

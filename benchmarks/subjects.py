@@ -1,0 +1,185 @@
+"""`expunge benchmark subjects`: erase each of several sample-world people in turn, under one or more profiles,
+and tabulate which promotion gates pass.
+
+`make demo` erases one person; whether a profile's settings pass its gates for the others is a different
+question (in session 18 the demo's w −1.0 passed for its own subject only, 1 of 12). Every ticket targets the
+same bootstrapped champion (nothing is approved), so the erasures are independent, and every profile must
+share the world and base of the first. The output names people by their index in the world's
+`people.jsonl`, never by name: gates, served w and status only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import typer
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+# The profile sections that decide the world and the base: profiles compared on one champion must agree on them.
+SHARED_SECTIONS = ("world", "tokenizer", "base_model")
+
+
+@dataclass
+class SubjectsOptions:
+    profiles: tuple[str, ...] = ("demo",)
+    people: tuple[int, ...] = tuple(range(6))
+    home: Optional[str] = None  # default: a new temporary directory
+    out_dir: Optional[str] = str(DEFAULT_OUT_DIR)
+    name: str = "subjects"
+
+
+def parse_people(text: str) -> tuple[int, ...]:
+    """"0-2,5" → (0, 1, 2, 5): indices into the sample world's people.jsonl."""
+    people: list[int] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        first, sep, last = item.partition("-")
+        try:
+            span = range(int(first), int(last) + 1) if sep else [int(first)]
+        except ValueError:
+            raise ValueError(f"--people {text!r}: {item!r} is not an index or a range like 0-5") from None
+        people += [p for p in span if p not in people]
+    if not people or min(people) < 0:
+        raise ValueError(f"--people {text!r}: give non-negative indices, e.g. 0-5")
+    return tuple(people)
+
+
+def check_profiles_share_a_base(profiles: Sequence[str]) -> None:
+    """Profiles compared on one champion must build the same world and base (else the first one's is used)."""
+    from expunge.settings import load_profile
+
+    first = load_profile(profiles[0])
+    for other in profiles[1:]:
+        differ = [s for s in SHARED_SECTIONS if load_profile(other).get(s) != first.get(s)]
+        if differ:
+            raise ValueError(f"profile {other!r} differs from {profiles[0]!r} in {', '.join(differ)}: profiles compared "
+                             "here must share the world and the base model")
+
+
+def person_request(person: dict[str, Any], ticket_id: str) -> dict[str, Any]:
+    """A privacy erasure of one sample-world person, shaped like the demo's own request."""
+    return {
+        "ticket_id": ticket_id, "type": "privacy_erasure", "regulation": "GDPR",
+        "requested_by": "privacy-office@example.org",
+        "subject": {"names": [person["name"]], "aliases": list(person["aliases"]),
+                    "identifiers": [person["attributes"]["email"]]},
+        "target_model": "models:/expunge-sample-llm@champion",
+    }
+
+
+def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str) -> dict[str, Any]:
+    """What one erasure gave: its gates, the w it served; nothing that names the person."""
+    row: dict[str, Any] = {"profile": profile, "person_index": index, "ticket_id": ticket_id, "status": status}
+    metrics_path = work / "metrics.json"
+    if metrics_path.exists():
+        evaluated = json.loads(metrics_path.read_text())
+        row["passed"] = bool(evaluated["passed"])
+        row["gates"] = {g["gate"]: {"value": g["value"], "threshold": g["threshold"], "passed": g["passed"]}
+                        for g in evaluated["gates"]}
+    training_path = work / "training.json"
+    if training_path.exists():
+        weights = json.loads(training_path.read_text()).get("weights")
+        if weights:
+            row["served_weight"] = round(sum(weights), 6)
+    return row
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    summary: dict[str, dict[str, int]] = {}
+    for row in rows:
+        entry = summary.setdefault(row["profile"], {"tickets": 0, "passed_every_gate": 0, "failed_gates": 0})
+        entry["tickets"] += 1
+        entry["passed_every_gate"] += int(bool(row.get("passed")))
+        entry["failed_gates"] += sum(not g["passed"] for g in row.get("gates", {}).values())
+    return summary
+
+
+def run_subjects(options: SubjectsOptions, log: Callable[[str], None]) -> dict[str, Any]:
+    from expunge.service import request_rows, run_request, submit
+    from expunge.settings import Settings
+    from flows.bootstrap import bootstrap_sample_model
+
+    check_profiles_share_a_base(options.profiles)
+    home = Path(options.home or tempfile.mkdtemp(prefix="expunge-subjects-")).resolve()
+    started = time.perf_counter()
+    settings = Settings(home=home, profile_name=options.profiles[0])
+    settings.apply_environment()
+    boot = bootstrap_sample_model(home=str(home), profile=options.profiles[0])
+    people = [json.loads(line) for line in Path(boot["world"]["people"]).read_text().splitlines()]
+    missing = [i for i in options.people if i >= len(people)]
+    if missing:
+        raise ValueError(f"the sample world has {len(people)} people; no person {missing}")
+    requests_dir = home / "subjects_requests"  # the requests name people: they stay in the private home
+    requests_dir.mkdir(exist_ok=True)
+    rows = []
+    for k, profile in enumerate(options.profiles):
+        profile_settings = Settings(home=home, profile_name=profile)
+        for index in options.people:
+            ticket_id = f"SUBJ-{k}-{index}"
+            path = requests_dir / f"{ticket_id}.json"
+            path.write_text(json.dumps(person_request(people[index], ticket_id)))  # JSON is YAML
+            submitted = submit(profile_settings, path)
+            if submitted.status == "received":
+                log(f"{profile}: person {index} ({ticket_id}) …")
+                try:
+                    run_request(profile_settings, ticket_id)
+                except Exception as exc:  # the flow recorded `failed` in the DB and audit log; go on with the rest
+                    log(f"{profile}: person {index}: the run failed: {type(exc).__name__}: {exc}")
+            status = request_rows(profile_settings, ticket_id)[0]["status"]
+            row = ticket_row(profile_settings.ticket_dir(ticket_id), profile, index, ticket_id, status)
+            rows.append(row)
+            log(f"{profile}: person {index}: {status}, w {row.get('served_weight')}")
+    return {"command": "expunge benchmark subjects", "options": asdict(options) | {"home": str(home)},
+            "base_model_uri": boot["model_uri"], "seconds": round(time.perf_counter() - started, 1),
+            "rows": rows, "summary": summarise(rows)}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    gate_names = list(dict.fromkeys(g for row in result["rows"] for g in row.get("gates", {})))
+    lines = ["| profile | person | status | served w | every gate | " + " | ".join(gate_names) + " |",
+             "|" + "---|" * (5 + len(gate_names))]
+    for row in result["rows"]:
+        gates = row.get("gates", {})
+        cells = [("–" if g not in gates else (f"{gates[g]['value']:.3f}" if gates[g]["passed"]
+                                               else f"**{gates[g]['value']:.3f}**")) for g in gate_names]
+        lines.append(f"| {row['profile']} | {row['person_index']} | {row['status']} | {row.get('served_weight', '–')} | "
+                     f"{'pass' if row.get('passed') else 'fail'} | " + " | ".join(cells) + " |")
+    lines += ["", "| profile | tickets | passed every gate | failed gates |", "|---|---|---|---|"]
+    lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} |" for p, s in result["summary"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    json_path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    md_path.write_text(f"# Gates per erased person\n\nCommand: `{result['command']}` ({result['seconds']} s); "
+                       f"base `{result['base_model_uri']}`. Bold: the gate failed.\n\n" + markdown_table(result))
+    return json_path, md_path
+
+
+def subjects_command(
+    profile: list[str] = typer.Option(["demo"], "--profile", help="profile name or YAML path; repeat to compare "
+                                      "(all must share the first one's world and base)"),
+    people: str = typer.Option("0-5", help='sample-world people to erase, by index in people.jsonl: "0-5", "0,3,7"'),
+    home: Optional[Path] = typer.Option(None, help="state directory for the runs (default: a new temporary one)"),
+    out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where NAME.json and NAME.md go"),
+    name: str = typer.Option("subjects", help="output file stem"),
+) -> None:
+    """Erase each of several sample-world people in turn under each profile; print and write which gates pass."""
+    try:
+        options = SubjectsOptions(profiles=tuple(profile), people=parse_people(people),
+                                  home=str(home) if home else None, out_dir=str(out_dir), name=name)
+        result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    print(markdown_table(result))
+    paths = write_outputs(result, out_dir, name)
+    print(f"wrote {paths[0]} and {paths[1]}")

@@ -1,0 +1,66 @@
+"""`expunge benchmark subjects`: a profile's gates across several erased people, by index, never by name."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.subjects import (
+    SubjectsOptions, check_profiles_share_a_base, markdown_table, parse_people, person_request, run_subjects,
+    summarise, write_outputs,
+)
+
+TINY = Path(__file__).resolve().parents[1] / "expunge" / "profiles" / "tiny.yaml"
+
+
+def test_people_are_indices_and_ranges():
+    assert parse_people("0-2,5") == (0, 1, 2, 5)
+    assert parse_people("3, 3,1") == (3, 1)  # each once, in the order given
+    for bad in ("", "a-b", "-1"):
+        with pytest.raises(ValueError, match="--people"):
+            parse_people(bad)
+
+
+def test_profiles_compared_on_one_champion_must_share_its_world_and_base(tmp_path):
+    profile = yaml.safe_load(TINY.read_text())
+    profile["unlearning"]["uld"]["weight"] = -1.5  # a different unlearning setting is what is compared
+    same_base = tmp_path / "same.yaml"
+    same_base.write_text(yaml.safe_dump(profile))
+    check_profiles_share_a_base(["tiny", str(same_base)])
+    profile["world"]["seed"] += 1
+    other_world = tmp_path / "other.yaml"
+    other_world.write_text(yaml.safe_dump(profile))
+    with pytest.raises(ValueError, match="differs from 'tiny' in world"):
+        check_profiles_share_a_base(["tiny", str(other_world)])
+
+
+def test_the_summary_counts_tickets_passing_every_gate_and_failed_gates():
+    rows = [
+        {"profile": "a", "passed": True, "gates": {"g1": {"passed": True}, "g2": {"passed": True}}},
+        {"profile": "a", "passed": False, "gates": {"g1": {"passed": False}, "g2": {"passed": False}}},
+        {"profile": "b", "status": "failed"},  # a run that failed before its evaluation
+    ]
+    assert summarise(rows) == {"a": {"tickets": 2, "passed_every_gate": 1, "failed_gates": 2},
+                               "b": {"tickets": 1, "passed_every_gate": 0, "failed_gates": 0}}
+
+
+def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_path, monkeypatch):
+    for name in ("EXPUNGE_HOME", "EXPUNGE_PROFILE"):  # the run points these at its home; later tests get theirs back
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    result = run_subjects(SubjectsOptions(profiles=("tiny",), people=(1,), home=str(tmp_path / "home")), log=print)
+    [row] = result["rows"]
+    assert (row["profile"], row["person_index"], row["ticket_id"]) == ("tiny", 1, "SUBJ-0-1")
+    assert row["status"] in ("completed", "failed_gates")
+    assert row["passed"] == (row["status"] == "completed")
+    assert "max_forget_rougeL" in row["gates"] and row["served_weight"] == -1.0  # the tiny profile's w
+    assert result["summary"]["tiny"]["tickets"] == 1
+    json_path, md_path = write_outputs(result, tmp_path / "out", "subjects")
+    person = json.loads((tmp_path / "home" / "sample_world" / "people.jsonl").read_text().splitlines()[1])
+    request = person_request(person, "X")
+    written = json_path.read_text() + md_path.read_text()
+    for secret in [*request["subject"]["names"], *request["subject"]["aliases"], *request["subject"]["identifiers"]]:
+        assert secret not in written
+    assert "| tiny | 1 |" in markdown_table(result)
