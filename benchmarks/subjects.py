@@ -10,6 +10,7 @@ share the world and base of the first. The output names people by their index in
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -100,6 +101,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return summary
 
 
+def current_command() -> str:
+    """The command line that started this run, as a copy-pasteable string."""
+    argv = sys.argv
+    if "subjects" in argv[1:]:
+        return "expunge benchmark subjects " + shlex.join(argv[argv.index("subjects", 1) + 1:])
+    return "benchmarks.subjects.run_subjects(...)"
+
+
 def run_subjects(options: SubjectsOptions, log: Callable[[str], None]) -> dict[str, Any]:
     from expunge.service import request_rows, run_request, submit
     from expunge.settings import Settings
@@ -135,7 +144,7 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None]) -> dict[s
             row = ticket_row(profile_settings.ticket_dir(ticket_id), profile, index, ticket_id, status)
             rows.append(row)
             log(f"{profile}: person {index}: {status}, w {row.get('served_weight')}")
-    return {"command": "expunge benchmark subjects", "options": asdict(options) | {"home": str(home)},
+    return {"command": current_command().strip(), "options": asdict(options) | {"home": str(home)},
             "base_model_uri": boot["model_uri"], "seconds": round(time.perf_counter() - started, 1),
             "rows": rows, "summary": summarise(rows)}
 
@@ -160,7 +169,8 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> tuple[Pat
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     md_path.write_text(f"# Gates per erased person\n\nCommand: `{result['command']}` ({result['seconds']} s); "
-                       f"base `{result['base_model_uri']}`. Bold: the gate failed.\n\n" + markdown_table(result))
+                       f"base `{result['base_model_uri']}`. Bold: the gate failed.\n\n"
+                       + (f"{result['note']}\n\n" if result.get("note") else "") + markdown_table(result))
     return json_path, md_path
 
 
