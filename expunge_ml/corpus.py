@@ -131,6 +131,8 @@ def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
         kind = "documents" if documents else "qa"
     spec = replace(spec, kind=kind)
     if kind == "documents":
+        if spec.column("text") not in data.column_names:
+            raise CorpusError(f"document corpus {spec.source!r} lacks column {spec.column('text')!r}")
         return document_passages(data, spec), spec
     missing = [c for c in ("question", "answer") if spec.column(c) not in data.column_names]
     if missing:
@@ -139,8 +141,7 @@ def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
     records = []
     for index, row in enumerate(data):
         def get(name: str, default: Any = "") -> Any:
-            value = row.get(spec.column(name), default)
-            return default if value is None else value
+            return _field(row, spec, name, default)
 
         perturbed = get("perturbed_answers", ())
         pii = get("pii", ())
@@ -162,6 +163,12 @@ def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
     return records, spec
 
 
+def _field(row: dict[str, Any], spec: CorpusSpec, name: str, default: Any = "") -> Any:
+    """Our column `name` of a corpus row, through the spec's column map; missing or null → `default`."""
+    value = row.get(spec.column(name), default)
+    return default if value is None else value
+
+
 def _check_unique_ids(records: Sequence[QARecord], spec: CorpusSpec) -> None:
     ids = [r.record_id for r in records]
     if len(set(ids)) != len(ids):
@@ -176,15 +183,10 @@ def document_passages(rows: Iterable[dict[str, Any]], spec: CorpusSpec) -> list[
     if spec.prefix_words < 1 or spec.passage_words <= spec.prefix_words:
         raise CorpusError(f"document passages need 1 <= prefix_words < passage_words, got "
                           f"{spec.prefix_words} / {spec.passage_words}")
-    text_column = spec.column("text")
     records: list[QARecord] = []
     for index, row in enumerate(rows):
-        if text_column not in row:
-            raise CorpusError(f"document corpus {spec.source!r} lacks column {text_column!r}")
-
         def get(name: str) -> Any:
-            value = row.get(spec.column(name))
-            return "" if value is None else value
+            return _field(row, spec, name)
 
         doc_id = str(get("record_id") or get("document_id") or f"doc-{index:06d}")
         text = str(get("text"))
