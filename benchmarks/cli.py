@@ -37,6 +37,13 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def invoked_command(subcommand: str) -> str:
+    """The command line that started benchmark `subcommand`, copy-pasteable for the report."""
+    prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
+    args = sys.argv[sys.argv.index(subcommand):] if subcommand in sys.argv else [subcommand]
+    return prefix + " " + " ".join(shlex.quote(a) for a in args)
+
+
 @benchmark_app.command("tofu")
 def tofu(
     splits: str = typer.Option("forget01,forget05", help="comma-separated TOFU splits: forget01, forget05, forget10"),
@@ -140,9 +147,7 @@ def tofu(
         uld_auto_weight=uld_auto_weight, holdout_authors=holdout_authors,
         quiet=json_out,
     )
-    prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
-    args = sys.argv[sys.argv.index("tofu"):] if "tofu" in sys.argv else ["tofu"]
-    command = prefix + " " + " ".join(shlex.quote(a) for a in args)
+    command = invoked_command("tofu")
     try:
         opts.validate()
         report = run_tofu_benchmark(opts, command=command)
@@ -206,9 +211,7 @@ def quantization(
             changes["device"] = device
         opts = dataclasses.replace(opts, **changes)
         opts.validate()
-        prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
-        args = sys.argv[sys.argv.index("quantization"):] if "quantization" in sys.argv else ["quantization"]
-        report = run_quantization_benchmark(opts, out_dir, command=prefix + " " + " ".join(shlex.quote(a) for a in args))
+        report = run_quantization_benchmark(opts, out_dir, command=invoked_command("quantization"))
     except (ValueError, KeyError, TofuDataError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc

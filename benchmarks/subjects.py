@@ -10,7 +10,6 @@ share the world and base of the first. The output names people by their index in
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import tempfile
 import time
@@ -101,15 +100,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return summary
 
 
-def current_command() -> str:
-    """The command line that started this run, as a copy-pasteable string."""
-    argv = sys.argv
-    if "subjects" in argv[1:]:
-        return "expunge benchmark subjects " + shlex.join(argv[argv.index("subjects", 1) + 1:])
-    return "benchmarks.subjects.run_subjects(...)"
-
-
-def run_subjects(options: SubjectsOptions, log: Callable[[str], None]) -> dict[str, Any]:
+def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
+                 command: str = "benchmarks.subjects.run_subjects(...)") -> dict[str, Any]:
     from expunge.service import request_rows, run_request, submit
     from expunge.settings import Settings
     from flows.bootstrap import bootstrap_sample_model
@@ -144,7 +136,7 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None]) -> dict[s
             row = ticket_row(profile_settings.ticket_dir(ticket_id), profile, index, ticket_id, status)
             rows.append(row)
             log(f"{profile}: person {index}: {status}, w {row.get('served_weight')}")
-    return {"command": current_command().strip(), "options": asdict(options) | {"home": str(home)},
+    return {"command": command, "options": asdict(options) | {"home": str(home)},
             "base_model_uri": boot["model_uri"], "seconds": round(time.perf_counter() - started, 1),
             "rows": rows, "summary": summarise(rows)}
 
@@ -186,7 +178,10 @@ def subjects_command(
     try:
         options = SubjectsOptions(profiles=tuple(profile), people=parse_people(people),
                                   home=str(home) if home else None, out_dir=str(out_dir), name=name)
-        result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True))
+        from .cli import invoked_command
+
+        result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True),
+                              command=invoked_command("subjects"))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
