@@ -274,6 +274,12 @@ class PIIBenchOptions:
     # headroom (.954 → .938 at w -2.4) from the two without (-.04 by w -2.0). The default since session 16:
     # judged on fresh erasures it leaked 38 against 66 for the fixed w (pii.md, "Session 16").
     uld_calibrate_rule: str = "relative"
+    # Also serve the same ULD assistants as one mixture (`expunge_ml.logits.combine_logits`, ensemble
+    # "mixture": subtract W · log of the assistants' mean probability instead of their mean log-probability):
+    # rows "uld mixture" (w uld_weight) and, with calibration weights, "uld mixture calibrated" (the same
+    # rule on the mixture). Why (session 19): the leaks come after wordings where most assistants are flat;
+    # the mean subtracts a lone assistant's recall at a 1/N share, the mixture nearly at full weight.
+    uld_mixture: bool = False
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     # After training, N rounds of: generate the composite's greedy answers to the erased people's training
@@ -1145,6 +1151,16 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                 results_rows.append(calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows,
                                                    paraphrases, split_probes, base_retained, n_erased, n_retained,
                                                    options, log))
+            if method == "uld" and options.uld_mixture:
+                mixture = dataclasses.replace(source, ensemble="mixture")
+                results_rows.append(measured_row(mixture, "mixture", "uld mixture", split, split_probes,
+                                                 base_retained, n_erased, n_retained, {"weight": options.uld_weight},
+                                                 tokenizer, fmt, options, log))
+                if options.uld_calibrate_weights:
+                    results_rows.append(calibrated_row(mixture, base, tokenizer, fmt, split, forget_rows,
+                                                       retain_rows, paraphrases, split_probes, base_retained,
+                                                       n_erased, n_retained, options, log,
+                                                       method="uld mixture calibrated"))
             if method == "uld":
                 for weight in options.uld_extra_weights:
                     swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
@@ -1219,10 +1235,11 @@ def refined_rows(source, tokenizer, fmt, split, forget_rows, retain_rows, paraph
 
 
 def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows, paraphrases, split_probes,
-                   base_retained, n_erased, n_retained, options: PIIBenchOptions, log: Callable[[str], None]):
+                   base_retained, n_erased, n_retained, options: PIIBenchOptions, log: Callable[[str], None],
+                   method: str = "uld calibrated"):
     """Score each candidate w on the erasure's own training questions (`calibration_probes`), serve the one
     `--uld-calibrate-rule` picks (`apply_rule`), and measure that composite on the evaluation probes like any
-    other row."""
+    other row (named `method`; `source`'s ensemble mode is kept)."""
     from expunge_ml.logits import CausalLMLogits
     from expunge_ml.methods.uld import ensemble_weights
 
@@ -1235,7 +1252,7 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
     chosen = apply_rule(options.uld_calibrate_rule, scores, options.uld_weight, options.uld_calibrate_min_retained)
     log(f"  calibration (w, erased identifiers stated, retained ratio on training questions): {scores} → w {chosen:g}")
     served = dataclasses.replace(source, weights=ensemble_weights(chosen, len(source.assistants)))
-    row = measured_row(served, f"calibrated w {chosen:g}", "uld calibrated", split, split_probes, base_retained,
+    row = measured_row(served, f"{method.removeprefix('uld ')} w {chosen:g}", method, split, split_probes, base_retained,
                        n_erased, n_retained, {"weight": chosen, "calibration": [list(s) for s in scores]},
                        tokenizer, fmt, options, log)
     row["calibration_seconds"] = round(time.perf_counter() - t0, 1)  # the served composite's measurement included
@@ -1410,6 +1427,8 @@ def pii_command(
                                                     "erasure also keeps the reported splits' people in its retain "
                                                     "set (never measures them), matching the splits' shape"),
     uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistants, e.g. "-1,-1.5" (a row each)'),
+    uld_mixture: bool = typer.Option(False, help="also serve the same ULD assistants as a mixture (rows "
+                                     "'uld mixture' and, with calibration weights, 'uld mixture calibrated')"),
     uld_refine_rounds: int = typer.Option(PIIBenchOptions.uld_refine_rounds, min=0, help="after training, N "
                                           "rounds of remembering the erased identifiers the composite still states "
                                           "on the erased people's training questions (a row each)"),
@@ -1493,7 +1512,7 @@ def pii_command(
             uld_weight=uld_weight, uld_epochs=uld_epochs, uld_lr=uld_lr, uld_retain_weight=uld_retain_weight,
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             validation_source=validation_source, validation_retain_reported=validation_retain_reported,
-            uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+            uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)), uld_mixture=uld_mixture,
             uld_refine_rounds=uld_refine_rounds, uld_refine_epochs=uld_refine_epochs,
             uld_refine_weight_scales=tuple(float(x) for x in _csv(uld_refine_weight_scales)),
             uld_calibrate_weights=tuple(float(w) for w in _csv(uld_calibrate_weights)),

@@ -68,13 +68,25 @@ def _cache_argument_of(model_class: type) -> str:  # once per class: step() runs
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+# How the assistants of one erasure's ensemble are combined (`combine_logits`).
+ENSEMBLES = ("mean", "mixture")
+
+
 def combine_logits(
     base_logits: torch.Tensor,
     assistant_logits: list[torch.Tensor],
     weights: list[float],
     relative_top: float = 0.0,
+    ensemble: str = "mean",
 ) -> torch.Tensor:
     """ULD composite: z = z_base + Σ w_i · z_assistant_i (w_i < 0 subtracts what the assistant remembers).
+
+    `ensemble="mixture"` treats the assistants as one mixture instead: z = z_base + W · log Σ_i (w_i / W) ·
+    p_assistant_i, W = Σ w_i. The sum above subtracts the assistants' mean log-probability (a product of
+    experts), so a token one assistant of N remembers while the others are flat after an unfamiliar wording
+    is subtracted at a 1/N share; the mixture subtracts it nearly at full weight (log of a mean of
+    probabilities is close to the largest one), while tokens every assistant remembers, and text on which
+    all are flat, come out about the same. Only for one erasure's ensemble: stacked erasures must add up.
 
     With `relative_top` τ > 0, only tokens the base finds plausible (log p_base ≥ max log p_base + log τ)
     stay candidates; the rest are masked out (-inf), so subtracting the assistant can only reorder
@@ -82,14 +94,31 @@ def combine_logits(
     Masking (rather than leaving the tail at its base logit) also keeps a uniform assistant a no-op:
     a constant shift of the candidates changes nothing.
     """
-    combined = base_logits.clone()
-    for logits, weight in zip(assistant_logits, weights):
-        combined = combined + weight * logits
+    if ensemble == "mixture":
+        combined = base_logits + _mixture_term(assistant_logits, weights)
+    elif ensemble == "mean":
+        combined = base_logits.clone()
+        for logits, weight in zip(assistant_logits, weights):
+            combined = combined + weight * logits
+    else:
+        raise ValueError(f"unknown ensemble {ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
     if relative_top > 0.0:
         base_logp = torch.log_softmax(base_logits, dim=-1)
         threshold = base_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
         combined = combined.masked_fill(base_logp < threshold, MASKED_LOGIT)
     return combined
+
+
+def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """W · log Σ_i (w_i / W) · softmax(z_i), W = Σ w_i; every w_i must share W's sign (shares in (0, 1])."""
+    total = float(sum(weights))
+    if total == 0.0 or any(w / total <= 0.0 for w in weights):
+        raise ValueError(f"a mixture needs nonzero weights of one sign, got {list(weights)}")
+    mixed = torch.logsumexp(torch.stack([
+        torch.log_softmax(logits.float(), dim=-1) + math.log(weight / total)
+        for logits, weight in zip(assistant_logits, weights)
+    ]), dim=0)
+    return total * mixed
 
 
 @dataclass
@@ -100,11 +129,14 @@ class CompositeLogits:
     assistants: list[torch.nn.Module]
     weights: list[float]
     relative_top: float = 0.0
+    ensemble: str = "mean"  # `combine_logits`: "mixture" only for one erasure's ensemble
     _sources: list[CausalLMLogits] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.assistants) != len(self.weights):
             raise ValueError("one weight per assistant is required")
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"unknown ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
         self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
 
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
@@ -114,7 +146,7 @@ class CompositeLogits:
             for source, cache in zip(self._sources, caches)
         ]
         logits = combine_logits(
-            outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top
+            outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top, self.ensemble
         )
         # Separate caches: base and assistant have different depths and must never share state.
         return logits, [o[1] for o in outputs]

@@ -41,6 +41,39 @@ def test_combine_logits_by_hand():
         assert torch.allclose(torch.softmax(shifted, -1), torch.softmax(reference, -1))
 
 
+def test_mixture_ensemble_by_hand():
+    base = torch.zeros((1, 1, 2))
+    flat = torch.zeros((1, 1, 2))  # p = [1/2, 1/2]
+    sharp = torch.tensor([[[math.log(3.0), 0.0]]])  # p = [3/4, 1/4]
+    # W = -2, shares 1/2: mixture p = [(1/2 + 3/4)/2, (1/2 + 1/4)/2] = [5/8, 3/8]; z = -2 · log p
+    mixed = combine_logits(base, [flat, sharp], [-1.0, -1.0], ensemble="mixture")
+    assert torch.allclose(mixed, torch.tensor([[[-2 * math.log(5 / 8), -2 * math.log(3 / 8)]]]))
+    # The mean (default) subtracts each assistant's logits: [-ln 3, 0]
+    assert torch.allclose(combine_logits(base, [flat, sharp], [-1.0, -1.0]), torch.tensor([[[-math.log(3.0), 0.0]]]))
+    # Where it differs: 64 tokens, the base prefers token 0 by 3 nats; 3 of 4 assistants are flat, one puts
+    # 0.97 on token 0 and 0.03/63 on each other token (logit ln(0.97·63/0.03) = ln 2037), each at w -0.25.
+    wide_base = torch.zeros((1, 1, 64))
+    wide_base[0, 0, 0] = 3.0
+    wide_flat = torch.zeros((1, 1, 64))
+    lone = torch.zeros((1, 1, 64))
+    lone[0, 0, 0] = math.log(0.97 * 63 / 0.03)
+    ensemble = [wide_flat, wide_flat, wide_flat, lone]
+    # mean: z0 - z1 = 3 - 0.25 · ln 2037 = 1.0952 — the base's token still leads
+    by_mean = combine_logits(wide_base, ensemble, [-0.25] * 4)
+    assert (by_mean[0, 0, 0] - by_mean[0, 0, 1]).item() == pytest.approx(3 - 0.25 * math.log(2037), abs=1e-4)
+    # mixture: p(0) = (3/64 + 0.97)/4, p(1) = (3/64 + 0.03/63)/4; z0 - z1 = 3 - ln(p(0)/p(1)) = -0.0669
+    by_mixture = combine_logits(wide_base, ensemble, [-0.25] * 4, ensemble="mixture")
+    ratio = (3 / 64 + 0.97) / (3 / 64 + 0.03 / 63)
+    assert (by_mixture[0, 0, 0] - by_mixture[0, 0, 1]).item() == pytest.approx(3 - math.log(ratio), abs=1e-4)
+    # One assistant: the mixture is the plain composite (equal probabilities).
+    one = combine_logits(base, [sharp], [-0.7], ensemble="mixture")
+    assert torch.allclose(torch.softmax(one, -1), torch.softmax(combine_logits(base, [sharp], [-0.7]), -1))
+    with pytest.raises(ValueError, match="one sign"):
+        combine_logits(base, [flat, sharp], [-1.0, 1.0], ensemble="mixture")
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        combine_logits(base, [flat], [-1.0], ensemble="max")
+
+
 def test_batched_left_padded_generation_equals_one_at_a_time(memorised):
     model, tokenizer, fmt = memorised
     source = CausalLMLogits(model)
