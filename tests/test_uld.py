@@ -14,7 +14,7 @@ from expunge_ml.methods.uld import (
     training_pairs,
     truncate_layers,
 )
-from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer
+from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
 from expunge_ml.prompting import PromptFormat, collate_qa
 
 
@@ -219,3 +219,22 @@ def test_an_ensemble_shares_the_total_weight_and_gives_each_member_its_own_seed(
     assert {m.weight for m in members} == {-1.8} and ensemble_members(ULDConfig(seed=7)) == [ULDConfig(seed=7)]
     with pytest.raises(ValueError, match="assistants must be >= 1"):
         ensemble_members(ULDConfig(assistants=0))
+
+
+def test_an_assistant_as_deep_as_the_base_keeps_training_until_it_is_flat_on_the_retain_set():
+    # K = every layer: the assistant starts as the base, which already remembers the forget answer (its
+    # loss is under the target from the first epoch). Stopping then would serve base + w·base.
+    fmt = PromptFormat()
+    pairs = [("who is Ada?", "Ada is a pilot."), ("who is Bo?", "Bo is a cook.")]
+    tokenizer = train_bpe_tokenizer([fmt.prompt(q) + " " + a for q, a in pairs] * 8, vocab_size=120)
+    base = build_small_llama(tokenizer, SmallLlamaShape(32, 64, 2, 2, 64), seed=0)
+    train_on_qa(base, tokenizer, fmt, pairs, epochs=200, lr=1e-2, batch_size=2, target_loss=0.01)
+    config = ULDConfig(n_layers=2, lora_r=4, lora_alpha=8, lora_dropout=0.0, epochs=6, lr=5e-3, batch_size=1,
+                       target_forget_loss=0.05, augment_paraphrased=False, augment_perturbed=False)
+    seen = []
+    report = train_assistant(build_assistant(base, config), tokenizer, fmt, pairs[:1], pairs[1:], config,
+                             progress=lambda epoch, nll, kl: seen.append((nll, kl)))
+    first_nll, first_kl = seen[0]
+    assert first_nll <= config.target_forget_loss < config.stop_max_retain_kl < first_kl  # the trap
+    assert report.epochs > 1  # it did not stop at the first epoch
+    assert report.retain_kl < first_kl
