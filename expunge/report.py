@@ -84,7 +84,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _training_summary(training: dict | None) -> dict | None:
+def _training_summary(training: dict | None, truth_ratios_computed: bool = True) -> dict | None:
     """Method and where the ULD augmentation came from — counts and settings only, no text."""
     if not training:
         return None
@@ -94,8 +94,9 @@ def _training_summary(training: dict | None) -> dict | None:
     if training.get("method") == "uld":
         summary["augmentation"] = config.get("augmentation", "corpus")
         # With corpus augmentation the assistant trained on the corpus's paraphrased / perturbed answers,
-        # the same texts the truth ratios are computed on: say so next to them.
-        summary["truth_ratio_texts_trained_on"] = summary["augmentation"] == "corpus" and bool(
+        # the same texts the truth ratios are computed on: say so next to them (where there are any: a
+        # document corpus has no paraphrased / perturbed answers, so no truth ratio to caveat).
+        summary["truth_ratio_texts_trained_on"] = truth_ratios_computed and summary["augmentation"] == "corpus" and bool(
             config.get("augment_paraphrased") or config.get("augment_perturbed"))
         if int(config.get("assistants", 1)) > 1:  # an ensemble: each served at w / N
             summary["assistants"] = int(config["assistants"])
@@ -116,7 +117,7 @@ def _corpus_line(manifests: dict) -> list[str]:
             f"first {manifests['prefix_words']} as written; a record is a passage, and ROUGE-L is of its continuation"]
 
 
-def _training_lines(summary: dict | None, truth_ratios_shown: bool = True) -> list[str]:
+def _training_lines(summary: dict | None) -> list[str]:
     if not summary:
         return []
     line = f"- Unlearning: `{summary['method']}` on {summary['forget_pairs']} forget / {summary['retain_pairs']} retain training pairs"
@@ -130,7 +131,7 @@ def _training_lines(summary: dict | None, truth_ratios_shown: bool = True) -> li
     lines = [line]
     if summary.get("served_weight") is not None:
         lines.append(_weight_line(summary["served_weight"], summary.get("weight_selection")))
-    if summary.get("truth_ratio_texts_trained_on") and truth_ratios_shown:
+    if summary.get("truth_ratio_texts_trained_on"):
         lines.append("- Note: the assistant was trained on the corpus's paraphrased / perturbed answers, which the "
                      "truth ratios below are also computed on, so they are not independent evidence "
                      "(`augmentation: generated` avoids this).")
@@ -169,7 +170,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         "passed": evaluation["passed"],
         "evidence": {k: v for k, v in evidence.items() if k != "truth_ratios"},
         "registration": registration,
-        "training": _training_summary(training),
+        "training": _training_summary(training, truth_ratios_computed=truth is not None),
         "audit_chain_head": audit_head,
     }
     paths["json"] = out_dir / "evidence_report.json"
@@ -187,7 +188,7 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
         f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
         f"- Audit chain head at report time: `{audit_head}`",
-        *_training_lines(summary["training"], truth_ratios_shown=truth is not None),
+        *_training_lines(summary["training"]),
         "",
         "## Gates",
         "",

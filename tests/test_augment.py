@@ -111,8 +111,13 @@ def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augment
     assert "augmentation" not in baseline and _training_summary(None) is None
     assert any("not independent evidence" in line for line in _training_lines(corpus))
     assert not any("not independent" in line for line in _training_lines(generated))
-    # no truth ratio computed (e.g. documents: no paraphrased / perturbed answers), so nothing to caveat
-    assert not any("not independent" in line for line in _training_lines(corpus, truth_ratios_shown=False))
+    # no truth ratio computed (e.g. documents: no paraphrased / perturbed answers), so nothing to caveat,
+    # in the JSON as in the Markdown
+    no_truth = _training_summary({"method": "uld", "forget_pairs": 24, "retain_pairs": 96,
+                                  "config": {"augmentation": "corpus", "augment_paraphrased": True}},
+                                 truth_ratios_computed=False)
+    assert no_truth["truth_ratio_texts_trained_on"] is False
+    assert not any("not independent" in line for line in _training_lines(no_truth))
     facts_only = _training_summary({"method": "uld", "forget_pairs": 40, "retain_pairs": 96, "config": {
         "augmentation": "corpus", "fact_span_loss": True, "template_nll_weight": 0.7}})
     assert (facts_only["fact_span_loss"], facts_only["template_nll_weight"]) == (True, 0.7)

@@ -158,6 +158,8 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
     markdown = (work / "report" / "evidence.md").read_text()
     assert "Corpus: documents, cut into passages of 24 words, each prompted with its first 8 as written" in markdown
     assert "truth ratios below" not in markdown  # documents have no paraphrased / perturbed answers to ratio
+    report_json = json.loads((work / "report" / "evidence_report.json").read_text())
+    assert report_json["training"]["truth_ratio_texts_trained_on"] is False  # the JSON says the same
 
     # the taken-down text is in no log, tag, artifact or report: ids and keyed hashes only
     with sqlite3.connect(tiny_home / "audit.db") as db:
