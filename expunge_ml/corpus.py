@@ -44,6 +44,9 @@ class QARecord:
     paraphrased_question: str = ""
     inverted_question: str = ""
     pii: tuple[str, ...] = ()  # identifier strings this answer reveals
+    # A document passage's place in its document (`document_passages`); -1 for a QA record. Subject matching
+    # uses it to find a name cut in two by the boundary between passage n and n + 1.
+    passage_index: int = -1
 
     @property
     def pair(self) -> tuple[str, str]:
@@ -211,6 +214,7 @@ def document_passages(rows: Iterable[dict[str, Any]], spec: CorpusSpec) -> list[
                 subject=str(get("subject")),
                 document_id=str(get("document_id") or doc_id),
                 pii=tuple(i for i in pii if i.casefold() in passage.casefold()),
+                passage_index=n,
             ))
     if not records:
         raise CorpusError(f"document corpus {spec.source!r} has no document of two words or more")
@@ -247,7 +251,10 @@ def resolve_subject(
     identifiers: Iterable[str] = (),
     document_ids: Iterable[str] = (),
 ) -> SubjectMatch:
-    """Every record that mentions the subject by name, alias or identifier, or comes from a named document."""
+    """Every record that mentions the subject by name, alias or identifier, or comes from a named document.
+
+    A document passage also matches where a term starts in it and ends in the next passage of its document
+    (or the reverse): both passages hold part of it, and each alone would not match."""
     import ahocorasick
 
     automaton = ahocorasick.Automaton()
@@ -272,12 +279,41 @@ def resolve_subject(
                     kinds.add(kind)
         if kinds:
             matched[record.record_id] = kinds
+    if has_terms:
+        for first, second, kinds in _terms_across_passage_boundaries(records, automaton):
+            matched.setdefault(first, set()).update(kinds)
+            matched.setdefault(second, set()).update(kinds)
     counts: dict[str, int] = {}
     for kinds in matched.values():
         for kind in kinds:
             counts[kind] = counts.get(kind, 0) + 1
     forget_ids = [r.record_id for r in records if r.record_id in matched]
     return SubjectMatch(forget_ids=forget_ids, matched_by=counts)
+
+
+def _terms_across_passage_boundaries(records: Sequence[QARecord], automaton) -> list[tuple[str, str, set[str]]]:
+    """(passage id, next passage's id, kinds) for each boundary between consecutive passages of one document
+    that a term straddles: it begins before the boundary and ends after it."""
+    longest = max(length for _key, (_kind, length) in automaton.items())
+    passages: dict[str, list[QARecord]] = {}
+    for record in records:
+        if record.passage_index >= 0:
+            passages.setdefault(record.document_id, []).append(record)
+    found = []
+    for document in passages.values():
+        document.sort(key=lambda r: r.passage_index)
+        for first, second in zip(document, document[1:]):
+            if second.passage_index != first.passage_index + 1:
+                continue  # a passage between them is not in `records`: they do not touch
+            # the last / first `longest` characters of the normalised texts hold any straddling term
+            tail = _normalise(first.question + " " + first.answer)[-longest:]
+            head = _normalise(second.question + " " + second.answer)[:longest]
+            text = tail + " " + head
+            kinds = {kind for end, (kind, length) in automaton.iter(text)
+                     if end - length + 1 < len(tail) < end and _on_word_boundary(text, end - length + 1, end + 1)}
+            if kinds:
+                found.append((first.record_id, second.record_id, kinds))
+    return found
 
 
 @dataclass

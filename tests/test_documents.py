@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from expunge.cli import app
-from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, CorpusError, CorpusSpec, load_corpus, load_holdout, open_corpus
+from expunge_ml.corpus import (DOCUMENT_PROMPT_TEMPLATE, CorpusError, CorpusSpec, load_corpus, load_holdout, open_corpus,
+                               resolve_subject)
 
 runner = CliRunner()
 
@@ -41,6 +42,22 @@ def test_a_document_is_cut_into_passages_that_cover_every_word(tmp_path):
     assert [r.pii for r in records] == [(), ("w7 w8",)]  # a document's identifiers, where the passage has them
     assert spec.as_dict() == {"source": str(path), "split": "train", "columns": {}, "kind": "documents",
                               "passage_words": 4, "prefix_words": 2}
+
+
+def test_a_name_cut_by_a_passage_boundary_matches_both_passages(tmp_path):
+    # passages of 6 words: "Ada" ends passage 0 and "Lind" starts passage 1; passage 2 never names her
+    text = "w1 w2 w3 w4 w5 Ada\nLind w8 w9 w10 w11 w12 w13 w14 w15 Adalind w17 w18"
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"document_id": "d", "text": text},
+                                                 {"document_id": "e", "text": "w1 w2 w3 w4 w5 Ada"}])
+    records, _ = open_corpus(CorpusSpec(str(path), passage_words=6, prefix_words=2))
+    assert [(r.record_id, r.passage_index) for r in records] == [("d#0", 0), ("d#1", 1), ("d#2", 2), ("e#0", 0)]
+    match = resolve_subject(records, names=["ada lind"])
+    assert match.forget_ids == ["d#0", "d#1"] and match.matched_by == {"name": 2}
+    # another document's passage does not continue this one, nor does a passage whose neighbour is absent
+    assert resolve_subject([records[0], records[2], records[3]], names=["ada lind"]).forget_ids == []
+    # a term inside one passage still matches that passage alone; part of a word is no match
+    assert resolve_subject(records, names=["w8 w9"]).forget_ids == ["d#1"]
+    assert resolve_subject(records, names=["ada l"]).forget_ids == []  # across the boundary too
 
 
 def test_a_short_passage_keeps_a_continuation_and_columns_are_mapped(tmp_path):
