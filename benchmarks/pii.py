@@ -1414,7 +1414,8 @@ def pii_command(
                                               "`expunge benchmark export-smollm2` directory) instead of training "
                                               "a small Llama from scratch"),
     uld_layers: int = typer.Option(PIIBenchOptions.uld_layers, help="K: base layers kept in the assistant"),
-    uld_weight: float = typer.Option(PIIBenchOptions.uld_weight, help="w in base + w·assistant"),
+    uld_weight: float = typer.Option(PIIBenchOptions.uld_weight, help="w in base + w·assistant (given without "
+                                     "--uld-calibrate-weights: the relative rule walks from it)"),
     uld_epochs: str = typer.Option(PIIBenchOptions.uld_epochs, help='ULD epochs: "forget1=60,forget5=15" or one number'),
     uld_lr: float = typer.Option(PIIBenchOptions.uld_lr),
     uld_retain_weight: float = typer.Option(PIIBenchOptions.uld_retain_weight),
@@ -1531,6 +1532,7 @@ def pii_command(
     common = {name: value for name, value in common.items()
               if name not in PRESETS.get(preset, {}) or _given(ctx, name)}
     options = dataclasses.replace(options, **common)
+    options = _calibration_from_weight(options, _given(ctx, "uld_weight") and not _given(ctx, "uld_calibrate_weights"))
     try:
         needs_smollm2 = options.pretrained == SMOLLM2_DIR or (options.writes_question_wordings
                                                               and not options.paraphraser)
@@ -1543,6 +1545,19 @@ def pii_command(
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _calibration_from_weight(options: PIIBenchOptions, weight_given_alone: bool) -> PIIBenchOptions:
+    """`--uld-weight X` without `--uld-calibrate-weights`: the relative rule walks outward from X, so its
+    candidates become X and the default candidates stronger than it (instead of an error that X is not
+    among them)."""
+    if not (weight_given_alone and options.uld_calibrate_weights and options.uld_calibrate_rule == "relative"
+            and options.uld_weight not in options.uld_calibrate_weights):
+        return options
+    grid = (options.uld_weight, *(w for w in options.uld_calibrate_weights if abs(w) > abs(options.uld_weight)))
+    typer.echo(f"note: --uld-calibrate-weights={','.join(f'{w:g}' for w in grid)} (--uld-weight and the default "
+               "candidates stronger than it)", err=True)
+    return dataclasses.replace(options, uld_calibrate_weights=grid)
 
 
 pii_app = typer.Typer(add_completion=False, help="UnlearnPII benchmark")

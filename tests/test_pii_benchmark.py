@@ -373,6 +373,20 @@ def test_a_preset_sets_its_options_and_explicit_options_override_it(monkeypatch,
     assert result.exit_code == 2 and options is None
 
 
+def test_a_weight_given_alone_starts_the_relative_rules_candidates(monkeypatch, tmp_path):
+    default_grid = PIIBenchOptions.uld_calibrate_weights
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-1.5")
+    assert result.exit_code == 0, result.output
+    assert options.uld_calibrate_weights == (-1.5, *default_grid)  # every default candidate is stronger
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-2.1")
+    assert options.uld_calibrate_weights == (-2.1, -2.2, -2.4, -2.6, -2.8, -3.0)
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-2.0")
+    assert options.uld_calibrate_weights == default_grid  # already a candidate
+    # given both, the candidates stand as given (the run then says what is missing)
+    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-1.5", "--uld-calibrate-weights=-2,-3")
+    assert options.uld_calibrate_weights == (-2.0, -3.0)
+
+
 def test_an_unknown_preset_or_a_preset_with_smoke_is_refused(monkeypatch, tmp_path):
     result, options = _run_cli(monkeypatch, tmp_path, "--preset", "gpt5")
     assert result.exit_code == 2 and options is None
