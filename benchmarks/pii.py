@@ -279,6 +279,9 @@ class PIIBenchOptions:
     # rows "uld mixture" (w uld_weight) and, with calibration weights, "uld mixture calibrated" (the same
     # rule on the mixture). Why (session 19): the leaks come after wordings where most assistants are flat;
     # the mean subtracts a lone assistant's recall at a 1/N share, the mixture nearly at full weight.
+    # Session 19, pre-registered on fresh validation erasures (seeds 9, 10): it acts like a stronger w, not
+    # a better trade-off (fixed w -1.8: 20 leaks at 94.7 / 95.1 % retained against the mean's 32 at 98.1 /
+    # 96.6 %; under the relative rule 18 against 19, at 90.9 / 89.8 % retained). Not adopted (pii.md).
     uld_mixture: bool = False
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()

@@ -87,6 +87,8 @@ def combine_logits(
     is subtracted at a 1/N share; the mixture subtracts it nearly at full weight (log of a mean of
     probabilities is close to the largest one), while tokens every assistant remembers, and text on which
     all are flat, come out about the same. Only for one erasure's ensemble: stacked erasures must add up.
+    Measured on UnlearnPII validation erasures (benchmarks/results/pii.md, session 19): it acted like a
+    stronger w, not a better leak/retention trade-off, so nothing serves it by default.
 
     With `relative_top` τ > 0, only tokens the base finds plausible (log p_base ≥ max log p_base + log τ)
     stay candidates; the rest are masked out (-inf), so subtracting the assistant can only reorder
