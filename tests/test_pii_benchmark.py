@@ -374,6 +374,9 @@ def test_a_preset_sets_its_options_and_explicit_options_override_it(monkeypatch,
 
 
 def test_a_weight_given_alone_starts_the_relative_rules_candidates(monkeypatch, tmp_path):
+    from benchmarks.pii import SMOLLM2_DIR
+
+    (tmp_path / SMOLLM2_DIR).mkdir(parents=True)  # as if exported before: the default run writes wordings with it
     default_grid = PIIBenchOptions.uld_calibrate_weights
     result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-1.5")
     assert result.exit_code == 0, result.output
