@@ -56,7 +56,8 @@ def check_profiles_share_a_base(profiles: Sequence[str]) -> None:
 
     first = load_profile(profiles[0])
     for other in profiles[1:]:
-        differ = [s for s in SHARED_SECTIONS if load_profile(other).get(s) != first.get(s)]
+        loaded = load_profile(other)
+        differ = [s for s in SHARED_SECTIONS if loaded.get(s) != first.get(s)]
         if differ:
             raise ValueError(f"profile {other!r} differs from {profiles[0]!r} in {', '.join(differ)}: profiles compared "
                              "here must share the world and the base model")

@@ -274,9 +274,7 @@ def resolve_subject(
             kinds.add("document_id")
         if has_terms:
             text = _normalise(" \n ".join((record.subject, record.question, record.answer)))
-            for end, (kind, length) in automaton.iter(text):
-                if _on_word_boundary(text, end - length + 1, end + 1):
-                    kinds.add(kind)
+            kinds.update(kind for kind, _start, _stop in _whole_word_matches(automaton, text))
         if kinds:
             matched[record.record_id] = kinds
     if has_terms:
@@ -289,6 +287,13 @@ def resolve_subject(
             counts[kind] = counts.get(kind, 0) + 1
     forget_ids = [r.record_id for r in records if r.record_id in matched]
     return SubjectMatch(forget_ids=forget_ids, matched_by=counts)
+
+
+def _whole_word_matches(automaton, text: str):
+    """(kind, start, stop) of each term in `text` (normalised) that is not part of a longer word."""
+    for end, (kind, length) in automaton.iter(text):
+        if _on_word_boundary(text, end - length + 1, end + 1):
+            yield kind, end - length + 1, end + 1
 
 
 def _terms_across_passage_boundaries(records: Sequence[QARecord], automaton) -> list[tuple[str, str, set[str]]]:
@@ -308,9 +313,9 @@ def _terms_across_passage_boundaries(records: Sequence[QARecord], automaton) -> 
             # the last / first `longest` characters of the normalised texts hold any straddling term
             tail = _normalise(first.question + " " + first.answer)[-longest:]
             head = _normalise(second.question + " " + second.answer)[:longest]
-            text = tail + " " + head
-            kinds = {kind for end, (kind, length) in automaton.iter(text)
-                     if end - length + 1 < len(tail) < end and _on_word_boundary(text, end - length + 1, end + 1)}
+            text = tail + " " + head  # the head starts at len(tail) + 1
+            kinds = {kind for kind, start, stop in _whole_word_matches(automaton, text)
+                     if start < len(tail) and stop > len(tail) + 1}
             if kinds:
                 found.append((first.record_id, second.record_id, kinds))
     return found

@@ -96,19 +96,23 @@ def combine_logits(
     Masking (rather than leaving the tail at its base logit) also keeps a uniform assistant a no-op:
     a constant shift of the candidates changes nothing.
     """
+    check_ensemble(ensemble)
     if ensemble == "mixture":
         combined = base_logits + _mixture_term(assistant_logits, weights)
-    elif ensemble == "mean":
+    else:
         combined = base_logits.clone()
         for logits, weight in zip(assistant_logits, weights):
             combined = combined + weight * logits
-    else:
-        raise ValueError(f"unknown ensemble {ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
     if relative_top > 0.0:
         base_logp = torch.log_softmax(base_logits, dim=-1)
         threshold = base_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
         combined = combined.masked_fill(base_logp < threshold, MASKED_LOGIT)
     return combined
+
+
+def check_ensemble(ensemble: str) -> None:
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
 
 
 def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -137,8 +141,7 @@ class CompositeLogits:
     def __post_init__(self) -> None:
         if len(self.assistants) != len(self.weights):
             raise ValueError("one weight per assistant is required")
-        if self.ensemble not in ENSEMBLES:
-            raise ValueError(f"unknown ensemble {self.ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
+        check_ensemble(self.ensemble)  # at construction, not at the first generated token
         self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
 
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
