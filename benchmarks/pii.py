@@ -47,7 +47,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -419,6 +419,9 @@ class PIIData:
     split_people: dict[str, list[str]]
     trained_people: list[str]
     digest: str
+    # The splits whose people group the rows: the requested splits and every smaller split inside one
+    # (forget1 within forget5), smallest first. See `group_rows`.
+    group_people: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -436,8 +439,15 @@ def load_data(options: PIIBenchOptions) -> PIIData:
     for split in options.splits:
         if split not in SPLIT_FILES:
             raise ValueError(f"unknown split {split!r}; known: {sorted(SPLIT_FILES)}")
-        rows = _load(data_dir, SPLIT_FILES[split])
-        split_people[split] = list(dict.fromkeys(r["subject"] for r in rows))
+        split_people[split] = _split_people(data_dir, split)
+    requested = [set(people) for people in split_people.values()]
+    group_people = dict(split_people)
+    for split in SPLIT_FILES:
+        if split not in group_people and (data_dir / SPLIT_FILES[split]).exists():
+            people = _split_people(data_dir, split)
+            if any(set(people) <= r for r in requested):
+                group_people[split] = people
+    group_people = dict(sorted(group_people.items(), key=lambda item: len(item[1])))
     chosen = list(names[: options.n_people])
     for people in split_people.values():
         chosen += [p for p in people if p not in chosen]
@@ -448,7 +458,27 @@ def load_data(options: PIIBenchOptions) -> PIIData:
         retain_sample = retain_sample[: options.retain_sample_rows]
     kept = [r for r in forget10 if r["subject"] in set(chosen)]
     trained = chosen + list(dict.fromkeys(r["subject"] for r in retain_sample))
-    return PIIData(kept, retain_sample, split_people, trained, _data_digest(data_dir, REQUIRED_FILES))
+    return PIIData(kept, retain_sample, split_people, trained, _data_digest(data_dir, REQUIRED_FILES), group_people)
+
+
+def _split_people(data_dir: Path, split: str) -> list[str]:
+    return list(dict.fromkeys(r["subject"] for r in _load(data_dir, SPLIT_FILES[split])))
+
+
+def group_rows(data: PIIData) -> dict[str, list[dict[str, Any]]]:
+    """The trained rows in disjoint groups of people: each person in the smallest of `data.group_people`'s
+    splits that holds them, else "other"; then "retain_sample". Why disjoint: each model generates every
+    prompt once per split it serves. Why a requested split's smaller splits group too: a split's forget set
+    lists its groups in turn, so forget5 run alone must still keep forget1's people apart, or it trains on
+    another order (seeded shuffles) than forget5 in the default run and cannot reproduce its rows (session 17)."""
+    def group_of(subject: str) -> str:
+        return next((split for split, people in data.group_people.items() if subject in people), "other")
+
+    rows_by_group: dict[str, list[dict[str, Any]]] = {}
+    for row in data.forget10:
+        rows_by_group.setdefault(group_of(row["subject"]), []).append(row)
+    rows_by_group["retain_sample"] = list(data.retain_sample)
+    return rows_by_group
 
 
 def _paraphrases(row: Mapping[str, Any], n: int) -> list[tuple[str, str]]:
@@ -1090,18 +1120,8 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     base, tokenizer, base_report = train_or_load_base(options, data, log)
     base.requires_grad_(False)
 
-    # Disjoint groups of people, so each model generates every prompt once per split it serves.
-    def group_of(subject: str) -> str:
-        for split in sorted(options.splits, key=lambda s: len(data.split_people[s])):
-            if subject in data.split_people[split]:
-                return split
-        return "other"
-
-    rows_by_group: dict[str, list[dict]] = {}
-    for row in data.forget10:
-        rows_by_group.setdefault(group_of(row["subject"]), []).append(row)
-    rows_by_group["retain_sample"] = list(data.retain_sample)
-    reported_groups = set(options.splits)  # group_of names a reported split's people after the split
+    rows_by_group = group_rows(data)
+    reported_groups = set(data.group_people)  # every such group's people are in a requested split
     run_splits = list(options.splits)
     if options.validation_people:
         run_splits = validation_erasures(rows_by_group, data.split_people, options)

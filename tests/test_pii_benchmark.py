@@ -295,6 +295,30 @@ def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_
         validation_erasures(groups, {}, dataclasses.replace(options, validation_source="nowhere"))
 
 
+def test_one_split_run_alone_groups_its_rows_as_the_default_run_does():
+    """forget5 run alone lists its forget set group by group (forget1's people apart), as the default run
+    does, so both train on the same order; session 17's forget5-only run listed it in the data's order."""
+    from benchmarks.pii import group_rows, load_data, split_groups
+
+    default = load_data(PIIBenchOptions())
+    alone = load_data(dataclasses.replace(PIIBenchOptions(), splits=("forget5",)))
+    assert alone.trained_people == default.trained_people and list(alone.split_people) == ["forget5"]
+    assert list(alone.group_people) == list(default.group_people) == ["forget1", "forget5"]
+    assert group_rows(alone) == group_rows(default)
+
+    groups = group_rows(alone)
+    erased, _ = split_groups("forget5", groups, set(alone.split_people["forget5"]), set(alone.group_people))
+    forget_rows = [r["subject"] for g in erased for r in groups[g]]
+    assert sorted(erased) == ["forget1", "forget5"] and len(set(forget_rows)) == 10
+    assert set(default.split_people["forget1"]) < set(forget_rows)
+    assert forget_rows != [r["subject"] for r in alone.forget10 if r["subject"] in set(forget_rows)]  # not data order
+
+    # a larger split is never a group of a smaller one's run: forget5's other people stay "other" for forget1
+    only_forget1 = load_data(dataclasses.replace(PIIBenchOptions(), splits=("forget1",)))
+    assert list(only_forget1.group_people) == ["forget1"]
+    assert set(group_rows(only_forget1)) == {"forget1", "other", "retain_sample"}
+
+
 def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
     from benchmarks.pii import per_split
 
