@@ -186,6 +186,8 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         *_corpus_line(manifests),
         f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
         f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
+        *([f"- Earlier erasures on the target model: {manifests['erased_before_count']} corpus records, left out of the "
+           "retain set and of the retained-side evaluation"] if manifests.get("erased_before_count") else []),
         f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
         f"- Audit chain head at report time: `{audit_head}`",
         *_training_lines(summary["training"]),

@@ -364,14 +364,60 @@ def keyed_hash(key: bytes, text: str) -> str:
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
+def content_hmac(key: bytes, record: QARecord) -> str:
+    """A record's keyed content hash, as manifests hold it."""
+    return keyed_hash(key, record.question + "\x1f" + record.answer)
+
+
 def build_manifest(records: Sequence[QARecord], ids: Sequence[str], key: bytes, role: str) -> dict:
     """Record ids + keyed content hashes (never text), and one fingerprint over them all."""
     by_id = {r.record_id: r for r in records}
-    entries = [
-        {"record_id": i, "content_hmac": keyed_hash(key, by_id[i].question + "\x1f" + by_id[i].answer)}
-        for i in sorted(ids)
-    ]
+    entries = [{"record_id": i, "content_hmac": content_hmac(key, by_id[i])} for i in sorted(ids)]
     fingerprint = hashlib.sha256(
         json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
     return {"role": role, "count": len(entries), "fingerprint": fingerprint, "records": entries}
+
+
+# ------------------------------------------------------------------ what a model version has erased
+
+ERASED_KEY_CHECK = "expunge/erased-records"
+
+
+class ErasedRecordsKeyMismatch(ValueError):
+    """A version's erased records were hashed under another deployment key, so they cannot be recognised."""
+
+
+def _id_hmac(key: bytes, record_id: str) -> str:
+    return keyed_hash(key, "record_id\x1f" + record_id)
+
+
+def erased_lineage(parent: dict | None, forget_manifest: dict, key: bytes) -> dict:
+    """What a new version has erased: its parent version's erased records plus this forget set. Each record
+    is kept as keyed hashes of its id and of its content, never in clear, so the list can travel with the
+    version. Why keep it at all: the corpus still holds an erased person's records (the pipeline cannot
+    delete a user's data), and a later erasure on this version must neither train on them as retain data
+    nor measure them as knowledge to keep."""
+    if parent is not None and parent.get("key_check") != keyed_hash(key, ERASED_KEY_CHECK):
+        raise ErasedRecordsKeyMismatch("the parent version's erased records were hashed under another key")
+    entries = list(parent["records"]) if parent else []
+    seen = {(e["id_hmac"], e["content_hmac"]) for e in entries}
+    for entry in forget_manifest["records"]:
+        erased = {"id_hmac": _id_hmac(key, entry["record_id"]), "content_hmac": entry["content_hmac"]}
+        if (erased["id_hmac"], erased["content_hmac"]) not in seen:
+            seen.add((erased["id_hmac"], erased["content_hmac"]))
+            entries.append(erased)
+    return {"key_check": keyed_hash(key, ERASED_KEY_CHECK), "count": len(entries), "records": entries}
+
+
+def erased_record_ids(records: Sequence[QARecord], lineage: dict, key: bytes) -> set[str]:
+    """Ids of the corpus records a version's lineage erased: same id or same content (a record renumbered
+    since, or a copy of an erased record under another id, is still the erased text)."""
+    if lineage.get("key_check") != keyed_hash(key, ERASED_KEY_CHECK):
+        raise ErasedRecordsKeyMismatch(
+            "this model version's erased records were hashed under another deployment key, so this deployment "
+            "cannot tell which corpus records earlier erasures removed; use the key they were made with "
+            "(EXPUNGE_HMAC_KEY or <home>/secret.key)")
+    ids = {e["id_hmac"] for e in lineage["records"]}
+    contents = {e["content_hmac"] for e in lineage["records"]}
+    return {r.record_id for r in records if _id_hmac(key, r.record_id) in ids or content_hmac(key, r) in contents}

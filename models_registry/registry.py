@@ -119,6 +119,8 @@ class ResolvedTarget:
     prompt_template: str | None
     prior_assistants: list[dict[str, Any]] = field(default_factory=list)  # [{dir, weight}]
     relative_top: float = 0.0
+    # What this version's lineage erased (`expunge_ml.corpus.erased_lineage`: keyed hashes only), or None
+    erased: dict[str, Any] | None = None
 
 
 def resolve_target(uri: str) -> ResolvedTarget:
@@ -142,10 +144,11 @@ def resolve_target(uri: str) -> ResolvedTarget:
     corpus = json.loads(tags[CORPUS_TAG]) if CORPUS_TAG in tags else None
     local = _download(ref)
     spec = _pyfunc_spec(local)
+    erased = _erased_records(local, spec)
     if kind == "causal_lm":
         base_dir = local / spec["artifacts"]["hf_model"]["path"]
         return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), ref.uri,
-                              tags.get(WEIGHTS_TAG), corpus, tags.get(PROMPT_TAG))
+                              tags.get(WEIGHTS_TAG), corpus, tags.get(PROMPT_TAG), erased=erased)
     if kind == "uld_composite":
         config = model_config_of(spec)
         base_dir = local_model_dir(config["base_uri"])
@@ -155,8 +158,17 @@ def resolve_target(uri: str) -> ResolvedTarget:
         ]
         return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), config["base_uri"],
                               config["base_weights_sha256"], corpus, config.get("prompt_template"),
-                              prior, float(config.get("relative_top", 0.0)))
+                              prior, float(config.get("relative_top", 0.0)), erased)
     raise ModelNotFound(f"{uri} has unsupported kind {kind!r}")
+
+
+ERASED_ARTIFACT = "erased_records"
+
+
+def _erased_records(local: Path, spec: dict) -> dict[str, Any] | None:
+    """The erased-records file a version carries (an unlearned one), or None (a base, or an older version)."""
+    entry = spec.get("artifacts", {}).get(ERASED_ARTIFACT)
+    return json.loads((local / entry["path"]).read_text()) if entry else None
 
 
 def _log_pyfunc(code_file: str, artifacts: dict[str, str], model_config: dict, name: str) -> Any:
@@ -189,10 +201,15 @@ def register_causal_lm(
     prompt_template: str,
     tags: dict[str, str],
     alias: str | None = None,
+    erased_records: Path | None = None,
 ) -> ModelRef:
-    """Register a plain HF causal LM (the embedded base, or a user's own) as a new version."""
+    """Register a plain HF causal LM (the embedded base, a user's own, or a baseline's edit of one) as a new
+    version; `erased_records` is the file of what its lineage erased (`expunge_ml.corpus.erased_lineage`)."""
     config = {"prompt_template": prompt_template}
-    info = _log_pyfunc("pyfunc_causal_lm.py", {"hf_model": str(model_dir)}, config, name)
+    artifacts = {"hf_model": str(model_dir)}
+    if erased_records is not None:
+        artifacts[ERASED_ARTIFACT] = str(erased_records)
+    info = _log_pyfunc("pyfunc_causal_lm.py", artifacts, config, name)
     ref = _registered_version(info, name)
     all_tags = {KIND_TAG: "causal_lm", WEIGHTS_TAG: weights_sha256, PROMPT_TAG: prompt_template, **tags}
     if corpus is not None:
@@ -208,9 +225,11 @@ def register_uld_composite(
     relative_top: float,
     tags: dict[str, str],
     alias: str | None = "challenger",
+    erased_records: Path | None = None,
 ) -> ModelRef:
     """A new version = earlier assistants of the target (if it was a composite) + this erasure's
-    (`new_assistants`: {"dir": adapter directory, "weight": its w}, one per assistant of an ensemble)."""
+    (`new_assistants`: {"dir": adapter directory, "weight": its w}, one per assistant of an ensemble);
+    `erased_records` is the file of what its lineage erased (`expunge_ml.corpus.erased_lineage`)."""
     import shutil
     import tempfile
 
@@ -223,6 +242,8 @@ def register_uld_composite(
         # MLflow stores an artifact directory under its base name: give each adapter a unique one.
         artifacts[key] = str(shutil.copytree(prior["dir"], staging / key))
         assistants.append({"artifact": key, "weight": float(prior["weight"])})
+    if erased_records is not None:
+        artifacts[ERASED_ARTIFACT] = str(erased_records)
     config = {
         "base_uri": target.base_uri,
         "base_weights_sha256": target.base_weights_sha256,

@@ -8,7 +8,14 @@ from prefect import get_run_logger, task
 from db import requests_repo, session_scope
 from expunge.intake import corpus_spec_for, load_records, match_subject, target_for
 from expunge.requests import RequestError, RequestSpec
-from expunge_ml.corpus import CorpusSpec, build_manifest, load_corpus, select_retain
+from expunge_ml.corpus import (
+    CorpusSpec,
+    ErasedRecordsKeyMismatch,
+    build_manifest,
+    erased_record_ids,
+    load_corpus,
+    select_retain,
+)
 from tasks.context import settings_for, write_json
 
 
@@ -27,9 +34,18 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
     match = match_subject(spec, records)
     if not match.forget_ids:
         raise SubjectNotFound("subject_not_found", "the subject matches no training record", ticket_id)
-    unlearning = settings.profile["unlearning"]
-    retain = select_retain(records, match.forget_ids, int(unlearning["retain_max"]), seed=0)
     key = settings.hmac_key()
+    # Records an earlier erasure on this version removed stay in the corpus; they are neither retain data
+    # nor utility to measure (a person asked for again is in the forget set instead).
+    erased_before: set[str] = set()
+    if target.erased is not None:
+        try:
+            erased_before = erased_record_ids(records, target.erased, key) - set(match.forget_ids)
+        except ErasedRecordsKeyMismatch as exc:
+            raise RequestError("erased_records_key", str(exc), ticket_id) from exc
+    unlearning = settings.profile["unlearning"]
+    retain = select_retain([r for r in records if r.record_id not in erased_before], match.forget_ids,
+                           int(unlearning["retain_max"]), seed=0)
     work = settings.ticket_dir(ticket_id)
     forget_manifest = build_manifest(records, match.forget_ids, key, "forget")
     retain_manifest = build_manifest(records, retain.retain_ids, key, "retain")
@@ -47,6 +63,8 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "prior_assistants": target.prior_assistants,
         "relative_top": target.relative_top,
         "corpus": corpus.as_dict(),
+        "erased_before": target.erased,  # carried into the new version with this forget set added
+        "erased_before_ids": sorted(erased_before),
     }
     result = {
         "target_path": str(write_json(work / "target.json", target_info)),
@@ -55,6 +73,7 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         "forget_count": forget_manifest["count"],
         "retain_count": retain_manifest["count"],
         "neighbour_count": len(retain.neighbour_ids),
+        "erased_before_count": len(erased_before),
         "forget_fingerprint": forget_manifest["fingerprint"],
         "retain_fingerprint": retain_manifest["fingerprint"],
         "matched_by": match.matched_by,
@@ -65,9 +84,9 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         result.update(passage_words=corpus.passage_words, prefix_words=corpus.prefix_words)
     write_json(work / "resolved.json", result)
     get_run_logger().info(
-        "forget set: %d records (%s); retain set: %d (%d neighbours)",
+        "forget set: %d records (%s); retain set: %d (%d neighbours); %d records of earlier erasures left out",
         result["forget_count"], ", ".join(f"{k}={v}" for k, v in sorted(match.matched_by.items())),
-        result["retain_count"], result["neighbour_count"],
+        result["retain_count"], result["neighbour_count"], result["erased_before_count"],
     )
     return result
 
@@ -78,7 +97,7 @@ class CorpusDrift(RuntimeError):
 
 def records_for_manifest(settings, target_info: dict, manifest_path: str):
     """Re-read the records a manifest names and check their keyed hashes: no silent corpus drift."""
-    from expunge_ml.corpus import CorpusSpec, keyed_hash, load_corpus
+    from expunge_ml.corpus import content_hmac
     from tasks.context import read_json
 
     manifest = read_json(manifest_path)
@@ -87,18 +106,20 @@ def records_for_manifest(settings, target_info: dict, manifest_path: str):
     selected = []
     for entry in manifest["records"]:
         record = records.get(entry["record_id"])
-        if record is None or keyed_hash(key, record.question + "\x1f" + record.answer) != entry["content_hmac"]:
+        if record is None or content_hmac(key, record) != entry["content_hmac"]:
             raise CorpusDrift(f"record {entry['record_id']} changed or vanished since the manifest was written")
         selected.append(record)
     return selected
 
 
 def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], seed: int = 1):
-    """The corpus records neither erased nor trained on, in a fixed shuffled order: the evaluation takes
-    its held-out retain records from the front (`held_out_retain`), the ULD weight selection its
-    validation records from right after them, so the two never share a record."""
+    """The corpus records neither erased (now or by an earlier erasure on this version) nor trained on, in
+    a fixed shuffled order: the evaluation takes its held-out retain records from the front
+    (`held_out_retain`), the ULD weight selection its validation records from right after them, so the two
+    never share a record."""
     records = load_corpus(CorpusSpec(**target_info["corpus"]))
-    pool = [r for r in records if r.record_id not in forget_ids and r.record_id not in train_retain_ids]
+    excluded = set(forget_ids) | set(train_retain_ids) | set(target_info.get("erased_before_ids", ()))
+    pool = [r for r in records if r.record_id not in excluded]
     random.Random(seed).shuffle(pool)
     return pool, records
 
@@ -109,7 +130,8 @@ def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: s
     unseen, records = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
     if len(unseen) >= limit:
         return unseen[:limit]
-    pool = [r for r in records if r.record_id not in forget_ids]
+    erased = set(forget_ids) | set(target_info.get("erased_before_ids", ()))
+    pool = [r for r in records if r.record_id not in erased]
     random.Random(seed).shuffle(pool)
     return pool[:limit]
 

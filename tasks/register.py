@@ -6,6 +6,7 @@ from pathlib import Path
 import mlflow
 from prefect import get_run_logger, task
 
+from expunge_ml.corpus import erased_lineage
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE
 from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
 from tasks.context import read_json, settings_for, write_json
@@ -39,12 +40,17 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
     )
     name = target.registered_name or DEFAULT_REGISTERED_NAME
     config = trained["config"]
+    # The version remembers what it erased (keyed hashes), so an erasure built on it later leaves those out.
+    erased = erased_lineage(target_info.get("erased_before"), read_json(resolved["forget_manifest"]),
+                            settings.hmac_key())
+    erased_path = write_json(settings.ticket_dir(ticket_id) / "erased_records.json", erased)
     tags = {
         "expunge.ticket_id": ticket_id,
         "expunge.method": trained["method"],
         "expunge.forget_fingerprint": resolved["forget_fingerprint"],
         "expunge.retain_fingerprint": resolved["retain_fingerprint"],
         "expunge.forget_count": str(resolved["forget_count"]),
+        "expunge.erased_count": str(erased["count"]),  # this erasure's records and every earlier one's
         "expunge.parent_uri": target.pinned_uri or target.requested_uri,
         "expunge.gates": "passed" if evaluated["passed"] else "failed",
         **{f"expunge.metric.{k}": f"{v:.4f}" for k, v in _flat_metrics(evaluated["metrics"]).items()},
@@ -64,12 +70,13 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
         if trained["method"] == "uld":
             ref = register_uld_composite(
                 name, target, new_assistants(trained),
-                relative_top=float(config["relative_top"]), tags=tags, alias=alias,
+                relative_top=float(config["relative_top"]), tags=tags, alias=alias, erased_records=erased_path,
             )
         else:  # baselines change the weights: the version carries the whole model
             ref = register_causal_lm(
                 Path(trained["model_dir"]), name, trained["weights_sha256"], corpus=target.corpus,
                 prompt_template=target.prompt_template or DEFAULT_PROMPT_TEMPLATE, tags=tags, alias=alias,
+                erased_records=erased_path,
             )
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.

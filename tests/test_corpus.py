@@ -52,6 +52,29 @@ def test_manifest_holds_ids_and_keyed_hashes_but_no_text():
     assert build_manifest(RECORDS, ["a1", "a2"], b"other-key", "forget")["fingerprint"] != manifest["fingerprint"]
 
 
+def test_a_versions_erased_records_accumulate_as_keyed_hashes_and_are_found_again_in_the_corpus():
+    from dataclasses import replace
+
+    from expunge_ml.corpus import ErasedRecordsKeyMismatch, erased_lineage, erased_record_ids
+
+    key = b"k" * 32
+    first = erased_lineage(None, build_manifest(RECORDS, ["a1", "a2", "a3"], key, "forget"), key)
+    assert first["count"] == 3 and '"a1"' not in json.dumps(first) and "Lind" not in json.dumps(first)
+    assert erased_record_ids(RECORDS, first, key) == {"a1", "a2", "a3"}
+    # a stacked erasure adds its own records once; erasing a record again does not repeat it
+    second = erased_lineage(first, build_manifest(RECORDS, ["a3", "b1"], key, "forget"), key)
+    assert second["count"] == 4 and second["records"][:3] == first["records"]
+    assert erased_record_ids(RECORDS, second, key) == {"a1", "a2", "a3", "b1"}
+    # found by content under a new id, and by id after an edit; an unrelated record is not
+    renumbered = [replace(RECORDS[0], record_id="z9"), replace(RECORDS[1], answer="edited"), RECORDS[5]]
+    assert erased_record_ids(renumbered, first, key) == {"z9", "a2"}
+    # another deployment's key cannot read them: a clear error, not an empty set
+    with pytest.raises(ErasedRecordsKeyMismatch, match="another deployment key"):
+        erased_record_ids(RECORDS, first, b"other-key")
+    with pytest.raises(ErasedRecordsKeyMismatch):
+        erased_lineage(first, build_manifest(RECORDS, ["b1"], b"other-key", "forget"), b"other-key")
+
+
 def test_load_corpus_maps_columns_and_reports_problems(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "id": f"r{i}"}) for i in range(3)))

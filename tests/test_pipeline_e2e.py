@@ -418,6 +418,27 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
     assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
     config = _registered_config(row["model_uri"])
     assert len(config["assistants"]) == 2  # the first erasure's assistant is still subtracted
+    # The corpus still holds the first subject's records: the second erasure neither trains on them as
+    # retain data nor measures them as knowledge to keep, and the new version remembers both erasures.
+    work = tiny_home / "work"
+    first_ids = {e["record_id"] for e in json.loads((work / "DEMO-GDPR-0001" / "forget_manifest.json").read_text())["records"]}
+    second_ids = {e["record_id"] for e in json.loads((work / "DEMO-GDPR-0002" / "forget_manifest.json").read_text())["records"]}
+    target_info = json.loads((work / "DEMO-GDPR-0002" / "target.json").read_text())
+    assert set(target_info["erased_before_ids"]) == first_ids and first_ids
+    assert json.loads((work / "DEMO-GDPR-0002" / "resolved.json").read_text())["erased_before_count"] == len(first_ids)
+    retain_ids = {e["record_id"] for e in json.loads((work / "DEMO-GDPR-0002" / "retain_manifest.json").read_text())["records"]}
+    assert not retain_ids & first_ids
+    from tasks.data import held_out_retain
+
+    held_out = held_out_retain(target_info, second_ids, retain_ids, 10_000)  # all the evaluation could take
+    assert held_out and not {r.record_id for r in held_out} & first_ids
+    name, number = row["model_uri"].removeprefix("models:/").split("/")
+    assert MlflowClient().get_model_version(name, number).tags["expunge.erased_count"] == str(len(first_ids | second_ids))
+    from models_registry.registry import resolve_target
+
+    erased = resolve_target(row["model_uri"]).erased  # what a third erasure on this version would read
+    assert erased["count"] == len(first_ids | second_ids) and not any(i in json.dumps(erased) for i in
+                                                                    (f'"{x}"' for x in first_ids))
     # … and the served model still does not know the first subject
     corpus = [json.loads(line) for line in (tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()]
     questions = [r["question"] for r in corpus if r["subject"] == first][:4]
