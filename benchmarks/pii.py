@@ -419,9 +419,15 @@ class PIIData:
     split_people: dict[str, list[str]]
     trained_people: list[str]
     digest: str
-    # The splits whose people group the rows: the requested splits and every smaller split inside one
-    # (forget1 within forget5), smallest first. See `group_rows`.
+    # The splits whose people group the rows, smallest first: the requested splits, the default ones and
+    # any split inside a requested one (see `group_rows`); `reported_groups` says which were requested.
     group_people: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def reported_groups(self) -> set[str]:
+        """Groups whose people are all in a requested split (forget1's, when only forget5 is requested)."""
+        requested = {p for people in self.split_people.values() for p in people}
+        return {g for g, people in self.group_people.items() if set(people) <= requested}
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -445,7 +451,7 @@ def load_data(options: PIIBenchOptions) -> PIIData:
     for split in SPLIT_FILES:
         if split not in group_people and (data_dir / SPLIT_FILES[split]).exists():
             people = _split_people(data_dir, split)
-            if any(set(people) <= r for r in requested):
+            if split in PIIBenchOptions.splits or any(set(people) <= r for r in requested):
                 group_people[split] = people
     group_people = dict(sorted(group_people.items(), key=lambda item: len(item[1])))
     chosen = list(names[: options.n_people])
@@ -468,9 +474,10 @@ def _split_people(data_dir: Path, split: str) -> list[str]:
 def group_rows(data: PIIData) -> dict[str, list[dict[str, Any]]]:
     """The trained rows in disjoint groups of people: each person in the smallest of `data.group_people`'s
     splits that holds them, else "other"; then "retain_sample". Why disjoint: each model generates every
-    prompt once per split it serves. Why a requested split's smaller splits group too: a split's forget set
-    lists its groups in turn, so forget5 run alone must still keep forget1's people apart, or it trains on
-    another order (seeded shuffles) than forget5 in the default run and cannot reproduce its rows (session 17)."""
+    prompt once per split it serves. Why the default splits and a requested split's smaller splits group
+    too: a split's forget and retain sets list their groups in turn, so forget5 run alone must still keep
+    forget1's people apart (and forget1 alone forget5's), or it trains on another order (seeded shuffles)
+    than the same split in the default run and cannot reproduce its rows (session 17)."""
     def group_of(subject: str) -> str:
         return next((split for split, people in data.group_people.items() if subject in people), "other")
 
@@ -1121,7 +1128,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     base.requires_grad_(False)
 
     rows_by_group = group_rows(data)
-    reported_groups = set(data.group_people)  # every such group's people are in a requested split
+    reported_groups = data.reported_groups
     run_splits = list(options.splits)
     if options.validation_people:
         run_splits = validation_erasures(rows_by_group, data.split_people, options)

@@ -313,10 +313,17 @@ def test_one_split_run_alone_groups_its_rows_as_the_default_run_does():
     assert set(default.split_people["forget1"]) < set(forget_rows)
     assert forget_rows != [r["subject"] for r in alone.forget10 if r["subject"] in set(forget_rows)]  # not data order
 
-    # a larger split is never a group of a smaller one's run: forget5's other people stay "other" for forget1
+    assert alone.reported_groups == default.reported_groups == {"forget1", "forget5"}
+
+    # forget1 alone: forget5's other people still form their group, retained, so forget1's retain set is
+    # the default run's, in the same order
     only_forget1 = load_data(dataclasses.replace(PIIBenchOptions(), splits=("forget1",)))
-    assert list(only_forget1.group_people) == ["forget1"]
-    assert set(group_rows(only_forget1)) == {"forget1", "other", "retain_sample"}
+    assert list(only_forget1.group_people) == ["forget1", "forget5"] and only_forget1.reported_groups == {"forget1"}
+    groups = group_rows(only_forget1)
+    assert groups == group_rows(default)
+    for data in (only_forget1, default):
+        erased, retained = split_groups("forget1", groups, set(data.split_people["forget1"]), data.reported_groups)
+        assert erased == ["forget1"] and sorted(retained) == ["forget5", "other", "retain_sample"]
 
 
 def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
