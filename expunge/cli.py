@@ -222,6 +222,30 @@ def reject(
     _release(ticket_id, "reject", reviewer, note)
 
 
+@app.command()
+def lineage(
+    model_uri: str = typer.Argument(..., help="A registered version: models:/NAME@ALIAS or models:/NAME/N."),
+    as_json: bool = typer.Option(False, "--json", help="The versions as JSON, for scripts."),
+) -> None:
+    """Show a model version and every version it was built on: the tickets whose erasures it contains."""
+    from expunge.service import model_lineage
+
+    try:
+        rows = model_lineage(state.settings, model_uri)
+    except RequestError as exc:
+        fail(f"{exc} [{exc.reason_code}]", 2)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table("version", "aliases", "ticket", "method", "gates", "release", "erased records", "assistants")
+    for row in rows:
+        table.add_row(row["uri"], ", ".join(row["aliases"]), row["ticket_id"] or "(base)", row["method"] or "",
+                      row["gates"] or "", " ".join(v for v in (row["release"], row["reviewer"]) if v),
+                      "" if row["erased_records"] is None else str(row["erased_records"]),
+                      "" if row["assistants"] is None else str(row["assistants"]))
+    out.print(table)
+
+
 @audit_app.command("verify")
 def audit_verify(expected_head: Optional[str] = typer.Option(None, help="Head hash recorded elsewhere (detects a truncated tail).")) -> None:
     """Recompute every hash of the audit chain; exit 1 and name each broken event if tampered."""

@@ -186,6 +186,17 @@ def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[
         return rows
 
 
+def model_lineage(settings: Settings, uri: str) -> list[dict[str, Any]]:
+    """A registered version and the versions it was built on, newest first (`models_registry.registry.lineage`)."""
+    from models_registry.registry import ModelNotFound, lineage
+
+    _configure_registry(settings)
+    try:
+        return lineage(uri)
+    except ModelNotFound as exc:
+        raise RequestError("unknown_model", str(exc)) from exc
+
+
 def verify_audit(settings: Settings, expected_head: str | None = None):
     with session_scope(settings.db_url) as session:
         return verify_chain(session, expected_head=expected_head)

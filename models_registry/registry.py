@@ -275,6 +275,43 @@ def aliases_of(ref: ModelRef) -> list[str]:
     return list(MlflowClient().get_model_version(ref.name, ref.version).aliases)
 
 
+# ------------------------------------------------------------------ lineage (what a version contains)
+
+
+def lineage(uri: str, max_versions: int = 1000) -> list[dict[str, Any]]:
+    """The version `uri` names, then each version it was built on (tag `expunge.parent_uri`), down to the base:
+    which ticket made each, how, whether its gates passed, the release decision, how many corpus records its
+    lineage erased (`expunge.erased_count`) and, for a composite, how many assistants it serves. For auditors:
+    the erasures a served model contains are exactly the tickets on this path."""
+    rows: list[dict[str, Any]] = []
+    seen: set[ModelRef] = set()
+    client = MlflowClient()
+    current: str | None = uri
+    while current and current.startswith("models:/") and len(rows) < max_versions:
+        ref = pin(current)
+        if ref in seen:
+            raise ValueError(f"{ref.uri} is its own ancestor (its expunge.parent_uri tags form a loop)")
+        seen.add(ref)
+        version = client.get_model_version(ref.name, ref.version)
+        tags = dict(version.tags)
+        spec = _pyfunc_spec(_download(ref)) if tags.get(KIND_TAG) == "uld_composite" else {}
+        rows.append({
+            "uri": ref.uri,
+            "aliases": sorted(version.aliases),
+            "kind": tags.get(KIND_TAG, "causal_lm"),
+            "ticket_id": tags.get("expunge.ticket_id"),
+            "method": tags.get("expunge.method"),
+            "gates": tags.get("expunge.gates"),
+            "release": tags.get("expunge.release.decision"),
+            "reviewer": tags.get("expunge.release.reviewer"),
+            "erased_records": int(tags["expunge.erased_count"]) if "expunge.erased_count" in tags else None,
+            "assistants": len(model_config_of(spec).get("assistants", [])) if spec else None,
+            "parent_uri": tags.get("expunge.parent_uri"),
+        })
+        current = tags.get("expunge.parent_uri")
+    return rows
+
+
 # ------------------------------------------------------------------ release (human approval)
 
 CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"

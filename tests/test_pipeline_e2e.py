@@ -439,6 +439,19 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
     erased = resolve_target(row["model_uri"]).erased  # what a third erasure on this version would read
     assert erased["count"] == len(first_ids | second_ids) and not any(i in json.dumps(erased) for i in
                                                                     (f'"{x}"' for x in first_ids))
+    # an auditor reads the same from the lineage: this version, the released first erasure, the base
+    shown = cli(tiny_home, "lineage", row["model_uri"], "--json")
+    assert shown.exit_code == 0, shown.output
+    versions = json.loads(shown.stdout)
+    assert [v["ticket_id"] for v in versions] == ["DEMO-GDPR-0002", "DEMO-GDPR-0001", None]
+    assert [v["erased_records"] for v in versions] == [len(first_ids | second_ids), len(first_ids), None]
+    assert [v["assistants"] for v in versions] == [2, 1, None] and versions[2]["kind"] == "causal_lm"
+    assert versions[1]["release"] == "approve" and "champion" in versions[1]["aliases"]
+    assert versions[0]["parent_uri"] == versions[1]["uri"] and versions[1]["parent_uri"] == versions[2]["uri"]
+    table = cli(tiny_home, "lineage", "models:/expunge-sample-llm@champion")
+    assert table.exit_code == 0 and "DEMO-GDPR-0001" in table.stdout and "(base)" in table.stdout
+    unknown = cli(tiny_home, "lineage", "models:/no-such-model@champion")
+    assert unknown.exit_code == 2 and "[unknown_model]" in unknown.stderr and "Traceback" not in unknown.output
     # … and the served model still does not know the first subject
     corpus = [json.loads(line) for line in (tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()]
     questions = [r["question"] for r in corpus if r["subject"] == first][:4]
