@@ -392,14 +392,22 @@ def _id_hmac(key: bytes, record_id: str) -> str:
     return keyed_hash(key, "record_id\x1f" + record_id)
 
 
+def _check_erased_key(lineage: dict, key: bytes) -> None:
+    if lineage.get("key_check") != keyed_hash(key, ERASED_KEY_CHECK):
+        raise ErasedRecordsKeyMismatch(
+            "this model version's erased records were hashed under another deployment key, so this deployment "
+            "cannot tell which corpus records earlier erasures removed; use the key they were made with "
+            "(EXPUNGE_HMAC_KEY or <home>/secret.key)")
+
+
 def erased_lineage(parent: dict | None, forget_manifest: dict, key: bytes) -> dict:
     """What a new version has erased: its parent version's erased records plus this forget set. Each record
     is kept as keyed hashes of its id and of its content, never in clear, so the list can travel with the
     version. Why keep it at all: the corpus still holds an erased person's records (the pipeline cannot
     delete a user's data), and a later erasure on this version must neither train on them as retain data
     nor measure them as knowledge to keep."""
-    if parent is not None and parent.get("key_check") != keyed_hash(key, ERASED_KEY_CHECK):
-        raise ErasedRecordsKeyMismatch("the parent version's erased records were hashed under another key")
+    if parent is not None:
+        _check_erased_key(parent, key)
     entries = list(parent["records"]) if parent else []
     seen = {(e["id_hmac"], e["content_hmac"]) for e in entries}
     for entry in forget_manifest["records"]:
@@ -412,12 +420,9 @@ def erased_lineage(parent: dict | None, forget_manifest: dict, key: bytes) -> di
 
 def erased_record_ids(records: Sequence[QARecord], lineage: dict, key: bytes) -> set[str]:
     """Ids of the corpus records a version's lineage erased: same id or same content (a record renumbered
-    since, or a copy of an erased record under another id, is still the erased text)."""
-    if lineage.get("key_check") != keyed_hash(key, ERASED_KEY_CHECK):
-        raise ErasedRecordsKeyMismatch(
-            "this model version's erased records were hashed under another deployment key, so this deployment "
-            "cannot tell which corpus records earlier erasures removed; use the key they were made with "
-            "(EXPUNGE_HMAC_KEY or <home>/secret.key)")
+    since, or a copy of an erased record under another id, is still the erased text; an id reused for other
+    text is left out too, which only errs on the side of not training on it)."""
+    _check_erased_key(lineage, key)
     ids = {e["id_hmac"] for e in lineage["records"]}
     contents = {e["content_hmac"] for e in lineage["records"]}
     return {r.record_id for r in records if _id_hmac(key, r.record_id) in ids or content_hmac(key, r) in contents}
