@@ -92,6 +92,11 @@ def _download(ref: ModelRef) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri))
 
 
+def _pyfunc_spec_only(ref: ModelRef) -> dict[str, Any]:
+    """A version's pyfunc spec from its MLmodel file alone, without fetching its weights or adapters."""
+    return _pyfunc_spec(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{ref.uri}/MLmodel")).parent)
+
+
 def local_model_dir(uri: str) -> str:
     """Where to load a `causal_lm` version from: a downloaded artifact dir (or the path / hub id as given)."""
     if not uri.startswith("models:/"):
@@ -294,7 +299,7 @@ def lineage(uri: str, max_versions: int = 1000) -> list[dict[str, Any]]:
         seen.add(ref)
         version = client.get_model_version(ref.name, ref.version)
         tags = dict(version.tags)
-        spec = _pyfunc_spec(_download(ref)) if tags.get(KIND_TAG) == "uld_composite" else {}
+        spec = _pyfunc_spec_only(ref) if tags.get(KIND_TAG) == "uld_composite" else {}
         rows.append({
             "uri": ref.uri,
             "aliases": sorted(version.aliases),

@@ -112,13 +112,18 @@ def records_for_manifest(settings, target_info: dict, manifest_path: str):
     return selected
 
 
+def _erased(target_info: dict, forget_ids: set[str]) -> set[str]:
+    """This request's forget ids and the records earlier erasures on the target version removed."""
+    return set(forget_ids) | set(target_info.get("erased_before_ids", ()))
+
+
 def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], seed: int = 1):
     """The corpus records neither erased (now or by an earlier erasure on this version) nor trained on, in
     a fixed shuffled order: the evaluation takes its held-out retain records from the front
     (`held_out_retain`), the ULD weight selection its validation records from right after them, so the two
     never share a record."""
     records = load_corpus(CorpusSpec(**target_info["corpus"]))
-    excluded = set(forget_ids) | set(train_retain_ids) | set(target_info.get("erased_before_ids", ()))
+    excluded = _erased(target_info, forget_ids) | set(train_retain_ids)
     pool = [r for r in records if r.record_id not in excluded]
     random.Random(seed).shuffle(pool)
     return pool, records
@@ -130,7 +135,7 @@ def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: s
     unseen, records = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
     if len(unseen) >= limit:
         return unseen[:limit]
-    erased = set(forget_ids) | set(target_info.get("erased_before_ids", ()))
+    erased = _erased(target_info, forget_ids)
     pool = [r for r in records if r.record_id not in erased]
     random.Random(seed).shuffle(pool)
     return pool[:limit]
