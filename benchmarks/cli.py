@@ -222,6 +222,66 @@ def quantization(
     typer.echo(f"wrote {out_dir / 'quantization.json'}, quantization.md")
 
 
+@benchmark_app.command("documents")
+def documents(
+    profile: str = typer.Option("demo", help="the profile whose ULD / baseline / evaluation settings and "
+                                "copyright_takedown gates are measured (a name or a YAML path)"),
+    splits: str = typer.Option("forget01,forget05", help="comma-separated TOFU splits whose authors' documents are taken down"),
+    methods: str = typer.Option("uld,ga,npo", help="comma-separated: uld, ga, graddiff, kl, npo, simnpo, idkdpo, rmu"),
+    dev_authors: int = typer.Option(0, help="take down the first N trained retain authors instead of --splits "
+                                    "(a development split: choose settings without the reported takedowns)"),
+    n_retain_authors: int = typer.Option(20, help="authors trained besides the largest split's forget authors"),
+    holdout_authors: int = typer.Option(5, help="never-trained authors: membership-inference non-members"),
+    passage_words: int = typer.Option(64, help="words per passage (a request's corpus.passage_words)"),
+    prefix_words: int = typer.Option(16, help="opening words that prompt each passage (corpus.prefix_words)"),
+    uld_weight: Optional[float] = typer.Option(None, help="override the profile's ULD w"),
+    uld_target_forget_loss: Optional[float] = typer.Option(None, help="override the profile's ULD target_forget_loss"),
+    uld_epochs: Optional[int] = typer.Option(None, help="override the profile's ULD epochs"),
+    uld_retain_weight: Optional[float] = typer.Option(None, help="override the profile's ULD retain_weight (λ)"),
+    uld_extra_weights: str = typer.Option("", help="comma-separated extra w for the same trained assistants, "
+                                          "rows uld(w=…)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="override the profile's evaluation max_new_tokens "
+                                                 "(the floor: answers get as many tokens as the longest needs)"),
+    base_epochs: int = typer.Option(200, help="most epochs of the base's training (it stops at --base-target-loss)"),
+    base_target_loss: float = typer.Option(0.05),
+    min_base_rougel: float = typer.Option(0.9, "--min-base-rougeL", help="stop unless the base continues the documents "
+                                          "to be taken down at least this well (ROUGE-L recall)"),
+    data_dir: Optional[Path] = typer.Option(None, help="TOFU files (default ../shared/datasets/tofu)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="cache of documents and trained models (default ~/.cache/expunge-bench)"),
+    out_dir: Optional[Path] = typer.Option(None, help="where documents.json / documents.md go (default benchmarks/results)"),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads"),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU when torch sees one, else the CPU) | cpu | cuda[:N]"),
+    json_out: bool = typer.Option(False, "--json", help="print the report JSON instead of the table"),
+) -> None:
+    """Copyright takedowns of TOFU author profiles as documents: a profile's methods, evidence and gates, MUSE-style."""
+    from expunge.settings import ProfileError
+    from expunge_ml.tofu import TofuDataError
+
+    from .documents import DocumentBenchOptions, print_table, run_documents_benchmark
+    from .tofu import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR
+
+    opts = DocumentBenchOptions(
+        data_dir=str(data_dir or DEFAULT_DATA_DIR), cache_dir=str(cache_dir or DEFAULT_CACHE_DIR),
+        out_dir=str(out_dir or DEFAULT_OUT_DIR), profile=profile, splits=_csv(splits), methods=_csv(methods),
+        dev_authors=dev_authors, n_retain_authors=n_retain_authors, holdout_authors=holdout_authors,
+        passage_words=passage_words, prefix_words=prefix_words, uld_weight=uld_weight,
+        uld_target_forget_loss=uld_target_forget_loss, uld_epochs=uld_epochs, uld_retain_weight=uld_retain_weight,
+        uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)), max_new_tokens=max_new_tokens,
+        base_epochs=base_epochs, base_target_loss=base_target_loss, min_base_rougeL=min_base_rougel, seed=seed,
+        threads=threads, device=device, quiet=json_out,
+    )
+    try:
+        report = run_documents_benchmark(opts, command=invoked_command("documents"))
+    except (ValueError, TofuDataError, ProfileError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
 @benchmark_app.command("export-smollm2")
 def export_smollm2_command(
     out_dir: Path = typer.Argument(..., help="directory to write the plain HF model + tokenizer to"),

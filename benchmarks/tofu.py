@@ -323,29 +323,33 @@ def _train_settings(opts: TofuBenchOptions) -> dict:
     }
 
 
-def _load_or_train_tokenizer(opts: TofuBenchOptions, plan: Plan, cache: Path, log: Callable[[str], None]):
+def _load_or_train_tokenizer(opts, pairs: Sequence[tuple[str, str]], cache: Path, log: Callable[[str], None]):
+    """The benchmark's BPE tokenizer fitted on `pairs` (cached by them), or a pre-trained model's own.
+    `opts`: any benchmark options with `pretrained` and `vocab_size`."""
     from transformers import AutoTokenizer
 
     from expunge_ml.modeling import train_bpe_tokenizer
 
     if opts.pretrained:  # the model's own tokenizer; the key pins the exact weights it came with
         return AutoTokenizer.from_pretrained(opts.pretrained), _sha({"pretrained": pretrained_identity(opts.pretrained)})[:16]
-    key = _sha({"v": CACHE_VERSION, "kind": "tokenizer", "vocab": opts.vocab_size, "pairs": plan.base_pairs})[:16]
+    key = _sha({"v": CACHE_VERSION, "kind": "tokenizer", "vocab": opts.vocab_size, "pairs": list(pairs)})[:16]
     path = cache / f"tokenizer-{key}"
     if (path / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(path), key
     log(f"training BPE tokenizer (vocab {opts.vocab_size}) on the benchmark's training text")
-    tokenizer = train_bpe_tokenizer((f"{q} {a}" for q, a in plan.base_pairs), opts.vocab_size)
+    tokenizer = train_bpe_tokenizer((f"{q} {a}" for q, a in pairs), opts.vocab_size)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(path)
     return AutoTokenizer.from_pretrained(path), key
 
 
 def _load_or_train_model(
-    role: str, pairs: list[tuple[str, str]], tokenizer, tokenizer_key: str, opts: TofuBenchOptions,
-    cache: Path, log: Callable[[str], None], device,
+    role: str, pairs: list[tuple[str, str]], tokenizer, tokenizer_key: str, opts,
+    cache: Path, log: Callable[[str], None], device, prompt_template: str | None = None,
 ):
-    """(model, meta): from the cache when the same tokenizer + shape + settings + pairs were trained before."""
+    """(model, meta): from the cache when the same tokenizer + shape + settings + pairs were trained before.
+    `opts`: any benchmark options with the model fields of TofuBenchOptions (shape, base_*, seed,
+    pretrained). `prompt_template`: how a pair is laid out for training (None: the QA frame)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -356,9 +360,11 @@ def _load_or_train_model(
     # The thread count and the device change the float summation order, hence the trained weights:
     # a model trained another way is another model, not a cache hit.
     build = {"threads": torch.get_num_threads(), "device": torch.device(device).type}
+    # the QA frame's key is the key before templates existed, so TOFU's cached models stay valid
+    template = {} if prompt_template is None else {"prompt_template": prompt_template}
     key = _sha({
         "v": CACHE_VERSION, "tokenizer": tokenizer_key, "shape": init,
-        "train": _train_settings(opts), "pairs": pairs, "build": build,
+        "train": _train_settings(opts), "pairs": pairs, "build": build, **template,
     })[:16]
     path = cache / f"model-{key}"
     meta_path = path / "bench_meta.json"
@@ -369,7 +375,7 @@ def _load_or_train_model(
         meta["cached"] = True
         log(f"{role}: loaded from cache {path}")
         return model, meta
-    log(f"{role}: training on {len(pairs)} QA pairs (cache key {key})")
+    log(f"{role}: training on {len(pairs)} pairs (cache key {key})")
     if opts.pretrained:
         model = AutoModelForCausalLM.from_pretrained(opts.pretrained, dtype=torch.float32).to(device)
     else:
@@ -381,7 +387,8 @@ def _load_or_train_model(
             log(f"  {role} epoch {epoch}: loss {loss:.4f}")
 
     with peak_memory(device) as mem:
-        report = train_on_qa(model, tokenizer, PromptFormat(), pairs, progress=progress, **settings)
+        fmt = PromptFormat() if prompt_template is None else PromptFormat(template=prompt_template)
+        report = train_on_qa(model, tokenizer, fmt, pairs, progress=progress, **settings)
     meta = {
         "role": role, "key": key, "n_pairs": len(pairs), "epochs": report.epochs, "steps": report.steps,
         "final_loss": report.final_loss, "train_seconds": report.seconds, "peak_mem_mb": mem.peak_mb,
@@ -573,7 +580,7 @@ def _run(opts: TofuBenchOptions, command: str, log: Callable[[str], None], start
     log(f"authors: {len(plan.authors)} ({len(plan.retain_authors)} retain + forget {plan.forget_authors}); "
         f"base pairs {len(plan.base_pairs)} (world knowledge {len(plan.world_pairs)})")
 
-    tokenizer, tok_key = _load_or_train_tokenizer(opts, plan, cache, log)
+    tokenizer, tok_key = _load_or_train_tokenizer(opts, plan.base_pairs, cache, log)
     log(f"device: {device}")
     base, base_meta = _load_or_train_model("base", plan.base_pairs, tokenizer, tok_key, opts, cache, log, device)
     base.requires_grad_(False)

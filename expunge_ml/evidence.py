@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from .fluency import fluency_report
 from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
-from .prompting import PromptFormat
+from .prompting import PromptFormat, encode_answer
 from .quantization import nf4_quantized_copy, quantized_copy
 from .truth_ratio_eval import truth_ratios
 
@@ -68,7 +68,10 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class EvidenceOptions:
+    # Greedy answers get at least max_new_tokens, and as many more as the longest forget or retain answer
+    # needs, up to max_new_tokens_cap (`generation_budget`).
     max_new_tokens: int = 40
+    max_new_tokens_cap: int = 256
     batch_size: int = 16
     quant_bits: tuple[int, ...] = (8, 4)
     quant_group_size: int | None = 64
@@ -76,6 +79,21 @@ class EvidenceOptions:
     fluency: bool = True
     verbmem: bool = True
     mia_k: float = 0.2  # Min-K%: share of lowest-scoring tokens averaged
+
+    @classmethod
+    def from_profile(cls, config: Mapping[str, Any]) -> "EvidenceOptions":
+        """From a profile's `evaluation` section (max_new_tokens and batch_size required, the rest optional)."""
+        return cls(
+            max_new_tokens=int(config["max_new_tokens"]),
+            max_new_tokens_cap=int(config.get("max_new_tokens_cap", 256)),
+            batch_size=int(config["batch_size"]),
+            quant_bits=tuple(config.get("quant_bits", (8, 4))),
+            quant_group_size=config.get("quant_group_size", 64),
+            quant_nf4=bool(config.get("quant_nf4", True)),
+            fluency=bool(config.get("fluency", True)),
+            verbmem=bool(config.get("verbmem", True)),
+            mia_k=float(config.get("mia_k", 0.2)),
+        )
 
 
 def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = ()) -> list[PIIProbe]:
@@ -95,6 +113,19 @@ def probes_for(records: Sequence[QARecord], extra_identifiers: Sequence[str] = (
             identifiers=identifiers,
         ))
     return probes
+
+
+def generation_budget(tokenizer, fmt: PromptFormat, records: Sequence[QARecord], floor: int, cap: int) -> int:
+    """New tokens a greedy answer may take: enough for the longest of `records`' answers (its EOS included),
+    at least `floor`, at most `cap`.
+
+    Why: ROUGE-L recall against an answer the model had no room to finish is low for every model, so a
+    forget gate on it passes on truncation rather than on forgetting. A document passage's continuation is
+    ~80 tokens (TOFU author profiles cut at 64 words), where the profiles' QA setting generates 40: the base
+    itself would score ~0.5.
+    """
+    longest = max((len(encode_answer(tokenizer, fmt, r.answer)) for r in records), default=0)
+    return max(floor, min(cap, longest))
 
 
 def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 0.05) -> float | None:
@@ -121,10 +152,11 @@ def collect_evidence(
 ) -> dict[str, Any]:
     """`holdout`: records of the same kind the model never trained on (membership-inference non-members);
     without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped")."""
-    kwargs = {"max_new_tokens": options.max_new_tokens, "batch_size": options.batch_size}
     splits = {"forget": list(forget), "retain": list(retain)}
+    budget = generation_budget(tokenizer, fmt, [*forget, *retain], options.max_new_tokens, options.max_new_tokens_cap)
+    kwargs = {"max_new_tokens": budget, "batch_size": options.batch_size}
     models = {"base": before, "unlearned": after}
-    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}}
+    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}, "max_new_tokens": budget}
     verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
     for name, served in models.items():
         source = served.source()
@@ -137,7 +169,7 @@ def collect_evidence(
         evidence["muse"][name] = {
             "knowmem_forget": m["forget"]["rougeL_f1"],
             "knowmem_retain": m["retain"]["rougeL_f1"],
-            "verbmem_forget": verbmem(source, tokenizer, verbatim, options.max_new_tokens, options.batch_size),
+            "verbmem_forget": verbmem(source, tokenizer, verbatim, budget, options.batch_size),
             "n_verbmem_probes": len(verbatim),
         }
         if holdout:

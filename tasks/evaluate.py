@@ -11,19 +11,6 @@ from tasks.data import held_out_retain, records_for_manifest
 from tasks.unlearn import load_base, new_assistants, prompt_format, served_model
 
 
-def evidence_options(config: dict) -> EvidenceOptions:
-    return EvidenceOptions(
-        max_new_tokens=int(config["max_new_tokens"]),
-        batch_size=int(config["batch_size"]),
-        quant_bits=tuple(config.get("quant_bits", (8, 4))),
-        quant_group_size=config.get("quant_group_size", 64),
-        quant_nf4=bool(config.get("quant_nf4", True)),
-        fluency=bool(config.get("fluency", True)),
-        verbmem=bool(config.get("verbmem", True)),
-        mia_k=float(config.get("mia_k", 0.2)),
-    )
-
-
 @task(name="evaluate-unlearning")
 def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict) -> dict:
     settings = settings_for(home, profile)
@@ -51,7 +38,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     holdout = [r for r in load_holdout(corpus) if r.question not in forget_questions][: int(config.get("holdout_max", 64))]
     evidence = collect_evidence(
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
-        evidence_options(config), holdout=holdout,
+        EvidenceOptions.from_profile(config), holdout=holdout,
     )
     gates = [g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"]))]
     result = {

@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from expunge_ml.evidence import ServedModel
 from expunge_ml.methods.uld import (ULDConfig, build_assistant, ensemble_members, ensemble_weights, load_assistant,
                                    save_assistant, train_assistant, training_pairs)
+from expunge_ml.methods.registry import uld_config_for
 from expunge_ml.modeling import load_causal_lm, weights_fingerprint
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
 from tasks.context import read_json, request_spec, settings_for, write_json
@@ -52,7 +53,7 @@ def anchors_for(spec) -> dict[str, str]:
 @task(name="unlearn-full-model")
 def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, method: str) -> dict:
     """A baseline (GA, NPO, …) edits a copy of the base itself; the result is a full model version."""
-    from expunge_ml.methods.registry import get_method, make_config
+    from expunge_ml.methods.registry import baseline_config_for, get_method
 
     settings = settings_for(home, profile)
     logger = get_run_logger()
@@ -65,8 +66,7 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
     spec = request_spec(settings, ticket_id)
     forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
-    baselines = settings.profile["unlearning"].get("baselines", {})
-    config = make_config(method, {**baselines.get("defaults", {}), **baselines.get(method, {})})
+    config = baseline_config_for(settings.profile["unlearning"], method)
     model, tokenizer = load_base(target_info, settings.device, settings.dtype)
     extra = {"anchors": anchors_for(spec)} if method == "whp" else {}
     report = get_method(method).unlearn(
@@ -88,16 +88,6 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
     write_json(settings.ticket_dir(ticket_id) / "training.json", result)
     logger.info("%s finished in %.1fs (%d steps)", method, report.seconds, report.steps)
     return result
-
-
-def uld_config_for(unlearning: dict, request_type: str) -> ULDConfig:
-    """The profile's `uld` settings with its `uld_by_request_type[request_type]` overrides on top."""
-    from expunge_ml.methods.registry import check_settings
-
-    overrides = (unlearning.get("uld_by_request_type") or {}).get(request_type) or {}
-    check_settings(ULDConfig, unlearning["uld"], "profile unlearning.uld (ULD)")
-    check_settings(ULDConfig, overrides, f"profile unlearning.uld_by_request_type.{request_type} (ULD)")
-    return ULDConfig(**{**unlearning["uld"], **overrides})
 
 
 WEIGHT_SELECTION_KEYS = {"request_types", "candidates", "rule", "min_retained", "retained"}

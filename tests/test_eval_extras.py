@@ -576,3 +576,18 @@ def test_fact_recall_of_a_memorising_model_and_of_one_that_never_saw_the_facts(t
     assert knows.n_facts == forgot.n_facts == 2  # the email and the phone number
     assert knows.fact_recall == 1.0
     assert forgot.fact_recall == 0.0
+
+
+def test_the_generation_budget_covers_the_longest_answer_between_floor_and_cap(tokenizer):
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.evidence import generation_budget
+    from expunge_ml.prompting import encode_answer
+
+    long_answer = " ".join(a for _, a in MEMBERS)  # several answers in one: a document passage's length
+    records = [QARecord("a", "q", MEMBERS[0][1]), QARecord("b", "q", long_answer)]
+    needed = len(encode_answer(tokenizer, FMT, long_answer))  # its tokens and the EOS that ends it
+    assert needed > 20
+    assert generation_budget(tokenizer, FMT, records, floor=8, cap=512) == needed
+    assert generation_budget(tokenizer, FMT, records, floor=needed + 5, cap=512) == needed + 5  # never below the floor
+    assert generation_budget(tokenizer, FMT, records, floor=8, cap=20) == 20  # never above the cap
+    assert generation_budget(tokenizer, FMT, [], floor=8, cap=20) == 8

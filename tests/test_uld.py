@@ -131,7 +131,7 @@ def test_fact_span_loss_labels_forget_items_with_the_requests_terms_the_records_
 
 
 def test_uld_config_for_applies_the_request_types_overrides():
-    from tasks.unlearn import uld_config_for
+    from expunge_ml.methods.registry import uld_config_for
 
     unlearning = {"uld": {"weight": -1.0, "epochs": 60},
                   "uld_by_request_type": {"privacy_erasure": {"fact_span_loss": True, "template_nll_weight": 0.7}}}

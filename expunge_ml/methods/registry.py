@@ -37,3 +37,23 @@ def make_config(name: str, overrides: Mapping[str, Any] | None = None):
     config_cls = get_method(name).Config
     check_settings(config_cls, overrides, name)
     return config_cls(**dict(overrides or {}))
+
+
+# A profile's `unlearning` section → method configs. Here, not in tasks/, so that a benchmark measuring a
+# profile (`expunge benchmark documents --profile …`) builds exactly the configs a request would get.
+
+
+def baseline_config_for(unlearning: Mapping[str, Any], method: str):
+    """The profile's `baselines.defaults` with its `baselines.<method>` settings on top."""
+    baselines = unlearning.get("baselines") or {}
+    return make_config(method, {**(baselines.get("defaults") or {}), **(baselines.get(method) or {})})
+
+
+def uld_config_for(unlearning: Mapping[str, Any], request_type: str):
+    """The profile's `uld` settings with its `uld_by_request_type[request_type]` overrides on top."""
+    from .uld import ULDConfig
+
+    overrides = (unlearning.get("uld_by_request_type") or {}).get(request_type) or {}
+    check_settings(ULDConfig, unlearning["uld"], "profile unlearning.uld (ULD)")
+    check_settings(ULDConfig, overrides, f"profile unlearning.uld_by_request_type.{request_type} (ULD)")
+    return ULDConfig(**{**unlearning["uld"], **overrides})
