@@ -255,7 +255,6 @@ def documents(
     json_out: bool = typer.Option(False, "--json", help="print the report JSON instead of the table"),
 ) -> None:
     """Copyright takedowns of TOFU author profiles as documents: a profile's methods, evidence and gates, MUSE-style."""
-    from expunge.settings import ProfileError
     from expunge_ml.tofu import TofuDataError
 
     from .documents import DocumentBenchOptions, print_table, run_documents_benchmark
@@ -273,7 +272,7 @@ def documents(
     )
     try:
         report = run_documents_benchmark(opts, command=invoked_command("documents"))
-    except (ValueError, TofuDataError, ProfileError) as exc:
+    except (ValueError, TofuDataError) as exc:  # a bad profile (ProfileError) is a ValueError too
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if json_out:

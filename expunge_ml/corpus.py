@@ -327,6 +327,14 @@ class RetainSelection:
     neighbour_ids: list[str]
 
 
+def unseen_records(records: Sequence[QARecord], excluded: set[str], seed: int = 1) -> list[QARecord]:
+    """The records whose ids are not in `excluded`, in a fixed seeded shuffle: where the evaluation takes its
+    held-out retain records from (the front), so the pipeline and the benchmarks pick the same ones."""
+    pool = [r for r in records if r.record_id not in excluded]
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
 def select_retain(
     records: Sequence[QARecord],
     forget_ids: Iterable[str],

@@ -1,7 +1,6 @@
 """Resolve a request's subject to its forget set and build the retain set; write id+hash manifests."""
 from __future__ import annotations
 
-import random
 
 from prefect import get_run_logger, task
 
@@ -15,6 +14,7 @@ from expunge_ml.corpus import (
     erased_record_ids,
     load_corpus,
     select_retain,
+    unseen_records,
 )
 from tasks.context import settings_for, write_json
 
@@ -123,10 +123,7 @@ def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids
     (`held_out_retain`), the ULD weight selection its validation records from right after them, so the two
     never share a record."""
     records = load_corpus(CorpusSpec(**target_info["corpus"]))
-    excluded = _erased(target_info, forget_ids) | set(train_retain_ids)
-    pool = [r for r in records if r.record_id not in excluded]
-    random.Random(seed).shuffle(pool)
-    return pool, records
+    return unseen_records(records, _erased(target_info, forget_ids) | set(train_retain_ids), seed), records
 
 
 def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], limit: int, seed: int = 1):
@@ -135,10 +132,7 @@ def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: s
     unseen, records = unseen_retain_pool(target_info, forget_ids, train_retain_ids, seed)
     if len(unseen) >= limit:
         return unseen[:limit]
-    erased = _erased(target_info, forget_ids)
-    pool = [r for r in records if r.record_id not in erased]
-    random.Random(seed).shuffle(pool)
-    return pool[:limit]
+    return unseen_records(records, _erased(target_info, forget_ids), seed)[:limit]
 
 
 def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], eval_limit: int,

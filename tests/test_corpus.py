@@ -84,3 +84,17 @@ def test_load_corpus_maps_columns_and_reports_problems(tmp_path):
         load_corpus(CorpusSpec(str(path)))
     with pytest.raises(CorpusError, match="cannot load corpus"):
         load_corpus(CorpusSpec(str(tmp_path / "missing.jsonl")))
+
+
+def test_unseen_records_leave_out_the_excluded_in_one_seeded_order():
+    import random
+
+    from expunge_ml.corpus import QARecord, unseen_records
+
+    records = [QARecord(f"r{i}", f"q{i}?", f"a{i}") for i in range(10)]
+    unseen = unseen_records(records, {"r2", "r5"}, seed=1)
+    expected = [r for r in records if r.record_id not in {"r2", "r5"}]
+    random.Random(1).shuffle(expected)
+    assert [r.record_id for r in unseen] == [r.record_id for r in expected]
+    assert unseen_records(records, {"r2", "r5"}, seed=1) == unseen  # the same every time: evaluation is repeatable
+    assert [r.record_id for r in unseen_records(records, set(), seed=2)] != [r.record_id for r in unseen_records(records, set(), seed=1)]
