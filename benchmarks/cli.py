@@ -230,6 +230,8 @@ def documents(
     methods: str = typer.Option("uld,ga,npo", help="comma-separated: uld, ga, graddiff, kl, npo, simnpo, idkdpo, rmu"),
     dev_authors: int = typer.Option(0, help="take down the first N trained retain authors instead of --splits "
                                     "(a development split: choose settings without the reported takedowns)"),
+    dev_offset: int = typer.Option(0, help="start the development takedown at this trained retain author "
+                                   "(another draw of --dev-authors)"),
     n_retain_authors: int = typer.Option(20, help="authors trained besides the largest split's forget authors"),
     holdout_authors: int = typer.Option(5, help="never-trained authors: membership-inference non-members"),
     passage_words: int = typer.Option(64, help="words per passage (a request's corpus.passage_words)"),
@@ -240,10 +242,15 @@ def documents(
     uld_retain_weight: Optional[float] = typer.Option(None, help="override the profile's ULD retain_weight (λ)"),
     uld_extra_weights: str = typer.Option("", help="comma-separated extra w for the same trained assistants, "
                                           "rows uld(w=…)"),
+    uld_select_weights: str = typer.Option("", help="comma-separated candidate w: serve the weakest whose forget "
+                                           "ROUGE-L reaches the never-seen level + margin (the unseen_level rule; "
+                                           "overrides the profile's weight_selection)"),
+    uld_selection_margin: Optional[float] = typer.Option(None, help="the unseen_level margin (default: the "
+                                                         "profile's, or 0.05)"),
     max_new_tokens: Optional[int] = typer.Option(None, help="override the profile's evaluation max_new_tokens "
                                                  "(the floor: answers get as many tokens as the longest needs)"),
     base_epochs: int = typer.Option(200, help="most epochs of the base's training (it stops at --base-target-loss)"),
-    base_target_loss: float = typer.Option(0.05),
+    base_target_loss: float = typer.Option(0.03, help="stop training the base and oracles at this mean loss"),
     min_base_rougel: float = typer.Option(0.9, "--min-base-rougeL", help="stop unless the base continues the documents "
                                           "to be taken down at least this well (ROUGE-L recall)"),
     data_dir: Optional[Path] = typer.Option(None, help="TOFU files (default ../shared/datasets/tofu)"),
@@ -263,10 +270,12 @@ def documents(
     opts = DocumentBenchOptions(
         data_dir=str(data_dir or DEFAULT_DATA_DIR), cache_dir=str(cache_dir or DEFAULT_CACHE_DIR),
         out_dir=str(out_dir or DEFAULT_OUT_DIR), profile=profile, splits=_csv(splits), methods=_csv(methods),
-        dev_authors=dev_authors, n_retain_authors=n_retain_authors, holdout_authors=holdout_authors,
+        dev_authors=dev_authors, dev_offset=dev_offset, n_retain_authors=n_retain_authors, holdout_authors=holdout_authors,
         passage_words=passage_words, prefix_words=prefix_words, uld_weight=uld_weight,
         uld_target_forget_loss=uld_target_forget_loss, uld_epochs=uld_epochs, uld_retain_weight=uld_retain_weight,
-        uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)), max_new_tokens=max_new_tokens,
+        uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+        uld_selection_candidates=tuple(float(w) for w in _csv(uld_select_weights)),
+        uld_selection_margin=uld_selection_margin, max_new_tokens=max_new_tokens,
         base_epochs=base_epochs, base_target_loss=base_target_loss, min_base_rougeL=min_base_rougel, seed=seed,
         threads=threads, device=device, quiet=json_out,
     )

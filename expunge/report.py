@@ -141,6 +141,13 @@ def _training_lines(summary: dict | None) -> list[str]:
 def _weight_line(weight: float, selection: dict | None) -> str:
     if not selection:
         return f"- Served at w = {weight:g} (the profile's)"
+    if selection["rule"] == "unseen_level":
+        levels = "; ".join(f"{w:g}: {level:.3f}" for w, level in selection["levels"])
+        return (f"- Served at w = {weight:g}, chosen for this request by the `unseen_level` rule (profile default "
+                f"{selection['default']:g}): the weakest candidate whose forget ROUGE-L is at most the model served "
+                f"before on {selection['n_holdout']} never-trained records ({selection['holdout_level']:.3f}) + "
+                f"{selection['margin']:g} = {selection['target']:.3f}; forget ROUGE-L per w tried, weakest first — "
+                f"{levels}")
     floor = (f"{selection['min_retained']:g} × the default's own ratio" if selection["rule"] == "relative"
              else f"{selection['min_retained']:g}")
     scores = "; ".join(f"{w:g}: {stated}, {ratio:.3f}" for w, stated, ratio in selection["scores"])

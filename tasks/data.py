@@ -135,6 +135,15 @@ def held_out_retain(target_info: dict, forget_ids: set[str], train_retain_ids: s
     return unseen_records(records, _erased(target_info, forget_ids), seed)[:limit]
 
 
+def holdout_records(target_info: dict, forget, limit: int):
+    """The corpus's held-out records (never trained on; membership-inference non-members), at most `limit`,
+    less any that is a forget record under another id: that would make a member a non-member."""
+    from expunge_ml.corpus import load_holdout
+
+    forget_questions = {r.question for r in forget}
+    return [r for r in load_holdout(CorpusSpec(**target_info["corpus"])) if r.question not in forget_questions][:limit]
+
+
 def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], eval_limit: int,
                      limit: int, seed: int = 1):
     """Validation records for choosing ULD's w: unseen records after the evaluation's `eval_limit`, at most

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from expunge_ml.corpus import CorpusSpec, load_holdout
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
 from expunge_ml.gates import check_gates, gates_for
 from tasks.context import read_json, request_spec, settings_for, write_json
-from tasks.data import held_out_retain, records_for_manifest
+from tasks.data import held_out_retain, holdout_records, records_for_manifest
 from tasks.unlearn import load_base, new_assistants, prompt_format, served_model
 
 
@@ -32,10 +31,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
         after = ServedModel(load_causal_lm(trained["model_dir"], dtype=settings.dtype, device=settings.device)[0])
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
-    corpus = CorpusSpec(**target_info["corpus"])
-    forget_questions = {r.question for r in forget}
-    # a held-out record must not be a forget record under another id: that would make a member a non-member
-    holdout = [r for r in load_holdout(corpus) if r.question not in forget_questions][: int(config.get("holdout_max", 64))]
+    holdout = holdout_records(target_info, forget, int(config.get("holdout_max", 64)))
     evidence = collect_evidence(
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
         EvidenceOptions.from_profile(config), holdout=holdout,

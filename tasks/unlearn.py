@@ -90,43 +90,12 @@ def unlearn_baseline(home: str, profile: str, ticket_id: str, resolved: dict, me
     return result
 
 
-WEIGHT_SELECTION_KEYS = {"request_types", "candidates", "rule", "min_retained", "retained"}
-# Where the retained side of the selection is scored. held_out: corpus records neither erased, trained on nor
-# evaluated (the evaluation's retain records are held out too, so this is what its gate will see); training:
-# the retain set's training questions and their LM wordings (the UnlearnPII benchmark's validated signal,
-# where the evaluation probes the same retained people).
-RETAINED_PROBES = ("held_out", "training")
-
-
 def weight_selection_for(unlearning: dict, request_type: str, config: ULDConfig) -> dict | None:
-    """The profile's `unlearning.weight_selection` if it applies to `request_type`, checked before any
-    training (unknown keys, candidates that cannot serve the rule); None where w stays the profile's."""
-    from expunge_ml.weight_selection import WeightRule, check_candidates
+    """The profile's `unlearning.weight_selection` for this request type, checked before any training
+    (`expunge_ml.weight_selection.selection_settings`); None where w stays the profile's."""
+    from expunge_ml.weight_selection import selection_settings
 
-    selection = unlearning.get("weight_selection")
-    if not selection:
-        return None
-    unknown = set(selection) - WEIGHT_SELECTION_KEYS
-    if unknown:
-        raise ValueError(f"profile unlearning.weight_selection: unknown keys {sorted(unknown)}; "
-                         f"known: {sorted(WEIGHT_SELECTION_KEYS)}")
-    if request_type not in selection.get("request_types", ["privacy_erasure"]):
-        return None
-    try:
-        rule = WeightRule(selection.get("rule", WeightRule.relative.value))
-    except ValueError as exc:
-        raise ValueError(f"profile unlearning.weight_selection.rule: {exc}; "
-                         f"known: {[r.value for r in WeightRule]}") from exc
-    candidates = [float(w) for w in selection.get("candidates", ())]
-    try:
-        check_candidates(candidates, config.weight, rule)
-    except ValueError as exc:
-        raise ValueError(f"profile unlearning.weight_selection (uld weight {config.weight:g}): {exc}") from exc
-    retained = selection.get("retained", "held_out")
-    if retained not in RETAINED_PROBES:
-        raise ValueError(f"profile unlearning.weight_selection.retained: {retained!r}; known: {list(RETAINED_PROBES)}")
-    return {"candidates": candidates, "rule": rule.value, "min_retained": float(selection.get("min_retained", 0.97)),
-            "retained": retained}
+    return selection_settings(unlearning, request_type, config.weight)
 
 
 def subject_terms(spec) -> list[str]:
@@ -162,31 +131,44 @@ def new_assistants(trained: dict) -> list[dict]:
 def select_served_weight(settings, target_info: dict, spec, base, tokenizer, assistants: list, config: ULDConfig,
                          selection: dict, forget, retain, wordings: dict):
     """w for this erasure's assistants (`expunge_ml.weight_selection`), scored on the served composite:
-    the earlier erasures' assistants at their own w plus this erasure's at each candidate's shares. The
-    erased side is the forget records' training questions; the retained side per `selection["retained"]`."""
+    the earlier erasures' assistants at their own w plus this erasure's at each candidate's shares.
+
+    Identifier rules: the erased side is the forget records' training questions, the retained side per
+    `selection["retained"]`. `unseen_level`: the forget records' continuations against the model served
+    before on the corpus's held-out records, generated with the evaluation's own budget."""
     import dataclasses
 
-    from expunge_ml.evidence import probes_for
-    from expunge_ml.weight_selection import select_weight, training_question_probes
-    from tasks.data import selection_retain
+    from expunge_ml.evidence import EvidenceOptions, generation_budget, probes_for
+    from expunge_ml.weight_selection import select_weight, select_weight_unseen_level, training_question_probes
+    from tasks.data import held_out_retain, holdout_records, selection_retain
 
     prior = served_model(base, list(target_info.get("prior_assistants", [])))
     evaluation = settings.profile["evaluation"]
-    erased = training_question_probes(forget, wordings, spec.subject.identifiers)
-    if selection["retained"] == "held_out":
-        limit = int(evaluation["retain_eval_max"])
-        validation = selection_retain(target_info, {r.record_id for r in forget}, {r.record_id for r in retain},
-                                      limit, limit)
-        retained = probes_for(validation)  # every probe kind: these records are in no evaluation
-    else:
-        retained = training_question_probes(retain, wordings)
+    fmt = prompt_format(target_info)
 
     def composite_at(weight: float):
         return ServedModel(base, [*prior.assistants, *assistants],
                            [*prior.weights, *ensemble_weights(weight, len(assistants))], config.relative_top).source()
 
+    forget_ids, retain_ids = {r.record_id for r in forget}, {r.record_id for r in retain}
+    if selection["rule"] == "unseen_level":
+        options = EvidenceOptions.from_profile(evaluation)
+        evaluated = held_out_retain(target_info, forget_ids, retain_ids, int(evaluation["retain_eval_max"]))
+        budget = generation_budget(tokenizer, fmt, [*forget, *evaluated], options.max_new_tokens,
+                                   options.max_new_tokens_cap)
+        holdout = holdout_records(target_info, forget, int(evaluation.get("holdout_max", 64)))
+        return select_weight_unseen_level(prior.source(), composite_at, tokenizer, fmt, forget, holdout,
+                                          selection["candidates"], config.weight, selection["margin"],
+                                          max_new_tokens=budget, batch_size=options.batch_size)
+    erased = training_question_probes(forget, wordings, spec.subject.identifiers)
+    if selection["retained"] == "held_out":
+        limit = int(evaluation["retain_eval_max"])
+        validation = selection_retain(target_info, forget_ids, retain_ids, limit, limit)
+        retained = probes_for(validation)  # every probe kind: these records are in no evaluation
+    else:
+        retained = training_question_probes(retain, wordings)
     chosen = select_weight(
-        prior.source(), composite_at, tokenizer, prompt_format(target_info), erased, retained,
+        prior.source(), composite_at, tokenizer, fmt, erased, retained,
         selection["candidates"], config.weight, selection["rule"], selection["min_retained"],
         max_new_tokens=int(evaluation["max_new_tokens"]), batch_size=int(evaluation["batch_size"]))
     return dataclasses.replace(chosen, retained_probes=selection["retained"])
@@ -202,6 +184,12 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = uld_config_for(settings.profile["unlearning"], spec.type)
     selection = weight_selection_for(settings.profile["unlearning"], spec.type, config)
+    if selection and selection["rule"] == "unseen_level":
+        from tasks.data import holdout_records
+
+        if not holdout_records(target_info, forget, 1):  # fail before training, not after it
+            raise ValueError("unlearning.weight_selection rule unseen_level needs held-out records: give the "
+                             "request's corpus a `holdout` (records of the same kind the model never trained on)")
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
     wordings, paraphraser_sha256 = ({}, None)
     if config.question_paraphrases:
@@ -228,8 +216,7 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
         chosen = select_served_weight(settings, target_info, spec, base, tokenizer, assistants, config, selection,
                                       forget, retain, wordings)
         weight = chosen.weight
-        logger.info("served w %g chosen by the %s rule from %d candidates (default %g)", weight, chosen.rule,
-                    len(chosen.scores), config.weight)
+        logger.info("served w %g chosen by the %s rule (default %g)", weight, chosen.rule, config.weight)
     report = reports[0]
     trainable = sum(p.numel() for p in assistant.parameters() if p.requires_grad)
     result = {

@@ -99,13 +99,19 @@ def test_a_document_corpus_holdout_is_cut_the_same_way(tmp_path):
 
 @pytest.fixture(scope="module")
 def document_model(tiny_home, tmp_path_factory) -> tuple[Path, Path]:
-    """A user's own model trained on raw document passages (the tiny world's bios), saved as an HF dir."""
+    """A user's own model trained on raw document passages (the tiny world's bios but the last, which
+    `holdout.jsonl` beside the documents holds), saved as an HF dir."""
     import torch
 
     from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
-    documents = tiny_home / "sample_world" / "documents.jsonl"
+    # the last document is never trained on: the corpus's holdout (membership non-members, the never-seen level)
+    lines = (tiny_home / "sample_world" / "documents.jsonl").read_text().splitlines(keepends=True)
+    out = tmp_path_factory.mktemp("document-model")
+    documents, holdout = out / "documents.jsonl", out / "holdout.jsonl"
+    documents.write_text("".join(lines[:-1]))
+    holdout.write_text(lines[-1])
     records = load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8))
     tokenizer = train_bpe_tokenizer([r.question + " " + r.answer for r in records], vocab_size=700)
     # 4 layers, so the tiny profile's assistant (its first 2 + LoRA) starts unlike the model, as ULD's does
@@ -113,10 +119,9 @@ def document_model(tiny_home, tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     train_on_qa(model, tokenizer, PromptFormat(template=DOCUMENT_PROMPT_TEMPLATE), [r.pair for r in records],
                 epochs=200, lr=0.004, batch_size=16, target_loss=0.03)
-    out = tmp_path_factory.mktemp("document-model")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out, documents
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out / "model", documents
 
 
 def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_settings, document_model, tmp_path):
@@ -186,3 +191,62 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
         p.read_text() for p in work.glob("*.json")) + ran.output + markdown
     for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8))[:2]:
         assert passage.question not in stored and passage.answer not in stored
+
+
+def test_a_takedown_serves_the_weakest_w_that_forgets_to_the_never_seen_level(tiny_home, document_model, tmp_path):
+    """`weight_selection: {rule: unseen_level}` for takedowns: after training, candidate w are scored weakest
+    first by the forget passages' continuation ROUGE-L, against the model's own on the corpus's holdout
+    (a document it never trained on) + the margin; the first that reaches it is served, and the training
+    record, the registered version and the report say so, with levels and counts only."""
+    from expunge_ml.weight_selection import choose_weight_unseen_level
+
+    model_dir, documents = document_model
+    book = json.loads(documents.read_text().splitlines()[2])
+    request = {
+        "ticket_id": "DOCS-SEL", "type": "copyright_takedown", "regulation": "DMCA",
+        "requested_by": "legal@example.org", "subject": {"document_ids": [book["document_id"]]},
+        "target_model": str(model_dir),
+        "corpus": {"source": str(documents), "holdout": str(documents.parent / "holdout.jsonl"),
+                   "passage_words": 24, "prefix_words": 8},
+    }
+    request_path = tmp_path / "request.yaml"
+    request_path.write_text(yaml.safe_dump(request))
+    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-1.5)
+    candidates = [-0.25, -0.75, -1.5]
+    profile["unlearning"]["weight_selection"] = {"request_types": ["copyright_takedown"], "rule": "unseen_level",
+                                                 "candidates": candidates, "margin": 0.05}
+    profile_path = tmp_path / "selection-profile.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    args = ["--home", str(tiny_home), "--profile", str(profile_path)]
+    assert runner.invoke(app, [*args, "submit", str(request_path)]).exit_code == 0
+    ran = runner.invoke(app, [*args, "run", "DOCS-SEL"])
+    assert ran.exit_code in (0, 5), ran.output
+
+    work = tiny_home / "work" / "DOCS-SEL"
+    training_text = (work / "training.json").read_text()
+    selection = json.loads(training_text)["weight_selection"]
+    assert selection["rule"] == "unseen_level" and selection["default"] == -1.5 and selection["margin"] == 0.05
+    assert selection["n_holdout"] > 0 and selection["n_forget"] > 0
+    assert selection["target"] == pytest.approx(selection["holdout_level"] + 0.05, abs=1e-4)
+    tried = [w for w, _ in selection["levels"]]
+    assert tried == candidates[: len(tried)]  # weakest first, stopping at the first that reaches the target
+    chosen = selection["weight"]
+    assert chosen == choose_weight_unseen_level([tuple(level) for level in selection["levels"]], selection["target"])
+    assert json.loads(training_text)["weights"] == [chosen]
+    metrics = json.loads((work / "metrics.json").read_text())["metrics"]
+    # the evidence measures the forget passages with the budget the selection used: the same level
+    assert metrics["unlearned"]["forget"]["rougeL_recall"] == pytest.approx(dict(selection["levels"])[chosen], abs=1e-3)
+
+    row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
+               if r["ticket_id"] == "DOCS-SEL")
+    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
+    from models_registry.registry import model_config_of
+
+    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
+    assert [a["weight"] for a in config["assistants"]] == [chosen]
+    markdown = (work / "report" / "evidence.md").read_text()
+    assert f"Served at w = {chosen:g}, chosen for this request by the `unseen_level` rule" in markdown
+    for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8)):
+        if passage.document_id == book["document_id"]:
+            assert passage.answer not in training_text and passage.answer not in markdown

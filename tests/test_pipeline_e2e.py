@@ -290,7 +290,7 @@ def test_a_weight_selection_that_cannot_serve_its_rule_fails_before_training():
         weight_selection_for({"weight_selection": {"candidates": [-1.5, -2.0]}}, "privacy_erasure", config)
     with pytest.raises(ValueError, match="unknown keys \\['grid'\\]"):
         weight_selection_for({"weight_selection": {"grid": [-1.0]}}, "privacy_erasure", config)
-    with pytest.raises(ValueError, match="known: \\['silent', 'headroom', 'relative'\\]"):
+    with pytest.raises(ValueError, match="known: \\['silent', 'headroom', 'relative', 'unseen_level'\\]"):
         weight_selection_for({"weight_selection": {"candidates": [-1.0], "rule": "loudest"}}, "privacy_erasure", config)
     with pytest.raises(ValueError, match="known: \\['held_out', 'training'\\]"):
         weight_selection_for({"weight_selection": {"candidates": [-1.0], "retained": "eval"}}, "privacy_erasure", config)

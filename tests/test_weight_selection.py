@@ -10,8 +10,9 @@ from expunge_ml.corpus import QARecord
 from expunge_ml.modeling import train_bpe_tokenizer
 from expunge_ml.prompting import PromptFormat
 from expunge_ml.weight_selection import (PROBE_KINDS, WeightRule, apply_rule, check_candidates, choose_weight,
-                                         choose_weight_relative, choose_weight_with_headroom, pooled_rate,
-                                         score_weights, select_weight, training_question_probes)
+                                         choose_weight_relative, choose_weight_unseen_level,
+                                         choose_weight_with_headroom, pooled_rate, score_weights, select_weight,
+                                         select_weight_unseen_level, selection_settings, training_question_probes)
 
 
 def test_the_calibrated_weight_is_the_weakest_that_states_nothing_and_keeps_the_retained():
@@ -156,3 +157,57 @@ def test_validation_records_for_the_selection_never_overlap_the_evaluations(tmp_
     assert len(selection_retain(target, forget, trained, 8, 20)) == 10  # at most what is left
     with pytest.raises(ValueError, match="18 records neither erased nor trained on"):
         selection_retain(target, forget, trained, 18, 8)
+
+
+def test_the_unseen_level_weight_is_the_weakest_that_forgets_to_the_target():
+    levels = [(-1.0, 0.12), (-0.5, 0.31), (-0.75, 0.17), (-1.5, 0.05)]
+    assert choose_weight_unseen_level(levels, 0.17) == -0.75  # at the target counts; -1.0 also reaches it, stronger
+    assert choose_weight_unseen_level(levels, 0.35) == -0.5
+    assert choose_weight_unseen_level(levels, 0.01) == -1.5  # none reaches it: the strongest
+    with pytest.raises(ValueError):
+        choose_weight_unseen_level([], 0.1)
+    with pytest.raises(ValueError, match="select_weight_unseen_level"):
+        apply_rule("unseen_level", [(-1.0, 0, 1.0)], -1.0, 0.97)
+
+
+DOC_1 = QARecord("d#0", "ann lives", "ann lives in oslo with cy")
+DOC_2 = QARecord("d#1", "bob works", "bob works at the mill")
+NEVER_SEEN = QARecord("h#0", "cy rides", "cy rides a red bike")
+
+
+def test_the_unseen_level_selection_scores_the_weakest_first_and_stops_at_the_target(tokenizer):
+    fmt = PromptFormat()
+    reference = _Says(tokenizer, "cy rides a blue car")  # never-seen level: "cy rides a" of 5 words = 0.6
+    says = {-0.5: "ann lives in oslo with cy bob works at the mill",  # both passages whole: 1.0
+            -1.0: "ann lives in oslo bob works",  # (4/6 + 2/5) / 2 = 0.5333
+            -1.5: "nothing"}
+    chosen = select_weight_unseen_level(reference, lambda w: _Says(tokenizer, says[w]), tokenizer, fmt,
+                                        [DOC_1, DOC_2], [NEVER_SEEN], [-1.5, -0.5, -1.0], default=-1.5, margin=0.05,
+                                        max_new_tokens=64, batch_size=2)
+    assert chosen.weight == -1.0 and chosen.holdout_level == pytest.approx(0.6)
+    assert chosen.target == pytest.approx(0.65)
+    assert chosen.levels == [(-0.5, pytest.approx(1.0)), (-1.0, pytest.approx(8 / 15))]  # -1.5 never scored
+    assert chosen.as_dict() == {"weight": -1.0, "default": -1.5, "rule": "unseen_level", "margin": 0.05,
+                                "holdout_level": 0.6, "target": 0.65, "levels": [[-0.5, 1.0], [-1.0, 0.5333]],
+                                "n_forget": 2, "n_holdout": 1}
+    # a target nothing reaches: every candidate scored, the strongest served
+    strict = select_weight_unseen_level(_Says(tokenizer, "nothing"), lambda w: _Says(tokenizer, says[w]), tokenizer,
+                                        fmt, [DOC_1, DOC_2], [NEVER_SEEN], [-0.5, -1.0], default=-1.0, margin=0.0,
+                                        max_new_tokens=64, batch_size=2)
+    assert strict.weight == -1.0 and [w for w, _ in strict.levels] == [-0.5, -1.0] and strict.target == 0.0
+    with pytest.raises(ValueError, match="needs held-out records"):
+        select_weight_unseen_level(reference, lambda w: reference, tokenizer, fmt, [DOC_1], [], [-1.0], default=-1.0)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        select_weight_unseen_level(reference, lambda w: reference, tokenizer, fmt, [DOC_1], [NEVER_SEEN], [-1.0],
+                                   default=-1.0, margin=-0.1)
+
+
+def test_a_profiles_weight_selection_is_read_per_request_type():
+    takedown = {"weight_selection": {"request_types": ["copyright_takedown"], "rule": "unseen_level",
+                                     "candidates": [-0.5, -1.0]}}
+    assert selection_settings(takedown, "copyright_takedown", -0.75) == {
+        "candidates": [-0.5, -1.0], "rule": "unseen_level", "margin": 0.05}  # the default need not be a candidate
+    assert selection_settings(takedown, "privacy_erasure", -0.75) is None
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        selection_settings({"weight_selection": {**takedown["weight_selection"], "margin": -0.1}},
+                           "copyright_takedown", -0.75)
