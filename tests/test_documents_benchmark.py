@@ -74,7 +74,7 @@ def test_documents_benchmark_smoke(tmp_path: Path):
         splits=("forget01",), methods=("uld", "ga"), n_retain_authors=4, holdout_authors=1, passage_words=24,
         prefix_words=8, vocab_size=400, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
         max_length=64, base_epochs=100, base_lr=1e-2, base_target_loss=0.05, min_base_rougeL=0.5, uld_epochs=20,
-        uld_extra_weights=(-0.25,), threads=1, quiet=True,
+        uld_extra_weights=(-0.25,), uld_selection_candidates=(-0.5, -1.0), threads=1, quiet=True,
     )
     report = run_documents_benchmark(opts, command="pytest smoke")
     saved = json.loads((out / "documents.json").read_text())
@@ -91,7 +91,17 @@ def test_documents_benchmark_smoke(tmp_path: Path):
     base, oracle, uld = rows["base"], rows["retain_oracle"], rows["uld"]
     assert base["forget_rougeL"] >= 0.5 > oracle["forget_rougeL"]  # the base memorised them; the oracle never saw them
     assert uld["forget_rougeL"] < base["forget_rougeL"]  # and the takedown moved it
-    # the same assistant served at a weaker w (tiny profile: -1.0) forgets less
+    # the ULD row is served at the w the unseen_level rule chose, as the pipeline would serve the takedown …
+    from expunge_ml.weight_selection import choose_weight_unseen_level
+
+    selection = uld["weight_selection"]
+    assert selection["rule"] == "unseen_level" and saved["profile"]["weight_selection"]["candidates"] == [-0.5, -1.0]
+    assert uld["served_weight"] == selection["weight"] == choose_weight_unseen_level(
+        [tuple(level) for level in selection["levels"]], selection["target"])
+    # … and its evidence reads the level the rule read (same composite, same generation budget)
+    assert uld["forget_rougeL"] == pytest.approx(dict(selection["levels"])[selection["weight"]], abs=1e-3)
+    # the same assistant served at a weaker w forgets less
+    assert rows["uld(w=-0.25)"]["served_weight"] == -0.25 and "weight_selection" not in rows["uld(w=-0.25)"]
     assert rows["uld(w=-0.25)"]["forget_rougeL"] > uld["forget_rougeL"]
     assert 0.0 <= uld["mia_auc"] <= 1.0 and uld["privleak_vs_oracle"] is not None
     assert report["rows"] == saved["rows"]
