@@ -246,7 +246,9 @@ def test_a_privacy_erasure_serves_the_w_chosen_for_it(tiny_home, completed, tmp_
     training_text = (tiny_home / "work" / ticket / "training.json").read_text()
     selection = json.loads(training_text)["weight_selection"]
     assert [s[0] for s in selection["scores"]] == candidates and selection["default"] == default
-    assert all(isinstance(s[1], int) and s[2] > 0 for s in selection["scores"])
+    # a ratio per candidate; the strongest may wipe the retained identifiers out (0.0: measured on this
+    # CPU's build of the tiny model), which is what the rule is there to refuse
+    assert all(isinstance(s[1], int) and s[2] >= 0 for s in selection["scores"]) and selection["scores"][0][2] > 0
     assert selection["n_erased_probes"] > 0 and selection["n_retained_probes"] > 0
     assert selection["retained_probes"] == retained
     from expunge_ml.weight_selection import choose_weight_relative
