@@ -418,12 +418,12 @@ def select_takedown_weight(base, assistants, config, settings: dict, tokenizer, 
     """The `unseen_level` choice of w, as `tasks.unlearn.select_served_weight` makes it for a takedown: the
     forget passages' continuations against the base's on the never-trained authors' passages, generated with
     the evidence's own budget."""
-    from expunge_ml.evidence import ServedModel, generation_budget
+    from expunge_ml.evidence import ServedModel, evidence_budget
     from expunge_ml.methods.uld import ensemble_weights
     from expunge_ml.weight_selection import select_weight_unseen_level
 
     options, selection = settings["evidence"], settings["selection"]
-    budget = generation_budget(tokenizer, fmt, [*forget, *eval_retain], options.max_new_tokens, options.max_new_tokens_cap)
+    budget = evidence_budget(tokenizer, fmt, forget, eval_retain, options)
 
     def composite_at(weight: float):
         return ServedModel(base, assistants, ensemble_weights(weight, len(assistants)), config.relative_top).source()

@@ -128,6 +128,13 @@ def generation_budget(tokenizer, fmt: PromptFormat, records: Sequence[QARecord],
     return max(floor, min(cap, longest))
 
 
+def evidence_budget(tokenizer, fmt: PromptFormat, forget: Sequence[QARecord], retain: Sequence[QARecord],
+                    options: EvidenceOptions) -> int:
+    """The generation budget `collect_evidence` gives every answer for these forget and retain records; a
+    choice made on the same records (ULD's served w) generates with it, so it reads what the gates read."""
+    return generation_budget(tokenizer, fmt, [*forget, *retain], options.max_new_tokens, options.max_new_tokens_cap)
+
+
 def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 0.05) -> float | None:
     """Share of the forgotten ROUGE-L (or fact recall) that an attack brings back:
     (attacked − unlearned) / (before − unlearned), clipped to [0, 1]; None when unlearning removed (almost)
@@ -153,7 +160,7 @@ def collect_evidence(
     """`holdout`: records of the same kind the model never trained on (membership-inference non-members);
     without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped")."""
     splits = {"forget": list(forget), "retain": list(retain)}
-    budget = generation_budget(tokenizer, fmt, [*forget, *retain], options.max_new_tokens, options.max_new_tokens_cap)
+    budget = evidence_budget(tokenizer, fmt, forget, retain, options)
     kwargs = {"max_new_tokens": budget, "batch_size": options.batch_size}
     models = {"base": before, "unlearned": after}
     evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}, "max_new_tokens": budget}

@@ -129,18 +129,18 @@ def new_assistants(trained: dict) -> list[dict]:
 
 
 def select_served_weight(settings, target_info: dict, spec, base, tokenizer, assistants: list, config: ULDConfig,
-                         selection: dict, forget, retain, wordings: dict):
+                         selection: dict, forget, retain, wordings: dict, holdout=()):
     """w for this erasure's assistants (`expunge_ml.weight_selection`), scored on the served composite:
     the earlier erasures' assistants at their own w plus this erasure's at each candidate's shares.
 
     Identifier rules: the erased side is the forget records' training questions, the retained side per
     `selection["retained"]`. `unseen_level`: the forget records' continuations against the model served
-    before on the corpus's held-out records, generated with the evaluation's own budget."""
+    before on `holdout` (the corpus's held-out records), generated with the evaluation's own budget."""
     import dataclasses
 
-    from expunge_ml.evidence import EvidenceOptions, generation_budget, probes_for
+    from expunge_ml.evidence import EvidenceOptions, evidence_budget, probes_for
     from expunge_ml.weight_selection import select_weight, select_weight_unseen_level, training_question_probes
-    from tasks.data import held_out_retain, holdout_records, selection_retain
+    from tasks.data import held_out_retain, selection_retain
 
     prior = served_model(base, list(target_info.get("prior_assistants", [])))
     evaluation = settings.profile["evaluation"]
@@ -154,9 +154,7 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
     if selection["rule"] == "unseen_level":
         options = EvidenceOptions.from_profile(evaluation)
         evaluated = held_out_retain(target_info, forget_ids, retain_ids, int(evaluation["retain_eval_max"]))
-        budget = generation_budget(tokenizer, fmt, [*forget, *evaluated], options.max_new_tokens,
-                                   options.max_new_tokens_cap)
-        holdout = holdout_records(target_info, forget, int(evaluation.get("holdout_max", 64)))
+        budget = evidence_budget(tokenizer, fmt, forget, evaluated, options)
         return select_weight_unseen_level(prior.source(), composite_at, tokenizer, fmt, forget, holdout,
                                           selection["candidates"], config.weight, selection["margin"],
                                           max_new_tokens=budget, batch_size=options.batch_size)
@@ -184,10 +182,13 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     retain = records_for_manifest(settings, target_info, resolved["retain_manifest"])
     config = uld_config_for(settings.profile["unlearning"], spec.type)
     selection = weight_selection_for(settings.profile["unlearning"], spec.type, config)
+    holdout = []
     if selection and selection["rule"] == "unseen_level":
         from tasks.data import holdout_records
 
-        if not holdout_records(target_info, forget, 1):  # fail before training, not after it
+        # read once, and before training: a request without a holdout fails now, not after it
+        holdout = holdout_records(target_info, forget, int(settings.profile["evaluation"].get("holdout_max", 64)))
+        if not holdout:
             raise ValueError("unlearning.weight_selection rule unseen_level needs held-out records: give the "
                              "request's corpus a `holdout` (records of the same kind the model never trained on)")
     base, tokenizer = load_base(target_info, settings.device, settings.dtype)
@@ -214,7 +215,7 @@ def train_uld_assistant(home: str, profile: str, ticket_id: str, resolved: dict)
     chosen = None
     if selection:
         chosen = select_served_weight(settings, target_info, spec, base, tokenizer, assistants, config, selection,
-                                      forget, retain, wordings)
+                                      forget, retain, wordings, holdout)
         weight = chosen.weight
         logger.info("served w %g chosen by the %s rule (default %g)", weight, chosen.rule, config.weight)
     report = reports[0]

@@ -124,17 +124,23 @@ def document_model(tiny_home, tmp_path_factory) -> tuple[Path, Path]:
     return out / "model", documents
 
 
+def write_takedown(tmp_path: Path, ticket: str, document_id: str, model_dir: Path, documents: Path,
+                   holdout: Path | None = None) -> Path:
+    """A DMCA takedown of one document of `documents` (cut as `document_model` trained on it), as request YAML."""
+    corpus = {"source": str(documents), "passage_words": 24, "prefix_words": 8,
+              **({"holdout": str(holdout)} if holdout else {})}
+    request = {"ticket_id": ticket, "type": "copyright_takedown", "regulation": "DMCA",
+               "requested_by": "legal@example.org", "subject": {"document_ids": [document_id]},
+               "target_model": str(model_dir), "corpus": corpus}
+    path = tmp_path / f"{ticket}.yaml"
+    path.write_text(yaml.safe_dump(request))
+    return path
+
+
 def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_settings, document_model, tmp_path):
     model_dir, documents = document_model
     book = json.loads(documents.read_text().splitlines()[0])
-    request = {
-        "ticket_id": "DOCS-0001", "type": "copyright_takedown", "regulation": "DMCA",
-        "requested_by": "legal@example.org", "subject": {"document_ids": [book["document_id"]]},
-        "target_model": str(model_dir),
-        "corpus": {"source": str(documents), "passage_words": 24, "prefix_words": 8},
-    }
-    request_path = tmp_path / "request.yaml"
-    request_path.write_text(yaml.safe_dump(request))
+    request_path = write_takedown(tmp_path, "DOCS-0001", book["document_id"], model_dir, documents)
     # A passage is long and memorised verbatim, token by token as sure as the model can be: the assistant
     # must end as sure of it as the model (forget NLL 0.01, not the QA profile's 0.05) and outweigh it
     # (w -1.5); at the QA settings the served model still continued the document (ROUGE-L 0.65). Measured
@@ -202,15 +208,8 @@ def test_a_takedown_serves_the_weakest_w_that_forgets_to_the_never_seen_level(ti
 
     model_dir, documents = document_model
     book = json.loads(documents.read_text().splitlines()[2])
-    request = {
-        "ticket_id": "DOCS-SEL", "type": "copyright_takedown", "regulation": "DMCA",
-        "requested_by": "legal@example.org", "subject": {"document_ids": [book["document_id"]]},
-        "target_model": str(model_dir),
-        "corpus": {"source": str(documents), "holdout": str(documents.parent / "holdout.jsonl"),
-                   "passage_words": 24, "prefix_words": 8},
-    }
-    request_path = tmp_path / "request.yaml"
-    request_path.write_text(yaml.safe_dump(request))
+    request_path = write_takedown(tmp_path, "DOCS-SEL", book["document_id"], model_dir, documents,
+                                  holdout=documents.parent / "holdout.jsonl")
     profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
     profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-1.5)
     candidates = [-0.25, -0.75, -1.5]
