@@ -240,6 +240,8 @@ def documents(
     uld_target_forget_loss: Optional[float] = typer.Option(None, help="override the profile's ULD target_forget_loss"),
     uld_epochs: Optional[int] = typer.Option(None, help="override the profile's ULD epochs"),
     uld_retain_weight: Optional[float] = typer.Option(None, help="override the profile's ULD retain_weight (λ)"),
+    retain_per_forget: Optional[float] = typer.Option(None, help="override the profile's unlearning.retain_per_forget: "
+                                                      "train on at least this many retain passages per forget passage"),
     uld_extra_weights: str = typer.Option("", help="comma-separated extra w for the same trained assistants, "
                                           "rows uld(w=…)"),
     uld_select_weights: str = typer.Option("", help="comma-separated candidate w: serve the weakest whose forget "
@@ -273,7 +275,7 @@ def documents(
         dev_authors=dev_authors, dev_offset=dev_offset, n_retain_authors=n_retain_authors, holdout_authors=holdout_authors,
         passage_words=passage_words, prefix_words=prefix_words, uld_weight=uld_weight,
         uld_target_forget_loss=uld_target_forget_loss, uld_epochs=uld_epochs, uld_retain_weight=uld_retain_weight,
-        uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
+        retain_per_forget=retain_per_forget, uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)),
         uld_selection_candidates=tuple(float(w) for w in _csv(uld_select_weights)),
         uld_selection_margin=uld_selection_margin, max_new_tokens=max_new_tokens,
         base_epochs=base_epochs, base_target_loss=base_target_loss, min_base_rougeL=min_base_rougel, seed=seed,

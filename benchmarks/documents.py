@@ -94,6 +94,8 @@ class DocumentBenchOptions:
     uld_target_forget_loss: float | None = None
     uld_epochs: int | None = None
     uld_retain_weight: float | None = None
+    # Override of the profile's `unlearning.retain_per_forget` (None: the profile's; 0: retain_max only).
+    retain_per_forget: float | None = None
     # Extra composites of the same trained assistants at these w, rows "uld(w=…)" (a sweep costs no training).
     uld_extra_weights: tuple[float, ...] = ()
     # Non-empty: choose the served w per takedown by the `unseen_level` rule from these candidates (overrides
@@ -262,6 +264,8 @@ def _profile_settings(opts: DocumentBenchOptions) -> dict[str, Any]:
         "selection": selection,
         "baselines": {m: baseline_config_for(unlearning, m) for m in opts.methods if m != "uld"},
         "retain_max": int(unlearning["retain_max"]),
+        "retain_per_forget": float(opts.retain_per_forget if opts.retain_per_forget is not None
+                                   else unlearning.get("retain_per_forget", 0.0)),
         "evaluation": evaluation,
         "evidence": EvidenceOptions.from_profile(evaluation),
         "holdout_max": int(evaluation.get("holdout_max", 64)),
@@ -272,7 +276,7 @@ def _profile_settings(opts: DocumentBenchOptions) -> dict[str, Any]:
 def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], started: float) -> dict:
     import torch
 
-    from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, select_retain, unseen_records
+    from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, retain_size, select_retain, unseen_records
     from expunge_ml.devices import resolve_device
     from expunge_ml.evidence import ServedModel, collect_evidence
     from expunge_ml.gates import check_gates
@@ -310,7 +314,8 @@ def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], s
             "wall_seconds": time.perf_counter() - started,
             "profile": {"name": opts.profile, "uld": asdict(settings["uld"]), "weight_selection": settings["selection"],
                         "baselines": {m: asdict(c) for m, c in settings["baselines"].items()},
-                        "retain_max": settings["retain_max"], "evaluation": settings["evaluation"],
+                        "retain_max": settings["retain_max"],
+                        "retain_per_forget": settings["retain_per_forget"], "evaluation": settings["evaluation"],
                         "gates": settings["gates"]},
             "corpus": {**spec.as_dict(), "source": "TOFU author profiles (one document per author)"},
             "sizes": {"trained_authors": len(plan.trained_authors), "holdout_authors": len(plan.holdout_authors),
@@ -338,13 +343,15 @@ def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], s
         forget = documents_of(records, authors)
         forget_ids = {r.record_id for r in forget}
         kept = [r for r in records if r.record_id not in forget_ids]
-        chosen = set(select_retain(kept + forget, forget_ids, settings["retain_max"], seed=0).retain_ids)
+        n_retain = retain_size(settings["retain_max"], len(forget_ids), settings["retain_per_forget"])
+        chosen = set(select_retain(kept + forget, forget_ids, n_retain, seed=0).retain_ids)
         train_retain = [r for r in kept if r.record_id in chosen]
         # retained passages the methods did not train on, picked as the pipeline's `held_out_retain` picks them
         eval_retain = unseen_records(kept, chosen)[: int(settings["evaluation"]["retain_eval_max"])]
         if not eval_retain:
-            raise ValueError(f"{split}: every retained passage is in the retain set the methods train on (profile "
-                             f"retain_max {settings['retain_max']}), so none is left to measure what they keep: "
+            raise ValueError(f"{split}: every retained passage is in the retain set the methods train on ({n_retain}: "
+                             f"profile retain_max {settings['retain_max']}, retain_per_forget "
+                             f"{settings['retain_per_forget']:g}), so none is left to measure what they keep: "
                              "train more authors (--n-retain-authors)")
         log(f"{split}: {len(forget)} forget passages, {len(train_retain)} retain passages trained, "
             f"{len(eval_retain)} retained passages evaluated")

@@ -13,6 +13,7 @@ from expunge_ml.corpus import (
     build_manifest,
     erased_record_ids,
     load_corpus,
+    retain_size,
     select_retain,
     unseen_records,
 )
@@ -44,8 +45,10 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         except ErasedRecordsKeyMismatch as exc:
             raise RequestError("erased_records_key", str(exc), ticket_id) from exc
     unlearning = settings.profile["unlearning"]
+    retain_count = retain_size(int(unlearning["retain_max"]), len(match.forget_ids),
+                               float(unlearning.get("retain_per_forget", 0.0)))
     retain = select_retain([r for r in records if r.record_id not in erased_before], match.forget_ids,
-                           int(unlearning["retain_max"]), seed=0)
+                           retain_count, seed=0)
     work = settings.ticket_dir(ticket_id)
     forget_manifest = build_manifest(records, match.forget_ids, key, "forget")
     retain_manifest = build_manifest(records, retain.retain_ids, key, "retain")
