@@ -10,6 +10,7 @@ from expunge_ml.corpus import (
     keyed_hash,
     load_corpus,
     resolve_subject,
+    retain_size,
     select_retain,
 )
 
@@ -41,6 +42,15 @@ def test_retain_prefers_neighbours_and_never_contains_forget_records():
     assert selection.neighbour_ids == ["b1"]
     assert selection.retain_ids[0] == "b1" and len(selection.retain_ids) == 2
     assert not {"a1", "a2", "a3"} & set(selection.retain_ids)
+
+
+def test_retain_size_is_retain_max_until_the_forget_set_asks_for_more():
+    assert retain_size(96, 15, 0.0) == 96  # off: retain_max only
+    assert retain_size(96, 15, 3) == 96  # 45 < 96
+    assert retain_size(96, 74, 3) == 222  # a ten-document takedown: three retain passages per forget passage
+    assert retain_size(10, 7, 1.5) == 11  # 10.5 rounds up: never fewer than asked for
+    with pytest.raises(ValueError):
+        retain_size(96, 10, -1)
 
 
 def test_manifest_holds_ids_and_keyed_hashes_but_no_text():
