@@ -232,7 +232,7 @@ def documents(
                                     "(a development split: choose settings without the reported takedowns)"),
     dev_offset: int = typer.Option(0, help="start the development takedown at this trained retain author "
                                    "(another draw of --dev-authors)"),
-    n_retain_authors: int = typer.Option(20, help="authors trained besides the largest split's forget authors"),
+    n_retain_authors: int = typer.Option(40, help="authors trained besides the largest split's forget authors"),
     holdout_authors: int = typer.Option(5, help="never-trained authors: membership-inference non-members"),
     passage_words: int = typer.Option(64, help="words per passage (a request's corpus.passage_words)"),
     prefix_words: int = typer.Option(16, help="opening words that prompt each passage (corpus.prefix_words)"),
