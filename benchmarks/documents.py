@@ -345,7 +345,8 @@ def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], s
         forget = documents_of(records, authors)
         forget_ids = {r.record_id for r in forget}
         kept = [r for r in records if r.record_id not in forget_ids]
-        n_retain = retain_size(settings["retain_max"], len(forget_ids), settings["retain_per_forget"])
+        n_retain = retain_size(settings["retain_max"], len(forget_ids), settings["retain_per_forget"],
+                               available=len(kept), reserve=int(settings["evaluation"]["retain_eval_max"]))
         chosen = set(select_retain(kept + forget, forget_ids, n_retain, seed=0).retain_ids)
         train_retain = [r for r in kept if r.record_id in chosen]
         # retained passages the methods did not train on, picked as the pipeline's `held_out_retain` picks them

@@ -49,6 +49,10 @@ def test_retain_size_is_retain_max_until_the_forget_set_asks_for_more():
     assert retain_size(96, 15, 3) == 96  # 45 < 96
     assert retain_size(96, 74, 3) == 222  # a ten-document takedown: three retain passages per forget passage
     assert retain_size(10, 7, 1.5) == 11  # 10.5 rounds up: never fewer than asked for
+    # a small corpus: 316 other records, 48 kept back for the evaluation → 268, not the 300 asked for
+    assert retain_size(96, 100, 3, available=316, reserve=48) == 268
+    assert retain_size(96, 84, 3, available=316, reserve=48) == 252  # room enough: as asked
+    assert retain_size(96, 40, 3, available=100, reserve=48) == 96  # retain_max itself is never cut
     with pytest.raises(ValueError):
         retain_size(96, 10, -1)
 
