@@ -249,3 +249,37 @@ def test_a_takedown_serves_the_weakest_w_that_forgets_to_the_never_seen_level(ti
     for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8)):
         if passage.document_id == book["document_id"]:
             assert passage.answer not in training_text and passage.answer not in markdown
+
+
+def test_a_takedowns_retain_set_grows_with_retain_per_forget_but_leaves_the_evaluation_its_records(
+        tiny_home, tiny_settings, document_model, tmp_path):
+    """The resolving step sizes the retain set by `retain_size`: retain_per_forget × the forget passages when
+    that is more than retain_max, capped so that evaluation.retain_eval_max passages stay unseen."""
+    from prefect.logging import disable_run_logger
+
+    from tasks.data import resolve_forget_set
+
+    model_dir, documents = document_model
+    book = json.loads(documents.read_text().splitlines()[0])
+    passages = load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8))
+    n_forget = sum(p.document_id == book["document_id"] for p in passages)
+    base_profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
+    reserve = 4  # the tiny corpus has 14 passages: keep 4 unseen for the evaluation
+    base_profile["evaluation"]["retain_eval_max"] = reserve
+    assert len(passages) - n_forget > reserve + 3 * n_forget  # room for the uncapped case below
+    for ticket, per_forget, expected in [("DOCS-RPF-1", 3, 3 * n_forget),
+                                         ("DOCS-RPF-2", 1000, len(passages) - n_forget - reserve)]:
+        profile = {**base_profile, "unlearning": {**base_profile["unlearning"], "retain_max": 1,
+                                                  "retain_per_forget": per_forget}}
+        profile_path = tmp_path / f"{ticket}.yaml-profile.yaml"
+        profile_path.write_text(yaml.safe_dump(profile))
+        args = ["--home", str(tiny_home), "--profile", str(profile_path)]
+        submitted = runner.invoke(app, [*args, "submit", str(write_takedown(tmp_path, ticket, book["document_id"],
+                                                                            model_dir, documents))])
+        assert submitted.exit_code == 0, submitted.output
+        with disable_run_logger():
+            resolved = resolve_forget_set.fn(str(tiny_home), str(profile_path), ticket)
+        assert (resolved["forget_count"], resolved["retain_count"]) == (n_forget, expected)
+        retain_ids = {e["record_id"] for e in json.loads(Path(resolved["retain_manifest"]).read_text())["records"]}
+        assert len(retain_ids) == expected and not retain_ids & {p.record_id for p in passages
+                                                                 if p.document_id == book["document_id"]}
