@@ -278,7 +278,7 @@ def _profile_settings(opts: DocumentBenchOptions) -> dict[str, Any]:
 def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], started: float) -> dict:
     import torch
 
-    from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, retain_size, select_retain, unseen_records
+    from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, select_retain, unseen_records
     from expunge_ml.devices import resolve_device
     from expunge_ml.evidence import ServedModel, collect_evidence
     from expunge_ml.gates import check_gates
@@ -345,14 +345,14 @@ def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], s
         forget = documents_of(records, authors)
         forget_ids = {r.record_id for r in forget}
         kept = [r for r in records if r.record_id not in forget_ids]
-        n_retain = retain_size(settings["retain_max"], len(forget_ids), settings["retain_per_forget"],
-                               available=len(kept), reserve=int(settings["evaluation"]["retain_eval_max"]))
-        chosen = set(select_retain(kept + forget, forget_ids, n_retain, seed=0).retain_ids)
+        chosen = set(select_retain(kept + forget, forget_ids, settings["retain_max"], seed=0,
+                                   per_forget=settings["retain_per_forget"],
+                                   reserve=int(settings["evaluation"]["retain_eval_max"])).retain_ids)
         train_retain = [r for r in kept if r.record_id in chosen]
         # retained passages the methods did not train on, picked as the pipeline's `held_out_retain` picks them
         eval_retain = unseen_records(kept, chosen)[: int(settings["evaluation"]["retain_eval_max"])]
         if not eval_retain:
-            raise ValueError(f"{split}: every retained passage is in the retain set the methods train on ({n_retain}: "
+            raise ValueError(f"{split}: every retained passage is in the retain set the methods train on ({len(chosen)}: "
                              f"profile retain_max {settings['retain_max']}, retain_per_forget "
                              f"{settings['retain_per_forget']:g}), so none is left to measure what they keep: "
                              "train more authors (--n-retain-authors)")

@@ -362,13 +362,17 @@ def select_retain(
     neighbour_fraction: float = 0.5,
     neighbour_min_score: float = 60.0,
     seed: int = 0,
+    per_forget: float = 0.0,
+    reserve: int = 0,
 ) -> RetainSelection:
-    """Up to `max_records` non-forget records; neighbours of the subject first, then a seeded random fill."""
+    """Up to `retain_size(max_records, forget records, per_forget, non-forget records, reserve)` non-forget
+    records; neighbours of the subject first, then a seeded random fill."""
     from rapidfuzz import fuzz, process
 
     forget = set(forget_ids)
     forget_answers = [r.answer for r in records if r.record_id in forget]
     candidates = [r for r in records if r.record_id not in forget]
+    max_records = retain_size(max_records, len(forget_answers), per_forget, available=len(candidates), reserve=reserve)
     if not candidates or max_records <= 0:
         return RetainSelection([], [])
     neighbours: list[str] = []

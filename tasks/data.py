@@ -13,7 +13,6 @@ from expunge_ml.corpus import (
     build_manifest,
     erased_record_ids,
     load_corpus,
-    retain_size,
     select_retain,
     unseen_records,
 )
@@ -45,13 +44,11 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
         except ErasedRecordsKeyMismatch as exc:
             raise RequestError("erased_records_key", str(exc), ticket_id) from exc
     unlearning = settings.profile["unlearning"]
-    candidates = [r for r in records if r.record_id not in erased_before]
-    # a larger retain set must still leave the evaluation its held-out retained records
-    retain_count = retain_size(int(unlearning["retain_max"]), len(match.forget_ids),
-                               float(unlearning.get("retain_per_forget", 0.0)),
-                               available=len(candidates) - len(set(match.forget_ids)),
-                               reserve=int(settings.profile["evaluation"]["retain_eval_max"]))
-    retain = select_retain(candidates, match.forget_ids, retain_count, seed=0)
+    # a larger retain set (retain_per_forget) must still leave the evaluation its held-out retained records
+    retain = select_retain([r for r in records if r.record_id not in erased_before], match.forget_ids,
+                           int(unlearning["retain_max"]), seed=0,
+                           per_forget=float(unlearning.get("retain_per_forget", 0.0)),
+                           reserve=int(settings.profile["evaluation"]["retain_eval_max"]))
     work = settings.ticket_dir(ticket_id)
     forget_manifest = build_manifest(records, match.forget_ids, key, "forget")
     retain_manifest = build_manifest(records, retain.retain_ids, key, "retain")

@@ -57,6 +57,13 @@ def test_retain_size_is_retain_max_until_the_forget_set_asks_for_more():
         retain_size(96, 10, -1)
 
 
+def test_select_retain_takes_as_many_as_retain_size_gives():
+    # 3 forget records, 3 others: 2 per forget record wants 6, but 1 of the 3 others stays for the evaluation
+    selection = select_retain(RECORDS, ["a1", "a2", "a3"], max_records=1, per_forget=2, reserve=1)
+    assert len(selection.retain_ids) == 2 and not {"a1", "a2", "a3"} & set(selection.retain_ids)
+    assert len(select_retain(RECORDS, ["a1", "a2", "a3"], max_records=1).retain_ids) == 1  # off: max_records
+
+
 def test_manifest_holds_ids_and_keyed_hashes_but_no_text():
     manifest = build_manifest(RECORDS, ["a2", "a1"], b"k" * 32, "forget")
     text = json.dumps(manifest)

@@ -271,7 +271,7 @@ def test_a_takedowns_retain_set_grows_with_retain_per_forget_but_leaves_the_eval
                                          ("DOCS-RPF-2", 1000, len(passages) - n_forget - reserve)]:
         profile = {**base_profile, "unlearning": {**base_profile["unlearning"], "retain_max": 1,
                                                   "retain_per_forget": per_forget}}
-        profile_path = tmp_path / f"{ticket}.yaml-profile.yaml"
+        profile_path = tmp_path / f"{ticket}-profile.yaml"
         profile_path.write_text(yaml.safe_dump(profile))
         args = ["--home", str(tiny_home), "--profile", str(profile_path)]
         submitted = runner.invoke(app, [*args, "submit", str(write_takedown(tmp_path, ticket, book["document_id"],
