@@ -217,8 +217,12 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
     for group, by_model in (evidence.get("pii") or {}).items():
         for kind in ("direct", "paraphrased", "inverted"):
             b, a = by_model["base"][kind], by_model["unlearned"][kind]
-            if b["n_identifiers"]:
-                lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids) | {_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
+            revealed = b.get("n_prompt_revealed", 0)
+            # Probes whose question spells out the subject's name are not asked (expunge_ml.pii.pii_leakage).
+            not_asked = f"; {revealed} not asked: the question spells out the name" if revealed else ""
+            if b["n_identifiers"] or revealed:
+                lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids{not_asked}) | "
+                             f"{_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
     for precision, result in (evidence.get("quantization") or {}).items():
         lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
         if result["forget"].get("fact_recall") is not None:

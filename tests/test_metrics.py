@@ -187,6 +187,13 @@ def test_fact_appears_matches_whole_words_and_unseparated_identifiers():
     assert M.fact_appears("She moved to Paris in 1990.", "paris")
     assert not M.fact_appears("A comparison of cities.", "Paris")  # not inside another word
     assert M.fact_appears("Call +447700900123 now", "+44 7700-900 123")  # digits: separators may go
+    assert M.fact_appears("Call +44 7700900 123 now", "+447700900123")  # … either way round
+    assert M.fact_appears("on 3 August", "3") and M.fact_appears("born 1958.", "1958")
+    # … but the glued fact still starts and ends with words of the text: a day is not part of a longer number.
+    assert not M.fact_appears("on 13 August", "3")
+    assert not M.fact_appears("account 2056 2056", "205")
+    assert not M.fact_appears("Call +447700900123 now", "7700 900")
+    assert M.fact_appears("code 12 34 56", "3456") and not M.fact_appears("code 12 34 56", "2345")
     assert not M.fact_appears("Anna Maria", "Mariaanna")  # names are not glued together
     assert M.fact_appears("Dr. Maren Quillfeather treats her", "Maren Quillfeather")
     assert not M.fact_appears("Maren treats her", "Maren Quillfeather")  # the whole fact, not a part
@@ -203,6 +210,22 @@ def test_fact_recall_pools_over_records_by_hand():
         M.fact_recall(["a", "b"], [["x"]])
     # parentheses and dots in the identifier are stripped too
     assert M.exact_and_normalised_leaks("tel 0207 946 0000", ["(0207) 946.0000"]) == (0, 1)
+
+
+def test_name_given_by_the_question_itself():
+    email_question = "Whose email address is agnes.ulverde@postwren.example?"
+    assert M.name_given_by(email_question, "Agnes Ulverde")            # words in order, side by side
+    assert M.name_given_by(email_question, "A. Ulverde")               # an initial matches the word it begins
+    assert M.name_given_by("Who uses aulverde@x.example?", "A. Ulverde")        # written together in one word
+    assert M.name_given_by("Who uses agnes_ulverde@x.example?", "Agnes Ulverde")  # underscores split words
+    assert M.name_given_by("Whose is ANN@x.example?", "Ann")                    # casefolded
+    # Not given: only the surname, the words apart or reversed, another person's name, nothing to match.
+    assert not M.name_given_by("Whose email address is ulverde@postwren.example?", "Agnes Ulverde")
+    assert not M.name_given_by("Whose email address is ulverde@postwren.example?", "A. Ulverde")  # "address" is no initial of it
+    assert not M.name_given_by("Whose email is ulverde.agnes@x.example?", "Agnes Ulverde")
+    assert not M.name_given_by("Who answers the phone number +44 20 7946 0536?", "Agnes Ulverde")
+    assert not M.name_given_by(email_question, "Agnes Ulverdes")
+    assert not M.name_given_by(email_question, " . ")
 
 
 def test_distinct_n():
