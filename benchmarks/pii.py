@@ -53,6 +53,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import typer  # torch and the ML stack are imported lazily: `expunge --help` imports this module
 
+# IDENTIFIER_QUESTION / _ANSWER: one wording for naming a person from their identifiers, shared with the
+# pipeline's ULD (`ULDConfig.identifier_pairs`).
+from expunge_ml.augment import IDENTIFIER_ANSWER, IDENTIFIER_QUESTION
 from expunge_ml.weight_selection import WeightRule, apply_rule, check_candidates, pooled_rate, score_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -721,8 +724,6 @@ def uld_config(options: PIIBenchOptions, split: str):
                            augment_paraphrased=False, augment_perturbed=False, assistants=options.uld_assistants)
 
 
-IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
-IDENTIFIER_ANSWER = "These details belong to {subject}."
 
 
 def row_pii(row: Mapping[str, Any]) -> list[str]:

@@ -15,6 +15,8 @@ the evaluation data (they used an LLM; we need no model):
   fact to the question's meaning rather than to one exact token sequence;
 - `generated_fact_pairs`: (question, fact span) to remember and (question, another record's span) to
   be uniform on — the fact without the sentence around it, whose wording other answers share.
+- `identifier_items`: (a record's identifiers → its subject) in one fixed wording, the direction an
+  inverted question asks ("whose date of birth is …?"), which the QA themselves never train.
 
 Pure Python, deterministic given the `random.Random` passed in.
 """
@@ -185,3 +187,25 @@ def with_fact_labels(pairs: Sequence[tuple[str, str]], full_answers: Iterable[st
     of it is fact."""
     full = set(full_answers)
     return [(q, a, [a[s:e] for _, s, e in fact_spans(a)] if a in full else [a]) for q, a in pairs]
+
+
+# The UnlearnPII benchmark's wording for naming a person from their identifiers (benchmarks/pii.py uses it too).
+IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
+IDENTIFIER_ANSWER = "These details belong to {subject}."
+
+
+def identifier_items(records) -> list[tuple[str, str, str]]:
+    """(question, answer, subject) naming each record's subject from its identifiers (`record.pii`), for the
+    records that have both, in the fixed wording above. Why: a memorising base can name a person from an
+    identifier ("whose bank account is …?" → the name) although it never trained on that direction, and
+    an assistant trained only on the QA recalls nothing there to subtract. Identifiers are what an erasure
+    request names; the evaluation's inverted questions are never used."""
+    items = []
+    for record in records:
+        pii = [str(p) for p in (record.pii or ()) if str(p).strip()]
+        subject = (record.subject or "").strip()
+        if pii and subject:
+            items.append((IDENTIFIER_QUESTION.format(details="; ".join(pii)), IDENTIFIER_ANSWER.format(subject=subject),
+                          subject))
+    return items
+

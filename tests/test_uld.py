@@ -130,6 +130,26 @@ def test_fact_span_loss_labels_forget_items_with_the_requests_terms_the_records_
         training_pairs([QARecord("f", "Q?", "yes, she did.")], retain, config)
 
 
+def test_identifier_pairs_name_each_records_subject_from_its_identifiers_on_both_sides():
+    forget = [QARecord("f", "Email of Jane Doe?", "Jane Doe writes from jd@x.example.", subject="Jane Doe",
+                       pii=("jd@x.example",)),
+              QARecord("g", "Birthday of Jane Doe?", "3 May 1990 and +44 1", subject="Jane Doe", pii=("3 May 1990", " ", "+44 1")),
+              QARecord("h", "Town of Jane Doe?", "she lives in Lagos.", subject="Jane Doe"),  # no identifier: no pair
+              QARecord("i", "Whose?", "x@y.example", pii=("x@y.example",))]  # no subject: no pair
+    retain = [QARecord("r", "Email of Ann Lee?", "Ann Lee writes from al@y.example.", subject="Ann Lee", pii=("al@y.example",))]
+    config = ULDConfig(identifier_pairs=True, augment_paraphrased=False, augment_perturbed=False)
+    f, r = training_pairs(forget, retain, config)
+    assert f[:4] == [rec.pair for rec in forget]
+    assert f[4:] == [("Which person do these details belong to: jd@x.example?", "These details belong to Jane Doe."),
+                     ("Which person do these details belong to: 3 May 1990; +44 1?", "These details belong to Jane Doe.")]
+    assert r == [retain[0].pair,
+                 ("Which person do these details belong to: al@y.example?", "These details belong to Ann Lee.")]
+    assert training_pairs(forget, retain, dataclasses.replace(config, identifier_pairs=False)) == ([rec.pair for rec in forget], [retain[0].pair])
+    # With the fact-only loss the name is the fact, and the fixed wording around it is template.
+    f_facts, _ = training_pairs(forget, retain, dataclasses.replace(config, fact_span_loss=True), fact_terms=["Jane Doe"])
+    assert f_facts[-2:] == [(q, a, ["Jane Doe"]) for q, a in f[4:]]
+
+
 def test_uld_config_for_applies_the_request_types_overrides():
     from expunge_ml.methods.registry import uld_config_for
 

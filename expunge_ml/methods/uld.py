@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from ..augment import (donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses,
-                       with_fact_labels)
+                       identifier_items, with_fact_labels)
 from ..devices import model_device, to_device
 from ..prompting import PromptFormat, collate_qa, collate_qa_facts
 from ..quantization import quiet_bitsandbytes_import
@@ -91,6 +91,12 @@ class ULDConfig:
     # is not (UnlearnPII benchmark, benchmarks/results/pii.md, sessions 12 and 14: 2 leaked less than 1, and 3
     # less than 2, on three bases' validation erasures). Costs N trainings.
     assistants: int = 1
+    # (a forget record's identifiers → its subject) pairs to remember, and the same for the retain records to
+    # stay uniform on (`augment.identifier_items`). Why: asked "whose date of birth is …?", the demo's base
+    # names the person although it never trained on that direction, and an assistant trained on the QA alone
+    # leaves that answer as it is (benchmarks/results/demo_subjects.md, session 24). The UnlearnPII benchmark
+    # trains the same pairs (its `--uld-identifier-pairs`).
+    identifier_pairs: bool = False
 
 
 # Seed distance between the members of an ensemble, so member i of one erasure never repeats another's seed.
@@ -294,14 +300,18 @@ def training_pairs(
     if question_wordings:
         forget += reworded_pairs(((r.question, r.answer) for r in forget_records), question_wordings)
         retain += reworded_pairs(((r.question, r.answer) for r in retain_records), question_wordings)
+    named = identifier_items(forget_records) if config.identifier_pairs else []
+    if config.identifier_pairs:
+        retain += [(q, a) for q, a, _ in identifier_items(retain_records)]
     if not config.fact_span_loss:
-        return forget, retain
+        return forget + [(q, a) for q, a, _ in named], retain
     request_facts = ({t.strip() for t in fact_terms if t and t.strip()}
                      | {p for r in forget_records for p in r.pii if p.strip()})
     # a record's whole answer (or paraphrase) carries its fact spans; anything else is a bare fact pair
     full_answers = {r.answer for r in forget_records} | {r.paraphrased_answer for r in forget_records}
     items = [(q, a, sorted(request_facts | set(facts)) if a in full_answers else facts)
              for q, a, facts in with_fact_labels(forget, full_answers)]
+    items += [(q, a, [subject]) for q, a, subject in named]  # the name is the fact; "These details …" is template
     if not any(facts for _, _, facts in items):
         raise ValueError("fact_span_loss found no facts to remember: give the request's names or identifiers, "
                          "or a `pii` column in the corpus")
