@@ -606,7 +606,7 @@ def train_or_load_base(options: PIIBenchOptions, data: PIIData, log: Callable[[s
 
 def _zero() -> dict[str, int]:
     return {"n_prompts": 0, "n_identifiers": 0, "exact_leaks": 0, "normalised_leaks": 0, "prompts_leaking": 0,
-            "n_prompt_revealed": 0}
+            "n_prompt_revealed": 0, "answers_naming_watched": 0}
 
 
 def sum_reports(reports: Iterable[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:

@@ -223,6 +223,13 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
             if b["n_identifiers"] or revealed:
                 lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids{not_asked}) | "
                              f"{_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
+        if group == "retained":  # the erased people's names in answers about everyone else
+            asked = sum(by_model["base"][k]["n_prompts"] for k in ("direct", "paraphrased", "inverted"))
+            named = {model: sum(by_model[model][k].get("answers_naming_watched", 0) for k in ("direct", "paraphrased", "inverted"))
+                     for model in ("base", "unlearned")}
+            if asked:
+                lines.append(f"| PII retained | answers naming an erased person ({asked} answers) | {named['base']} | "
+                             f"{named['unlearned']} |")
     for precision, result in (evidence.get("quantization") or {}).items():
         lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
         if result["forget"].get("fact_recall") is not None:

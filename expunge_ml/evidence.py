@@ -184,10 +184,13 @@ def collect_evidence(
                                                                 options.mia_k, options.batch_size)
     if erased_probes or retained_probes:
         evidence["pii"] = {}
+        # Answers about the retained people are also read for the erased people's names (`answers_naming_watched`).
+        erased_names = [name for probe in erased_probes for name in (probe.subject, *probe.aliases)]
         for group, probes in (("erased", erased_probes), ("retained", retained_probes)):
             if probes:
+                watch = erased_names if group == "retained" else ()
                 evidence["pii"][group] = {
-                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), **kwargs)
+                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), watch_names=watch, **kwargs)
                     for name, served in models.items()
                 }
     evidence["quantization"] = {}

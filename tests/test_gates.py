@@ -66,6 +66,20 @@ def test_each_gate_fails_with_its_margin():
         assert result.value == pytest.approx(value) and result.margin == pytest.approx(margin), gate
 
 
+def test_subject_mention_rate_by_hand():
+    ev = evidence()
+    # 10 + 5 + 5 answers about the retained people; 1 + 0 + 3 of them name an erased person.
+    ev["pii"]["retained"]["unlearned"] = {
+        "direct": {"leak_rate": 1.0, "n_identifiers": 4, "n_prompts": 10, "answers_naming_watched": 1},
+        "paraphrased": {"leak_rate": 1.0, "n_identifiers": 4, "n_prompts": 5, "answers_naming_watched": 0},
+        "inverted": {"leak_rate": 1.0, "n_identifiers": 5, "n_prompts": 5, "answers_naming_watched": 3},
+    }
+    result = check_gates(ev, {"max_subject_mention_rate": 0.1})[0]
+    assert (result.value, result.passed, result.margin) == (pytest.approx(0.2), False, pytest.approx(-0.1))  # 4 / 20
+    del ev["pii"]["retained"]
+    assert check_gates(ev, {"max_subject_mention_rate": 0.1})[0].skipped == "no evidence applies"
+
+
 def test_gates_without_evidence_are_skipped_not_passed_silently():
     ev = evidence()
     del ev["pii"]
