@@ -226,6 +226,9 @@ def test_name_given_by_the_question_itself():
     assert not M.name_given_by("Who answers the phone number +44 20 7946 0536?", "Agnes Ulverde")
     assert not M.name_given_by(email_question, "Agnes Ulverdes")
     assert not M.name_given_by(email_question, " . ")
+    assert not M.name_given_by("Whose annual salary is 40,000?", "Ann")  # a one-word name is only ever a whole word
+    assert not M.name_given_by("Tell me about it", "A. B.") and not M.name_given_by("x@ulverdeagnes.example", "Agnes Ulverde")
+    assert M.name_given_by("Who uses agnesulverde1988@x.example?", "Agnes Ulverde")  # glued at the start of a word
 
 
 def test_distinct_n():
