@@ -76,6 +76,11 @@ def _plot_metric_bars(evidence: dict, path: Path) -> Path:
     return path
 
 
+def _interval(bounds) -> str:
+    """", 90 % interval a–b" for a bootstrap interval over the forget records (`expunge_ml.evidence.recovery_interval`)."""
+    return "" if not bounds else f", 90 % interval {_fmt(bounds[0])}–{_fmt(bounds[1])}"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -231,9 +236,12 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
                 lines.append(f"| PII retained | answers naming an erased person ({asked} answers) | {named['base']} | "
                              f"{named['unlearned']} |")
     for precision, result in (evidence.get("quantization") or {}).items():
-        lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}) | {_fmt(m['base']['forget']['rougeL_recall'])} | {_fmt(result['forget']['rougeL_recall'])} |")
+        lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}"
+                     f"{_interval(result.get('recovery_interval'))}) | {_fmt(m['base']['forget']['rougeL_recall'])} | "
+                     f"{_fmt(result['forget']['rougeL_recall'])} |")
         if result["forget"].get("fact_recall") is not None:
-            lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}) | "
+            lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}"
+                         f"{_interval(result.get('fact_recovery_interval'))}) | "
                          f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
     notes: list[str] = []  # caveats printed under the metrics table
     muse = evidence.get("muse") or {}

@@ -25,6 +25,10 @@ class SplitMetrics:
     # when the split's answers carry none. A privacy erasure is about these, not about the wording.
     fact_recall: float | None = None
     n_facts: int = 0
+    # Per record, in order (not in `as_dict`: the evidence keeps aggregates): each greedy answer's ROUGE-L
+    # recall, and how many of its record's facts it states of how many. For intervals over the records.
+    per_record_rougeL: tuple[float, ...] = ()
+    per_record_facts: tuple[tuple[int, int], ...] = ()
 
     def as_dict(self) -> dict[str, float]:
         return {"n": self.n, "rougeL_recall": self.rougeL_recall, "answer_prob": self.answer_prob,
@@ -53,9 +57,13 @@ def evaluate_split(
     recalls = [rouge_l_recall(pred, r.answer) for pred, r in zip(answers, records)]
     scores = score_answers(source, tokenizer, fmt, [r.pair for r in records], batch_size)
     probs = [float(length_normalised_prob(s.sum_log_prob, s.n_tokens)) for s in scores]
-    facts, n_facts = fact_recall(answers, [record_facts(r) for r in records])
+    facts_per_record = [record_facts(r) for r in records]
+    facts, n_facts = fact_recall(answers, facts_per_record)
+    stated = tuple((round(recall * total) if recall is not None else 0, total)
+                   for recall, total in (fact_recall([answer], [f]) for answer, f in zip(answers, facts_per_record)))
     return SplitMetrics(len(records), float(np.mean(recalls)), float(np.nanmean(probs)),
-                        knowmem(answers, [r.answer for r in records]), facts, n_facts)
+                        knowmem(answers, [r.answer for r in records]), facts, n_facts,
+                        tuple(float(r) for r in recalls), stated)
 
 
 def evaluate_splits(

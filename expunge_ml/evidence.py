@@ -13,10 +13,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .corpus import QARecord
-from .evaluation import evaluate_splits
+from .evaluation import SplitMetrics, evaluate_splits
 from .fluency import fluency_report
 from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
@@ -145,6 +146,53 @@ def recovery(before: float, unlearned: float, attacked: float, min_gap: float = 
     return min(1.0, max(0.0, (attacked - unlearned) / gap))
 
 
+def recovery_interval(before: Sequence[float], unlearned: Sequence[float], attacked: Sequence[float],
+                      weights: Sequence[float] | None = None, level: float = 0.9, n_boot: int = 2000, seed: int = 0,
+                      min_gap: float = 0.05) -> tuple[float, float] | None:
+    """A bootstrap interval for `recovery` over the records: resample the records with replacement (the same
+    ones for all three models, so the comparison stays paired), take each model's weighted mean over them and
+    the recovery of those means, and return the (1 − level) / 2 and (1 + level) / 2 quantiles. `weights`: a
+    record's share of the mean (its number of facts for pooled fact recall; None = equal). Resamples whose gap
+    (before − unlearned) is under `min_gap` leave recovery undefined and are dropped; None when over half are.
+    Why: a ticket's forget set is a dozen answers, so one answer's word salad moving is a few points of
+    recovery; the interval shows an approver how much of a number is that."""
+    values = [np.asarray(v, dtype=float) for v in (before, unlearned, attacked)]
+    n = len(values[0])
+    if n == 0 or any(len(v) != n for v in values):
+        raise ValueError("before, unlearned and attacked need one value per record, and at least one record")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weights for {n} records")
+    picks = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    picked_weight = w[picks].sum(axis=1)
+    defined = picked_weight > 0
+    b, u, a = ((v[picks] * w[picks]).sum(axis=1) / np.where(defined, picked_weight, 1.0) for v in values)
+    gap = b - u
+    defined &= gap >= min_gap
+    if defined.sum() * 2 < n_boot:
+        return None
+    recoveries = np.clip((a[defined] - u[defined]) / gap[defined], 0.0, 1.0)
+    low, high = np.quantile(recoveries, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def attack_intervals(before: SplitMetrics, unlearned: SplitMetrics, attacked: SplitMetrics) -> dict[str, Any]:
+    """90 % bootstrap intervals over the forget records (`recovery_interval`) for an attack's ROUGE-L recovery
+    and, where the answers carry facts, its fact recovery (records weighted by their facts, as the pooled
+    fact recall is)."""
+    if not before.per_record_rougeL:
+        return {}
+    intervals: dict[str, Any] = {"recovery_interval": recovery_interval(
+        before.per_record_rougeL, unlearned.per_record_rougeL, attacked.per_record_rougeL)}
+    if attacked.fact_recall is not None and before.fact_recall is not None:
+        def shares(metrics: SplitMetrics) -> list[float]:
+            return [stated / total if total else 0.0 for stated, total in metrics.per_record_facts]
+
+        intervals["fact_recovery_interval"] = recovery_interval(
+            shares(before), shares(unlearned), shares(attacked), weights=[total for _, total in before.per_record_facts])
+    return intervals
+
+
 def collect_evidence(
     before: ServedModel,
     after: ServedModel,
@@ -165,9 +213,12 @@ def collect_evidence(
     models = {"base": before, "unlearned": after}
     evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}, "max_new_tokens": budget}
     verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
+    forget_results = {}  # per model, the forget split with its per-record scores (for the attacks' intervals)
     for name, served in models.items():
         source = served.source()
-        evidence["metrics"][name] = m = {k: v.as_dict() for k, v in evaluate_splits(source, tokenizer, fmt, splits, **kwargs).items()}
+        results = evaluate_splits(source, tokenizer, fmt, splits, **kwargs)
+        forget_results[name] = results["forget"]
+        evidence["metrics"][name] = m = {k: v.as_dict() for k, v in results.items()}
         evidence["truth_ratios"][name] = {
             split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
             for split, records in splits.items()
@@ -203,6 +254,7 @@ def collect_evidence(
             # The same share for the facts alone: what an attacker learns back about the subject.
             "fact_recovery": None if attacked.fact_recall is None else recovery(
                 forget_before["fact_recall"], forget_after["fact_recall"], attacked.fact_recall),
+            **attack_intervals(forget_results["base"], forget_results["unlearned"], attacked),
             "group_size": group_size,
             **({"library": "bitsandbytes"} if precision == "nf4" else {}),
         }

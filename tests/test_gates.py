@@ -37,6 +37,26 @@ def test_recovery_by_hand():
     assert recovery(0.5, 0.48, 0.9) is None  # nothing was forgotten, so recovery is undefined
 
 
+def test_recovery_interval_by_hand():
+    from expunge_ml.evidence import recovery_interval
+
+    # Every record moves the same: every resample gives the same recovery, (0.3 − 0) / (1 − 0).
+    assert recovery_interval([1, 1, 1], [0, 0, 0], [0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3))
+    assert recovery_interval([1] * 12, [0.2] * 12, [0.2] * 12) == (0.0, 0.0)
+    # Two records, one fully back and one not: resamples give 1 (both the first), 0.5 or 0 (both the second),
+    # the ends each a quarter of the time, so the 90 % interval is the whole range.
+    assert recovery_interval([1, 1], [0, 0], [1, 0]) == (0.0, 1.0)
+    # The second record forgot almost nothing (gap 0.02): a resample of it alone is undefined and dropped;
+    # mixed ones give (0.49 − 0.24) / (0.75 − 0.24), the first alone 0.5.
+    low, high = recovery_interval([1, 0.5], [0, 0.48], [0.5, 0.48])
+    assert (low, high) == (pytest.approx(0.25 / 0.51), pytest.approx(0.5))
+    assert recovery_interval([0.5, 0.5], [0.48, 0.48], [0.5, 0.5]) is None  # nothing forgotten, nothing to recover
+    # Weights: a record with no facts has no say in the pooled fact recall.
+    assert recovery_interval([1, 1], [0, 0], [0.4, 1.0], weights=[3, 0]) == pytest.approx((0.4, 0.4))
+    with pytest.raises(ValueError):
+        recovery_interval([1, 1], [0], [0, 0])
+
+
 def test_every_gate_passes_on_good_evidence():
     results = check_gates(evidence(), THRESHOLDS)
     assert [r.gate for r in results] == list(THRESHOLDS)
