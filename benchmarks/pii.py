@@ -724,8 +724,6 @@ def uld_config(options: PIIBenchOptions, split: str):
                            augment_paraphrased=False, augment_perturbed=False, assistants=options.uld_assistants)
 
 
-
-
 def row_pii(row: Mapping[str, Any]) -> list[str]:
     """The row's identifiers (subject_pii) as non-blank strings: what an erasure request names."""
     return [str(p) for p in row.get("subject_pii") or () if str(p).strip()]

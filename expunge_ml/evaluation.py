@@ -10,7 +10,7 @@ from .augment import fact_spans
 from .corpus import QARecord
 from .generation import greedy_generate, score_answers
 from .logits import LogitSource
-from .metrics import fact_appears, fact_recall, length_normalised_prob, rouge_l_recall
+from .metrics import fact_appears, fact_recall, facts_stated, length_normalised_prob, rouge_l_recall
 from .muse import knowmem
 from .prompting import PromptFormat
 
@@ -59,8 +59,7 @@ def evaluate_split(
     probs = [float(length_normalised_prob(s.sum_log_prob, s.n_tokens)) for s in scores]
     facts_per_record = [record_facts(r) for r in records]
     facts, n_facts = fact_recall(answers, facts_per_record)
-    stated = tuple((round(recall * total) if recall is not None else 0, total)
-                   for recall, total in (fact_recall([answer], [f]) for answer, f in zip(answers, facts_per_record)))
+    stated = tuple(facts_stated(answer, f) for answer, f in zip(answers, facts_per_record))
     return SplitMetrics(len(records), float(np.mean(recalls)), float(np.nanmean(probs)),
                         knowmem(answers, [r.answer for r in records]), facts, n_facts,
                         tuple(float(r) for r in recalls), stated)

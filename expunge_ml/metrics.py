@@ -33,6 +33,7 @@ __all__ = [
     "name_given_by",
     "fact_appears",
     "fact_recall",
+    "facts_stated",
     "distinct_n",
     "repetition_rate",
     "min_k_percent_score",
@@ -292,13 +293,16 @@ def fact_recall(predictions: Sequence[str], facts: Sequence[Sequence[str]]) -> t
     that keeps the template ("X works as a … in …") but none of the facts scores 0."""
     if len(predictions) != len(facts):
         raise ValueError(f"{len(predictions)} predictions but {len(facts)} fact lists")
-    total = recalled = 0
-    for text, record_facts in zip(predictions, facts):
-        words = _words(text)
-        for fact in dict.fromkeys(f for f in record_facts if _words(f)):
-            total += 1
-            recalled += _appears_in(words, fact)
+    counts = [facts_stated(text, record_facts) for text, record_facts in zip(predictions, facts)]
+    recalled, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return (recalled / total if total else None), total
+
+
+def facts_stated(text: str, facts: Sequence[str]) -> tuple[int, int]:
+    """(how many of `facts` `text` states, how many there are), duplicates and facts without words left out."""
+    words = _words(text)
+    distinct = list(dict.fromkeys(f for f in facts if _words(f)))
+    return sum(_appears_in(words, fact) for fact in distinct), len(distinct)
 
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:

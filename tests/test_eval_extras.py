@@ -604,6 +604,13 @@ def test_fact_recall_of_a_memorising_model_and_of_one_that_never_saw_the_facts(t
     assert knows.n_facts == forgot.n_facts == 2  # the email and the phone number
     assert knows.fact_recall == 1.0
     assert forgot.fact_recall == 0.0
+    # Per record, in order, the same numbers (for the quantization attacks' intervals): ROUGE-L recalls whose
+    # mean is the split's, and (facts stated, facts) that pool to its fact recall.
+    for metrics in (knows, forgot):
+        assert len(metrics.per_record_rougeL) == 2 and sum(metrics.per_record_rougeL) / 2 == pytest.approx(metrics.rougeL_recall)
+        stated, total = (sum(c) for c in zip(*metrics.per_record_facts))
+        assert total == metrics.n_facts and stated / total == pytest.approx(metrics.fact_recall)
+    assert knows.per_record_facts == ((1, 1), (1, 1)) and forgot.per_record_facts == ((0, 1), (0, 1))
 
 
 def test_the_generation_budget_covers_the_longest_answer_between_floor_and_cap(tokenizer):

@@ -206,6 +206,7 @@ def test_fact_recall_pools_over_records_by_hand():
     # record 1: 2 of 2 distinct facts; record 2: 0 of 2; record 3: none to find → 2 / 4
     assert M.fact_recall(predictions, facts) == (0.5, 4)
     assert M.fact_recall(["x"], [[]]) == (None, 0)
+    assert M.facts_stated("Born in Lagos on 3 May", ["Lagos", "3 May 1990", "Lagos", "—"]) == (1, 2)
     with pytest.raises(ValueError):
         M.fact_recall(["a", "b"], [["x"]])
     # parentheses and dots in the identifier are stripped too
