@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import typer
 
@@ -83,6 +83,11 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
         row["passed"] = bool(evaluated["passed"])
         row["gates"] = {g["gate"]: {"value": g["value"], "threshold": g["threshold"], "passed": g["passed"]}
                         for g in evaluated["gates"]}
+    evidence_path = work / "evidence.json"
+    if evidence_path.exists():  # each attack's recovery intervals (`expunge_ml.evidence.recovery_interval`)
+        attacks = json.loads(evidence_path.read_text()).get("quantization") or {}
+        row["quant_intervals"] = {name: {key: attack.get(f"{key}_interval") for key in ("recovery", "fact_recovery")}
+                                  for name, attack in attacks.items()}
     training_path = work / "training.json"
     if training_path.exists():
         weights = json.loads(training_path.read_text()).get("weights")
@@ -91,13 +96,32 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
     return row
 
 
+# A quantization gate reads the worst attack's recovery of this key.
+QUANT_GATES = {"max_quant_recovery": "recovery", "max_quant_fact_recovery": "fact_recovery"}
+
+
+def failed_within_interval(row: Mapping[str, Any]) -> int:
+    """The ticket's failed quantization gates whose threshold lies inside the 90 % interval of every attack over
+    it: failures a dozen answers cannot tell from noise (none before the evidence had intervals)."""
+    count = 0
+    for gate, key in QUANT_GATES.items():
+        result = row.get("gates", {}).get(gate)
+        if not result or result["passed"]:
+            continue
+        over = [iv[key] for iv in (row.get("quant_intervals") or {}).values() if iv.get(key) and iv[key][1] > result["threshold"]]
+        count += bool(over) and all(low <= result["threshold"] for low, _ in over)
+    return count
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     summary: dict[str, dict[str, int]] = {}
     for row in rows:
-        entry = summary.setdefault(row["profile"], {"tickets": 0, "passed_every_gate": 0, "failed_gates": 0})
+        entry = summary.setdefault(row["profile"], {"tickets": 0, "passed_every_gate": 0, "failed_gates": 0,
+                                                    "quant_failures_within_interval": 0})
         entry["tickets"] += 1
         entry["passed_every_gate"] += int(bool(row.get("passed")))
         entry["failed_gates"] += sum(not g["passed"] for g in row.get("gates", {}).values())
+        entry["quant_failures_within_interval"] += failed_within_interval(row)
     return summary
 
 
@@ -152,8 +176,10 @@ def markdown_table(result: dict[str, Any]) -> str:
                                                else f"**{gates[g]['value']:.3f}**")) for g in gate_names]
         lines.append(f"| {row['profile']} | {row['person_index']} | {row['status']} | {row.get('served_weight', '–')} | "
                      f"{'pass' if row.get('passed') else 'fail'} | " + " | ".join(cells) + " |")
-    lines += ["", "| profile | tickets | passed every gate | failed gates |", "|---|---|---|---|"]
-    lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} |" for p, s in result["summary"].items()]
+    lines += ["", "| profile | tickets | passed every gate | failed gates | of them quantization gates within their interval |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} | "
+              f"{s.get('quant_failures_within_interval', '–')} |" for p, s in result["summary"].items()]
     return "\n".join(lines) + "\n"
 
 

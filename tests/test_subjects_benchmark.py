@@ -43,8 +43,23 @@ def test_the_summary_counts_tickets_passing_every_gate_and_failed_gates():
         {"profile": "a", "passed": False, "gates": {"g1": {"passed": False}, "g2": {"passed": False}}},
         {"profile": "b", "status": "failed"},  # a run that failed before its evaluation
     ]
-    assert summarise(rows) == {"a": {"tickets": 2, "passed_every_gate": 1, "failed_gates": 2},
-                               "b": {"tickets": 1, "passed_every_gate": 0, "failed_gates": 0}}
+    assert summarise(rows) == {"a": {"tickets": 2, "passed_every_gate": 1, "failed_gates": 2, "quant_failures_within_interval": 0},
+                               "b": {"tickets": 1, "passed_every_gate": 0, "failed_gates": 0, "quant_failures_within_interval": 0}}
+
+
+def test_quantization_failures_inside_their_interval_are_counted():
+    from benchmarks.subjects import failed_within_interval
+
+    def row(recovery_value, intervals):
+        return {"gates": {"max_quant_recovery": {"value": recovery_value, "threshold": 0.05, "passed": recovery_value <= 0.05}},
+                "quant_intervals": {name: {"recovery": iv, "fact_recovery": None} for name, iv in intervals.items()}}
+
+    # int4 fails at 0.07, and 0.05 lies inside its interval (int8's is below the bar): noise.
+    assert failed_within_interval(row(0.07, {"int4": [0.0, 0.14], "int8": [0.0, 0.03]})) == 1
+    # nf4's interval is all above the bar: a recovery the dozen answers do show.
+    assert failed_within_interval(row(0.3, {"int4": [0.0, 0.14], "nf4": [0.12, 0.5]})) == 0
+    assert failed_within_interval(row(0.03, {"int4": [0.0, 0.14]})) == 0  # passed
+    assert failed_within_interval({"gates": {"max_quant_recovery": {"value": 0.07, "threshold": 0.05, "passed": False}}}) == 0
 
 
 def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_path, monkeypatch):
