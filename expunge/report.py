@@ -76,6 +76,25 @@ def _plot_metric_bars(evidence: dict, path: Path) -> Path:
     return path
 
 
+# Quantization gates and the recovery they read (`expunge_ml.gates`), for the interval beside their result.
+_QUANT_GATE_KEYS = {"max_quant_recovery": "recovery", "max_quant_fact_recovery": "fact_recovery"}
+
+
+def _worst_attack_interval(evidence: dict, gate: dict) -> str:
+    """For a quantization gate: the 90 % interval of the attack whose recovery the gate read (the worst), and
+    whether the threshold lies inside it, so whoever approves sees when a dozen answers cannot settle it."""
+    key = _QUANT_GATE_KEYS.get(gate["gate"])
+    attacks = [a for a in (evidence.get("quantization") or {}).values() if key and a.get(key) is not None]
+    if gate.get("skipped") or not attacks:
+        return ""
+    bounds = max(attacks, key=lambda a: a[key]).get(f"{key}_interval")
+    if not bounds:
+        return ""
+    inside = bounds[0] <= gate["threshold"] <= bounds[1]
+    return f"; worst attack's 90 % interval {_fmt(bounds[0])}–{_fmt(bounds[1])}" + (
+        ", the threshold inside it" if inside else "")
+
+
 def _interval(bounds) -> str:
     """", 90 % interval a–b" for a bootstrap interval over the forget records (`expunge_ml.evidence.recovery_interval`)."""
     return "" if not bounds else f", 90 % interval {_fmt(bounds[0])}–{_fmt(bounds[1])}"
@@ -211,7 +230,8 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
     ]
     for g in evaluation["gates"]:
         result = "skipped: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
-        lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result} |")
+        lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result}"
+                     f"{_worst_attack_interval(evidence, g)} |")
     lines += ["", "## Metrics, before vs after", "", "| split | metric | before | after |", "|---|---|---|---|"]
     for split in ("forget", "retain"):
         for metric in ("rougeL_recall", "answer_prob"):

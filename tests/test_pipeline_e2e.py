@@ -56,6 +56,10 @@ def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, co
     assert unlearned["fact_recall"] < base["fact_recall"] / 2  # … the served model far fewer of them
     for attack in evidence["quantization"].values():
         assert attack["forget"]["n_facts"] == base["n_facts"] and "fact_recovery" in attack
+        low, high = attack["recovery_interval"]  # a bootstrap interval over the forget records around the value
+        assert 0.0 <= low <= high <= 1.0 and "fact_recovery_interval" in attack
+    # answers about the retained people are read for the erased person's names
+    assert all("answers_naming_watched" in kind for kind in evidence["pii"]["retained"]["unlearned"].values())
 
 
 def test_membership_evidence_flags_a_holdout_the_tokenizer_splits_differently(tiny_home, completed, tmp_path):
@@ -145,6 +149,7 @@ def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, complet
     assert result.exit_code == 0, result.output
     markdown = (tmp_path / "report" / "evidence.md").read_text()
     assert "| max_forget_rougeL |" in markdown and "Audit chain head" in markdown
+    assert "worst attack's 90 % interval" in markdown and "answers naming an erased person" in markdown
     assert (tmp_path / "report" / "metrics_before_after.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "report" / "evidence_report.json").read_text())
     assert report["passed"] is True and report["registration"]["aliases"] == ["challenger"]
