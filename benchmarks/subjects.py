@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import typer
+import yaml
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # The profile sections that decide the world and the base: profiles compared on one champion must agree on them.
@@ -31,6 +32,10 @@ class SubjectsOptions:
     home: Optional[str] = None  # default: a new temporary directory
     out_dir: Optional[str] = str(DEFAULT_OUT_DIR)
     name: str = "subjects"
+    # ULD assistant seeds to run each profile with (its `unlearning.uld.seed` replaced); () = the profile's own.
+    # Why: on the demo world the shipped profile passed every gate for 14 of 20 people with seed 0 and 10 with
+    # seed 1 (benchmarks/results/demo_subjects.md, session 24): one seed cannot rank two profiles.
+    seeds: tuple[int, ...] = ()
 
 
 def parse_people(text: str) -> tuple[int, ...]:
@@ -48,6 +53,36 @@ def parse_people(text: str) -> tuple[int, ...]:
     if not people or min(people) < 0:
         raise ValueError(f"--people {text!r}: give non-negative indices, e.g. 0-5")
     return tuple(people)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0,1,2" → (0, 1, 2); "" → () (each profile's own seed)."""
+    try:
+        seeds = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give integers separated by commas, e.g. 0,1") from None
+    if any(seed < 0 for seed in seeds):
+        raise ValueError(f"--seeds {text!r}: seeds are non-negative")
+    return seeds
+
+
+def profile_variants(profiles: Sequence[str], seeds: Sequence[int], directory: Path) -> list[tuple[str, str]]:
+    """(label, profile to run) for each profile, or for each profile × assistant seed: a copy of the profile with
+    `unlearning.uld.seed` set, written to `directory` (the run's private home)."""
+    if not seeds:
+        return [(profile, profile) for profile in profiles]
+    from expunge.settings import load_profile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    variants = []
+    for k, profile in enumerate(profiles):
+        for seed in seeds:
+            loaded = load_profile(profile)
+            loaded.setdefault("unlearning", {}).setdefault("uld", {})["seed"] = seed
+            path = directory / f"{k}-{Path(profile).stem}-seed{seed}.yaml"
+            path.write_text(yaml.safe_dump(loaded, sort_keys=False))
+            variants.append((f"{profile} (seed {seed})", str(path)))
+    return variants
 
 
 def check_profiles_share_a_base(profiles: Sequence[str]) -> None:
@@ -144,7 +179,7 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
     requests_dir = home / "subjects_requests"  # the requests name people: they stay in the private home
     requests_dir.mkdir(exist_ok=True)
     rows = []
-    for k, profile in enumerate(options.profiles):
+    for k, (label, profile) in enumerate(profile_variants(options.profiles, options.seeds, home / "subjects_profiles")):
         profile_settings = Settings(home=home, profile_name=profile)
         for index in options.people:
             ticket_id = f"SUBJ-{k}-{index}"
@@ -152,15 +187,15 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
             path.write_text(json.dumps(person_request(people[index], ticket_id)))  # JSON is YAML
             submitted = submit(profile_settings, path)
             if submitted.status == "received":
-                log(f"{profile}: person {index} ({ticket_id}) …")
+                log(f"{label}: person {index} ({ticket_id}) …")
                 try:
                     run_request(profile_settings, ticket_id)
                 except Exception as exc:  # the flow recorded `failed` in the DB and audit log; go on with the rest
-                    log(f"{profile}: person {index}: the run failed: {type(exc).__name__}: {exc}")
+                    log(f"{label}: person {index}: the run failed: {type(exc).__name__}: {exc}")
             status = request_rows(profile_settings, ticket_id)[0]["status"]
-            row = ticket_row(profile_settings.ticket_dir(ticket_id), profile, index, ticket_id, status)
+            row = ticket_row(profile_settings.ticket_dir(ticket_id), label, index, ticket_id, status)
             rows.append(row)
-            log(f"{profile}: person {index}: {status}, w {row.get('served_weight')}")
+            log(f"{label}: person {index}: {status}, w {row.get('served_weight')}")
     return {"command": command, "options": asdict(options) | {"home": str(home)},
             "base_model_uri": boot["model_uri"], "seconds": round(time.perf_counter() - started, 1),
             "rows": rows, "summary": summarise(rows)}
@@ -200,11 +235,14 @@ def subjects_command(
     home: Optional[Path] = typer.Option(None, help="state directory for the runs (default: a new temporary one)"),
     out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where NAME.json and NAME.md go"),
     name: str = typer.Option("subjects", help="output file stem"),
+    seeds: str = typer.Option("", help='ULD assistant seeds to run each profile with, e.g. "0,1" (default: the '
+                              "profile's own); the gates of one seed are too noisy to rank two profiles"),
 ) -> None:
     """Erase each of several sample-world people in turn under each profile; print and write which gates pass."""
     try:
         options = SubjectsOptions(profiles=tuple(profile), people=parse_people(people),
-                                  home=str(home) if home else None, out_dir=str(out_dir), name=name)
+                                  home=str(home) if home else None, out_dir=str(out_dir), name=name,
+                                  seeds=parse_seeds(seeds))
         from .cli import invoked_command
 
         result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True),

@@ -47,6 +47,26 @@ def test_the_summary_counts_tickets_passing_every_gate_and_failed_gates():
                                "b": {"tickets": 1, "passed_every_gate": 0, "failed_gates": 0, "quant_failures_within_interval": 0}}
 
 
+def test_seeds_give_each_profile_one_variant_per_assistant_seed(tmp_path):
+    import yaml
+
+    from benchmarks.subjects import parse_seeds, profile_variants
+    from expunge.settings import load_profile
+
+    assert parse_seeds("") == () and parse_seeds("0, 1,1") == (0, 1)
+    for bad in ("a", "-1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+    assert profile_variants(["demo", "tiny"], (), tmp_path) == [("demo", "demo"), ("tiny", "tiny")]  # as given
+    variants = profile_variants(["demo", "tiny"], (0, 3), tmp_path / "p")
+    assert [label for label, _ in variants] == ["demo (seed 0)", "demo (seed 3)", "tiny (seed 0)", "tiny (seed 3)"]
+    for (_, path), (name, seed) in zip(variants, [("demo", 0), ("demo", 3), ("tiny", 0), ("tiny", 3)]):
+        derived, original = yaml.safe_load(open(path)), load_profile(name)
+        assert derived["unlearning"]["uld"].pop("seed") == seed
+        original["unlearning"]["uld"].pop("seed", None)
+        assert derived == original  # nothing else changes
+
+
 def test_quantization_failures_inside_their_interval_are_counted():
     from benchmarks.subjects import failed_within_interval
 
