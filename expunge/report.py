@@ -263,6 +263,13 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
             lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}"
                          f"{_interval(result.get('fact_recovery_interval'))}) | "
                          f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
+        erased_base = ((evidence.get("pii") or {}).get("erased") or {}).get("base")
+        if result.get("pii_erased") and erased_base:  # the erased identifiers asked again of the quantized copy
+            kinds = [k for k in ("direct", "paraphrased", "inverted") if result["pii_erased"][k]["n_identifiers"]]
+            rates = lambda report: " / ".join(_fmt(report[k]["leak_rate"]) for k in kinds)  # noqa: E731
+            lines.append(f"| PII erased, {precision} attack | leak rate {' / '.join(kinds)} "
+                         f"({sum(result['pii_erased'][k]['n_identifiers'] for k in kinds)} ids) | "
+                         f"{rates(erased_base)} | {rates(result['pii_erased'])} |")
     notes: list[str] = []  # caveats printed under the metrics table
     muse = evidence.get("muse") or {}
     if muse:

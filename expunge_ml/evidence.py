@@ -3,7 +3,8 @@
 Computes, on the same questions: forget/retain ROUGE-L and answer probability, TOFU truth ratios,
 PII leakage of erased vs retained people (direct, paraphrased, inverted prompts), a quantization
 attack (int8/int4 round-to-nearest of every served weight, assistants included, then the forget
-metrics again: unlearning that only hides knowledge behind tiny weight changes "comes back"), MUSE's
+metrics and the erased people's PII probes again: unlearning that only hides knowledge behind tiny weight
+changes "comes back"), MUSE's
 VerbMem / KnowMem / PrivLeak (membership inference against held-out records), and a degeneration check
 on neutral prompts. Returns plain dicts of numbers — never generated text.
 """
@@ -247,8 +248,9 @@ def collect_evidence(
     evidence["quantization"] = {}
     forget_before, forget_after = (evidence["metrics"][name]["forget"] for name in ("base", "unlearned"))
     for precision, group_size, build in after.quantization_attacks(options.quant_bits, options.quant_group_size, options.quant_nf4):
-        attacked = evaluate_splits(build().source(), tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
-        evidence["quantization"][precision] = {
+        attacked_source = build().source()
+        attacked = evaluate_splits(attacked_source, tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
+        evidence["quantization"][precision] = attack = {
             "forget": attacked.as_dict(),
             "recovery": recovery(forget_before["rougeL_recall"], forget_after["rougeL_recall"], attacked.rougeL_recall),
             # The same share for the facts alone: what an attacker learns back about the subject.
@@ -258,6 +260,11 @@ def collect_evidence(
             "group_size": group_size,
             **({"library": "bitsandbytes"} if precision == "nf4" else {}),
         }
+        if erased_probes:
+            # What an erasure must keep gone is the identifiers, asked in every wording: a quantized copy that
+            # recites an erased email leaks it, whatever its answers' ROUGE-L does (`max_quant_pii_leak_rate`).
+            attack["pii_erased"] = pii_leakage(attacked_source, tokenizer, fmt, list(erased_probes), **kwargs)
+        del attacked_source
     if options.fluency:
         reference = before.source()
         evidence["fluency"] = {

@@ -100,6 +100,24 @@ def test_subject_mention_rate_by_hand():
     assert check_gates(ev, {"max_subject_mention_rate": 0.1})[0].skipped == "no evidence applies"
 
 
+def test_quant_pii_leak_rate_reads_the_worst_attack_and_kind_by_hand():
+    ev = evidence()
+    kind = lambda leaks, n: {"normalised_leaks": leaks, "n_identifiers": n, "leak_rate": leaks / n if n else 0.0}  # noqa: E731
+    # int8: 0 of 12 direct, 1 of 40 paraphrased; int4: 0 of 12, 0 of 40, 1 of 4 inverted (the name comes back).
+    ev["quantization"]["int8"]["pii_erased"] = {"direct": kind(0, 12), "paraphrased": kind(1, 40), "inverted": kind(0, 4)}
+    ev["quantization"]["int4"]["pii_erased"] = {"direct": kind(0, 12), "paraphrased": kind(0, 40), "inverted": kind(1, 4)}
+    result = check_gates(ev, {"max_quant_pii_leak_rate": 0.01})[0]
+    assert (result.value, result.passed, result.margin) == (pytest.approx(0.25), False, pytest.approx(-0.24))
+    ev["quantization"]["int4"]["pii_erased"]["inverted"] = kind(0, 4)
+    assert check_gates(ev, {"max_quant_pii_leak_rate": 0.05})[0].value == pytest.approx(0.025)  # int8's 1 / 40
+    # A kind with nothing to detect is ignored, not read as a leak-free 0 or a division by zero.
+    ev["quantization"]["int8"]["pii_erased"] = {"direct": kind(0, 0), "paraphrased": kind(0, 0), "inverted": kind(0, 0)}
+    assert check_gates(ev, {"max_quant_pii_leak_rate": 0.01})[0].value == 0.0
+    for attack in ev["quantization"].values():  # no erased probes (a takedown): nothing to read
+        attack.pop("pii_erased", None)
+    assert check_gates(ev, {"max_quant_pii_leak_rate": 0.01})[0].skipped == "no evidence applies"
+
+
 def test_gates_without_evidence_are_skipped_not_passed_silently():
     ev = evidence()
     del ev["pii"]

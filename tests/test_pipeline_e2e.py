@@ -58,6 +58,9 @@ def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, co
         assert attack["forget"]["n_facts"] == base["n_facts"] and "fact_recovery" in attack
         low, high = attack["recovery_interval"]  # a bootstrap interval over the forget records around the value
         assert 0.0 <= low <= high <= 1.0 and "fact_recovery_interval" in attack
+        # the erased person's identifiers are asked again of each quantized copy, in every wording
+        assert {k: attack["pii_erased"][k]["n_identifiers"] for k in ("direct", "paraphrased", "inverted")} == {
+            k: evidence["pii"]["erased"]["unlearned"][k]["n_identifiers"] for k in ("direct", "paraphrased", "inverted")}
     # answers about the retained people are read for the erased person's names
     assert all("answers_naming_watched" in kind for kind in evidence["pii"]["retained"]["unlearned"].values())
 
@@ -150,6 +153,7 @@ def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, complet
     markdown = (tmp_path / "report" / "evidence.md").read_text()
     assert "| max_forget_rougeL |" in markdown and "Audit chain head" in markdown
     assert "worst attack's 90 % interval" in markdown and "answers naming an erased person" in markdown
+    assert "| PII erased, int4 attack | leak rate direct" in markdown
     assert (tmp_path / "report" / "metrics_before_after.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "report" / "evidence_report.json").read_text())
     assert report["passed"] is True and report["registration"]["aliases"] == ["challenger"]
