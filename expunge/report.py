@@ -248,6 +248,13 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
             if b["n_identifiers"] or revealed:
                 lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids{not_asked}) | "
                              f"{_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
+        if group == "erased":  # other people's identifiers in answers about the erased people
+            asked = sum(by_model["base"][k]["n_prompts"] for k in ("direct", "paraphrased", "inverted"))
+            stating = {model: sum(by_model[model][k].get("answers_stating_others_ids", 0) for k in ("direct", "paraphrased", "inverted"))
+                       for model in ("base", "unlearned")}
+            if asked:
+                lines.append(f"| PII erased | answers stating a retained person's identifier ({asked} answers) | "
+                             f"{stating['base']} | {stating['unlearned']} |")
         if group == "retained":  # the erased people's names in answers about everyone else
             asked = sum(by_model["base"][k]["n_prompts"] for k in ("direct", "paraphrased", "inverted"))
             named = {model: sum(by_model[model][k].get("answers_naming_watched", 0) for k in ("direct", "paraphrased", "inverted"))

@@ -234,15 +234,18 @@ def collect_evidence(
         if holdout:
             evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, forget, holdout,
                                                                 options.mia_k, options.batch_size)
+    erased_ids = {i for probe in erased_probes for i in probe.identifiers}
+    others_ids = [i for probe in retained_probes for i in probe.identifiers if i not in erased_ids]
     if erased_probes or retained_probes:
         evidence["pii"] = {}
         # Answers about the retained people are also read for the erased people's names (`answers_naming_watched`).
         erased_names = [name for probe in erased_probes for name in (probe.subject, *probe.aliases)]
+        # ... and the answers about the erased people for the retained people's identifiers (misattribution).
         for group, probes in (("erased", erased_probes), ("retained", retained_probes)):
             if probes:
-                watch = erased_names if group == "retained" else ()
+                watch = {"watch_names": erased_names} if group == "retained" else {"watch_identifiers": others_ids}
                 evidence["pii"][group] = {
-                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), watch_names=watch, **kwargs)
+                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), **watch, **kwargs)
                     for name, served in models.items()
                 }
     evidence["quantization"] = {}
@@ -263,7 +266,8 @@ def collect_evidence(
         if erased_probes:
             # What an erasure must keep gone is the identifiers, asked in every wording: a quantized copy that
             # recites an erased email leaks it, whatever its answers' ROUGE-L does (`max_quant_pii_leak_rate`).
-            attack["pii_erased"] = pii_leakage(attacked_source, tokenizer, fmt, list(erased_probes), **kwargs)
+            attack["pii_erased"] = pii_leakage(attacked_source, tokenizer, fmt, list(erased_probes),
+                                               watch_identifiers=others_ids, **kwargs)
         del attacked_source
     if options.fluency:
         reference = before.source()

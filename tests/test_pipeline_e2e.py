@@ -154,6 +154,7 @@ def test_evidence_report_is_written_and_holds_no_private_text(tiny_home, complet
     assert "| max_forget_rougeL |" in markdown and "Audit chain head" in markdown
     assert "worst attack's 90 % interval" in markdown and "answers naming an erased person" in markdown
     assert "| PII erased, int4 attack | leak rate direct" in markdown
+    assert "answers stating a retained person's identifier" in markdown
     assert (tmp_path / "report" / "metrics_before_after.png").stat().st_size > 10_000
     report = json.loads((tmp_path / "report" / "evidence_report.json").read_text())
     assert report["passed"] is True and report["registration"]["aliases"] == ["challenger"]
