@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import typer
 import yaml
 
+from expunge_ml.gates import QUANT_GATE_KEYS
+
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # The profile sections that decide the world and the base: profiles compared on one champion must agree on them.
 SHARED_SECTIONS = ("world", "tokenizer", "base_model")
@@ -131,15 +133,13 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
     return row
 
 
-# A quantization gate reads the worst attack's recovery of this key.
-QUANT_GATES = {"max_quant_recovery": "recovery", "max_quant_fact_recovery": "fact_recovery"}
 
 
 def failed_within_interval(row: Mapping[str, Any]) -> int:
     """The ticket's failed quantization gates whose threshold lies inside the 90 % interval of every attack over
     it: failures a dozen answers cannot tell from noise (none before the evidence had intervals)."""
     count = 0
-    for gate, key in QUANT_GATES.items():
+    for gate, key in QUANT_GATE_KEYS.items():
         result = row.get("gates", {}).get(gate)
         if not result or result["passed"]:
             continue

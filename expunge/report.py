@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
+from expunge_ml.gates import worst_attack_interval  # noqa: E402
+
 
 def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
     ratios = evidence.get("truth_ratios") or {}
@@ -76,18 +78,10 @@ def _plot_metric_bars(evidence: dict, path: Path) -> Path:
     return path
 
 
-# Quantization gates and the recovery they read (`expunge_ml.gates`), for the interval beside their result.
-_QUANT_GATE_KEYS = {"max_quant_recovery": "recovery", "max_quant_fact_recovery": "fact_recovery"}
-
-
 def _worst_attack_interval(evidence: dict, gate: dict) -> str:
     """For a quantization gate: the 90 % interval of the attack whose recovery the gate read (the worst), and
     whether the threshold lies inside it, so whoever approves sees when a dozen answers cannot settle it."""
-    key = _QUANT_GATE_KEYS.get(gate["gate"])
-    attacks = [a for a in (evidence.get("quantization") or {}).values() if key and a.get(key) is not None]
-    if gate.get("skipped") or not attacks:
-        return ""
-    bounds = max(attacks, key=lambda a: a[key]).get(f"{key}_interval")
+    bounds = None if gate.get("skipped") else worst_attack_interval(evidence, gate["gate"])
     if not bounds:
         return ""
     inside = bounds[0] <= gate["threshold"] <= bounds[1]

@@ -12,6 +12,9 @@ from typing import Any, Callable, Mapping
 
 @dataclass(frozen=True)
 class GateResult:
+    """`interval`: for a gate whose evidence carries one (the quantization gates: the worst attack's 90 %
+    bootstrap interval over the forget records), and `settled`: False when the threshold lies inside it, so
+    the pass or fail may be the draw of a dozen answers rather than the model; None where there is no interval."""
     gate: str
     value: float | None
     op: str
@@ -19,6 +22,8 @@ class GateResult:
     passed: bool
     margin: float | None
     skipped: str | None = None
+    interval: tuple[float, float] | None = None
+    settled: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,6 +103,34 @@ def _worst_attack(key: str) -> Callable[[Mapping[str, Any]], float | None]:
     return read
 
 
+# A quantization gate reads the worst attack's value of this key; the evidence gives each attack's
+# `<key>_interval` (`expunge_ml.evidence.attack_intervals`).
+QUANT_GATE_KEYS = {"max_quant_recovery": "recovery", "max_quant_fact_recovery": "fact_recovery"}
+
+
+def worst_attack_interval(evidence: Mapping[str, Any], gate: str) -> tuple[float, float] | None:
+    """The 90 % interval of the attack whose value the quantization `gate` reads (the worst), if it has one."""
+    key = QUANT_GATE_KEYS.get(gate)
+    attacks = [a for a in (evidence.get("quantization") or {}).values() if key and a.get(key) is not None]
+    if not attacks:
+        return None
+    bounds = max(attacks, key=lambda a: a[key]).get(f"{key}_interval")
+    return (float(bounds[0]), float(bounds[1])) if bounds else None
+
+
+def unsettled_gates(evidence: Mapping[str, Any], results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The gates (results as `GateResult.as_dict()`) whose threshold lies inside their interval: a reviewer
+    releasing the model should know that those passes are within noise. Recomputed from the evidence, so
+    tickets evaluated before gates carried intervals are read the same way."""
+    unsettled = []
+    for result in results:
+        bounds = None if result.get("skipped") else worst_attack_interval(evidence, result["gate"])
+        if bounds and bounds[0] <= result["threshold"] <= bounds[1]:
+            unsettled.append({"gate": result["gate"], "value": result["value"], "threshold": result["threshold"],
+                              "interval": list(bounds), "passed": result["passed"]})
+    return unsettled
+
+
 def _fluency(e):
     fluency = e.get("fluency")
     if not fluency:
@@ -146,7 +179,9 @@ def check_gates(evidence: Mapping[str, Any], thresholds: Mapping[str, float]) ->
             continue
         passed = value <= threshold if op == "<=" else value >= threshold
         margin = threshold - value if op == "<=" else value - threshold
-        results.append(GateResult(name, round(value, 4), op, threshold, passed, round(margin, 4)))
+        bounds = worst_attack_interval(evidence, name)
+        settled = None if bounds is None else not bounds[0] <= threshold <= bounds[1]
+        results.append(GateResult(name, round(value, 4), op, threshold, passed, round(margin, 4), None, bounds, settled))
     return results
 
 

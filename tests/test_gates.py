@@ -86,6 +86,24 @@ def test_each_gate_fails_with_its_margin():
         assert result.value == pytest.approx(value) and result.margin == pytest.approx(margin), gate
 
 
+def test_quant_gate_interval_and_settled_by_hand():
+    from expunge_ml.gates import unsettled_gates
+
+    ev = evidence()  # int4 recovery 0.025 is the worst attack (int8 0.0)
+    ev["quantization"]["int4"]["recovery_interval"] = [0.0, 0.08]  # holds the 0.05 threshold: a pass within noise
+    ev["quantization"]["int8"]["recovery_interval"] = [0.0, 0.0]  # not the attack the gate read, so not used
+    ev["quantization"]["int4"]["fact_recovery_interval"] = [0.01, 0.04]  # wholly below 0.05: settled
+    by_name = {r.gate: r for r in check_gates(ev, THRESHOLDS)}
+    assert by_name["max_quant_recovery"].interval == (0.0, 0.08) and by_name["max_quant_recovery"].settled is False
+    assert by_name["max_quant_fact_recovery"].interval == (0.01, 0.04) and by_name["max_quant_fact_recovery"].settled is True
+    assert by_name["max_forget_rougeL"].interval is None and by_name["max_forget_rougeL"].settled is None
+    results = [r.as_dict() for r in by_name.values()]
+    assert unsettled_gates(ev, results) == [
+        {"gate": "max_quant_recovery", "value": 0.025, "threshold": 0.05, "interval": [0.0, 0.08], "passed": True}]
+    del ev["quantization"]["int4"]["recovery_interval"]  # evidence from before intervals: nothing to call unsettled
+    assert unsettled_gates(ev, results) == []
+
+
 def test_subject_mention_rate_by_hand():
     ev = evidence()
     # 10 + 5 + 5 answers about the retained people; 1 + 0 + 3 of them name an erased person.
