@@ -63,6 +63,9 @@ DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "unlearn_pii"
 DEFAULT_CACHE_DIR = REPO_ROOT / ".expunge" / "benchmarks" / "pii_cache"
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 KINDS = ("direct", "paraphrased", "inverted")
+# `--quant-attacks`: the quantized copies each served model's erased probes are asked again on.
+QUANT_ATTACKS = ("int8", "int4", "nf4")
+QUANT_GROUP_SIZE = 64  # the pipeline evidence's round-to-nearest group size (`EvidenceOptions.quant_group_size`)
 N_PARAPHRASES = 5
 SPLIT_FILES = {"forget1": "forget1.json", "forget5": "forget5.json", "forget10": "forget10.json"}
 REQUIRED_FILES = ("forget10.json", "forget10_names.json", "test_retain_pii_sample.json")
@@ -300,6 +303,13 @@ class PIIBenchOptions:
     uld_refine_rounds: int = 0
     uld_refine_epochs: int = 5
     uld_refine_weight_scales: tuple[float, ...] = (0.5, 0.75, 1.0)
+    # Ask quantized copies of each served model (the base row, each method's row and the calibrated row) the
+    # erased people's probes again: `int8`/`int4` round-to-nearest (group 64) and bitsandbytes `nf4`, as the
+    # pipeline's evidence does (`expunge_ml.evidence.ServedModel.quantization_attacks`; for ULD the base and
+    # every assistant are quantized). Why (issue 4): GA/NPO-style unlearning is known to come back after
+    # 4-bit quantization, so a leak rate at full precision alone says nothing about a 4-bit deployment.
+    # Reported beside the rows (`quantized`), not in the goals. Added in session 26; reports before it lack it.
+    quant_attacks: tuple[str, ...] = QUANT_ATTACKS
     cache_dir: Path = DEFAULT_CACHE_DIR
     out_dir: Path | None = DEFAULT_OUT_DIR  # None: write nothing
 
@@ -628,6 +638,46 @@ def measure(source, tokenizer, fmt, groups: Mapping[str, Sequence[Any]], options
         name: pii_leakage(source, tokenizer, fmt, probes, options.max_new_tokens, options.eval_batch_size)
         for name, probes in groups.items() if probes
     }
+
+
+def quantized_leaks(source, tokenizer, fmt, erased_probes: Sequence[Any], options: PIIBenchOptions,
+                    log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """The erased people's leak on each `options.quant_attacks` copy of the served `source` (one copy alive at a
+    time). {} when no attack is asked for, nothing is erased, or `source` is a mixture ensemble (the quantized
+    copies are served as the assistants' mean, `ServedModel`)."""
+    from expunge_ml.evidence import ServedModel
+    from expunge_ml.logits import CompositeLogits
+    from expunge_ml.pii import pii_leakage
+
+    if not options.quant_attacks or not erased_probes:
+        return {}
+    if isinstance(source, CompositeLogits):
+        if source.ensemble != "mean":
+            return {}
+        served = ServedModel(source.base, list(source.assistants), list(source.weights), source.relative_top)
+    else:
+        served = ServedModel(source.model)
+    bits = tuple(int(name[3:]) for name in options.quant_attacks if name.startswith("int"))
+    out: dict[str, Any] = {}
+    for name, group_size, build in served.quantization_attacks(bits, QUANT_GROUP_SIZE, "nf4" in options.quant_attacks):
+        t0 = time.perf_counter()
+        report = pii_leakage(build().source(), tokenizer, fmt, erased_probes, options.max_new_tokens,
+                             options.eval_batch_size)
+        out[name] = {
+            "erased_leak_rate": pooled_rate(report), "group_size": group_size,
+            **{kind: {"erased_leak_rate": report[kind]["leak_rate"], "erased_leaks": report[kind]["normalised_leaks"],
+                      "erased_identifiers": report[kind]["n_identifiers"]} for kind in KINDS},
+            "eval_seconds": round(time.perf_counter() - t0, 2),
+        }
+        log(f"    {name} copy → erased leak {out[name]['erased_leak_rate']:.4f} ("
+            + "/".join(f"{out[name][k]['erased_leak_rate']:.3f}" for k in KINDS) + ")")
+    return out
+
+
+def check_quant_attacks(attacks: Sequence[str]) -> None:
+    unknown = [a for a in attacks if a not in QUANT_ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown quantization attack(s) {', '.join(unknown)}; known: {', '.join(QUANT_ATTACKS)}")
 
 
 def measure_key(rows_by_group: Mapping[str, Sequence[Mapping[str, Any]]], options: PIIBenchOptions,
@@ -1109,6 +1159,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
     from expunge_ml.prompting import PromptFormat
 
     # An unknown rule, or a relative rule with nothing to be relative to, fails now, not after the training.
+    check_quant_attacks(options.quant_attacks)
     rule = CalibrateRule(options.uld_calibrate_rule)
     if options.uld_calibrate_weights:
         try:
@@ -1156,12 +1207,15 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
         n_kept = len({r["subject"] for r in retain_rows})  # trained on; more with validation_retain_reported
         base_erased = sum_reports(base_by_group[g] for g in erased_groups)
         base_retained = sum_reports(base_by_group[g] for g in retained_groups)
-        results_rows.append(make_row(
-            split, "base", base_erased, base_retained, base_retained, n_erased, n_retained,
-            {"eval_seconds": round(base_eval_seconds, 2)},
-        ))
         split_probes = {"erased": [p for g in erased_groups for p in probes[g]],
                         "retained": [p for g in retained_groups for p in probes[g]]}
+        # What quantization alone does to the base's memory of the erased people: the scale the methods' rows
+        # under the same attack compare with (the small base loses some of it to 4 bits).
+        results_rows.append(make_row(
+            split, "base", base_erased, base_retained, base_retained, n_erased, n_retained,
+            {"eval_seconds": round(base_eval_seconds, 2),
+             "quantized": quantized_leaks(CausalLMLogits(base), tokenizer, fmt, split_probes["erased"], options, log)},
+        ))
         for method in options.methods:
             log(f"{split}: {method} — erasing {n_erased} people ({len(forget_rows)} QA), "
                 f"retaining {n_kept} ({len(retain_rows)} QA; {n_retained} of them measured)")
@@ -1176,6 +1230,7 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
             kept = "/".join(f"{row[k]['retained_recall_ratio'] or 0:.3f}" for k in KINDS)
             log(f"  → erased leak {row['erased_leak_rate']:.4f} ({erased}), retained ratio "
                 f"{row['retained_pii_recall_ratio'] or 0:.4f} ({kept}) [direct/paraphrased/inverted]")
+            row["quantized"] = quantized_leaks(source, tokenizer, fmt, split_probes["erased"], options, log)
             results_rows.append(row)
             if method == "uld" and options.uld_calibrate_weights:
                 results_rows.append(calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows,
@@ -1286,6 +1341,7 @@ def calibrated_row(source, base, tokenizer, fmt, split, forget_rows, retain_rows
                        n_erased, n_retained, {"weight": chosen, "calibration": [list(s) for s in scores]},
                        tokenizer, fmt, options, log)
     row["calibration_seconds"] = round(time.perf_counter() - t0, 1)  # the served composite's measurement included
+    row["quantized"] = quantized_leaks(served, tokenizer, fmt, split_probes["erased"], options, log)
     return row
 
 
@@ -1349,6 +1405,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         "quantity for the retained people divided by the base model's. Goals: erased leak ≤ "
         f"{100 * GOAL_MAX_ERASED_LEAK:.0f}%, retained ratio ≥ {100 * GOAL_MIN_RETAINED_RATIO:.0f}%.",
         "",
+        *quantized_table(result),
         "Base memorisation (PII recall per disjoint group of people — a split's group holds its people "
         "not in a smaller split — and prompt kind direct/paraphrased/inverted): "
         + ", ".join(f"{g}: " + "/".join(_pct(v[k]) for k in KINDS) for g, v in base.get("memorisation", {}).items())
@@ -1358,6 +1415,23 @@ def markdown(result: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(text)
+
+
+def quantized_table(result: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: each row's erased leak at full precision and on each quantized copy (`--quant-attacks`)."""
+    rows = [r for r in result["rows"] if r.get("quantized")]
+    if not rows:
+        return []
+    attacks = [a for a in QUANT_ATTACKS if any(a in r["quantized"] for r in rows)]
+    cell = lambda entry: "—" if entry is None else (  # noqa: E731
+        f"{_pct(entry['erased_leak_rate'])} ({'/'.join(_pct(entry[k]['erased_leak_rate']) for k in KINDS)})")
+    lines = ["Quantization attack: the erased people's leak when a quantized copy of the served model (for ULD "
+             "the base and every assistant) is asked their probes again; all kinds (direct/paraphrased/inverted).",
+             "", "| split | method | full precision | " + " | ".join(attacks) + " |", "|" + "---|" * (3 + len(attacks))]
+    for row in rows:
+        lines.append(f"| {row['split']} | {row['method']} | {cell(row)} | "
+                     + " | ".join(cell(row["quantized"].get(a)) for a in attacks) + " |")
+    return [*lines, ""]
 
 
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -1370,7 +1444,8 @@ def merge_reports(first: Mapping[str, Any], second: Mapping[str, Any], command: 
     runs on different bases or whose base rows differ. `config` is the combined run's (its preset's)."""
     if first["base"].get("key") != second["base"].get("key"):
         raise ValueError("the reports were run on different bases")
-    strip = lambda row: {k: v for k, v in row.items() if k != "eval_seconds"}  # noqa: E731
+    # a run without --quant-attacks has no `quantized` on its base rows; the probes' answers are what must agree
+    strip = lambda row: {k: v for k, v in row.items() if k not in ("eval_seconds", "quantized")}  # noqa: E731
     bases = {r["split"]: strip(r) for r in first["rows"] if r["method"] == "base"}
     for row in second["rows"]:
         if row["method"] == "base" and row["split"] in bases and bases[row["split"]] != strip(row):
@@ -1508,6 +1583,9 @@ def pii_command(
                                             "people's identifiers and names in forget⁺ answers; the rest goes uniform"),
     uld_template_nll_weight: float = typer.Option(PIIBenchOptions.uld_template_nll_weight, help="with "
                                                   "--uld-fact-span-loss: α, the template tokens get α·NLL + (1−α)·λ·KL to uniform"),
+    quant_attacks: str = typer.Option(",".join(QUANT_ATTACKS), help="quantized copies of each served model "
+                                      "(base, each method, the calibrated ULD) asked the erased probes again: "
+                                      "int8, int4 (round-to-nearest, group 64), nf4 (bitsandbytes); \"\" for none"),
     baseline_epochs: int = typer.Option(PIIBenchOptions.baseline_epochs, help="NPO epochs"),
     ga_epochs: str = typer.Option(PIIBenchOptions.ga_epochs, help='GA epochs per split (it collapses if run longer)'),
     baseline_lr: float = typer.Option(PIIBenchOptions.baseline_lr),
@@ -1534,7 +1612,7 @@ def pii_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     common = dict(methods=_csv(methods), data_dir=data_dir, cache_dir=cache_dir, out_dir=out_dir,
-                  threads=threads or None, device=device, seed=seed)
+                  threads=threads or None, device=device, seed=seed, quant_attacks=_csv(quant_attacks))
     if not smoke:
         common.update(
             splits=_csv(splits), n_people=n_people, base_epochs=base_epochs, base_lr=base_lr,

@@ -64,6 +64,16 @@ def test_pii_benchmark_smoke(tmp_path):
     assert base["erased_leak_rate"] > 0
     assert uld["erased_leak_rate"] <= base["erased_leak_rate"]
     assert result["rows"] == written["rows"]
+    # Each served model's quantized copies were asked the erased probes again (base and ULD rows alike).
+    for row in (base, uld):
+        assert set(row["quantized"]) == {"int8", "int4", "nf4"}
+        for attack in row["quantized"].values():
+            assert [attack[k]["erased_identifiers"] for k in KINDS] == [row[k]["erased_identifiers"] for k in KINDS]
+            assert attack["erased_leak_rate"] == pytest.approx(
+                sum(attack[k]["erased_leaks"] for k in KINDS) / sum(attack[k]["erased_identifiers"] for k in KINDS))
+    assert base["quantized"]["int8"]["erased_leak_rate"] > 0  # 8 bits keep what the base memorised
+    assert "| forget1 | uld |" in (tmp_path / "out" / "pii.md").read_text().split("Quantization attack")[1]
+    options = dataclasses.replace(options, quant_attacks=())  # the checks below need no quantized copies
 
     # A second run reuses the cached base (keyed by its config hash) instead of retraining it.
     again = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4))
@@ -77,6 +87,8 @@ def test_pii_benchmark_smoke(tmp_path):
     assert row["n_erased_people"] == 1 and row["n_retained_people"] >= 1
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=(), validation_people=99))
+    with pytest.raises(ValueError, match="unknown quantization attack"):
+        main(dataclasses.replace(options, out_dir=None, methods=(), quant_attacks=("int3",)))
 
     # --uld-extra-weights scores the same assistant at more w: at the served w it measures the same answers
     swept = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
