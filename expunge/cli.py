@@ -189,17 +189,20 @@ def report(
             out.print(f"  {name}: {path}")
 
 
-def _release(ticket_id: str, decision: str, reviewer: str, note: str) -> None:
+def _release(ticket_id: str, decision: str, reviewer: str, note: str, accept_unsettled: bool = False) -> None:
     from expunge.service import release
 
     try:
-        result = release(state.settings, ticket_id, decision, reviewer, note)
+        result = release(state.settings, ticket_id, decision, reviewer, note, accept_unsettled)
     except RequestError as exc:
         fail(f"{exc} [{exc.reason_code}]", 2)
     out.print(f"ticket {ticket_id}: {result['status']} by {result['reviewer']}")
     out.print(f"model: {result['model_uri']} aliases: {', '.join(result['aliases']) or 'none'}"
               + (f" (previous champion {result['previous_champion']} kept as previous-champion)"
                  if result.get("previous_champion") else ""))
+    for gate in result.get("unsettled_gates_accepted") or []:
+        out.print(f"accepted within noise: {gate['gate']} {gate['value']} vs {gate['threshold']} "
+                  f"(90 % interval {gate['interval'][0]:.3f}–{gate['interval'][1]:.3f})")
 
 
 @app.command()
@@ -207,9 +210,13 @@ def approve(
     ticket_id: str = typer.Argument(..., help="A completed ticket (every gate passed)."),
     reviewer: str = typer.Option(..., "--reviewer", help="Who approves (recorded in the audit log and on the version)."),
     note: str = typer.Option("", help="Free-text note; only its keyed hash is recorded."),
+    accept_unsettled: bool = typer.Option(
+        False, "--accept-unsettled",
+        help="Approve although some quantization gates passed with their threshold inside the worst attack's "
+             "90 % interval (refused otherwise); the accepted gates are recorded in the audit log."),
 ) -> None:
     """Release a completed ticket's model version: it becomes `champion` (the old one stays as `previous-champion`)."""
-    _release(ticket_id, "approve", reviewer, note)
+    _release(ticket_id, "approve", reviewer, note, accept_unsettled)
 
 
 @app.command()
@@ -293,7 +300,10 @@ def demo() -> None:
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")
     if row["status"] == "completed":
-        out.print(f"next: a reviewer releases it with `expunge approve {row['ticket_id']} --reviewer NAME`")
+        unsettled = [g["gate"] for g in metrics.get("gates", []) if g.get("settled") is False]
+        out.print(f"next: a reviewer releases it with `expunge approve {row['ticket_id']} --reviewer NAME`"
+                  + (f" (--accept-unsettled: {', '.join(unsettled)} passed within its interval; read the report)"
+                     if unsettled else ""))
     if row["status"] != "completed" or not verification.ok:
         raise typer.Exit(5)
 

@@ -85,8 +85,10 @@ def _worst_attack_interval(evidence: dict, gate: dict) -> str:
     if not bounds:
         return ""
     inside = bounds[0] <= gate["threshold"] <= bounds[1]
+    # A pass with the threshold inside is released only with `expunge approve --accept-unsettled`.
     return f"; worst attack's 90 % interval {_fmt(bounds[0])}–{_fmt(bounds[1])}" + (
-        ", the threshold inside it" if inside else "")
+        (", the threshold inside it: approval needs --accept-unsettled" if gate["passed"] else
+         ", the threshold inside it") if inside else "")
 
 
 def _interval(bounds) -> str:

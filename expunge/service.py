@@ -148,15 +148,18 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
     return process_request(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name, method=method)
 
 
-def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, note: str = "") -> dict:
+def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, note: str = "",
+            accept_unsettled: bool = False) -> dict:
     """A reviewer's decision on a completed request: "approve" makes its version the `champion`,
-    "reject" withdraws it. Raises RequestError (one line, exit 2) when the decision cannot apply."""
+    "reject" withdraws it. Raises RequestError (one line, exit 2) when the decision cannot apply, including an
+    approval of gates that passed within their interval unless `accept_unsettled`."""
     settings.apply_environment()
     from flows.release import release_decision
 
     note_hmac = _spec_hmac(settings, note) if note else None  # the note may name the subject
     result = release_decision(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name,
-                              decision=decision, reviewer=reviewer, note_hmac=note_hmac)
+                              decision=decision, reviewer=reviewer, note_hmac=note_hmac,
+                              accept_unsettled=accept_unsettled)
     if result["status"] == "refused":
         raise RequestError(result["reason_code"], result["message"], ticket_id)
     return result

@@ -9,19 +9,23 @@ from tasks.release import apply_release, check_release, purge_subject
 
 @flow(name="release_decision", flow_run_name="release-{ticket_id}-{decision}")
 def release_decision(ticket_id: str, home: str, profile: str, decision: str, reviewer: str,
-                     note_hmac: str | None = None) -> dict:
+                     note_hmac: str | None = None, accept_unsettled: bool = False) -> dict:
     """`decision`: "approve" (→ `released`, version becomes `champion`) or "reject" (→ `release_rejected`).
-    `note_hmac`: keyed hash of the reviewer's note (the text itself never becomes a flow parameter)."""
+    `note_hmac`: keyed hash of the reviewer's note (the text itself never becomes a flow parameter).
+    `accept_unsettled`: the reviewer approves knowing some gates passed within their interval (else refused)."""
     ctx = (home, profile, ticket_id)
-    checked = check_release(*ctx, decision, reviewer)
+    checked = check_release(*ctx, decision, reviewer, accept_unsettled)
     if "refused" in checked:
         return {"ticket_id": ticket_id, "status": "refused", **checked["refused"]}
     result = apply_release(*ctx, decision, checked["model_uri"], reviewer, note_hmac)
     audit = {k: result[k] for k in ("model_uri", "reviewer", "note_hmac", "previous_champion", "aliases")}
     if decision == "approve":
+        # which gates the reviewer released within noise: names and numbers only, nothing about the subject
+        audit["unsettled_gates_accepted"] = checked["unsettled_gates"]
         transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
     else:
         transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
     # The request is decided: the row no longer needs to say who the subject was.
     purge_subject(*ctx)
-    return {"ticket_id": ticket_id, "status": "released" if decision == "approve" else "release_rejected", **result}
+    return {"ticket_id": ticket_id, "status": "released" if decision == "approve" else "release_rejected", **result,
+            "unsettled_gates_accepted": checked["unsettled_gates"]}

@@ -3,14 +3,21 @@
 Only a `completed` request (every gate passed) can be decided. Approving a version that was built on an
 older champion would silently drop whatever the current champion changed since (e.g. an earlier erasure
 whose assistant the newer composite does not stack), so that is refused as stale: re-run the request.
+Approving a version whose quantization gates passed with their threshold inside the worst attack's 90 %
+interval (the pass could be the draw of a dozen answers) needs the reviewer to say so (`accept_unsettled`);
+the accepted gates are recorded with the approval.
 Refusals are audited too: an auditor sees every attempt, not only the successful ones.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
 from db.audit import canonical_json
+from expunge_ml.gates import unsettled_gates
 from models_registry.registry import (
     CHAMPION,
     ModelRef,
@@ -50,10 +57,21 @@ def _parent_in_same_model(ref: ModelRef, tags: dict[str, str]) -> ModelRef | Non
     return ModelRef(name, version) if version else pin(parent)
 
 
+def _unsettled(gates: list[dict], evidence_path: Path) -> list[dict]:
+    """The passing gates whose threshold lies inside their interval. Gates stored before they carried
+    `settled` are read again from the ticket's evidence, where it is still on disk."""
+    if all("settled" in g for g in gates) or not evidence_path.exists():
+        return [{"gate": g["gate"], "value": g["value"], "threshold": g["threshold"], "interval": list(g["interval"]),
+                 "passed": g["passed"]} for g in gates if g.get("settled") is False]
+    return unsettled_gates(json.loads(evidence_path.read_text()), gates)
+
+
 @task(name="check-release")
-def check_release(home: str, profile: str, ticket_id: str, decision: str, reviewer: str) -> dict:
-    """{"model_uri": …} when `decision` may be applied, else {"refused": {reason_code, message}} (audited as
-    `release_refused`). Refusals are results, not task failures: a user error must not print a traceback."""
+def check_release(home: str, profile: str, ticket_id: str, decision: str, reviewer: str,
+                  accept_unsettled: bool = False) -> dict:
+    """{"model_uri": …, "unsettled_gates": […]} when `decision` may be applied, else {"refused": {reason_code,
+    message}} (audited as `release_refused`). Refusals are results, not task failures: a user error must not
+    print a traceback."""
     settings = settings_for(home, profile)
     if decision not in DECISIONS:
         return _refused("bad_decision", f"decision must be one of {DECISIONS}, got {decision!r}")
@@ -64,6 +82,7 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
         if request is None:
             return _refused("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         status, model_uri = request.status, request.result_model_uri
+        gates = json.loads(request.metrics_json).get("gates", []) if request.metrics_json else []
     if status != "completed":
         return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
                       f"ticket {ticket_id} is {status}: only a completed request (every gate passed) can be "
@@ -79,7 +98,15 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
-    return {"model_uri": ref.uri}
+        unsettled = _unsettled(gates, settings.ticket_dir(ticket_id) / "evidence.json")
+        if unsettled and not accept_unsettled:
+            listed = "; ".join(f"{g['gate']} {g['value']} vs {g['threshold']} (90 % interval "
+                               f"{g['interval'][0]:.3f}–{g['interval'][1]:.3f})" for g in unsettled)
+            return _refuse(settings, ticket_id, decision, reviewer, "unsettled_gates",
+                          f"{model_uri} passed gates whose threshold lies inside their interval, so the pass may be "
+                          f"noise: {listed}. Read the evidence report; approve with --accept-unsettled to release anyway")
+        return {"model_uri": ref.uri, "unsettled_gates": unsettled}
+    return {"model_uri": ref.uri, "unsettled_gates": []}
 
 
 @task(name="purge-subject", retries=2, retry_delay_seconds=1)

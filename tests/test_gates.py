@@ -169,3 +169,36 @@ def test_gate_configuration_errors_and_request_types():
     assert gates_for("privacy_erasure", {"max_forget_rougeL": 0.1}) == {"max_forget_rougeL": 0.1}
     with pytest.raises(ValueError, match="no gates"):
         gates_for("privacy_erasure", {"copyright_takedown": {"max_forget_rougeL": 0.2}})
+
+
+def test_release_reads_unsettled_gates_from_the_stored_results_or_the_evidence(tmp_path):
+    from tasks.release import _unsettled
+
+    stored = [
+        {"gate": "max_forget_rougeL", "value": 0.1, "threshold": 0.3, "passed": True, "interval": None, "settled": None},
+        {"gate": "max_quant_recovery", "value": 0.02, "threshold": 0.05, "passed": True, "interval": [0.0, 0.07], "settled": False},
+        {"gate": "max_quant_fact_recovery", "value": 0.0, "threshold": 0.1, "passed": True, "interval": [0.0, 0.0], "settled": True},
+    ]
+    missing = tmp_path / "no_evidence.json"
+    assert _unsettled(stored, missing) == [
+        {"gate": "max_quant_recovery", "value": 0.02, "threshold": 0.05, "interval": [0.0, 0.07], "passed": True}]
+    # A ticket stored before gates carried intervals: read again from its evidence (int4 is the worst attack).
+    legacy = [{k: v for k, v in g.items() if k not in ("interval", "settled")} for g in stored]
+    ev = evidence()
+    ev["quantization"]["int4"]["recovery_interval"] = [0.01, 0.04]  # below the threshold: settled
+    path = tmp_path / "evidence.json"
+    path.write_text(__import__("json").dumps(ev))
+    assert _unsettled(legacy, path) == []
+    assert _unsettled(legacy, missing) == []  # nothing to read it from: nothing called unsettled
+
+
+def test_report_says_when_a_pass_needs_the_reviewer_to_accept_its_noise():
+    from expunge.report import _worst_attack_interval
+
+    ev = evidence()
+    ev["quantization"]["int4"]["recovery_interval"] = [0.0, 0.08]
+    gate = {r.gate: r.as_dict() for r in check_gates(ev, THRESHOLDS)}["max_quant_recovery"]
+    assert _worst_attack_interval(ev, gate) == (
+        "; worst attack's 90 % interval 0.0000–0.0800, the threshold inside it: approval needs --accept-unsettled")
+    ev["quantization"]["int4"]["recovery_interval"] = [0.01, 0.04]
+    assert _worst_attack_interval(ev, gate) == "; worst attack's 90 % interval 0.0100–0.0400"

@@ -363,8 +363,32 @@ def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_sett
     before = client.get_model_version_by_alias("expunge-sample-llm", "champion")
     model_uri = _row(tiny_home, "DEMO-GDPR-0001")["model_uri"]
     note = f"checked the evidence for {completed['subject']['names'][0]}"  # a note may name the subject
-    approved = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org", "--note", note)
+    # Make the quantization gate's pass one the evidence cannot settle, the way a ticket stored before gates
+    # carried intervals is read (from its evidence file): approving it then needs --accept-unsettled.
+    evidence_path = tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json"
+    original = evidence_path.read_text()
+    evidence = json.loads(original)
+    worst = max((a for a in evidence["quantization"].values() if a.get("recovery") is not None), key=lambda a: a["recovery"])
+    worst["recovery_interval"] = [0.0, 0.9]  # the tiny profile's 0.25 threshold lies inside
+    evidence_path.write_text(json.dumps(evidence))
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        (metrics_json,) = db.execute("SELECT metrics_json FROM requests WHERE ticket_id = 'DEMO-GDPR-0001'").fetchone()
+        stored = json.loads(metrics_json)
+        stored["gates"] = [{k: v for k, v in g.items() if k not in ("interval", "settled")} for g in stored["gates"]]
+        db.execute("UPDATE requests SET metrics_json = ? WHERE ticket_id = 'DEMO-GDPR-0001'", (json.dumps(stored),))
+    quant_gate = next(g for g in stored["gates"] if g["gate"] == "max_quant_recovery")
+    assert quant_gate["passed"], quant_gate  # else the ticket would not be completed
+    within_noise = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org")
+    assert within_noise.exit_code == 2 and "[unsettled_gates]" in within_noise.stderr, within_noise.output
+    assert "max_quant_recovery" in within_noise.stderr and "--accept-unsettled" in within_noise.stderr
+    assert _row(tiny_home, "DEMO-GDPR-0001")["status"] == "completed"
+    assert ("release_refused", {"decision": "approve", "reviewer": "dpo@example.org",
+                                "reason_code": "unsettled_gates"}) in _audit(tiny_home, "DEMO-GDPR-0001")
+    approved = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org", "--note", note,
+                   "--accept-unsettled")
     assert approved.exit_code == 0, approved.output
+    assert "accepted within noise: max_quant_recovery" in approved.stdout
+    evidence_path.write_text(original)
     version = model_uri.rsplit("/", 1)[1]
     champion = client.get_model_version_by_alias("expunge-sample-llm", "champion")
     assert str(champion.version) == version and "challenger" not in champion.aliases
@@ -375,6 +399,9 @@ def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_sett
     released = [p for t, p in _audit(tiny_home, "DEMO-GDPR-0001") if p.get("to") == "released"][0]
     assert released["reviewer"] == "dpo@example.org" and len(released["note_hmac"]) == 64
     assert released["previous_champion"] == f"models:/expunge-sample-llm/{before.version}"
+    assert released["unsettled_gates_accepted"] == [{
+        "gate": "max_quant_recovery", "value": quant_gate["value"], "threshold": quant_gate["threshold"],
+        "interval": [0.0, 0.9], "passed": True}]
     assert note not in json.dumps(_audit(tiny_home, "DEMO-GDPR-0001")) and note not in json.dumps(champion.tags)
     again = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org")
     assert again.exit_code == 2 and "is released" in again.stderr
