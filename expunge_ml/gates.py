@@ -26,7 +26,11 @@ class GateResult:
     settled: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # JSON-shaped (the interval a list), so a result reads back from evidence/metrics files equal to itself
+        out = asdict(self)
+        if self.interval is not None:
+            out["interval"] = list(self.interval)
+        return out
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

@@ -202,3 +202,12 @@ def test_report_says_when_a_pass_needs_the_reviewer_to_accept_its_noise():
         "; worst attack's 90 % interval 0.0000–0.0800, the threshold inside it: approval needs --accept-unsettled")
     ev["quantization"]["int4"]["recovery_interval"] = [0.01, 0.04]
     assert _worst_attack_interval(ev, gate) == "; worst attack's 90 % interval 0.0100–0.0400"
+
+
+def test_a_gate_result_survives_a_json_round_trip():
+    import json
+
+    ev = evidence()
+    ev["quantization"]["int4"]["recovery_interval"] = [0.0, 0.08]
+    results = [r.as_dict() for r in check_gates(ev, THRESHOLDS)]
+    assert json.loads(json.dumps(results)) == results
