@@ -90,11 +90,20 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
         prefect("work-pool", "create", "expunge", "--type", "process")
         deployed = prefect("--no-prompt", "deploy", "--all")
         assert "process_request/process-request" in deployed.stdout
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "expunge"], cwd=REPO, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        ran = prefect("deployment", "run", "process_request/process-request", "-p", "ticket_id=DEPLOY-0001",
-                      "-p", f"home={tiny_home}", "-p", "profile=tiny", "--watch", timeout=600)  # 400 s timed out on a loaded 2-core machine
-        assert "Completed" in ran.stdout, ran.stdout[-2000:]
+        # The worker's own log is kept: a run that never leaves "Submitting" (seen twice on a 2-core machine
+        # shared with a benchmark) can only be diagnosed from what the worker said.
+        worker_log = tmp_path / "worker.log"
+        with worker_log.open("wb") as log:
+            worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "expunge"], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        try:
+            ran = prefect("deployment", "run", "process_request/process-request", "-p", "ticket_id=DEPLOY-0001",
+                          "-p", f"home={tiny_home}", "-p", "profile=tiny", "--watch", timeout=600)  # 400 s timed out on a loaded 2-core machine
+        except subprocess.TimeoutExpired as exc:
+            watched = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            raise AssertionError(f"the deployment run did not finish in 600 s; watch: {watched[-1500:]}\n"
+                                 f"worker: {worker_log.read_text(errors='replace')[-3000:]}") from exc
+        assert "Completed" in ran.stdout, ran.stdout[-2000:] + "\nworker: " + worker_log.read_text(errors="replace")[-3000:]
     finally:
         if worker is not None:
             _stop(worker, "worker")
