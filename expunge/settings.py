@@ -53,6 +53,20 @@ class Settings:
         return os.environ.get("EXPUNGE_DEVICE") or str(self.profile.get("runtime", {}).get("device", "auto"))
 
     @property
+    def threads(self) -> int | None:
+        """CPU threads torch may use: EXPUNGE_THREADS, else the profile's runtime.threads, else None (torch's
+        default, one per core). Why: on a machine whose cores another job keeps busy, torch's default thread
+        pool spins against it; a ULD epoch on 2 cores beside one busy process took ~10 s a step instead of ~1 s
+        (session 26), and 1 thread does not have that problem."""
+        value = os.environ.get("EXPUNGE_THREADS") or self.profile.get("runtime", {}).get("threads")
+        if value in (None, ""):
+            return None
+        threads = int(value)
+        if threads < 1:
+            raise ValueError(f"EXPUNGE_THREADS / runtime.threads must be at least 1, got {value!r}")
+        return threads
+
+    @property
     def dtype(self) -> str:
         """Precision the target base is loaded in: EXPUNGE_DTYPE, else runtime.dtype, else "float32"."""
         return os.environ.get("EXPUNGE_DTYPE") or str(self.profile.get("runtime", {}).get("dtype", "float32"))

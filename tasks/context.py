@@ -11,6 +11,10 @@ from expunge.settings import Settings
 def settings_for(home: str, profile: str) -> Settings:
     settings = Settings(home=Path(home), profile_name=profile)
     settings.apply_environment()
+    if settings.threads:  # a worker's process: every task sets it, so it holds whichever task runs first
+        import torch
+
+        torch.set_num_threads(settings.threads)
     from models_registry.registry import configure
 
     configure(settings.mlflow_uri, settings.artifact_root)

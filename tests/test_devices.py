@@ -189,6 +189,16 @@ def test_settings_device_and_dtype_come_from_the_environment_then_the_profile(tm
     assert Settings(home=tmp_path, profile_name=str(profile)).dtype == "bfloat16"
     monkeypatch.setenv("EXPUNGE_DTYPE", "float16")
     assert Settings(home=tmp_path, profile_name=str(profile)).dtype == "float16"
+    # … and for torch's CPU threads (none: torch's default)
+    monkeypatch.delenv("EXPUNGE_THREADS", raising=False)
+    assert Settings(home=tmp_path, profile_name=str(profile)).threads is None
+    profile.write_text("runtime: {threads: 2}\n")
+    assert Settings(home=tmp_path, profile_name=str(profile)).threads == 2
+    monkeypatch.setenv("EXPUNGE_THREADS", "1")
+    assert Settings(home=tmp_path, profile_name=str(profile)).threads == 1
+    monkeypatch.setenv("EXPUNGE_THREADS", "0")
+    with pytest.raises(ValueError, match="at least 1"):
+        Settings(home=tmp_path, profile_name=str(profile)).threads
 
 
 def test_benchmark_cli_parses_a_uld_sweep():

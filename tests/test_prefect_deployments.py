@@ -55,6 +55,9 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
+        # one torch thread in the worker's flow run: with the default two, a run beside another busy process
+        # on a 2-core machine took over 600 s (session 26); alone, ~90 s either way
+        "EXPUNGE_THREADS": "1",
     }
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
 
