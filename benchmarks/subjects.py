@@ -133,8 +133,6 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
     return row
 
 
-
-
 def failed_within_interval(row: Mapping[str, Any]) -> int:
     """The ticket's failed quantization gates whose threshold lies inside the 90 % interval of every attack over
     it: failures a dozen answers cannot tell from noise (none before the evidence had intervals)."""

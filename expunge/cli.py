@@ -300,7 +300,9 @@ def demo() -> None:
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")
     if row["status"] == "completed":
-        unsettled = [g["gate"] for g in metrics.get("gates", []) if g.get("settled") is False]
+        from expunge_ml.gates import unsettled_gates
+
+        unsettled = [g["gate"] for g in unsettled_gates(None, metrics.get("gates", []))]
         out.print(f"next: a reviewer releases it with `expunge approve {row['ticket_id']} --reviewer NAME`"
                   + (f" (--accept-unsettled: {', '.join(unsettled)} passed within its interval; read the report)"
                      if unsettled else ""))

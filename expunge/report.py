@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from expunge_ml.gates import worst_attack_interval  # noqa: E402
+from expunge_ml.gates import threshold_inside, worst_attack_interval  # noqa: E402
 
 
 def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
@@ -84,7 +84,7 @@ def _worst_attack_interval(evidence: dict, gate: dict) -> str:
     bounds = None if gate.get("skipped") else worst_attack_interval(evidence, gate["gate"])
     if not bounds:
         return ""
-    inside = bounds[0] <= gate["threshold"] <= bounds[1]
+    inside = threshold_inside(bounds, gate["threshold"])
     # A pass with the threshold inside is released only with `expunge approve --accept-unsettled`.
     return f"; worst attack's 90 % interval {_fmt(bounds[0])}–{_fmt(bounds[1])}" + (
         (", the threshold inside it: approval needs --accept-unsettled" if gate["passed"] else

@@ -122,14 +122,26 @@ def worst_attack_interval(evidence: Mapping[str, Any], gate: str) -> tuple[float
     return (float(bounds[0]), float(bounds[1])) if bounds else None
 
 
-def unsettled_gates(evidence: Mapping[str, Any], results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def threshold_inside(bounds: tuple[float, float] | list[float], threshold: float) -> bool:
+    """Whether a gate's threshold lies inside its interval: the pass or fail could be the draw of the answers."""
+    return bounds[0] <= threshold <= bounds[1]
+
+
+def unsettled_gates(evidence: Mapping[str, Any] | None, results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The gates (results as `GateResult.as_dict()`) whose threshold lies inside their interval: a reviewer
-    releasing the model should know that those passes are within noise. Recomputed from the evidence, so
-    tickets evaluated before gates carried intervals are read the same way."""
+    releasing the model should know that those passes are within noise. A result that carries `settled` is read
+    as stored; one stored before gates carried intervals is judged again from `evidence` (None when it is not at
+    hand: then it is not called unsettled)."""
     unsettled = []
     for result in results:
-        bounds = None if result.get("skipped") else worst_attack_interval(evidence, result["gate"])
-        if bounds and bounds[0] <= result["threshold"] <= bounds[1]:
+        if "settled" in result:
+            bounds = result["interval"] if result["settled"] is False else None
+        elif evidence is None or result.get("skipped"):
+            bounds = None
+        else:
+            bounds = worst_attack_interval(evidence, result["gate"])
+            bounds = bounds if bounds and threshold_inside(bounds, result["threshold"]) else None
+        if bounds:
             unsettled.append({"gate": result["gate"], "value": result["value"], "threshold": result["threshold"],
                               "interval": list(bounds), "passed": result["passed"]})
     return unsettled
@@ -184,7 +196,7 @@ def check_gates(evidence: Mapping[str, Any], thresholds: Mapping[str, float]) ->
         passed = value <= threshold if op == "<=" else value >= threshold
         margin = threshold - value if op == "<=" else value - threshold
         bounds = worst_attack_interval(evidence, name)
-        settled = None if bounds is None else not bounds[0] <= threshold <= bounds[1]
+        settled = None if bounds is None else not threshold_inside(bounds, threshold)
         results.append(GateResult(name, round(value, 4), op, threshold, passed, round(margin, 4), None, bounds, settled))
     return results
 

@@ -60,10 +60,9 @@ def _parent_in_same_model(ref: ModelRef, tags: dict[str, str]) -> ModelRef | Non
 def _unsettled(gates: list[dict], evidence_path: Path) -> list[dict]:
     """The passing gates whose threshold lies inside their interval. Gates stored before they carried
     `settled` are read again from the ticket's evidence, where it is still on disk."""
-    if all("settled" in g for g in gates) or not evidence_path.exists():
-        return [{"gate": g["gate"], "value": g["value"], "threshold": g["threshold"], "interval": list(g["interval"]),
-                 "passed": g["passed"]} for g in gates if g.get("settled") is False]
-    return unsettled_gates(json.loads(evidence_path.read_text()), gates)
+    stored_before_intervals = not all("settled" in g for g in gates)
+    evidence = json.loads(evidence_path.read_text()) if stored_before_intervals and evidence_path.exists() else None
+    return unsettled_gates(evidence, gates)
 
 
 @task(name="check-release")

@@ -98,10 +98,14 @@ def test_quant_gate_interval_and_settled_by_hand():
     assert by_name["max_quant_fact_recovery"].interval == (0.01, 0.04) and by_name["max_quant_fact_recovery"].settled is True
     assert by_name["max_forget_rougeL"].interval is None and by_name["max_forget_rougeL"].settled is None
     results = [r.as_dict() for r in by_name.values()]
-    assert unsettled_gates(ev, results) == [
-        {"gate": "max_quant_recovery", "value": 0.025, "threshold": 0.05, "interval": [0.0, 0.08], "passed": True}]
+    expected = [{"gate": "max_quant_recovery", "value": 0.025, "threshold": 0.05, "interval": [0.0, 0.08], "passed": True}]
+    assert unsettled_gates(None, results) == expected  # read as stored
+    # results stored before gates carried intervals are judged again from the evidence, the same way
+    legacy = [{k: v for k, v in r.items() if k not in ("interval", "settled")} for r in results]
+    assert unsettled_gates(ev, legacy) == expected
+    assert unsettled_gates(None, legacy) == []  # no evidence at hand: nothing called unsettled
     del ev["quantization"]["int4"]["recovery_interval"]  # evidence from before intervals: nothing to call unsettled
-    assert unsettled_gates(ev, results) == []
+    assert unsettled_gates(ev, legacy) == []
 
 
 def test_subject_mention_rate_by_hand():
@@ -172,6 +176,8 @@ def test_gate_configuration_errors_and_request_types():
 
 
 def test_release_reads_unsettled_gates_from_the_stored_results_or_the_evidence(tmp_path):
+    import json
+
     from tasks.release import _unsettled
 
     stored = [
@@ -187,7 +193,7 @@ def test_release_reads_unsettled_gates_from_the_stored_results_or_the_evidence(t
     ev = evidence()
     ev["quantization"]["int4"]["recovery_interval"] = [0.01, 0.04]  # below the threshold: settled
     path = tmp_path / "evidence.json"
-    path.write_text(__import__("json").dumps(ev))
+    path.write_text(json.dumps(ev))
     assert _unsettled(legacy, path) == []
     assert _unsettled(legacy, missing) == []  # nothing to read it from: nothing called unsettled
 
