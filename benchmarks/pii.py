@@ -1439,9 +1439,10 @@ NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
 
 def merge_reports(first: Mapping[str, Any], second: Mapping[str, Any], command: str,
                   config: Mapping[str, Any]) -> dict[str, Any]:
-    """One report from two runs on the same base and probes that ran different methods, e.g. ULD first and the
-    baselines later. Every method seeds itself, so the rows are those one run of `command` gives; refuses
-    runs on different bases or whose base rows differ. `config` is the combined run's (its preset's)."""
+    """One report from two runs on the same base and probes that ran different methods or splits, e.g. ULD first
+    and the baselines later. Every method seeds itself, so the rows are those one run of `command` gives; refuses
+    runs on different bases or whose base rows differ. `config` is the combined run's (its preset's). Either may
+    itself be a merge: its runs are listed, so three runs merge as merge(merge(a, b), c)."""
     if first["base"].get("key") != second["base"].get("key"):
         raise ValueError("the reports were run on different bases")
     # a run without --quant-attacks has no `quantized` on its base rows; the probes' answers are what must agree
@@ -1457,6 +1458,9 @@ def merge_reports(first: Mapping[str, Any], second: Mapping[str, Any], command: 
         rows += [r for r in second["rows"] if r["split"] == split and not (r["method"] == "base" and split in bases)]
     runs = []
     for report in (first, second):
+        if report.get("runs"):  # already a merge: keep the runs it came from
+            runs += report["runs"]
+            continue
         covered = sorted({f"{r['method']} on {r['split']}" for r in report["rows"] if r["method"] != "base"})
         runs.append({"command": report["command"], "rows": covered, "wall_seconds": report["wall_seconds"]})
     return {**first, "command": command, "config": dict(config), "rows": rows, "runs": runs,

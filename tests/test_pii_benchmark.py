@@ -526,6 +526,16 @@ def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
     assert merged["command"] == "pii --preset x" and merged["wall_seconds"] == 20.0
     assert merged["runs"][1] == {"command": "pii --methods ga", "rows": ["ga on forget1"], "wall_seconds": 10.0}
 
+    # a third run merged into the merge keeps the first two runs
+    npo = _report("pii --methods npo --splits forget5", [{"split": "forget5", "method": "base", "erased_leak_rate": 0.6},
+                                                          {"split": "forget5", "method": "npo", "erased_leak_rate": 0.1}])
+    thrice = merge_reports(merged, npo, "pii", {})
+    assert [r["command"] for r in thrice["runs"]] == ["pii --methods uld", "pii --methods ga",
+                                                      "pii --methods npo --splits forget5"]
+    assert [(r["split"], r["method"]) for r in thrice["rows"]][-3:] == [
+        ("forget5", "base"), ("forget5", "uld"), ("forget5", "npo")]
+    assert thrice["wall_seconds"] == 30.0
+
     with pytest.raises(ValueError, match="different bases"):
         merge_reports(uld, _report("pii", baselines["rows"], key="k2"), "pii", {})
     with pytest.raises(ValueError, match="base rows of forget1 differ"):
