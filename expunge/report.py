@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from expunge_ml.gates import threshold_inside, worst_attack_interval  # noqa: E402
+from expunge_ml.gates import forget_answer_perplexity_ratio, threshold_inside, worst_attack_interval  # noqa: E402
 
 
 def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
@@ -235,6 +235,17 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
         if m["base"][split].get("fact_recall") is not None:
             lines.append(f"| {split} (n={m['base'][split]['n']}) | fact_recall ({m['base'][split]['n_facts']} facts) | "
                          f"{_fmt(m['base'][split]['fact_recall'])} | {_fmt(m['unlearned'][split]['fact_recall'])} |")
+    anywhere = evidence.get("facts_anywhere")
+    if anywhere and anywhere["base"]["n_facts"]:
+        # the subject's facts in any forget answer, not only its own question's; the other people's share in the
+        # same answers is what word salad states by chance
+        def _cell(entry):
+            others = entry["others"]
+            control = "" if others["rate"] is None else \
+                f" (others: {others['stated']} of {others['n_facts']})"
+            return f"{entry['stated']} of {entry['n_facts']}{control}"
+        lines.append(f"| forget | facts stated in any forget answer (vs {anywhere['base']['others']['n_people']} other "
+                     f"people's) | {_cell(anywhere['base'])} | {_cell(anywhere['unlearned'])} |")
     for group, by_model in (evidence.get("pii") or {}).items():
         for kind in ("direct", "paraphrased", "inverted"):
             b, a = by_model["base"][kind], by_model["unlearned"][kind]
@@ -291,9 +302,16 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
                              f"character and the forget answers into {tpc['members']:.3f}, so the two sets are not "
                              "exchangeable and PrivLeak's 0.5 reference is unsound: a model that never saw "
                              "the forget set may already tell them apart.")
-    if evidence.get("fluency"):
-        for metric in ("distinct_2", "repetition_rate", "reference_perplexity"):
-            lines.append(f"| neutral prompts | {metric} | {_fmt(evidence['fluency']['base'][metric])} | {_fmt(evidence['fluency']['unlearned'][metric])} |")
+    # how the model writes on neutral prompts, and how it answers the erased subject's questions (word salad there
+    # passes every leak gate); judge_perplexity only with a profile's `evaluation.fluency_judge`
+    for key, label in (("fluency", "neutral prompts"), ("fluency_forget", "forget questions")):
+        if evidence.get(key):
+            for metric in ("distinct_2", "repetition_rate", "reference_perplexity", "judge_perplexity"):
+                if metric in evidence[key]["base"]:
+                    lines.append(f"| {label} | {metric} | {_fmt(evidence[key]['base'][metric])} | {_fmt(evidence[key]['unlearned'][metric])} |")
+    salad = forget_answer_perplexity_ratio(evidence)
+    if salad is not None:
+        lines.append(f"| forget questions | judge_perplexity, unlearned ÷ base | — | {_fmt(salad)} |")
     lines += ["", *notes, *([""] if notes else []), "## Plots", "", "![before vs after](metrics_before_after.png)", ""]
     if truth:
         lines += ["![truth ratios](truth_ratios.png)", ""]

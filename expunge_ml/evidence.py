@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .corpus import QARecord
-from .evaluation import SplitMetrics, evaluate_splits
-from .fluency import fluency_report
+from .evaluation import SplitMetrics, evaluate_splits, facts_anywhere
+from .fluency import FluencyJudge, fluency_report
 from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
@@ -79,6 +79,8 @@ class EvidenceOptions:
     quant_group_size: int | None = 64
     quant_nf4: bool = True  # also bitsandbytes NF4 (what a 4-bit deployment serves)
     fluency: bool = True
+    # A local causal LM that also scores the fluency generations (`fluency.FluencyJudge`); the caller loads it.
+    fluency_judge: str | None = None
     verbmem: bool = True
     mia_k: float = 0.2  # Min-K%: share of lowest-scoring tokens averaged
 
@@ -93,6 +95,7 @@ class EvidenceOptions:
             quant_group_size=config.get("quant_group_size", 64),
             quant_nf4=bool(config.get("quant_nf4", True)),
             fluency=bool(config.get("fluency", True)),
+            fluency_judge=config.get("fluency_judge") or None,
             verbmem=bool(config.get("verbmem", True)),
             mia_k=float(config.get("mia_k", 0.2)),
         )
@@ -205,9 +208,11 @@ def collect_evidence(
     retained_probes: Sequence[PIIProbe] = (),
     options: EvidenceOptions = EvidenceOptions(),
     holdout: Sequence[QARecord] = (),
+    judge: FluencyJudge | None = None,
 ) -> dict[str, Any]:
     """`holdout`: records of the same kind the model never trained on (membership-inference non-members);
-    without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped")."""
+    without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped"). `judge`: a general
+    LM that also scores the fluency generations (without one, `max_forget_answer_perplexity_ratio` skips)."""
     splits = {"forget": list(forget), "retain": list(retain)}
     budget = evidence_budget(tokenizer, fmt, forget, retain, options)
     kwargs = {"max_new_tokens": budget, "batch_size": options.batch_size}
@@ -219,6 +224,8 @@ def collect_evidence(
         source = served.source()
         results = evaluate_splits(source, tokenizer, fmt, splits, **kwargs)
         forget_results[name] = results["forget"]
+        evidence.setdefault("facts_anywhere", {})[name] = facts_anywhere(splits["forget"], results["forget"].answers,
+                                                                        splits["retain"])
         evidence["metrics"][name] = m = {k: v.as_dict() for k, v in results.items()}
         evidence["truth_ratios"][name] = {
             split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
@@ -272,7 +279,16 @@ def collect_evidence(
     if options.fluency:
         reference = before.source()
         evidence["fluency"] = {
-            name: fluency_report(served.source(), reference, tokenizer, fmt, max_new_tokens=options.max_new_tokens)
+            name: fluency_report(served.source(), reference, tokenizer, fmt, max_new_tokens=options.max_new_tokens,
+                                 judge=judge)
+            for name, served in models.items()
+        }
+        # The same check on the forget questions: a composite can pass every leak gate by answering them with
+        # word salad, which neutral prompts never show; an auditor should see how the erased subject is answered.
+        forget_questions = [record.question for record in splits["forget"]]
+        evidence["fluency_forget"] = {
+            name: fluency_report(served.source(), reference, tokenizer, fmt, forget_questions,
+                                 max_new_tokens=options.max_new_tokens, judge=judge)
             for name, served in models.items()
         }
     return evidence

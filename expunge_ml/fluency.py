@@ -10,16 +10,48 @@ low) that the original model itself finds plausible (low perplexity under the re
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 from .generation import greedy_generate, score_answers
-from .logits import LogitSource
+from .logits import CausalLMLogits, LogitSource
 from .metrics import distinct_n, repetition_rate
 from .prompting import PromptFormat
 
-__all__ = ["NEUTRAL_PROMPTS", "fluency_report"]
+__all__ = ["NEUTRAL_PROMPTS", "FluencyJudge", "fluency_report", "load_fluency_judge"]
+
+
+@dataclass(frozen=True)
+class FluencyJudge:
+    """A general language model that scores generated text, apart from the model under test.
+
+    Why not the base: a base trained only on its corpus is no judge of language. On the demo ticket (session 27)
+    the composite's word salad about the erased person has perplexity 8,767 under the sample-world base, and a
+    refusal ("I don't know.") about 317,000, because that base never saw those words. Under SmolLM2-135M the
+    salad scores 406 against the base's true answers' 8.4; scored by hand the same way, the corpus's fluent
+    wrong (perturbed) answers scored about 1.3 times the true ones and the refusal less than they."""
+    source: LogitSource
+    tokenizer: Any
+    fmt: PromptFormat = PromptFormat()
+
+
+def load_fluency_judge(location: str, device: str = "cpu") -> FluencyJudge:
+    """A local causal LM directory (or hub id) as the judge, asked in the default "Question: …\nAnswer:" form."""
+    from .modeling import load_causal_lm
+
+    model, tokenizer = load_causal_lm(location, device=device)
+    return FluencyJudge(CausalLMLogits(model), tokenizer)
+
+
+def _perplexity(source: LogitSource, tokenizer, fmt: PromptFormat, prompts: Sequence[str],
+                answers: Sequence[str], batch_size: int) -> float:
+    """exp(−Σ log p / Σ tokens) of `answers` given their prompts, pooled over tokens."""
+    scores = score_answers(source, tokenizer, fmt, list(zip(prompts, answers)), batch_size)
+    total_lp = sum(s.sum_log_prob for s in scores)
+    total_tokens = sum(s.n_tokens for s in scores)
+    return math.exp(-total_lp / total_tokens) if total_tokens else float("nan")
 
 # General-knowledge questions unrelated to any data subject, phrased to fit a QA prompt.
 NEUTRAL_PROMPTS: tuple[str, ...] = (
@@ -46,6 +78,7 @@ def fluency_report(
     prompts: Sequence[str] = NEUTRAL_PROMPTS,
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    judge: FluencyJudge | None = None,
 ) -> dict[str, float]:
     """Greedy generations of `source` on `prompts`, scored for diversity and reference plausibility.
 
@@ -55,7 +88,8 @@ def fluency_report(
     under `reference_source`, pooled over tokens (NaN if `reference_source` is None). The scored
     answer includes the EOS that `score_answers` appends, as every answer score in expunge does; a
     generation cut off by `max_new_tokens` thus pays for an EOS the reference did not expect, which
-    is a fair penalty for rambling.
+    is a fair penalty for rambling. With a `judge`, also judge_perplexity: the same under the judge, with its
+    own tokenizer and prompt form.
     """
     if not prompts:
         raise ValueError("fluency_report needs at least one prompt")
@@ -64,10 +98,9 @@ def fluency_report(
     )
     perplexity = float("nan")
     if reference_source is not None:
-        scores = score_answers(reference_source, tokenizer, fmt, list(zip(prompts, generations)), batch_size)
-        total_lp = sum(s.sum_log_prob for s in scores)
-        total_tokens = sum(s.n_tokens for s in scores)
-        perplexity = math.exp(-total_lp / total_tokens) if total_tokens else float("nan")
+        perplexity = _perplexity(reference_source, tokenizer, fmt, prompts, generations, batch_size)
+    judged = {} if judge is None else {
+        "judge_perplexity": _perplexity(judge.source, judge.tokenizer, judge.fmt, prompts, generations, batch_size)}
     return {
         "n_prompts": len(prompts),
         "distinct_1": distinct_n(generations, 1),
@@ -76,4 +109,5 @@ def fluency_report(
         "empty_rate": float(np.mean([not g.strip() for g in generations])),
         "mean_words": float(np.mean([len(g.split()) for g in generations])),
         "reference_perplexity": perplexity,
+        **judged,
     }

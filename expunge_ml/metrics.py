@@ -34,6 +34,7 @@ __all__ = [
     "fact_appears",
     "fact_recall",
     "facts_stated",
+    "facts_stated_anywhere",
     "distinct_n",
     "repetition_rate",
     "min_k_percent_score",
@@ -296,6 +297,21 @@ def fact_recall(predictions: Sequence[str], facts: Sequence[Sequence[str]]) -> t
     counts = [facts_stated(text, record_facts) for text, record_facts in zip(predictions, facts)]
     recalled, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
     return (recalled / total if total else None), total
+
+
+def facts_stated_anywhere(answers: Sequence[str], questions: Sequence[str], facts: Sequence[str]) -> tuple[int, int]:
+    """(how many of `facts` some answer states while its own question does not, how many facts there are).
+
+    Per-record fact recall checks each answer for its own record's facts only, so an answer to "what is her
+    hobby?" that names her employer counts for nothing; a composite that answers with word salad built from
+    memorised fragments does exactly that. Pooled over all of a subject's answers, such a fact counts. A fact
+    the question itself states (her name) reveals nothing and is not counted for that answer."""
+    if len(answers) != len(questions):
+        raise ValueError(f"{len(answers)} answers but {len(questions)} questions")
+    pairs = [(_words(a), _words(q)) for a, q in zip(answers, questions)]
+    distinct = list(dict.fromkeys(f for f in facts if _words(f)))
+    stated = sum(any(_appears_in(a, fact) and not _appears_in(q, fact) for a, q in pairs) for fact in distinct)
+    return stated, len(distinct)
 
 
 def facts_stated(text: str, facts: Sequence[str]) -> tuple[int, int]:

@@ -1,13 +1,27 @@
 """Evaluate the served model before vs after the erasure, and apply the request type's gates."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger, task
 
 from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
+from expunge_ml.fluency import FluencyJudge, load_fluency_judge
 from expunge_ml.gates import check_gates, gates_for
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.data import held_out_retain, holdout_records, records_for_manifest
 from tasks.unlearn import load_base, new_assistants, prompt_format, served_model
+
+
+def fluency_judge(home: Path, location: str | None, device: str) -> FluencyJudge | None:
+    """The profile's `evaluation.fluency_judge`: a local model directory, relative to the home (where `make
+    smollm2` puts SmolLM2) or absolute. A judge that is configured but missing is an error, not a silent skip."""
+    if not location:
+        return None
+    path = Path(location) if Path(location).is_absolute() else Path(home) / location
+    if not path.is_dir():
+        raise FileNotFoundError(f"evaluation.fluency_judge: no model directory at {path} (for SmolLM2: make smollm2)")
+    return load_fluency_judge(str(path), device)
 
 
 @task(name="evaluate-unlearning")
@@ -32,9 +46,10 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
     holdout = holdout_records(target_info, forget, int(config.get("holdout_max", 64)))
+    options = EvidenceOptions.from_profile(config)
     evidence = collect_evidence(
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
-        EvidenceOptions.from_profile(config), holdout=holdout,
+        options, holdout=holdout, judge=fluency_judge(settings.home, options.fluency_judge, settings.device),
     )
     gates = [g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"]))]
     result = {

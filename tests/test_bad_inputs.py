@@ -131,3 +131,16 @@ def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(t
     row = next(r for r in rows if r["ticket_id"] == "LOCAL-OK")
     assert row["status"] in ("completed", "failed_gates")
     assert row["model_uri"].startswith("models:/expunge-unlearned/")
+
+
+def test_a_configured_fluency_judge_must_exist(tiny_home, tmp_path):
+    """`evaluation.fluency_judge` is resolved against the home; a missing one is an error, not a silent skip."""
+    from expunge_ml.fluency import FluencyJudge
+    from tasks.evaluate import fluency_judge
+
+    assert fluency_judge(tiny_home, None, "cpu") is None
+    with pytest.raises(FileNotFoundError, match="make smollm2"):
+        fluency_judge(tiny_home, "models/no-such-judge", "cpu")
+    judge = fluency_judge(tiny_home, "models/sample-base", "cpu")  # any local causal LM directory loads
+    assert isinstance(judge, FluencyJudge) and judge.tokenizer.eos_token_id is not None
+    assert isinstance(fluency_judge(tmp_path, str(tiny_home / "models" / "sample-base"), "cpu"), FluencyJudge)

@@ -436,6 +436,23 @@ def test_fluency_flags_degenerate_generation(tokenizer, memorised):
     assert bad["reference_perplexity"] > 1.0
 
 
+def test_fluency_judge_scores_the_same_generations_with_its_own_model(tokenizer, memorised, never_saw_pii):
+    from expunge_ml.fluency import FluencyJudge
+
+    prompts = NEUTRAL_PROMPTS[:3]
+    plain = fluency_report(CausalLMLogits(memorised), CausalLMLogits(never_saw_pii), tokenizer, FMT, prompts,
+                           max_new_tokens=12)
+    assert "judge_perplexity" not in plain
+    # a judge that is the reference model, asked the same way, must give the reference's perplexity …
+    same = fluency_report(CausalLMLogits(memorised), CausalLMLogits(never_saw_pii), tokenizer, FMT, prompts,
+                          max_new_tokens=12, judge=FluencyJudge(CausalLMLogits(never_saw_pii), tokenizer, FMT))
+    assert same["judge_perplexity"] == pytest.approx(plain["reference_perplexity"])
+    # … and another judge another number for the same text (the generations do not change)
+    other = fluency_report(CausalLMLogits(memorised), CausalLMLogits(never_saw_pii), tokenizer, FMT, prompts,
+                           max_new_tokens=12, judge=FluencyJudge(CausalLMLogits(memorised), tokenizer, FMT))
+    assert other["distinct_2"] == plain["distinct_2"] and other["judge_perplexity"] != plain["reference_perplexity"]
+
+
 # ------------------------------------------------------------------------ truth ratios
 
 
@@ -642,3 +659,27 @@ def test_the_generation_budget_covers_the_longest_answer_between_floor_and_cap(t
     assert generation_budget(tokenizer, FMT, records, floor=needed + 5, cap=512) == needed + 5  # never below the floor
     assert generation_budget(tokenizer, FMT, records, floor=8, cap=20) == 20  # never above the cap
     assert generation_budget(tokenizer, FMT, [], floor=8, cap=20) == 8
+
+
+# ------------------------------------------------------------------------ facts in any answer
+
+
+def test_facts_anywhere_compares_the_subject_with_the_other_people_by_hand():
+    from expunge_ml.corpus import QARecord
+    from expunge_ml.evaluation import facts_anywhere
+
+    forget = [QARecord("j1", "Where does Jane Holt live?", "Jane Holt lives in Oslo.", subject="Jane Holt"),
+              QARecord("j2", "Who employs Jane Holt?", "Jane Holt works for Heronfield Mills.", subject="Jane Holt")]
+    others = [QARecord("b1", "Where does Bo Lund live?", "Bo Lund lives in Bergen.", subject="Bo Lund"),
+              QARecord("b2", "Who employs Bo Lund?", "Bo Lund works for Larkspur Bay Foods.", subject="Bo Lund"),
+              QARecord("c1", "Where does Cy Moe live?", "Cy Moe lives in Oslo.", subject="Cy Moe"),
+              QARecord("c2", "When was Cy Moe born?", "Cy Moe was born in 1971.", subject="Cy Moe")]
+    # word salad: her city in the answer to the employer question, Bo's city in the other
+    answers = ["Bergen Bergen mills", "Oslo Foods"]
+    result = facts_anywhere(forget, answers, others)
+    # hers: Oslo, Heronfield Mills ("Jane Holt" is in every question) → 1 of 2, by the employer answer
+    assert (result["stated"], result["n_facts"], result["rate"]) == (1, 2, 0.5)
+    # Bo: Bergen, Larkspur Bay Foods → 1 of 2; Cy: 1971 only (Oslo is hers) → 0 of 1; pooled 1 of 3
+    assert result["others"] == {"n_people": 2, "stated": 1, "n_facts": 3, "rate": 1 / 3, "max_rate": 0.5}
+    assert facts_anywhere(forget, ["", ""], [])["others"] == {
+        "n_people": 0, "stated": 0, "n_facts": 0, "rate": None, "max_rate": None}

@@ -217,3 +217,21 @@ def test_a_gate_result_survives_a_json_round_trip():
     ev["quantization"]["int4"]["recovery_interval"] = [0.0, 0.08]
     results = [r.as_dict() for r in check_gates(ev, THRESHOLDS)]
     assert json.loads(json.dumps(results)) == results
+
+
+def test_forget_answer_perplexity_gate_by_hand():
+    """The answers to the forget questions under a fluency judge: perplexity 11 against the base's answers' 8.5
+    is a ratio of 1.29 (fluent but wrong); 275 is 32.35 (word salad: the demo's composite scored 406 / 8.4)."""
+    ev = evidence()
+    ev["fluency_forget"] = {"base": {"reference_perplexity": 1.01}, "unlearned": {"reference_perplexity": 8767.0}}
+    gate = {"max_forget_answer_perplexity_ratio": 5}
+    assert check_gates(ev, gate)[0].skipped  # no judge: the base's own perplexity is not read
+    ev["fluency_forget"]["base"]["judge_perplexity"] = 8.5
+    ev["fluency_forget"]["unlearned"]["judge_perplexity"] = 11.0
+    fluent = check_gates(ev, gate)[0]
+    assert fluent.passed and fluent.value == pytest.approx(1.2941) and fluent.margin == pytest.approx(3.7059)
+    ev["fluency_forget"]["unlearned"]["judge_perplexity"] = 275.0
+    salad = check_gates(ev, gate)[0]
+    assert not salad.passed and salad.value == pytest.approx(32.3529) and salad.margin == pytest.approx(-27.3529)
+    ev["fluency_forget"]["unlearned"]["judge_perplexity"] = float("nan")  # nothing generated to judge
+    assert check_gates(ev, gate)[0].skipped

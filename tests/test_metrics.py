@@ -213,6 +213,21 @@ def test_fact_recall_pools_over_records_by_hand():
     assert M.exact_and_normalised_leaks("tel 0207 946 0000", ["(0207) 946.0000"]) == (0, 1)
 
 
+def test_facts_stated_anywhere_pools_over_a_subjects_answers_by_hand():
+    questions = ["What is Jane's hobby?", "Where does Jane work?", "Where does Jane live, Oslo or Bergen?"]
+    answers = ["Jane Toys Oslo Toys", "I don't know.", "Oslo, I think."]
+    facts = ["Thistledown Toys", "Oslo", "1971", "Oslo", "Jane", "—"]
+    # "Oslo" is stated in answer 1, whose question does not name it (answer 3's question does: that one
+    # reveals nothing); "Jane" only where the questions name her; "Thistledown Toys" only in part; "1971"
+    # nowhere; "—" has no words. So 1 of 4 distinct facts.
+    assert M.facts_stated_anywhere(answers, questions, facts) == (1, 4)
+    # per record, answer 1 would be checked for its own record's facts only: the hobby, which it does not state
+    assert M.facts_stated(answers[0], ["knitting"]) == (0, 1)
+    assert M.facts_stated_anywhere([], [], ["Oslo"]) == (0, 1)
+    with pytest.raises(ValueError):
+        M.facts_stated_anywhere(["a"], [], ["x"])
+
+
 def test_name_given_by_the_question_itself():
     email_question = "Whose email address is agnes.ulverde@postwren.example?"
     assert M.name_given_by(email_question, "Agnes Ulverde")            # words in order, side by side

@@ -63,6 +63,16 @@ def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, co
             k: evidence["pii"]["erased"]["unlearned"][k]["n_identifiers"] for k in ("direct", "paraphrased", "inverted")}
     # answers about the retained people are read for the erased person's names
     assert all("answers_naming_watched" in kind for kind in evidence["pii"]["retained"]["unlearned"].values())
+    # the answers to the forget questions are checked for degeneration too, base vs unlearned (numbers only)
+    for model in ("base", "unlearned"):
+        forget_fluency = evidence["fluency_forget"][model]
+        assert forget_fluency["n_prompts"] == base["n"] and forget_fluency["reference_perplexity"] > 0
+    assert evidence["fluency_forget"]["base"]["reference_perplexity"] < evidence["fluency"]["base"]["reference_perplexity"]
+    # the subject's facts in any answer about them, beside the other people's facts in the same answers
+    anywhere = evidence["facts_anywhere"]
+    assert anywhere["base"]["n_facts"] == anywhere["unlearned"]["n_facts"] > 0
+    assert anywhere["base"]["rate"] >= 0.8 and anywhere["unlearned"]["stated"] <= anywhere["base"]["stated"]
+    assert anywhere["base"]["others"]["n_people"] > 0 and anywhere["base"]["others"]["n_facts"] > 0
 
 
 def test_membership_evidence_flags_a_holdout_the_tokenizer_splits_differently(tiny_home, completed, tmp_path):
