@@ -122,9 +122,16 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
                         for g in evaluated["gates"]}
     evidence_path = work / "evidence.json"
     if evidence_path.exists():  # each attack's recovery intervals (`expunge_ml.evidence.recovery_interval`)
-        attacks = json.loads(evidence_path.read_text()).get("quantization") or {}
+        evidence = json.loads(evidence_path.read_text())
+        attacks = evidence.get("quantization") or {}
         row["quant_intervals"] = {name: {key: attack.get(f"{key}_interval") for key in ("recovery", "fact_recovery")}
                                   for name, attack in attacks.items()}
+        # counts only: the subject's facts in any forget answer of the served model, and the other people's there
+        anywhere = (evidence.get("facts_anywhere") or {}).get("unlearned")
+        if anywhere:
+            row["facts_anywhere"] = {"stated": anywhere["stated"], "n_facts": anywhere["n_facts"],
+                                     "others_stated": anywhere["others"]["stated"],
+                                     "others_n_facts": anywhere["others"]["n_facts"]}
     training_path = work / "training.json"
     if training_path.exists():
         weights = json.loads(training_path.read_text()).get("weights")
@@ -155,6 +162,9 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
         entry["passed_every_gate"] += int(bool(row.get("passed")))
         entry["failed_gates"] += sum(not g["passed"] for g in row.get("gates", {}).values())
         entry["quant_failures_within_interval"] += failed_within_interval(row)
+        if row.get("facts_anywhere"):  # pooled over the tickets: the subjects' facts vs the others' in the same answers
+            for key in ("stated", "n_facts", "others_stated", "others_n_facts"):
+                entry[f"facts_anywhere_{key}"] = entry.get(f"facts_anywhere_{key}", 0) + row["facts_anywhere"][key]
     return summary
 
 
@@ -213,6 +223,13 @@ def markdown_table(result: dict[str, Any]) -> str:
               "|---|---|---|---|---|"]
     lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} | "
               f"{s.get('quant_failures_within_interval', '–')} |" for p, s in result["summary"].items()]
+    if any("facts_anywhere_n_facts" in s for s in result["summary"].values()):
+        lines += ["", "Facts stated in any answer to the forget questions (served model), pooled over the tickets: the "
+                  "erased people's own, and the other people's in the same answers (what word salad states by chance).",
+                  "", "| profile | own facts stated | other people's facts stated |", "|---|---|---|"]
+        lines += [f"| {p} | {s['facts_anywhere_stated']} of {s['facts_anywhere_n_facts']} | "
+                  f"{s['facts_anywhere_others_stated']} of {s['facts_anywhere_others_n_facts']} |"
+                  for p, s in result["summary"].items() if "facts_anywhere_n_facts" in s]
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,9 @@ def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_p
     assert row["passed"] == (row["status"] == "completed")
     assert "max_forget_rougeL" in row["gates"] and row["served_weight"] == -1.0  # the tiny profile's w
     assert result["summary"]["tiny"]["tickets"] == 1
+    anywhere = row["facts_anywhere"]  # counts of the served model's forget answers, pooled in the summary
+    assert 0 <= anywhere["stated"] <= anywhere["n_facts"] and anywhere["others_n_facts"] > 0
+    assert result["summary"]["tiny"]["facts_anywhere_n_facts"] == anywhere["n_facts"]
     json_path, md_path = write_outputs(result, tmp_path / "out", "subjects")
     person = json.loads((tmp_path / "home" / "sample_world" / "people.jsonl").read_text().splitlines()[1])
     request = person_request(person, "X")
@@ -99,3 +102,4 @@ def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_p
     for secret in [*request["subject"]["names"], *request["subject"]["aliases"], *request["subject"]["identifiers"]]:
         assert secret not in written
     assert "| tiny | 1 |" in markdown_table(result)
+    assert f"| tiny | {anywhere['stated']} of {anywhere['n_facts']} |" in markdown_table(result)
