@@ -137,6 +137,27 @@ def _print_summary(summary: dict) -> None:
         out.print(f"evidence report: {summary['report']}")
 
 
+def _print_forget_answers(evidence_path: Path) -> None:
+    """How the served model answers the erased subject's questions, beyond ROUGE-L: word salad passes every
+    leak gate, so show its fluency and the subject's facts found in any of those answers (numbers only)."""
+    if not evidence_path.exists():
+        return
+    evidence = json.loads(evidence_path.read_text())
+    anywhere = evidence.get("facts_anywhere")
+    if anywhere and anywhere["base"]["n_facts"]:
+        after = anywhere["unlearned"]
+        out.print(f"subject's facts stated in any forget answer: base {anywhere['base']['stated']} → unlearned "
+                  f"{after['stated']} of {after['n_facts']} (other people's facts in the same answers: "
+                  f"{after['others']['stated']} of {after['others']['n_facts']})")
+    fluency = evidence.get("fluency_forget")
+    if fluency:
+        before, after = fluency["base"], fluency["unlearned"]
+        judged = (f"; judge {before['judge_perplexity']:.1f} → {after['judge_perplexity']:.1f}"
+                  if "judge_perplexity" in after else "")
+        out.print(f"forget answers' perplexity under the base: {before['reference_perplexity']:.1f} → "
+                  f"{after['reference_perplexity']:.1f}{judged} (word salad scores high; see the report)")
+
+
 @app.command()
 def status(
     ticket_id: Optional[str] = typer.Argument(None, help="One ticket's status history and key numbers."),
@@ -297,6 +318,7 @@ def demo() -> None:
     if metrics.get("base_forget_facts") is not None:
         out.print(f"forget fact recall: base {metrics.get('base_forget_facts')} → unlearned {metrics.get('unlearned_forget_facts')}")
     out.print(f"retain ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
+    _print_forget_answers(settings.ticket_dir(row["ticket_id"]) / "evidence.json")
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")
     if row["status"] == "completed":

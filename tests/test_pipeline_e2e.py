@@ -515,3 +515,18 @@ def pd_frame(questions):
     import pandas as pd
 
     return pd.DataFrame({"question": questions})
+
+
+def test_demo_lines_on_the_forget_answers_read_the_evidence(tiny_home, completed):
+    from expunge.cli import _print_forget_answers, out
+
+    evidence_path = tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json"
+    anywhere = json.loads(evidence_path.read_text())["facts_anywhere"]["unlearned"]
+    with out.capture() as captured:
+        _print_forget_answers(evidence_path)
+    text = captured.get()
+    assert f"unlearned {anywhere['stated']} of {anywhere['n_facts']}" in text
+    assert "forget answers' perplexity under the base" in text and "judge" not in text.split("under the base")[1]
+    with out.capture() as captured:
+        _print_forget_answers(tiny_home / "no-such-evidence.json")  # nothing to read: nothing printed
+    assert captured.get() == ""
