@@ -6,6 +6,7 @@ the MLflow store, Prefect's home, the sample world, trained models and per-ticke
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,18 @@ class ProfileError(ValueError):
     pass
 
 
+class ProfileLoader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-6` as a number. PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-6`), so
+    `relative_top: 1e-6` came back as the string "1e-6" and the evaluation failed on it with a TypeError."""
+
+
+ProfileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),  # exponent, with or without a dot
+    list("-+0123456789"),
+)
+
+
 def load_profile(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if not path.is_file():
@@ -29,7 +42,7 @@ def load_profile(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
         raise ProfileError(f"unknown profile {name_or_path!r} (known: {', '.join(known)}, or a YAML path)")
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=ProfileLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass(frozen=True)

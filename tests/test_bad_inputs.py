@@ -144,3 +144,15 @@ def test_a_configured_fluency_judge_must_exist(tiny_home, tmp_path):
     judge = fluency_judge(tiny_home, "models/sample-base", "cpu")  # any local causal LM directory loads
     assert isinstance(judge, FluencyJudge) and judge.tokenizer.eos_token_id is not None
     assert isinstance(fluency_judge(tmp_path, str(tiny_home / "models" / "sample-base"), "cpu"), FluencyJudge)
+
+
+def test_a_profile_number_written_with_an_exponent_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-6` as a string; a profile's `relative_top: 1e-6` then failed every evaluation
+    with a TypeError (session 27). Profiles read it as the number it is; quoted text stays text."""
+    from expunge.settings import load_profile
+
+    path = tmp_path / "p.yaml"
+    path.write_text('unlearning: {uld: {relative_top: 1e-6, lr: 3.0e-3, weight: -1.5, epochs: 60}}\nname: "1e-6"\n')
+    loaded = load_profile(str(path))
+    assert loaded["unlearning"]["uld"] == {"relative_top": 1e-6, "lr": 0.003, "weight": -1.5, "epochs": 60}
+    assert isinstance(loaded["unlearning"]["uld"]["epochs"], int) and loaded["name"] == "1e-6"
