@@ -30,7 +30,7 @@ class SplitMetrics:
     # recall, and how many of its record's facts it states of how many. For intervals over the records.
     per_record_rougeL: tuple[float, ...] = ()
     per_record_facts: tuple[tuple[int, int], ...] = ()
-    answers: tuple[str, ...] = ()  # the greedy answers, in memory only (for `facts_anywhere`)
+    answers: tuple[str, ...] = ()  # the greedy answers, in memory only (`facts_anywhere`, forget fluency)
 
     def as_dict(self) -> dict[str, float]:
         return {"n": self.n, "rougeL_recall": self.rougeL_recall, "answer_prob": self.answer_prob,

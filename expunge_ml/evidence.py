@@ -19,7 +19,7 @@ import torch
 
 from .corpus import QARecord
 from .evaluation import SplitMetrics, evaluate_splits, facts_anywhere
-from .fluency import FluencyJudge, fluency_report
+from .fluency import FluencyJudge, fluency_of, fluency_report
 from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
@@ -217,15 +217,15 @@ def collect_evidence(
     budget = evidence_budget(tokenizer, fmt, forget, retain, options)
     kwargs = {"max_new_tokens": budget, "batch_size": options.batch_size}
     models = {"base": before, "unlearned": after}
-    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}, "max_new_tokens": budget}
+    evidence: dict[str, Any] = {"metrics": {}, "truth_ratios": {}, "muse": {}, "facts_anywhere": {},
+                                "max_new_tokens": budget}
     verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
     forget_results = {}  # per model, the forget split with its per-record scores (for the attacks' intervals)
     for name, served in models.items():
         source = served.source()
         results = evaluate_splits(source, tokenizer, fmt, splits, **kwargs)
         forget_results[name] = results["forget"]
-        evidence.setdefault("facts_anywhere", {})[name] = facts_anywhere(splits["forget"], results["forget"].answers,
-                                                                        splits["retain"])
+        evidence["facts_anywhere"][name] = facts_anywhere(splits["forget"], results["forget"].answers, splits["retain"])
         evidence["metrics"][name] = m = {k: v.as_dict() for k, v in results.items()}
         evidence["truth_ratios"][name] = {
             split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
@@ -285,10 +285,11 @@ def collect_evidence(
         }
         # The same check on the forget questions: a composite can pass every leak gate by answering them with
         # word salad, which neutral prompts never show; an auditor should see how the erased subject is answered.
+        # Scored on the evaluation's own greedy answers (the ones its ROUGE-L and fact recall read).
         forget_questions = [record.question for record in splits["forget"]]
         evidence["fluency_forget"] = {
-            name: fluency_report(served.source(), reference, tokenizer, fmt, forget_questions,
-                                 max_new_tokens=options.max_new_tokens, judge=judge)
-            for name, served in models.items()
+            name: fluency_of(forget_results[name].answers, forget_questions, reference, tokenizer, fmt,
+                             options.batch_size, judge)
+            for name in models
         }
     return evidence

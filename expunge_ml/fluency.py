@@ -20,7 +20,7 @@ from .logits import CausalLMLogits, LogitSource
 from .metrics import distinct_n, repetition_rate
 from .prompting import PromptFormat
 
-__all__ = ["NEUTRAL_PROMPTS", "FluencyJudge", "fluency_report", "load_fluency_judge"]
+__all__ = ["NEUTRAL_PROMPTS", "FluencyJudge", "fluency_of", "fluency_report", "load_fluency_judge"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,22 @@ def fluency_report(
     generations = greedy_generate(
         source, tokenizer, [fmt.prompt(p) for p in prompts], max_new_tokens, batch_size
     )
+    return fluency_of(generations, prompts, reference_source, tokenizer, fmt, batch_size, judge)
+
+
+def fluency_of(
+    generations: Sequence[str],
+    prompts: Sequence[str],
+    reference_source: LogitSource | None,
+    tokenizer,
+    fmt: PromptFormat,
+    batch_size: int = 16,
+    judge: FluencyJudge | None = None,
+) -> dict[str, float]:
+    """`fluency_report`'s scores for answers already generated (e.g. the evaluation's greedy answers to the
+    forget questions, so they are not generated twice): one generation per prompt, in order."""
+    if len(generations) != len(prompts) or not prompts:
+        raise ValueError(f"fluency_of needs one generation per prompt, got {len(generations)} for {len(prompts)}")
     perplexity = float("nan")
     if reference_source is not None:
         perplexity = _perplexity(reference_source, tokenizer, fmt, prompts, generations, batch_size)

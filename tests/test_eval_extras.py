@@ -453,6 +453,19 @@ def test_fluency_judge_scores_the_same_generations_with_its_own_model(tokenizer,
     assert other["distinct_2"] == plain["distinct_2"] and other["judge_perplexity"] != plain["reference_perplexity"]
 
 
+def test_fluency_of_answers_already_generated_equals_the_report(tokenizer, memorised, never_saw_pii):
+    """The evidence scores the evaluation's own forget answers instead of generating them again."""
+    from expunge_ml.fluency import fluency_of
+
+    prompts = NEUTRAL_PROMPTS[:3]
+    generations = greedy_generate(CausalLMLogits(memorised), tokenizer, [FMT.prompt(p) for p in prompts], 12, 16)
+    report = fluency_report(CausalLMLogits(memorised), CausalLMLogits(never_saw_pii), tokenizer, FMT, prompts,
+                            max_new_tokens=12)
+    assert fluency_of(generations, prompts, CausalLMLogits(never_saw_pii), tokenizer, FMT) == pytest.approx(report)
+    with pytest.raises(ValueError, match="one generation per prompt"):
+        fluency_of(generations[:2], prompts, None, tokenizer, FMT)
+
+
 # ------------------------------------------------------------------------ truth ratios
 
 
