@@ -654,7 +654,8 @@ def quantized_leaks(source, tokenizer, fmt, erased_probes: Sequence[Any], option
     if isinstance(source, CompositeLogits):
         if source.ensemble != "mean":
             return {}
-        served = ServedModel(source.base, list(source.assistants), list(source.weights), source.relative_top)
+        served = ServedModel(source.base, list(source.assistants), list(source.weights), source.relative_top,
+                             list(source.subtractions))
     else:
         served = ServedModel(source.model)
     bits = tuple(int(name[3:]) for name in options.quant_attacks if name.startswith("int"))

@@ -120,6 +120,8 @@ def _training_summary(training: dict | None, truth_ratios_computed: bool = True)
             config.get("augment_paraphrased") or config.get("augment_perturbed"))
         if int(config.get("assistants", 1)) > 1:  # an ensemble: each served at w / N
             summary["assistants"] = int(config["assistants"])
+        if config.get("subtraction", "linear") != "linear":  # how the composite subtracts the assistants
+            summary["subtraction"] = config["subtraction"]
         if config.get("fact_span_loss"):  # only the subject's names / identifiers / facts were remembered
             summary["fact_span_loss"] = True
             summary["template_nll_weight"] = config.get("template_nll_weight", 0.0)
@@ -148,6 +150,8 @@ def _training_lines(summary: dict | None) -> list[str]:
                  f"the answers, their other words at weight {summary['template_nll_weight']:g})")
     if summary.get("assistants"):
         line += f"; {summary['assistants']} assistants (seeds differ), each subtracted at w / {summary['assistants']}"
+    if summary.get("subtraction") == "one_sided":
+        line += "; subtracted one-sided (only tokens the assistant finds more likely than uniform are pushed down)"
     lines = [line]
     if summary.get("served_weight") is not None:
         lines.append(_weight_line(summary["served_weight"], summary.get("weight_selection")))

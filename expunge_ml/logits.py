@@ -10,7 +10,7 @@ import functools
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -70,6 +70,8 @@ def _cache_argument_of(model_class: type) -> str:  # once per class: step() runs
 
 # How the assistants of one erasure's ensemble are combined (`combine_logits`).
 ENSEMBLES = ("mean", "mixture")
+# How each assistant's logits are subtracted from the base's (`combine_logits`).
+SUBTRACTIONS = ("linear", "one_sided")
 
 
 def combine_logits(
@@ -78,8 +80,18 @@ def combine_logits(
     weights: list[float],
     relative_top: float = 0.0,
     ensemble: str = "mean",
+    subtractions: Sequence[str] = (),
 ) -> torch.Tensor:
     """ULD composite: z = z_base + Σ w_i · z_assistant_i (w_i < 0 subtracts what the assistant remembers).
+
+    `subtractions` names each assistant's mode ("linear" for all when empty). "one_sided" subtracts only what
+    the assistant finds more likely than uniform: w_i · max(log p_i + log V, 0), V the vocabulary size. Why: the
+    linear term also *raises* every token the assistant finds less likely than uniform by |w_i| times its
+    deficit; after a question about an erased person the assistant is sharply peaked on the answer, so the
+    tokens it rejects most (arbitrary ones from the vocabulary's tail) win, and the composite answers with
+    word salad (benchmarks/results/demo_subjects.md, session 27). One-sided, the remembered tokens go down and
+    every other token keeps the base's ranking. Both are the same where the assistant is at or above uniform
+    on every token, and both leave the base alone where the assistant is uniform.
 
     `ensemble="mixture"` treats the assistants as one mixture instead: z = z_base + W · log Σ_i (w_i / W) ·
     p_assistant_i, W = Σ w_i. The sum above subtracts the assistants' mean log-probability (a product of
@@ -97,12 +109,15 @@ def combine_logits(
     a constant shift of the candidates changes nothing.
     """
     check_ensemble(ensemble)
+    modes = check_subtractions(subtractions, len(assistant_logits))
     if ensemble == "mixture":
-        combined = base_logits + _mixture_term(assistant_logits, weights)
+        if len(set(modes)) > 1:
+            raise ValueError(f"a mixture subtracts its assistants as one: give them one mode, got {modes}")
+        combined = base_logits + _mixture_term(assistant_logits, weights, one_sided=modes[0] == "one_sided")
     else:
         combined = base_logits.clone()
-        for logits, weight in zip(assistant_logits, weights):
-            combined = combined + weight * logits
+        for logits, weight, mode in zip(assistant_logits, weights, modes):
+            combined = combined + weight * (_above_uniform(logits) if mode == "one_sided" else logits)
     if relative_top > 0.0:
         base_logp = torch.log_softmax(base_logits, dim=-1)
         threshold = base_logp.max(dim=-1, keepdim=True).values + math.log(relative_top)
@@ -115,8 +130,25 @@ def check_ensemble(ensemble: str) -> None:
         raise ValueError(f"unknown ensemble {ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
 
 
-def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """W · log Σ_i (w_i / W) · softmax(z_i), W = Σ w_i; every w_i must share W's sign (shares in (0, 1])."""
+def check_subtractions(subtractions: Sequence[str], n_assistants: int) -> list[str]:
+    """One mode per assistant ("linear" for every one when `subtractions` is empty)."""
+    modes = list(subtractions) or ["linear"] * n_assistants
+    if len(modes) != n_assistants:
+        raise ValueError(f"one subtraction mode per assistant is required: {len(modes)} for {n_assistants}")
+    unknown = sorted(set(modes) - set(SUBTRACTIONS))
+    if unknown:
+        raise ValueError(f"unknown subtraction {unknown[0]!r}; expected one of {', '.join(SUBTRACTIONS)}")
+    return modes
+
+
+def _above_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """max(log p + log V, 0): how many nats more likely than uniform the model finds each token."""
+    return torch.clamp(torch.log_softmax(logits.float(), dim=-1) + math.log(logits.shape[-1]), min=0.0)
+
+
+def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float], one_sided: bool = False) -> torch.Tensor:
+    """W · log Σ_i (w_i / W) · softmax(z_i), W = Σ w_i; every w_i must share W's sign (shares in (0, 1]).
+    One-sided: W · max(that log-probability + log V, 0)."""
     total = float(sum(weights))
     if total == 0.0 or any(w / total <= 0.0 for w in weights):
         raise ValueError(f"a mixture needs nonzero weights of one sign, got {list(weights)}")
@@ -124,6 +156,8 @@ def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float]) ->
         torch.log_softmax(logits.float(), dim=-1) + math.log(weight / total)
         for logits, weight in zip(assistant_logits, weights)
     ]), dim=0)
+    if one_sided:
+        mixed = torch.clamp(mixed + math.log(mixed.shape[-1]), min=0.0)
     return total * mixed
 
 
@@ -136,12 +170,14 @@ class CompositeLogits:
     weights: list[float]
     relative_top: float = 0.0
     ensemble: str = "mean"  # `combine_logits`: "mixture" only for one erasure's ensemble
+    subtractions: Sequence[str] = ()  # one mode per assistant (`SUBTRACTIONS`); () = all linear
     _sources: list[CausalLMLogits] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.assistants) != len(self.weights):
             raise ValueError("one weight per assistant is required")
         check_ensemble(self.ensemble)  # at construction, not at the first generated token
+        self.subtractions = tuple(check_subtractions(self.subtractions, len(self.assistants)))
         self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
 
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
@@ -151,7 +187,8 @@ class CompositeLogits:
             for source, cache in zip(self._sources, caches)
         ]
         logits = combine_logits(
-            outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top, self.ensemble
+            outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top, self.ensemble,
+            self.subtractions,
         )
         # Separate caches: base and assistant have different depths and must never share state.
         return logits, [o[1] for o in outputs]

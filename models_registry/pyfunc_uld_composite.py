@@ -32,12 +32,14 @@ class ULDCompositeModel(mlflow.pyfunc.PythonModel):
             )
         base, self.tokenizer = load_causal_lm(base_dir, dtype=os.environ.get("EXPUNGE_DTYPE", "float32"),
                                            device=os.environ.get("EXPUNGE_DEVICE", "auto"))
-        assistants, weights = [], []
+        assistants, weights, subtractions = [], [], []
         for entry in config["assistants"]:
             assistant, uld_config = load_assistant(base, context.artifacts[entry["artifact"]])
             assistants.append(assistant)
             weights.append(float(entry.get("weight", uld_config.weight)))
-        self.source = CompositeLogits(base, assistants, weights, float(config.get("relative_top", 0.0)))
+            subtractions.append(uld_config.subtraction)  # as its erasure was evaluated (saved with the adapter)
+        self.source = CompositeLogits(base, assistants, weights, float(config.get("relative_top", 0.0)),
+                                      subtractions=subtractions)
         self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)
         self.max_new_tokens = int(config.get("max_new_tokens", 48))
 

@@ -36,7 +36,9 @@ def served_model(base, adapters: list[dict]) -> ServedModel:
         for adapter, (_, config) in zip(adapters, loaded)
     ]
     relative_top = loaded[-1][1].relative_top if loaded else 0.0
-    return ServedModel(base, [model for model, _ in loaded], weights, relative_top)
+    # each assistant is subtracted the way its own erasure was evaluated and approved
+    return ServedModel(base, [model for model, _ in loaded], weights, relative_top,
+                       [config.subtraction for _, config in loaded])
 
 
 def prompt_format(target_info: dict) -> PromptFormat:
@@ -148,7 +150,8 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
 
     def composite_at(weight: float):
         return ServedModel(base, [*prior.assistants, *assistants],
-                           [*prior.weights, *ensemble_weights(weight, len(assistants))], config.relative_top).source()
+                           [*prior.weights, *ensemble_weights(weight, len(assistants))], config.relative_top,
+                           [*prior.subtraction_modes(), *[config.subtraction] * len(assistants)]).source()
 
     forget_ids, retain_ids = {r.record_id for r in forget}, {r.record_id for r in retain}
     if selection["rule"] == "unseen_level":

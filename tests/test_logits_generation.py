@@ -74,6 +74,55 @@ def test_mixture_ensemble_by_hand():
         combine_logits(base, [flat], [-1.0], ensemble="max")
 
 
+def test_one_sided_subtraction_by_hand():
+    base = torch.zeros((1, 1, 4))
+    # The assistant's p = [0.7, 0.1, 0.1, 0.1]; uniform is 1/4, so only token 0 is above it, by ln(0.7·4) = ln 2.8.
+    assistant = torch.log(torch.tensor([[[0.7, 0.1, 0.1, 0.1]]])) + 3.0  # any shift: logits, not log-probs
+    one_sided = combine_logits(base, [assistant], [-2.0], subtractions=["one_sided"])
+    # z = [-2 ln 2.8, 0, 0, 0]: the tokens it rejects keep the base's logits
+    assert torch.allclose(one_sided, torch.tensor([[[-2 * math.log(2.8), 0.0, 0.0, 0.0]]]), atol=1e-6)
+    # Linear: token 0 falls by 2·ln(0.7/0.1) = 2 ln 7 against the others, not 2 ln 2.8
+    linear = combine_logits(base, [assistant], [-2.0])
+    assert (linear[0, 0, 1] - linear[0, 0, 0]).item() == pytest.approx(2 * math.log(7.0), abs=1e-5)
+    # Where they differ: p = [0.5, 0.49, 0.01] over 3 tokens. Linear raises the rejected token 2 above token 1
+    # (by 2·ln 49 against the base's 1-nat lead); one-sided leaves 1 ahead of 2, so the base's ranking holds.
+    three_base = torch.tensor([[[0.0, 1.0, 0.0]]])
+    peaked = torch.log(torch.tensor([[[0.5, 0.49, 0.01]]]))
+    linear3 = combine_logits(three_base, [peaked], [-2.0])
+    assert linear3[0, 0].argmax().item() == 2
+    one3 = combine_logits(three_base, [peaked], [-2.0], subtractions=["one_sided"])
+    # tokens 0 and 1 are above uniform by ln 1.5 and ln 1.47: z = [-2 ln 1.5, 1 - 2 ln 1.47, 0]
+    expected = torch.tensor([[[-2 * math.log(1.5), 1 - 2 * math.log(1.47), 0.0]]])
+    assert torch.allclose(one3, expected, atol=1e-5)
+    # A uniform assistant changes nothing, one-sided as linear
+    assert torch.allclose(combine_logits(base, [torch.full((1, 1, 4), 5.0)], [-3.0], subtractions=["one_sided"]), base)
+    # Per assistant: the second is subtracted one-sided, the first linearly
+    mixed_modes = combine_logits(base, [assistant, assistant], [-1.0, -1.0], subtractions=["linear", "one_sided"])
+    assert torch.allclose(mixed_modes, -1.0 * assistant - torch.tensor([[[math.log(2.8), 0.0, 0.0, 0.0]]]), atol=1e-6)
+    # Mixture: W · max(log p_mix + ln V, 0); two equal assistants mix to the same p
+    mixture = combine_logits(base, [assistant, assistant], [-1.0, -1.0], ensemble="mixture",
+                             subtractions=["one_sided", "one_sided"])
+    assert torch.allclose(mixture, torch.tensor([[[-2 * math.log(2.8), 0.0, 0.0, 0.0]]]), atol=1e-5)
+    with pytest.raises(ValueError, match="one mode"):
+        combine_logits(base, [assistant, assistant], [-1.0, -1.0], ensemble="mixture", subtractions=["linear", "one_sided"])
+    with pytest.raises(ValueError, match="unknown subtraction"):
+        combine_logits(base, [assistant], [-1.0], subtractions=["two_sided"])
+    with pytest.raises(ValueError, match="one subtraction mode per assistant"):
+        CompositeLogits(torch.nn.Identity(), [torch.nn.Identity()], [-1.0], subtractions=["linear", "linear"])
+
+
+def test_one_sided_composite_on_a_trained_model(memorised):
+    model, tokenizer, fmt = memorised
+    prompts = [fmt.prompt(q) for q, _ in PAIRS]
+    # The model as its own assistant: it is above uniform on what it memorised, so one-sided pushes that down
+    # and changes answers, while at w 0 it is the base
+    base_answers = greedy_generate(CausalLMLogits(model), tokenizer, prompts, 16)
+    assert greedy_generate(CompositeLogits(model, [model], [0.0], subtractions=["one_sided"]), tokenizer, prompts, 16) == base_answers
+    one_sided = greedy_generate(CompositeLogits(model, [model], [-2.0], subtractions=["one_sided"]), tokenizer, prompts, 16)
+    assert one_sided != base_answers
+    assert all(a.strip() != b.strip() for a, b in zip(one_sided, [a for _, a in PAIRS]))
+
+
 def test_batched_left_padded_generation_equals_one_at_a_time(memorised):
     model, tokenizer, fmt = memorised
     source = CausalLMLogits(model)

@@ -230,6 +230,24 @@ def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, compl
         assert secret not in training_text and secret not in markdown
 
 
+def test_a_one_sided_erasure_is_served_one_sided_from_the_registry(tiny_home, completed, tmp_path):
+    """`uld_by_request_type.privacy_erasure.subtraction: one_sided`: the mode is saved with the adapter, so the
+    evaluation, the registered pyfunc and the report all serve and describe the composite that way."""
+    profile = tiny_profile()
+    profile["unlearning"]["uld"].update(epochs=5)
+    profile["unlearning"]["uld_by_request_type"] = {"privacy_erasure": {"subtraction": "one_sided"}}
+    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="ONE-0001"))  # registered either way
+    training = json.loads((tiny_home / "work" / "ONE-0001" / "training.json").read_text())
+    assert training["config"]["subtraction"] == "one_sided"
+    saved = json.loads((Path(training["adapter_dirs"][0]) / "uld_assistant.json").read_text())
+    assert saved["subtraction"] == "one_sided"
+    row = _row(tiny_home, "ONE-0001")
+    served = mlflow.pyfunc.load_model(row["model_uri"]).unwrap_python_model()
+    assert served.source.subtractions == ("one_sided",)
+    markdown = (tiny_home / "work" / "ONE-0001" / "report" / "evidence.md").read_text()
+    assert "subtracted one-sided" in markdown
+
+
 def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_home, completed, tmp_path):
     """`uld.assistants: 2`: two assistants (seeds differ) are trained, evaluated and registered together, each
     at w / 2, and the evidence report says so. Runs before any approval, so the target is the bare base."""

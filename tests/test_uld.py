@@ -164,6 +164,10 @@ def test_uld_config_for_applies_the_request_types_overrides():
         uld_config_for({"uld": {}, "uld_by_request_type": {"privacy_erasure": {"fact_span": True}}}, "privacy_erasure")
     with pytest.raises(ValueError, match=r"profile unlearning\.uld \(ULD\): unknown setting\(s\) weigth;"):
         uld_config_for({"uld": {"weigth": -1.0}}, "copyright_takedown")
+    assert uld_config_for({"uld": {}, "uld_by_request_type": {"privacy_erasure": {"subtraction": "one_sided"}}},
+                          "privacy_erasure").subtraction == "one_sided"
+    with pytest.raises(ValueError, match="unknown subtraction 'both'"):
+        uld_config_for({"uld": {"subtraction": "both"}}, "privacy_erasure")
 
 
 def test_fact_flags_mark_exactly_the_tokens_of_the_facts(base_and_tokenizer):

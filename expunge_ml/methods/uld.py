@@ -26,6 +26,7 @@ import torch
 from ..augment import (donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses,
                        identifier_items, with_fact_labels)
 from ..devices import model_device, to_device
+from ..logits import check_subtractions
 from ..prompting import PromptFormat, collate_qa, collate_qa_facts
 from ..quantization import quiet_bitsandbytes_import
 from .losses import answer_kl_to_uniform, answer_nll, fact_nll_and_template_kl
@@ -42,6 +43,10 @@ class ULDConfig:
     retain_weight: float = 5.0  # λ in NLL(forget) + λ·KL(U ‖ p)(retain)
     weight: float = -0.8  # w in z_base + w·z_assistant
     relative_top: float = 0.0  # τ; 0 disables the relative-top filter
+    # How the served composite subtracts this assistant (`expunge_ml.logits.SUBTRACTIONS`): "linear" is
+    # w·z_assistant; "one_sided" only pushes down tokens the assistant finds more likely than uniform, so the
+    # tokens it rejects are not raised (see `combine_logits`). Serving only: training is the same.
+    subtraction: str = "linear"
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 8
@@ -97,6 +102,9 @@ class ULDConfig:
     # leaves that answer as it is (benchmarks/results/demo_subjects.md, session 24). The UnlearnPII benchmark
     # trains the same pairs (its `--uld-identifier-pairs`).
     identifier_pairs: bool = False
+
+    def __post_init__(self) -> None:
+        check_subtractions([self.subtraction], 1)  # a typo in a profile fails here, not at serving time
 
 
 # Seed distance between the members of an ensemble, so member i of one erasure never repeats another's seed.
