@@ -289,6 +289,11 @@ class PIIBenchOptions:
     # a better trade-off (fixed w -1.8: 20 leaks at 94.7 / 95.1 % retained against the mean's 32 at 98.1 /
     # 96.6 %; under the relative rule 18 against 19, at 90.9 / 89.8 % retained). Not adopted (pii.md).
     uld_mixture: bool = False
+    # Also serve the same ULD assistants one-sided (`combine_logits` subtraction "one_sided": push down only
+    # what each assistant finds more likely than uniform, never raise what it rejects): rows "uld one-sided"
+    # (w uld_weight) and, with calibration weights, "uld one-sided calibrated" (the same rule on it). Why
+    # (session 28): the linear composite answers the demo's forget questions with word salad.
+    uld_one_sided: bool = False
     # More w for the same ULD assistants: each adds a row "uld w=<w>" (one training, several composites).
     uld_extra_weights: tuple[float, ...] = ()
     # After training, N rounds of: generate the composite's greedy answers to the erased people's training
@@ -1247,6 +1252,19 @@ def run_benchmark(options: PIIBenchOptions, log: Callable[[str], None] = _log_de
                                                        retain_rows, paraphrases, split_probes, base_retained,
                                                        n_erased, n_retained, options, log,
                                                        method="uld mixture calibrated"))
+            if method == "uld" and options.uld_one_sided:
+                one_sided = dataclasses.replace(source, subtractions=["one_sided"] * len(source.assistants))
+                one_sided_row = measured_row(one_sided, "one-sided", "uld one-sided", split, split_probes,
+                                             base_retained, n_erased, n_retained, {"weight": options.uld_weight},
+                                             tokenizer, fmt, options, log)
+                one_sided_row["quantized"] = quantized_leaks(one_sided, tokenizer, fmt, split_probes["erased"],
+                                                             options, log)
+                results_rows.append(one_sided_row)
+                if options.uld_calibrate_weights:
+                    results_rows.append(calibrated_row(one_sided, base, tokenizer, fmt, split, forget_rows,
+                                                       retain_rows, paraphrases, split_probes, base_retained,
+                                                       n_erased, n_retained, options, log,
+                                                       method="uld one-sided calibrated"))
             if method == "uld":
                 for weight in options.uld_extra_weights:
                     swept = dataclasses.replace(source, weights=ensemble_weights(weight, len(source.assistants)))
@@ -1540,6 +1558,8 @@ def pii_command(
     uld_extra_weights: str = typer.Option("", help='more w for the same ULD assistants, e.g. "-1,-1.5" (a row each)'),
     uld_mixture: bool = typer.Option(False, help="also serve the same ULD assistants as a mixture (rows "
                                      "'uld mixture' and, with calibration weights, 'uld mixture calibrated')"),
+    uld_one_sided: bool = typer.Option(False, help="also serve the same ULD assistants one-sided (rows 'uld "
+                                       "one-sided' and, with calibration weights, 'uld one-sided calibrated')"),
     uld_refine_rounds: int = typer.Option(PIIBenchOptions.uld_refine_rounds, min=0, help="after training, N "
                                           "rounds of remembering the erased identifiers the composite still states "
                                           "on the erased people's training questions (a row each)"),
@@ -1627,6 +1647,7 @@ def pii_command(
             uld_lr_schedule=uld_lr_schedule, validation_people=validation_people,
             validation_source=validation_source, validation_retain_reported=validation_retain_reported,
             uld_extra_weights=tuple(float(w) for w in _csv(uld_extra_weights)), uld_mixture=uld_mixture,
+            uld_one_sided=uld_one_sided,
             uld_refine_rounds=uld_refine_rounds, uld_refine_epochs=uld_refine_epochs,
             uld_refine_weight_scales=tuple(float(x) for x in _csv(uld_refine_weight_scales)),
             uld_calibrate_weights=tuple(float(w) for w in _csv(uld_calibrate_weights)),

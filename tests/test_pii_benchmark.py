@@ -92,9 +92,12 @@ def test_pii_benchmark_smoke(tmp_path):
 
     # --uld-extra-weights scores the same assistant at more w: at the served w it measures the same answers
     swept = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
-                                     uld_extra_weights=(options.uld_weight, 0.0), uld_mixture=True))
+                                     uld_extra_weights=(options.uld_weight, 0.0), uld_mixture=True,
+                                     uld_one_sided=True))
     by_method = {r["method"]: r for r in swept["rows"]}
-    assert set(by_method) == {"base", "uld", "uld mixture", f"uld w={options.uld_weight:g}", "uld w=0"}
+    assert set(by_method) == {"base", "uld", "uld mixture", "uld one-sided", f"uld w={options.uld_weight:g}",
+                              "uld w=0"}
+    assert by_method["uld one-sided"]["weight"] == options.uld_weight and "quantized" in by_method["uld one-sided"]
     # a mixture of one assistant is the plain composite: the same answers
     assert [by_method["uld mixture"][k] for k in KINDS] == [by_method["uld"][k] for k in KINDS]
     same = by_method[f"uld w={options.uld_weight:g}"]
@@ -117,13 +120,15 @@ def test_pii_benchmark_smoke(tmp_path):
         calibrated = main(dataclasses.replace(
             options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
             uld_calibrate_weights=(options.uld_weight, stronger), uld_calibrate_rule="headroom",
-            uld_calibrate_min_retained=min_retained, uld_mixture=True))
+            uld_calibrate_min_retained=min_retained, uld_mixture=True, uld_one_sided=min_retained == 0.0))
         (row,) = [r for r in calibrated["rows"] if r["method"] == "uld calibrated"]
         assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [options.uld_weight, stronger]
         # --uld-mixture runs the same rule on the mixture of the same assistants: a row of its own
         (mixed,) = [r for r in calibrated["rows"] if r["method"] == "uld mixture calibrated"]
         assert [w for w, _, _ in mixed["calibration"]] == [options.uld_weight, stronger]
         assert mixed["weight"] == (stronger if min_retained == 0.0 else options.uld_weight)
+        one_sided = [r for r in calibrated["rows"] if r["method"] == "uld one-sided calibrated"]
+        assert len(one_sided) == (min_retained == 0.0) and all(r["weight"] == stronger for r in one_sided)
     with pytest.raises(ValueError):
         main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="loudest"))
     with pytest.raises(ValueError, match="--uld-calibrate-rule relative: the relative rule needs the default w"):  # before training
