@@ -85,13 +85,13 @@ def combine_logits(
     """ULD composite: z = z_base + Σ w_i · z_assistant_i (w_i < 0 subtracts what the assistant remembers).
 
     `subtractions` names each assistant's mode ("linear" for all when empty). "one_sided" subtracts only what
-    the assistant finds more likely than uniform: w_i · max(log p_i + log V, 0), V the vocabulary size. Why: the
+    the assistant finds more likely than uniform: w_i · max(log p_i + log V, 0), V the vocabulary size. The
     linear term also *raises* every token the assistant finds less likely than uniform by |w_i| times its
-    deficit; after a question about an erased person the assistant is sharply peaked on the answer, so the
-    tokens it rejects most (arbitrary ones from the vocabulary's tail) win, and the composite answers with
-    word salad (benchmarks/results/demo_subjects.md, session 27). One-sided, the remembered tokens go down and
-    every other token keeps the base's ranking. Both are the same where the assistant is at or above uniform
-    on every token, and both leave the base alone where the assistant is uniform.
+    deficit; one-sided, the remembered tokens go down and every other token keeps the base's ranking. Both
+    leave the base alone where the assistant is uniform. Tried against the demo's word salad (session 27) and
+    measured on 20 tickets (benchmarks/results/demo_subjects.md, session 28): the salad stayed, because after
+    a memorised token the sample base's own ranking is itself fragments of memorised answers, and one-sided
+    forgot less (more of the subject's facts stated). So nothing serves it by default.
 
     `ensemble="mixture"` treats the assistants as one mixture instead: z = z_base + W · log Σ_i (w_i / W) ·
     p_assistant_i, W = Σ w_i. The sum above subtracts the assistants' mean log-probability (a product of

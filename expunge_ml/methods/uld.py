@@ -45,7 +45,8 @@ class ULDConfig:
     relative_top: float = 0.0  # τ; 0 disables the relative-top filter
     # How the served composite subtracts this assistant (`expunge_ml.logits.SUBTRACTIONS`): "linear" is
     # w·z_assistant; "one_sided" only pushes down tokens the assistant finds more likely than uniform, so the
-    # tokens it rejects are not raised (see `combine_logits`). Serving only: training is the same.
+    # tokens it rejects are not raised (see `combine_logits`; on the demo it forgot less and did not cure the
+    # word salad, so profiles keep "linear"). Serving only: training is the same.
     subtraction: str = "linear"
     epochs: int = 20
     lr: float = 1e-3
