@@ -10,6 +10,7 @@ share the world and base of the first. The output names people by their index in
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -153,8 +154,14 @@ def failed_within_interval(row: Mapping[str, Any]) -> int:
     return count
 
 
-def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    summary: dict[str, dict[str, int]] = {}
+# The optional word-salad gate (judge perplexity of the forget answers, unlearned ÷ base): rounds that add it to a
+# shipped profile judge the candidates by the shipped gates and by this ratio separately (demo_subjects.md, s27–28).
+JUDGE_GATE = "max_forget_answer_perplexity_ratio"
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, list[float]] = {}
     for row in rows:
         entry = summary.setdefault(row["profile"], {"tickets": 0, "passed_every_gate": 0, "failed_gates": 0,
                                                     "quant_failures_within_interval": 0})
@@ -165,6 +172,15 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
         if row.get("facts_anywhere"):  # pooled over the tickets: the subjects' facts vs the others' in the same answers
             for key in ("stated", "n_facts", "others_stated", "others_n_facts"):
                 entry[f"facts_anywhere_{key}"] = entry.get(f"facts_anywhere_{key}", 0) + row["facts_anywhere"][key]
+        judged = (row.get("gates") or {}).get(JUDGE_GATE)
+        if judged and judged.get("value") is not None:
+            ratios.setdefault(row["profile"], []).append(float(judged["value"]))
+            others = [g["passed"] for name, g in row["gates"].items() if name != JUDGE_GATE]
+            entry["passed_every_gate_but_the_judges"] = entry.get("passed_every_gate_but_the_judges", 0) + all(others)
+            entry["judge_ratio_over_threshold"] = entry.get("judge_ratio_over_threshold", 0) + (not judged["passed"])
+    for profile, values in ratios.items():
+        summary[profile]["judge_ratio_min_median_max"] = [round(min(values), 4), round(statistics.median(values), 4),
+                                                          round(max(values), 4)]
     return summary
 
 
@@ -230,6 +246,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines += [f"| {p} | {s['facts_anywhere_stated']} of {s['facts_anywhere_n_facts']} | "
                   f"{s['facts_anywhere_others_stated']} of {s['facts_anywhere_others_n_facts']} |"
                   for p, s in result["summary"].items() if "facts_anywhere_n_facts" in s]
+    if any("judge_ratio_min_median_max" in s for s in result["summary"].values()):
+        lines += ["", f"Word salad (`{JUDGE_GATE}`: the judge's perplexity of the answers to the forget questions, "
+                  "unlearned ÷ base), and the tickets that pass every other gate.", "",
+                  "| profile | passed every other gate | ratio over its threshold | ratio min / median / max |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p} | {s['passed_every_gate_but_the_judges']} | {s['judge_ratio_over_threshold']} | "
+                  + " / ".join(f"{v:.1f}" for v in s["judge_ratio_min_median_max"]) + " |"
+                  for p, s in result["summary"].items() if "judge_ratio_min_median_max" in s]
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,23 @@ def test_the_summary_counts_tickets_passing_every_gate_and_failed_gates():
                                "b": {"tickets": 1, "passed_every_gate": 0, "failed_gates": 0, "quant_failures_within_interval": 0}}
 
 
+def test_the_summary_reads_the_word_salad_gate_apart_from_the_others():
+    judge = "max_forget_answer_perplexity_ratio"
+    rows = [
+        {"profile": "a", "passed": False, "gates": {"g1": {"passed": True}, judge: {"passed": False, "value": 24.0}}},
+        {"profile": "a", "passed": False, "gates": {"g1": {"passed": False}, judge: {"passed": False, "value": 7.0}}},
+        {"profile": "a", "passed": True, "gates": {"g1": {"passed": True}, judge: {"passed": True, "value": 3.0}}},
+        {"profile": "b", "passed": True, "gates": {"g1": {"passed": True}}},  # no judge: no ratio keys
+    ]
+    summary = summarise(rows)
+    assert summary["a"]["passed_every_gate_but_the_judges"] == 2 and summary["a"]["judge_ratio_over_threshold"] == 2
+    assert summary["a"]["judge_ratio_min_median_max"] == [3.0, 7.0, 24.0]
+    assert "judge_ratio_min_median_max" not in summary["b"]
+    from benchmarks.subjects import markdown_table
+    text = markdown_table({"rows": [], "summary": summary})
+    assert "| a | 2 | 2 | 3.0 / 7.0 / 24.0 |" in text
+
+
 def test_seeds_give_each_profile_one_variant_per_assistant_seed(tmp_path):
     import yaml
 
