@@ -166,6 +166,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry = summary.setdefault(row["profile"], {"tickets": 0, "passed_every_gate": 0, "failed_gates": 0,
                                                     "quant_failures_within_interval": 0})
         entry["tickets"] += 1
+        if row.get("error"):  # a run that raised: no gate verdict, and not a "failed" ticket either
+            entry["errors"] = entry.get("errors", 0) + 1
         entry["passed_every_gate"] += int(bool(row.get("passed")))
         entry["failed_gates"] += sum(not g["passed"] for g in row.get("gates", {}).values())
         entry["quant_failures_within_interval"] += failed_within_interval(row)
@@ -212,12 +214,16 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
             submitted = submit(profile_settings, path)
             if submitted.status == "received":
                 log(f"{label}: person {index} ({ticket_id}) …")
+                error = None
                 try:
                     run_request(profile_settings, ticket_id)
                 except Exception as exc:  # the flow recorded `failed` in the DB and audit log; go on with the rest
                     log(f"{label}: person {index}: the run failed: {type(exc).__name__}: {exc}")
+                    error = type(exc).__name__  # the type only: a message may quote the record's text
             status = request_rows(profile_settings, ticket_id)[0]["status"]
             row = ticket_row(profile_settings.ticket_dir(ticket_id), label, index, ticket_id, status)
+            if submitted.status == "received" and error:
+                row["error"] = error
             rows.append(row)
             log(f"{label}: person {index}: {status}, w {row.get('served_weight')}")
     return {"command": command, "options": asdict(options) | {"home": str(home)},
@@ -233,12 +239,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         gates = row.get("gates", {})
         cells = [("–" if g not in gates else (f"{gates[g]['value']:.3f}" if gates[g]["passed"]
                                                else f"**{gates[g]['value']:.3f}**")) for g in gate_names]
-        lines.append(f"| {row['profile']} | {row['person_index']} | {row['status']} | {row.get('served_weight', '–')} | "
+        status = f"{row['status']}, error: {row['error']}" if row.get("error") else row["status"]
+        lines.append(f"| {row['profile']} | {row['person_index']} | {status} | {row.get('served_weight', '–')} | "
                      f"{'pass' if row.get('passed') else 'fail'} | " + " | ".join(cells) + " |")
-    lines += ["", "| profile | tickets | passed every gate | failed gates | of them quantization gates within their interval |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| profile | tickets | passed every gate | failed gates | of them quantization gates within their interval | runs that raised |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} | "
-              f"{s.get('quant_failures_within_interval', '–')} |" for p, s in result["summary"].items()]
+              f"{s.get('quant_failures_within_interval', '–')} | {s.get('errors', 0)} |" for p, s in result["summary"].items()]
     if any("facts_anywhere_n_facts" in s for s in result["summary"].values()):
         lines += ["", "Facts stated in any answer to the forget questions (served model), pooled over the tickets: the "
                   "erased people's own, and the other people's in the same answers (what word salad states by chance).",
@@ -292,3 +299,8 @@ def subjects_command(
     print(markdown_table(result))
     paths = write_outputs(result, out_dir, name)
     print(f"wrote {paths[0]} and {paths[1]}")
+    errors = sum(s.get("errors", 0) for s in result["summary"].values())
+    if errors:  # a table of tickets that never ran must not pass for a measurement
+        typer.echo(f"error: {errors} of {len(result['rows'])} ticket runs raised an exception (see the log and the "
+                   "status column); their rows hold no gate verdict", err=True)
+        raise typer.Exit(1)

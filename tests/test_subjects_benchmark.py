@@ -120,3 +120,31 @@ def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_p
         assert secret not in written
     assert "| tiny | 1 |" in markdown_table(result)
     assert f"| tiny | {anywhere['stated']} of {anywhere['n_facts']} |" in markdown_table(result)
+
+    # A ticket whose run raises is an error, not a measurement: the row says so, the summary counts it
+    import expunge.service
+
+    def broken(settings, ticket_id):
+        raise ImportError("cannot import name 'x'")
+
+    monkeypatch.setattr(expunge.service, "run_request", broken)
+    failed = run_subjects(SubjectsOptions(profiles=("tiny",), people=(2,), home=str(tmp_path / "home")), log=print)
+    [row] = failed["rows"]
+    assert row["error"] == "ImportError" and "gates" not in row and failed["summary"]["tiny"]["errors"] == 1
+    assert "| tiny | 2 | received, error: ImportError |" in markdown_table(failed)
+
+
+def test_the_command_fails_when_a_ticket_run_raised(monkeypatch, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    import benchmarks.subjects as subjects
+
+    row = {"profile": "tiny", "person_index": 0, "ticket_id": "SUBJ-0-0", "status": "received", "error": "ImportError"}
+    monkeypatch.setattr(subjects, "run_subjects", lambda options, log, command: {
+        "command": command, "seconds": 1.0, "base_model_uri": "m", "rows": [row], "summary": subjects.summarise([row])})
+    app = typer.Typer()
+    app.command()(subjects.subjects_command)
+    result = CliRunner().invoke(app, ["--profile", "tiny", "--people", "0", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "1 of 1 ticket runs raised" in result.output
+    assert (tmp_path / "subjects.json").exists()  # written first: the log and the table stay readable
