@@ -212,9 +212,9 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
             path = requests_dir / f"{ticket_id}.json"
             path.write_text(json.dumps(person_request(people[index], ticket_id)))  # JSON is YAML
             submitted = submit(profile_settings, path)
+            error = None
             if submitted.status == "received":
                 log(f"{label}: person {index} ({ticket_id}) …")
-                error = None
                 try:
                     run_request(profile_settings, ticket_id)
                 except Exception as exc:  # the flow recorded `failed` in the DB and audit log; go on with the rest
@@ -222,7 +222,7 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
                     error = type(exc).__name__  # the type only: a message may quote the record's text
             status = request_rows(profile_settings, ticket_id)[0]["status"]
             row = ticket_row(profile_settings.ticket_dir(ticket_id), label, index, ticket_id, status)
-            if submitted.status == "received" and error:
+            if error:
                 row["error"] = error
             rows.append(row)
             log(f"{label}: person {index}: {status}, w {row.get('served_weight')}")

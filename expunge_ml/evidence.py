@@ -20,7 +20,7 @@ import torch
 from .corpus import QARecord
 from .evaluation import SplitMetrics, evaluate_splits, facts_anywhere
 from .fluency import FluencyJudge, fluency_of, fluency_report
-from .logits import CausalLMLogits, CompositeLogits
+from .logits import CausalLMLogits, CompositeLogits, check_subtractions
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
 from .prompting import PromptFormat, encode_answer
@@ -48,7 +48,7 @@ class ServedModel:
 
     def subtraction_modes(self) -> list[str]:
         """Each assistant's subtraction mode, spelled out ("linear" where none was given)."""
-        return list(self.subtractions) or ["linear"] * len(self.assistants)
+        return check_subtractions(self.subtractions, len(self.assistants))
 
     def quantized(self, bits: int, group_size: int | None) -> "ServedModel":
         """Every served weight RTN-quantized: the base and each assistant (LoRA merged first)."""

@@ -142,8 +142,13 @@ def check_subtractions(subtractions: Sequence[str], n_assistants: int) -> list[s
 
 
 def _above_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """max(log p + log V, 0): how many nats more likely than uniform the model finds each token."""
-    return torch.clamp(torch.log_softmax(logits.float(), dim=-1) + math.log(logits.shape[-1]), min=0.0)
+    """max(log p + log V, 0) for raw logits: how many nats more likely than uniform the model finds each token."""
+    return _log_prob_above_uniform(torch.log_softmax(logits.float(), dim=-1))
+
+
+def _log_prob_above_uniform(log_probs: torch.Tensor) -> torch.Tensor:
+    """max(log p + log V, 0) for log-probabilities already normalised over the V tokens of the last axis."""
+    return torch.clamp(log_probs + math.log(log_probs.shape[-1]), min=0.0)
 
 
 def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float], one_sided: bool = False) -> torch.Tensor:
@@ -157,7 +162,7 @@ def _mixture_term(assistant_logits: list[torch.Tensor], weights: list[float], on
         for logits, weight in zip(assistant_logits, weights)
     ]), dim=0)
     if one_sided:
-        mixed = torch.clamp(mixed + math.log(mixed.shape[-1]), min=0.0)
+        mixed = _log_prob_above_uniform(mixed)
     return total * mixed
 
 
