@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import typer
 import yaml
 
-from expunge_ml.gates import QUANT_GATE_KEYS
+from expunge_ml.gates import FORGET_ANSWER_PERPLEXITY_GATE as JUDGE_GATE, QUANT_GATE_KEYS
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # The profile sections that decide the world and the base: profiles compared on one champion must agree on them.
@@ -155,10 +155,8 @@ def failed_within_interval(row: Mapping[str, Any]) -> int:
 
 
 # The optional word-salad gate (judge perplexity of the forget answers, unlearned ÷ base): rounds that add it to a
-# shipped profile judge the candidates by the shipped gates and by this ratio separately (demo_subjects.md, s27–28).
-JUDGE_GATE = "max_forget_answer_perplexity_ratio"
-
-
+# shipped profile judge the candidates by the shipped gates and by this ratio separately (demo_subjects.md, s27–28),
+# so the summary counts JUDGE_GATE apart.
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     ratios: dict[str, list[float]] = {}
@@ -218,8 +216,10 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
                 try:
                     run_request(profile_settings, ticket_id)
                 except Exception as exc:  # the flow recorded `failed` in the DB and audit log; go on with the rest
-                    log(f"{label}: person {index}: the run failed: {type(exc).__name__}: {exc}")
-                    error = type(exc).__name__  # the type only: a message may quote the record's text
+                    # the type only, here and in the rows: a message may quote the record's text (the flow's own
+                    # run log and the audit log hold what happened)
+                    error = type(exc).__name__
+                    log(f"{label}: person {index}: the run failed: {error}")
             status = request_rows(profile_settings, ticket_id)[0]["status"]
             row = ticket_row(profile_settings.ticket_dir(ticket_id), label, index, ticket_id, status)
             if error:

@@ -176,6 +176,9 @@ def _abs_privleak(e):  # MUSE PrivLeak vs an exchangeable held-out set: both und
     return None if not mia else abs(mia["privleak"])
 
 
+# The optional word-salad gate's name: benchmarks read it apart from the others (demo_subjects.md, sessions 27-28).
+FORGET_ANSWER_PERPLEXITY_GATE = "max_forget_answer_perplexity_ratio"
+
 # gate name → (how to read the value from the evidence, comparison)
 GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "max_forget_rougeL": (_forget_rouge, "<="),
@@ -190,7 +193,7 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "max_quant_fact_recovery": (_worst_attack("fact_recovery"), "<="),
     "max_quant_pii_leak_rate": (_quant_pii_leak, "<="),
     "min_fluency_ratio": (_fluency, ">="),
-    "max_forget_answer_perplexity_ratio": (forget_answer_perplexity_ratio, "<="),
+    FORGET_ANSWER_PERPLEXITY_GATE: (forget_answer_perplexity_ratio, "<="),
     "max_verbmem_forget": (_verbmem, "<="),
     "max_abs_privleak": (_abs_privleak, "<="),
 }

@@ -124,13 +124,19 @@ def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_p
     # A ticket whose run raises is an error, not a measurement: the row says so, the summary counts it
     import expunge.service
 
-    def broken(settings, ticket_id):
-        raise ImportError("cannot import name 'x'")
+    secret = request["subject"]["identifiers"][0]
+
+    def broken(settings, ticket_id):  # a message that quotes a record, as a data error's might
+        raise ImportError(f"cannot import name 'x' while reading {secret}")
 
     monkeypatch.setattr(expunge.service, "run_request", broken)
-    failed = run_subjects(SubjectsOptions(profiles=("tiny",), people=(2,), home=str(tmp_path / "home")), log=print)
+    logged: list[str] = []
+    failed = run_subjects(SubjectsOptions(profiles=("tiny",), people=(2,), home=str(tmp_path / "home")),
+                          log=logged.append)
     [row] = failed["rows"]
     assert row["error"] == "ImportError" and "gates" not in row and failed["summary"]["tiny"]["errors"] == 1
+    assert any("the run failed: ImportError" in line for line in logged)
+    assert not any(secret in line for line in logged)  # the console gets the type only
     assert "| tiny | 2 | received, error: ImportError |" in markdown_table(failed)
 
 
