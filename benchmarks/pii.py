@@ -190,8 +190,10 @@ class PIIBenchOptions:
     # identifier emitted after a wording the assistant never saw, and the assistant was near-uniform on
     # every token of it. A bare identifier teaches the assistant to continue an erased identifier from its
     # own first tokens, whatever came before, so the composite derails it mid-way. Built from subject_pii,
-    # what an erasure request names. Session 12, validation on three bases: see pii.md.
-    uld_bare_identifiers: bool = False
+    # what an erasure request names. Session 12, validation on three bases: see pii.md. Session 29 (after
+    # session 28's round on seeds 9-10, with the four-assistant defaults and the relative rule): 33 leaks against
+    # 61 over four bases' forget5-shaped validation erasures, retained >= 95 % (or the reference's) on each.
+    uld_bare_identifiers: bool = True
     # Train N assistants that differ only in their seed (LoRA init, data order) and subtract their mean:
     # each gets w / N. Why: an assistant that happens to be flat after an unseen wording leaks there, and
     # where it does is partly the seed's doing; the mean is sharp wherever either assistant is, and smoother
@@ -367,8 +369,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         base_paraphrases=0, base_lr=2e-4, base_batch_size=8, base_epochs=8,
         base_target_loss=0.05, uld_layers=8, uld_lr=3e-3, uld_weight=-1.0,
         uld_epochs="forget1=30,forget5=6,forget10=3", threads=2, uld_assistants=1, uld_retain_weight=20.0,
-        uld_question_paraphrases=0,
-        uld_calibrate_weights=(),  # its report (session 11) predates the per-erasure w
+        uld_question_paraphrases=0, uld_bare_identifiers=False,  # its report (session 11) predates both
+        uld_calibrate_weights=(),  # ... and the per-erasure w
         # GA/NPO unlearn at the base's fine-tuning lr, as TOFU does (1e-5 for both); not tuned.
         baseline_lr=2e-4,
     ),

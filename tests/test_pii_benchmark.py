@@ -248,7 +248,8 @@ def test_bare_identifier_pairs_give_each_identifier_once_with_no_question():
     assert bare_identifier_pairs(rows) == [("", "ann@mail.example"), ("", "555-0199")]
     retained = [{"question": "What is Bo's phone?", "answer": "c", "subject": "Bo", "subject_pii": ["555-0101"]}]
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
+                                  uld_bare_identifiers=False)
     plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
     forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_bare_identifiers=True))
     # remembered for the erased person, every token of it a fact under the fact-only loss ...
