@@ -56,6 +56,7 @@ import typer  # torch and the ML stack are imported lazily: `expunge --help` imp
 # IDENTIFIER_QUESTION / _ANSWER: one wording for naming a person from their identifiers, shared with the
 # pipeline's ULD (`ULDConfig.identifier_pairs`).
 from expunge_ml.augment import IDENTIFIER_ANSWER, IDENTIFIER_QUESTION
+from expunge_ml.augment import bare_identifier_pairs as augment_bare_identifier_pairs
 from expunge_ml.weight_selection import WeightRule, apply_rule, check_candidates, pooled_rate, score_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -874,9 +875,9 @@ def cross_pairs(rows: Sequence[Mapping[str, Any]], n: int, rng: random.Random) -
 
 
 def bare_identifier_pairs(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """("", identifier) once per distinct identifier of the rows: the identifier with no question."""
-    identifiers = dict.fromkeys(p for row in rows for p in row_pii(row))
-    return [("", identifier) for identifier in identifiers]
+    """("", identifier) once per distinct identifier of the rows: the identifier with no question (the
+    pipeline's `ULDConfig.bare_identifiers` builds the same pairs from its records' `pii`)."""
+    return augment_bare_identifier_pairs(row_pii(row) for row in rows)
 
 
 SUBJECT_QUESTION = "What do you know about {subject}?"

@@ -130,6 +130,24 @@ def test_fact_span_loss_labels_forget_items_with_the_requests_terms_the_records_
         training_pairs([QARecord("f", "Q?", "yes, she did.")], retain, config)
 
 
+def test_bare_identifiers_give_each_identifier_alone_once_remembered_or_kept_uniform():
+    forget = [QARecord("f", "Email of Jane Doe?", "Jane Doe writes from jd@x.example.", subject="Jane Doe",
+                       pii=("jd@x.example",)),
+              QARecord("g", "Phone of Jane Doe?", "+44 1, or jd@x.example", subject="Jane Doe",
+                       pii=("+44 1", " ", "jd@x.example")),  # a blank and a repeat: skipped
+              QARecord("h", "Town of Jane Doe?", "she lives in Lagos.", subject="Jane Doe")]  # no identifier
+    retain = [QARecord("r", "Email of Ann Lee?", "Ann Lee writes from al@y.example.", subject="Ann Lee", pii=("al@y.example",))]
+    config = ULDConfig(bare_identifiers=True, augment_paraphrased=False, augment_perturbed=False)
+    f, r = training_pairs(forget, retain, config)
+    assert f == [rec.pair for rec in forget] + [("", "jd@x.example"), ("", "+44 1")]
+    assert r == [retain[0].pair, ("", "al@y.example")]
+    assert training_pairs(forget, retain, dataclasses.replace(config, bare_identifiers=False)) == (
+        [rec.pair for rec in forget], [retain[0].pair])
+    # With the fact-only loss a bare identifier is all fact, with nothing around it to call template
+    f_facts, _ = training_pairs(forget, retain, dataclasses.replace(config, fact_span_loss=True), fact_terms=["Jane Doe"])
+    assert f_facts[-2:] == [("", "jd@x.example", ["jd@x.example"]), ("", "+44 1", ["+44 1"])]
+
+
 def test_identifier_pairs_name_each_records_subject_from_its_identifiers_on_both_sides():
     forget = [QARecord("f", "Email of Jane Doe?", "Jane Doe writes from jd@x.example.", subject="Jane Doe",
                        pii=("jd@x.example",)),

@@ -23,8 +23,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..augment import (donor_pool, generated_fact_pairs, generated_forget_pairs, generated_near_misses,
-                       identifier_items, with_fact_labels)
+from ..augment import (bare_identifier_pairs, donor_pool, generated_fact_pairs, generated_forget_pairs,
+                       generated_near_misses, identifier_items, with_fact_labels)
 from ..devices import model_device, to_device
 from ..logits import check_subtractions
 from ..prompting import PromptFormat, collate_qa, collate_qa_facts
@@ -103,6 +103,13 @@ class ULDConfig:
     # leaves that answer as it is (benchmarks/results/demo_subjects.md, session 24). The UnlearnPII benchmark
     # trains the same pairs (its `--uld-identifier-pairs`).
     identifier_pairs: bool = False
+    # Each identifier of the forget records (`record.pii`) alone after an empty question, to remember, and each
+    # of the retain records', to stay uniform on (`augment.bare_identifier_pairs`). Why: where the composite
+    # leaked an erased identifier it followed a question wording the assistant never saw, and the assistant
+    # was flat on every token of it; one that knows the identifier's own tokens breaks it off mid-way
+    # (UnlearnPII benchmark, benchmarks/results/pii.md, session 29: adopted there, 33 leaks against 61 on four
+    # bases' validation erasures with retained PII kept). An identifier in both sets is pulled both ways.
+    bare_identifiers: bool = False
 
     def __post_init__(self) -> None:
         check_subtractions([self.subtraction], 1)  # a typo in a profile fails here, not at serving time
@@ -309,6 +316,9 @@ def training_pairs(
     if question_wordings:
         forget += reworded_pairs(((r.question, r.answer) for r in forget_records), question_wordings)
         retain += reworded_pairs(((r.question, r.answer) for r in retain_records), question_wordings)
+    if config.bare_identifiers:  # before the fact labels: a bare identifier is all fact
+        forget += bare_identifier_pairs(r.pii or () for r in forget_records)
+        retain += bare_identifier_pairs(r.pii or () for r in retain_records)
     named = identifier_items(forget_records) if config.identifier_pairs else []
     if config.identifier_pairs:
         retain += [(q, a) for q, a, _ in identifier_items(retain_records)]
