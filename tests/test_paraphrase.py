@@ -82,7 +82,7 @@ def test_the_benchmark_generates_wordings_once_and_trains_them_on_both_sides(lm_
     data = PIIData([ann], [bo], {}, ["Ann Lee", "Bo Chan"], "digest")
     options = PIIBenchOptions(uld_question_paraphrases=2, paraphraser=str(tmp_path / "lm"), cache_dir=tmp_path / "c",
                               uld_identifier_pairs=False, uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                              uld_fact_span_loss=False, uld_paraphrased_answers=0)
+                              uld_bare_identifiers=False, uld_fact_span_loss=False, uld_paraphrased_answers=0)
     logs: list[str] = []
     wordings = load_question_paraphrases(data, options, logs.append)
     assert set(wordings) == {ORIGINAL, bo["question"]} and all(keep_paraphrase(w, ORIGINAL, "Ann Lee")

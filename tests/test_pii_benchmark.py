@@ -150,7 +150,8 @@ def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
                 "subject": name, "subject_pii": [f"{name}@mail.example"]}
 
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=2, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
+                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
     forget, retain = uld_training_pairs([row("ann", 3)], [row("bo", 3)], options)
     assert len(forget) == 3 and retain == [("What is bo's email?", "bo@mail.example")]
     _, mirrored = uld_training_pairs([row("ann", 3)], [row("bo", 3)],
@@ -185,7 +186,8 @@ def test_masked_answer_pairs_hide_the_person_in_their_own_answer_and_ask_for_the
     retained = [{"question": "What is Bo's phone?", "answer": "Bo's phone is 555-0101.", "subject": "Bo",
                  "subject_pii": ["555-0101"]}]
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
+                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
     forget, retain = uld_training_pairs(rows[:1], retained, dataclasses.replace(options, uld_masked_answer_pairs=True))
     plain_forget, plain_retain = uld_training_pairs(rows[:1], retained, options)
     assert forget == plain_forget + expected  # remembered for the erased person ...
@@ -214,7 +216,8 @@ def test_question_dropout_keeps_the_name_and_drops_only_other_words():
              "subject_pii": ["ann@mail.example"]}]
     retained = [{"question": "What is Bo's phone?", "answer": "555-0101", "subject": "Bo", "subject_pii": ["555-0101"]}]
     options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False, uld_fact_span_loss=False)
+                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
+                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
     plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
     forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_question_dropout=2))
     assert forget[:1] == plain_forget and retain[:1] == plain_retain
