@@ -146,6 +146,8 @@ def test_bare_identifiers_give_each_identifier_alone_once_remembered_or_kept_uni
     # With the fact-only loss a bare identifier is all fact, with nothing around it to call template
     f_facts, _ = training_pairs(forget, retain, dataclasses.replace(config, fact_span_loss=True), fact_terms=["Jane Doe"])
     assert f_facts[-2:] == [("", "jd@x.example", ["jd@x.example"]), ("", "+44 1", ["+44 1"])]
+    with pytest.raises(ValueError, match="no identifiers in the forget records"):  # nothing to train: a clear error
+        training_pairs(forget[2:], retain, config)
 
 
 def test_identifier_pairs_name_each_records_subject_from_its_identifiers_on_both_sides():

@@ -317,7 +317,11 @@ def training_pairs(
         forget += reworded_pairs(((r.question, r.answer) for r in forget_records), question_wordings)
         retain += reworded_pairs(((r.question, r.answer) for r in retain_records), question_wordings)
     if config.bare_identifiers:  # before the fact labels: a bare identifier is all fact
-        forget += bare_identifier_pairs(r.pii or () for r in forget_records)
+        bare = bare_identifier_pairs(r.pii or () for r in forget_records)
+        if not bare:  # an option that silently trains nothing would pass for one that did
+            raise ValueError("bare_identifiers found no identifiers in the forget records: the corpus needs a `pii` "
+                             "column (or turn the option off)")
+        forget += bare
         retain += bare_identifier_pairs(r.pii or () for r in retain_records)
     named = identifier_items(forget_records) if config.identifier_pairs else []
     if config.identifier_pairs:
