@@ -9,6 +9,7 @@ identifiers) never goes into the audit log, since the log can never be erased.
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from typing import Any
 
@@ -96,6 +97,23 @@ def get_request(session: Session, ticket_id: str) -> Request | None:
 def list_requests(session: Session) -> list[Request]:
     """All requests, oldest first."""
     return list(session.scalars(select(Request).order_by(Request.received_at, Request.id)))
+
+
+def request_row(request: Request) -> dict[str, Any]:
+    """A request as plain JSON-ready data: status, reason, dates, model URI, key metrics and status history.
+    The spec (which names the subject) is left out."""
+    return {
+        "ticket_id": request.ticket_id, "type": request.request_type, "regulation": request.regulation,
+        "status": request.status, "reason_code": request.reason_code, "reason": request.reason_detail,
+        "received_at": request.received_at.isoformat(), "due_at": request.due_at.isoformat(),
+        "completed_at": request.completed_at.isoformat() if request.completed_at else None,
+        "target_model": request.target_model_uri, "model_uri": request.result_model_uri,
+        "metrics": json.loads(request.metrics_json) if request.metrics_json else None,
+        "history": [
+            {"at": h.at.isoformat(), "from": h.from_status, "to": h.to_status, "reason_code": h.reason_code}
+            for h in request.status_history
+        ],
+    }
 
 
 def set_status(

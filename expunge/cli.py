@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Table
 
@@ -24,20 +26,35 @@ audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_h
 app.add_typer(audit_app, name="audit")
 
 
-def _mount_benchmarks() -> None:
-    """`expunge benchmark tofu|pii|subjects`: the measured claims come from these commands, not from tests."""
-    from benchmarks.cli import benchmark_app
-    from benchmarks.pii import pii_command
-    from benchmarks.subjects import subjects_command
+class BenchmarkCommands(TyperGroup):
+    """`expunge benchmark tofu|pii|subjects|…`: the measured claims come from these commands, not from tests.
+    Their modules load when a benchmark command (or its help) is asked for, so the product's own commands start
+    without them."""
 
-    if not any(c.name == "pii" for c in benchmark_app.registered_commands):
-        benchmark_app.command("pii")(pii_command)
-    if not any(c.name == "subjects" for c in benchmark_app.registered_commands):
-        benchmark_app.command("subjects")(subjects_command)
-    app.add_typer(benchmark_app, name="benchmark")
+    _loaded: click.Group | None = None
+
+    def _benchmarks(self) -> click.Group:
+        if BenchmarkCommands._loaded is None:
+            from benchmarks.cli import benchmark_app
+            from benchmarks.pii import pii_command
+            from benchmarks.subjects import subjects_command
+
+            if not any(c.name == "pii" for c in benchmark_app.registered_commands):
+                benchmark_app.command("pii")(pii_command)
+            if not any(c.name == "subjects" for c in benchmark_app.registered_commands):
+                benchmark_app.command("subjects")(subjects_command)
+            BenchmarkCommands._loaded = typer.main.get_group(benchmark_app)
+        return BenchmarkCommands._loaded
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._benchmarks().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._benchmarks().get_command(ctx, cmd_name)
 
 
-_mount_benchmarks()
+app.add_typer(typer.Typer(cls=BenchmarkCommands, no_args_is_help=True), name="benchmark",
+              help="Benchmarks of ULD and the baseline unlearning methods (results under benchmarks/results/).")
 # No markup: tickets, reasons and paths are data, and "[gate_failed]" must print as written.
 # Piped output gets a wide console so tables in logs and scripts are not cut at 80 columns.
 _WIDTH = None if sys.stdout.isatty() else 160
@@ -198,7 +215,7 @@ def report(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Directory to write into (default: the ticket's work dir)."),
 ) -> None:
     """Write a ticket's evidence report (Markdown + JSON + plots) locally."""
-    from expunge.service import render_report
+    from expunge.report import render_report
 
     try:
         paths = render_report(state.settings, ticket_id, out_dir)

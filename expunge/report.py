@@ -14,6 +14,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
+from db import head_hash, requests_repo, session_scope  # noqa: E402
+from expunge.intake import subject_fingerprints  # noqa: E402
+from expunge.requests import RequestError, RequestSpec  # noqa: E402
+from expunge.settings import Settings  # noqa: E402
 from expunge_ml.gates import forget_answer_perplexity_ratio, threshold_inside, worst_attack_interval  # noqa: E402
 
 
@@ -323,3 +327,29 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
     paths["markdown"] = out_dir / "evidence.md"
     paths["markdown"].write_text("\n".join(lines) + "\n")
     return paths
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = None) -> dict[str, Path]:
+    """(Re)write a ticket's evidence report from its work files, request row and the audit head."""
+    work = settings.ticket_dir(ticket_id)
+    needed = [work / name for name in ("resolved.json", "metrics.json", "evidence.json")]
+    missing = [p.name for p in needed if not p.exists()]
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None:
+            raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
+        if missing:
+            raise RequestError("no_evidence", f"ticket {ticket_id} has no evaluation yet (missing {', '.join(missing)})")
+        row = {k: v for k, v in requests_repo.request_row(request).items() if k not in ("history", "metrics")}
+        spec = RequestSpec.model_validate_json(request.spec_json)
+        audit_head = head_hash(session)
+    resolved, evaluation, evidence = (json.loads(p.read_text()) for p in needed)
+    return write_report(
+        out_dir or work / "report", request=row, manifests=resolved, evaluation=evaluation,
+        evidence=evidence, registration=_read_json(work / "registration.json"), audit_head=audit_head,
+        subject_hmacs=subject_fingerprints(settings.hmac_key(), spec), training=_read_json(work / "training.json"),
+    )

@@ -20,7 +20,7 @@ from expunge.settings import Settings
 def supported_methods() -> tuple[str, ...]:
     from expunge_ml.methods.registry import METHODS
 
-    return ("uld", *sorted(METHODS))
+    return tuple(METHODS)
 
 # Exit codes, stable for scripts.
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_DUPLICATE, EXIT_NEEDS_REVIEW, EXIT_RUN_FAILED = 0, 1, 2, 3, 4, 5
@@ -172,21 +172,7 @@ def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[
             requests = [r for r in requests if r.ticket_id == ticket_id]
             if not requests:
                 raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
-        rows = []
-        for r in requests:
-            metrics = json.loads(r.metrics_json) if r.metrics_json else None
-            rows.append({
-                "ticket_id": r.ticket_id, "type": r.request_type, "regulation": r.regulation,
-                "status": r.status, "reason_code": r.reason_code, "reason": r.reason_detail,
-                "received_at": r.received_at.isoformat(), "due_at": r.due_at.isoformat(),
-                "completed_at": r.completed_at.isoformat() if r.completed_at else None,
-                "target_model": r.target_model_uri, "model_uri": r.result_model_uri, "metrics": metrics,
-                "history": [
-                    {"at": h.at.isoformat(), "from": h.from_status, "to": h.to_status, "reason_code": h.reason_code}
-                    for h in r.status_history
-                ],
-            })
-        return rows
+        return [requests_repo.request_row(r) for r in requests]
 
 
 def model_lineage(settings: Settings, uri: str) -> list[dict[str, Any]]:
@@ -203,31 +189,3 @@ def model_lineage(settings: Settings, uri: str) -> list[dict[str, Any]]:
 def verify_audit(settings: Settings, expected_head: str | None = None):
     with session_scope(settings.db_url) as session:
         return verify_chain(session, expected_head=expected_head)
-
-
-def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = None) -> dict[str, Path]:
-    """(Re)write a ticket's evidence report from its work files, request row and the audit head."""
-    from db import head_hash
-    from expunge.report import write_report
-
-    work = settings.ticket_dir(ticket_id)
-    rows = request_rows(settings, ticket_id)
-    needed = [work / name for name in ("resolved.json", "metrics.json", "evidence.json")]
-    missing = [p.name for p in needed if not p.exists()]
-    if missing:
-        raise RequestError("no_evidence", f"ticket {ticket_id} has no evaluation yet (missing {', '.join(missing)})")
-    resolved, evaluation, evidence = (json.loads(p.read_text()) for p in needed)
-    registration_path = work / "registration.json"
-    registration = json.loads(registration_path.read_text()) if registration_path.exists() else None
-    training_path = work / "training.json"
-    training = json.loads(training_path.read_text()) if training_path.exists() else None
-    with session_scope(settings.db_url) as session:
-        request = requests_repo.get_request(session, ticket_id)
-        spec = RequestSpec.model_validate_json(request.spec_json)
-        audit_head = head_hash(session)
-    row = {k: v for k, v in rows[0].items() if k not in ("history", "metrics")}
-    return write_report(
-        out_dir or work / "report", request=row, manifests=resolved, evaluation=evaluation,
-        evidence=evidence, registration=registration, audit_head=audit_head,
-        subject_hmacs=subject_fingerprints(settings.hmac_key(), spec), training=training,
-    )

@@ -5,7 +5,7 @@ import mlflow
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from expunge.service import render_report
+from expunge.report import render_report
 from tasks.context import settings_for
 
 
