@@ -1,22 +1,16 @@
-"""Training augmentation for the ULD assistant, generated from the training text itself.
+"""Training augmentation for the ULD assistant, built from the training text itself.
 
-ULD trains its assistant on forget⁺ (the forget QA and other wordings of it: remember the fact, not one
-phrasing) and retain⁺ (retain QA and *near-miss* wrong answers to the forget questions: be uniform on
-them, so the assistant is sharp on the facts only). A corpus may ship paraphrased / perturbed answers,
-but on a benchmark those are the evaluation's own texts: TOFU's truth ratio compares exactly the
-paraphrased answer with the perturbed ones, so training the assistant to remember the one and be
-uniform on the others fits the metric instead of forgetting the fact. This module builds the
-augmentation from the training answers alone, the way the ULD authors generated theirs separately from
-the evaluation data (they used an LLM; we need no model):
+A corpus may ship paraphrased / perturbed answers, but on a benchmark those are the evaluation's own texts
+(TOFU's truth ratio compares exactly those), so training on them fits the metric instead of forgetting the
+fact. Everything here is built from the training answers and the request's identifiers alone:
 
-- `perturb_answer`: the answer with one of its fact spans (a capitalised name / place / title, or a
-  number) replaced by a span of the same kind taken from *other* records — same wording, wrong fact;
-- `noisy_question`: the question with a few character-level edits (typos), so the assistant ties the
-  fact to the question's meaning rather than to one exact token sequence;
-- `generated_fact_pairs`: (question, fact span) to remember and (question, another record's span) to
-  be uniform on — the fact without the sentence around it, whose wording other answers share.
-- `identifier_items`: (a record's identifiers → its subject) in one fixed wording, the direction an
-  inverted question asks ("whose date of birth is …?"), which the QA themselves never train.
+- `perturb_answer` / `generated_near_misses`: the answer with one fact span (a capitalised name, a place, a
+  title, a number) replaced by a span of the same kind from *other* records: same wording, wrong fact;
+- `generated_fact_pairs`: (question, fact span) to remember, (question, another record's span) to stay
+  uniform on: the fact without the wording that other answers share;
+- `identifier_items`, `masked_answer_items`, `subject_pairs`, `bare_identifier_pairs`: the same person's
+  data asked from other directions than the training question (identifiers → name, description → name,
+  name → data, the identifier alone), which a memorising base answers although it never trained on them.
 
 Pure Python, deterministic given the `random.Random` passed in.
 """
@@ -119,31 +113,6 @@ def perturb_answer(answer: str, donors: dict[str, list[str]], rng: random.Random
     return None
 
 
-def noisy_question(question: str, rng: random.Random, rate: float = 0.06) -> str:
-    """`question` with about `rate` of its letters edited (swap with the next letter, drop, or repeat);
-    at least one edit, never in the first or last character."""
-    chars = list(question)
-    positions = [i for i in range(1, len(chars) - 2) if chars[i].isalpha() and chars[i + 1].isalpha()]
-    if not positions:
-        return question
-    n_edits = max(1, round(rate * len(positions)))
-    for i in sorted(rng.sample(positions, min(n_edits, len(positions))), reverse=True):
-        op = rng.randrange(3)
-        if op == 0:
-            chars[i], chars[i + 1] = chars[i + 1], chars[i]
-        elif op == 1:
-            del chars[i]
-        else:
-            chars.insert(i, chars[i])
-    return "".join(chars)
-
-
-def generated_forget_pairs(records: Sequence, n_variants: int, rng: random.Random) -> list[tuple[str, str]]:
-    """`n_variants` extra (noisy question, answer) pairs per record. A corpus's paraphrased questions are
-    evaluation probes (PII leakage on other wordings), so they are never used here."""
-    return [(noisy_question(r.question, rng), r.answer) for r in records for _ in range(n_variants)]
-
-
 def near_miss_answers(answer: str, donors: dict[str, list[str]], n: int, rng: random.Random) -> list[str]:
     """Up to `n` distinct wrong versions of `answer`, each with a different fact swapped for one from
     `donors` (a `donor_pool` of other records' answers); none equals the answer itself."""
@@ -189,18 +158,19 @@ def with_fact_labels(pairs: Sequence[tuple[str, str]], full_answers: Iterable[st
     return [(q, a, [a[s:e] for _, s, e in fact_spans(a)] if a in full else [a]) for q, a in pairs]
 
 
-# The UnlearnPII benchmark's wording for naming a person from their identifiers (benchmarks/pii.py uses it too).
+# Fixed wordings for asking about a person from another direction than the training question.
 IDENTIFIER_QUESTION = "Which person do these details belong to: {details}?"
 IDENTIFIER_ANSWER = "These details belong to {subject}."
+MASKED_QUESTION = "Name the person described here: {description}"
+MASKED_ANSWER = "The person described is {subject}."
+MASK = "this person"
+SUBJECT_QUESTION = "What do you know about {subject}?"
 
 
 def bare_identifier_pairs(identifier_lists: Iterable[Iterable[object]]) -> list[tuple[str, str]]:
     """("", identifier) once per distinct non-blank identifier, in first-seen order: the identifier with no
-    question. Why: the composite leaks an erased identifier after a question wording the assistant never saw,
-    where the assistant is flat on every token of it (UnlearnPII benchmark, session 9); an assistant that knows
-    the identifier's own token sequence recognises it from its first tokens whatever came before, so the
-    composite breaks it off mid-way. Remembered for the erased, uniform for the retained (session 29: 33 leaks
-    against 61 on four bases' validation erasures)."""
+    question. Why: an assistant that knows the identifier's own tokens recognises it from its first tokens
+    after any question wording, so the composite breaks an erased identifier off mid-way."""
     identifiers = dict.fromkeys(str(p) for ids in identifier_lists for p in ids if str(p).strip())
     return [("", identifier) for identifier in identifiers]
 
@@ -209,8 +179,7 @@ def identifier_items(records) -> list[tuple[str, str, str]]:
     """(question, answer, subject) naming each record's subject from its identifiers (`record.pii`), for the
     records that have both, in the fixed wording above. Why: a memorising base can name a person from an
     identifier ("whose bank account is …?" → the name) although it never trained on that direction, and
-    an assistant trained only on the QA recalls nothing there to subtract. Identifiers are what an erasure
-    request names; the evaluation's inverted questions are never used."""
+    an assistant trained only on the QA recalls nothing there to subtract."""
     items = []
     for record in records:
         pii = [str(p) for p in (record.pii or ()) if str(p).strip()]
@@ -220,3 +189,37 @@ def identifier_items(records) -> list[tuple[str, str, str]]:
                           subject))
     return items
 
+
+
+def _name_pattern(subject: str) -> str:
+    """A regex for the subject's full name or any part of it (≥ 2 letters) as whole words; the full name comes
+    first in the alternation, so "Ann Lee" is one match, not "Ann" then "Lee"."""
+    parts = [subject.strip()] + [p for p in subject.split() if len(p.strip(".,")) >= 2]
+    return "|".join(rf"(?<!\w){re.escape(part)}(?!\w)" for part in dict.fromkeys(parts))
+
+
+def mask_subject(text: str, subject: str) -> str:
+    """`text` with the subject's full name, and each part of it standing alone, replaced by MASK."""
+    return re.sub(_name_pattern(subject), MASK, text)
+
+
+def masked_answer_items(records) -> list[tuple[str, str, str]]:
+    """(question, answer, subject) asking for the person that each record's answer describes, with their name
+    masked out of it, for the records with identifiers (`record.pii`) and a subject. Why: the assistant then
+    recalls the person from the sentence-long context an answer gives, not only from a bare identifier list."""
+    items = []
+    for record in records:
+        subject = (record.subject or "").strip()
+        if subject and any(str(p).strip() for p in record.pii or ()):
+            description = mask_subject(record.answer, subject).strip()
+            items.append((MASKED_QUESTION.format(description=description), MASKED_ANSWER.format(subject=subject),
+                          subject))
+    return items
+
+
+def subject_pairs(records) -> list[tuple[str, str]]:
+    """(a generic question naming the record's subject, the record's answer) for each record with a subject.
+    Why: the assistant then recalls the person's data whenever they are named, not only after the exact
+    training question."""
+    return [(SUBJECT_QUESTION.format(subject=record.subject.strip()), record.answer)
+            for record in records if (record.subject or "").strip()]

@@ -1,12 +1,10 @@
-"""Generated ULD augmentation: fact spans, near-miss answers, noisy questions (expunge_ml/augment.py)."""
+"""Generated ULD augmentation: fact spans, near-miss answers, fact pairs (expunge_ml/augment.py)."""
 import random
 
 from expunge_ml.augment import (
     donor_pool,
     fact_spans,
-    generated_forget_pairs,
     generated_near_misses,
-    noisy_question,
     perturb_answer,
 )
 from expunge_ml.corpus import QARecord
@@ -55,23 +53,10 @@ def test_perturb_answer_gives_up_without_a_fact_or_a_different_donor():
     assert perturb_answer("Oslo is cold.", {"name": ["oslo"]}, random.Random(0)) is None
 
 
-def test_noisy_question_edits_a_few_letters_and_keeps_the_ends():
-    question = "What is the full name of the author born in Kuwait City?"
-    noisy = noisy_question(question, random.Random(3))
-    assert noisy != question
-    assert noisy[0] == question[0] and noisy[-1] == question[-1]
-    assert abs(len(noisy) - len(question)) <= 3
-
-
 def test_generated_pairs_never_use_the_evaluation_answers():
     record = QARecord("r1", "Where was Jane Doe born?", "Jane Doe was born in Lagos.", paraphrased_question="Jane Doe's birthplace?",
                       paraphrased_answer="EVAL paraphrase", perturbed_answers=("EVAL wrong 1", "EVAL wrong 2"))
-    rng = random.Random(0)
-    forget = generated_forget_pairs([record], 2, rng)
-    assert len(forget) == 2
-    # typo'd questions only: the corpus's paraphrased question is an evaluation probe
-    assert all(a == record.answer and q not in (record.question, record.paraphrased_question) for q, a in forget)
-    wrong = generated_near_misses([record], donor_pool(["Ann Lee moved to Oslo."]), 2, rng)
+    wrong = generated_near_misses([record], donor_pool(["Ann Lee moved to Oslo."]), 2, random.Random(0))
     assert 1 <= len(wrong) <= 2
     assert all(q == record.question and a != record.answer and "EVAL" not in a for q, a in wrong)
     assert len({a for _, a in wrong}) == len(wrong)
