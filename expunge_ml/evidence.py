@@ -20,7 +20,7 @@ import torch
 from .corpus import QARecord
 from .evaluation import SplitMetrics, evaluate_splits, facts_anywhere
 from .fluency import FluencyJudge, fluency_of, fluency_report
-from .logits import CausalLMLogits, CompositeLogits, check_subtractions
+from .logits import CausalLMLogits, CompositeLogits
 from .muse import membership_evidence, verbatim_probes, verbmem
 from .pii import PIIProbe, pii_leakage
 from .prompting import PromptFormat, encode_answer
@@ -38,17 +38,11 @@ class ServedModel:
     assistants: list[torch.nn.Module] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     relative_top: float = 0.0
-    subtractions: list[str] = field(default_factory=list)  # one mode per assistant; empty = all linear
 
     def source(self):
         if not self.assistants:
             return CausalLMLogits(self.base)
-        return CompositeLogits(self.base, self.assistants, self.weights, self.relative_top,
-                               subtractions=self.subtraction_modes())
-
-    def subtraction_modes(self) -> list[str]:
-        """Each assistant's subtraction mode, spelled out ("linear" where none was given)."""
-        return check_subtractions(self.subtractions, len(self.assistants))
+        return CompositeLogits(self.base, self.assistants, self.weights, self.relative_top)
 
     def quantized(self, bits: int, group_size: int | None) -> "ServedModel":
         """Every served weight RTN-quantized: the base and each assistant (LoRA merged first)."""
@@ -71,8 +65,7 @@ class ServedModel:
             copy.deepcopy(a).merge_and_unload() if hasattr(a, "merge_and_unload") else a
             for a in self.assistants
         ]
-        return ServedModel(fn(self.base), [fn(a) for a in merged], list(self.weights), self.relative_top,
-                           self.subtraction_modes())
+        return ServedModel(fn(self.base), [fn(a) for a in merged], list(self.weights), self.relative_top)
 
 
 @dataclass(frozen=True)
