@@ -343,9 +343,7 @@ def retain_size(retain_max: int, n_forget: int, retain_per_forget: float = 0.0,
     for the evaluation to measure what the model keeps (`retain_max` itself is not cut). Why: the ULD
     assistant is uniform on the retain records it trains on, but on retained text it never saw it still
     partly predicts what it learned from the forget set; the more forget text, the more of that spill, and
-    the more retain text it takes to hold it back (documents benchmark, session 23: a 10-document assistant
-    left retained passages it trained on at 99.6 % of the base, and retained passages it did not train on at
-    73.7 %)."""
+    the more retain text it takes to hold it back."""
     if retain_max < 0 or retain_per_forget < 0 or reserve < 0:
         raise ValueError(f"retain_max, retain_per_forget and reserve must be >= 0, got {retain_max}, "
                          f"{retain_per_forget}, {reserve}")

@@ -125,9 +125,8 @@ def generation_budget(tokenizer, fmt: PromptFormat, records: Sequence[QARecord],
     at least `floor`, at most `cap`.
 
     Why: ROUGE-L recall against an answer the model had no room to finish is low for every model, so a
-    forget gate on it passes on truncation rather than on forgetting. A document passage's continuation is
-    ~80 tokens (TOFU author profiles cut at 64 words), where the profiles' QA setting generates 40: the base
-    itself would score ~0.5.
+    forget gate on it passes on truncation rather than on forgetting (a document passage's continuation is
+    often twice a QA answer's budget).
     """
     longest = max((len(encode_answer(tokenizer, fmt, r.answer)) for r in records), default=0)
     return max(floor, min(cap, longest))
@@ -158,8 +157,8 @@ def recovery_interval(before: Sequence[float], unlearned: Sequence[float], attac
     the recovery of those means, and return the (1 − level) / 2 and (1 + level) / 2 quantiles. `weights`: a
     record's share of the mean (its number of facts for pooled fact recall; None = equal). Resamples whose gap
     (before − unlearned) is under `min_gap` leave recovery undefined and are dropped; None when over half are.
-    Why: a ticket's forget set is a dozen answers, so one answer's word salad moving is a few points of
-    recovery; the interval shows an approver how much of a number is that."""
+    Why: a request's forget set may be a dozen answers, so one answer moving is a few points of recovery;
+    the interval shows an approver how much of a number is that."""
     values = [np.asarray(v, dtype=float) for v in (before, unlearned, attacked)]
     n = len(values[0])
     if n == 0 or any(len(v) != n for v in values):

@@ -27,11 +27,8 @@ __all__ = ["NEUTRAL_PROMPTS", "FluencyJudge", "fluency_of", "fluency_report", "l
 class FluencyJudge:
     """A general language model that scores generated text, apart from the model under test.
 
-    Why not the base: a base trained only on its corpus is no judge of language. On the demo ticket (session 27)
-    the composite's word salad about the erased person has perplexity 8,767 under the sample-world base, and a
-    refusal ("I don't know.") about 317,000, because that base never saw those words. Under SmolLM2-135M the
-    salad scores 406 against the base's true answers' 8.4; scored by hand the same way, the corpus's fluent
-    wrong (perturbed) answers scored about 1.3 times the true ones and the refusal less than they."""
+    Why not the base: a base trained only on its corpus is no judge of language; it finds a plain refusal
+    ("I don't know.") less likely than word salad made of its own training text."""
     source: LogitSource
     tokenizer: Any
     fmt: PromptFormat = PromptFormat()

@@ -158,8 +158,8 @@ def _fluency(e):
 def forget_answer_perplexity_ratio(e):
     """How much less fluent, to a general LM (the profile's `evaluation.fluency_judge`), the served model's answers
     to the forget questions are than the base's: judge perplexity of the one ÷ of the other. A fluent wrong
-    answer or a refusal scores about 1; word salad scores tens (the demo's composite: 406 / 8.4 ≈ 48 under
-    SmolLM2-135M). None without a judge: the base itself is no judge when trained only on its corpus."""
+    answer or a refusal scores about 1; word salad scores tens. None without a judge: the base itself is no
+    judge when trained only on its corpus."""
     forget = e.get("fluency_forget")
     if not forget or "judge_perplexity" not in forget["unlearned"]:
         return None
@@ -176,7 +176,7 @@ def _abs_privleak(e):  # MUSE PrivLeak vs an exchangeable held-out set: both und
     return None if not mia else abs(mia["privleak"])
 
 
-# The optional word-salad gate's name: benchmarks read it apart from the others (demo_subjects.md, sessions 27-28).
+# The optional word-salad gate's name: benchmarks read it apart from the others.
 FORGET_ANSWER_PERPLEXITY_GATE = "max_forget_answer_perplexity_ratio"
 
 # gate name → (how to read the value from the evidence, comparison)

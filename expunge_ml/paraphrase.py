@@ -1,10 +1,9 @@
 """Other wordings of a training question, written by a small instruction-tuned LM.
 
 Why: a ULD assistant recalls an erased fact only after the question wordings it was trained on, so the
-composite leaks wherever the base model answers a wording the assistant never saw (the UnlearnPII
-benchmark's diagnosis, `benchmarks/results/pii.md`). The ULD authors trained their assistant on
-LLM-written paraphrases of the forget set for the same reason. This module does that offline with any
-local causal LM (the project uses SmolLM2-135M-Instruct): few-shot prompts in a plain
+composite leaks wherever the base model answers a wording the assistant never saw. The ULD authors
+trained their assistant on LLM-written paraphrases of the forget set for the same reason. This module
+does that offline with any local causal LM (e.g. SmolLM2-135M-Instruct): few-shot prompts in a plain
 "Original: … / Reworded: …" format, because a model this small answers the question instead of
 rewording it when asked in a chat turn.
 
