@@ -9,13 +9,13 @@ from mlflow.models import set_model
 
 class CausalLMModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from expunge_ml.logits import CausalLMLogits
-        from expunge_ml.modeling import load_causal_lm
         from expunge_ml.prompting import PromptFormat
+        from expunge_ml.serving import load_base, served_model
 
-        model, self.tokenizer = load_causal_lm(context.artifacts["hf_model"], dtype=os.environ.get("EXPUNGE_DTYPE", "float32"),
-                                               device=os.environ.get("EXPUNGE_DEVICE", "auto"))
-        self.source = CausalLMLogits(model)
+        base, self.tokenizer = load_base(context.artifacts["hf_model"],
+                                         device=os.environ.get("EXPUNGE_DEVICE", "auto"),
+                                         dtype=os.environ.get("EXPUNGE_DTYPE", "float32"))
+        self.source = served_model(base).source()
         config = context.model_config or {}
         self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)
         self.max_new_tokens = int(config.get("max_new_tokens", 48))
