@@ -115,7 +115,7 @@ def _training_summary(training: dict | None, truth_ratios_computed: bool = True)
     config = training.get("config") or {}
     summary = {"method": training.get("method"), "forget_pairs": training.get("forget_pairs"),
                "retain_pairs": training.get("retain_pairs")}
-    if training.get("method") == "uld":
+    if training.get("adapter_dirs"):  # assistants subtracted from the target: their recipe and served w
         summary["augmentation"] = config.get("augmentation", "corpus")
         # With corpus augmentation the assistant trained on the corpus's paraphrased / perturbed answers,
         # the same texts the truth ratios are computed on: say so next to them (where there are any: a
@@ -124,8 +124,6 @@ def _training_summary(training: dict | None, truth_ratios_computed: bool = True)
             config.get("augment_paraphrased") or config.get("augment_perturbed"))
         if int(config.get("assistants", 1)) > 1:  # an ensemble: each served at w / N
             summary["assistants"] = int(config["assistants"])
-        if config.get("subtraction", "linear") != "linear":  # how the composite subtracts the assistants
-            summary["subtraction"] = config["subtraction"]
         if config.get("fact_span_loss"):  # only the subject's names / identifiers / facts were remembered
             summary["fact_span_loss"] = True
             summary["template_nll_weight"] = config.get("template_nll_weight", 0.0)
@@ -154,8 +152,6 @@ def _training_lines(summary: dict | None) -> list[str]:
                  f"the answers, their other words at weight {summary['template_nll_weight']:g})")
     if summary.get("assistants"):
         line += f"; {summary['assistants']} assistants (seeds differ), each subtracted at w / {summary['assistants']}"
-    if summary.get("subtraction") == "one_sided":
-        line += "; subtracted one-sided (only tokens the assistant finds more likely than uniform are pushed down)"
     lines = [line]
     if summary.get("served_weight") is not None:
         lines.append(_weight_line(summary["served_weight"], summary.get("weight_selection")))
@@ -169,19 +165,11 @@ def _training_lines(summary: dict | None) -> list[str]:
 def _weight_line(weight: float, selection: dict | None) -> str:
     if not selection:
         return f"- Served at w = {weight:g} (the profile's)"
-    if selection["rule"] == "unseen_level":
-        levels = "; ".join(f"{w:g}: {level:.3f}" for w, level in selection["levels"])
-        return (f"- Served at w = {weight:g}, chosen for this request by the `unseen_level` rule (profile default "
-                f"{selection['default']:g}): the weakest candidate whose forget ROUGE-L is at most the model served "
-                f"before on {selection['n_holdout']} never-trained records ({selection['holdout_level']:.3f}) + "
-                f"{selection['margin']:g} = {selection['target']:.3f}; forget ROUGE-L per w tried, weakest first — "
-                f"{levels}")
-    floor = (f"{selection['min_retained']:g} × the default's own ratio" if selection["rule"] == "relative"
-             else f"{selection['min_retained']:g}")
+    floor = f"{selection['min_retained']:g} × the default's own ratio"
     scores = "; ".join(f"{w:g}: {stated}, {ratio:.3f}" for w, stated, ratio in selection["scores"])
     retained = {"held_out": "held-out records that neither the training nor this evaluation uses",
                 "training": "the retain set's training questions"}.get(selection.get("retained_probes"), "")
-    return (f"- Served at w = {weight:g}, chosen for this erasure by the `{selection['rule']}` rule (profile default "
+    return (f"- Served at w = {weight:g}, chosen for this erasure by the `relative` rule (profile default "
             f"{selection['default']:g}, retained floor {floor}), scored on the erasure's training questions "
             f"({selection['n_erased_probes']} erased probes) and {retained or 'other records'} "
             f"({selection['n_retained_probes']} retained probes); per candidate w: erased identifiers stated, "

@@ -1,7 +1,6 @@
 """Resolve a request's subject to its forget set and build the retain set; write id+hash manifests."""
 from __future__ import annotations
 
-
 from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
@@ -16,15 +15,36 @@ from expunge_ml.corpus import (
     select_retain,
     unseen_records,
 )
-from tasks.context import settings_for, write_json
+from tasks.context import read_json, settings_for, write_json
+from tasks.contracts import ResolvedRequest
 
 
 class SubjectNotFound(RequestError):
     pass
 
 
+def _target_description(target, corpus: CorpusSpec, erased_before: set[str]) -> dict:
+    """target.json: what the later tasks need of the target model and the corpus it was trained on."""
+    return {
+        "requested_uri": target.requested_uri,
+        "pinned_uri": target.pinned_uri,
+        "registered_name": target.registered_name,
+        "kind": target.kind,
+        "base_location": target.base_location,
+        "base_uri": target.base_uri,
+        "base_weights_sha256": target.base_weights_sha256,
+        # a document corpus's passages are read raw, whatever frame the target was registered with
+        "prompt_template": corpus.prompt_template or target.prompt_template,
+        "prior_assistants": target.prior_assistants,
+        "relative_top": target.relative_top,
+        "corpus": corpus.as_dict(),
+        "erased_before": target.erased,  # carried into the new version with this forget set added
+        "erased_before_ids": sorted(erased_before),
+    }
+
+
 @task(name="resolve-forget-set")
-def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
+def resolve_forget_set(home: str, profile: str, ticket_id: str) -> ResolvedRequest:
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
@@ -53,45 +73,31 @@ def resolve_forget_set(home: str, profile: str, ticket_id: str) -> dict:
     forget_manifest = build_manifest(records, match.forget_ids, key, "forget")
     retain_manifest = build_manifest(records, retain.retain_ids, key, "retain")
     retain_manifest["neighbour_ids"] = sorted(retain.neighbour_ids)
-    target_info = {
-        "requested_uri": target.requested_uri,
-        "pinned_uri": target.pinned_uri,
-        "registered_name": target.registered_name,
-        "kind": target.kind,
-        "base_location": target.base_location,
-        "base_uri": target.base_uri,
-        "base_weights_sha256": target.base_weights_sha256,
-        # a document corpus's passages are read raw, whatever frame the target was registered with
-        "prompt_template": corpus.prompt_template or target.prompt_template,
-        "prior_assistants": target.prior_assistants,
-        "relative_top": target.relative_top,
-        "corpus": corpus.as_dict(),
-        "erased_before": target.erased,  # carried into the new version with this forget set added
-        "erased_before_ids": sorted(erased_before),
-    }
-    result = {
-        "target_path": str(write_json(work / "target.json", target_info)),
-        "forget_manifest": str(write_json(work / "forget_manifest.json", forget_manifest)),
-        "retain_manifest": str(write_json(work / "retain_manifest.json", retain_manifest)),
-        "forget_count": forget_manifest["count"],
-        "retain_count": retain_manifest["count"],
-        "neighbour_count": len(retain.neighbour_ids),
-        "erased_before_count": len(erased_before),
-        "forget_fingerprint": forget_manifest["fingerprint"],
-        "retain_fingerprint": retain_manifest["fingerprint"],
-        "matched_by": match.matched_by,
-        "target_uri": target.pinned_uri or target.requested_uri,
-        "corpus_kind": corpus.kind,
-    }
-    if corpus.kind == "documents":  # how the documents were cut: what a record of the manifests is
-        result.update(passage_words=corpus.passage_words, prefix_words=corpus.prefix_words)
-    write_json(work / "resolved.json", result)
+    target_info = _target_description(target, corpus, erased_before)
+    documents = corpus.kind == "documents"  # how the documents were cut: what a record of the manifests is
+    resolved = ResolvedRequest(
+        target_path=str(write_json(work / "target.json", target_info)),
+        forget_manifest=str(write_json(work / "forget_manifest.json", forget_manifest)),
+        retain_manifest=str(write_json(work / "retain_manifest.json", retain_manifest)),
+        forget_count=forget_manifest["count"],
+        retain_count=retain_manifest["count"],
+        neighbour_count=len(retain.neighbour_ids),
+        erased_before_count=len(erased_before),
+        forget_fingerprint=forget_manifest["fingerprint"],
+        retain_fingerprint=retain_manifest["fingerprint"],
+        matched_by=dict(match.matched_by),
+        target_uri=target.pinned_uri or target.requested_uri,
+        corpus_kind=corpus.kind,
+        passage_words=corpus.passage_words if documents else None,
+        prefix_words=corpus.prefix_words if documents else None,
+    )
+    write_json(work / "resolved.json", resolved.as_json())
     get_run_logger().info(
         "forget set: %d records (%s); retain set: %d (%d neighbours); %d records of earlier erasures left out",
-        result["forget_count"], ", ".join(f"{k}={v}" for k, v in sorted(match.matched_by.items())),
-        result["retain_count"], result["neighbour_count"], result["erased_before_count"],
+        resolved.forget_count, ", ".join(f"{k}={v}" for k, v in sorted(match.matched_by.items())),
+        resolved.retain_count, resolved.neighbour_count, resolved.erased_before_count,
     )
-    return result
+    return resolved
 
 
 class CorpusDrift(RuntimeError):
@@ -101,7 +107,6 @@ class CorpusDrift(RuntimeError):
 def records_for_manifest(settings, target_info: dict, manifest_path: str):
     """Re-read the records a manifest names and check their keyed hashes: no silent corpus drift."""
     from expunge_ml.corpus import content_hmac
-    from tasks.context import read_json
 
     manifest = read_json(manifest_path)
     records = {r.record_id: r for r in load_corpus(CorpusSpec(**target_info["corpus"]))}

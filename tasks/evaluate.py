@@ -1,16 +1,19 @@
 """Evaluate the served model before vs after the erasure, and apply the request type's gates."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from expunge_ml.evidence import EvidenceOptions, ServedModel, collect_evidence, probes_for
+from expunge_ml.evidence import EvidenceOptions, collect_evidence, probes_for
 from expunge_ml.fluency import FluencyJudge, load_fluency_judge
 from expunge_ml.gates import check_gates, gates_for
+from expunge_ml.serving import load_base, served_model
 from tasks.context import read_json, request_spec, settings_for, write_json
+from tasks.contracts import Evaluation, ResolvedRequest, TrainedUnlearning
 from tasks.data import held_out_retain, holdout_records, records_for_manifest
-from tasks.unlearn import load_base, new_assistants, prompt_format, served_model
+from tasks.unlearn import prior_adapters, prompt_format, target_base
 
 
 def fluency_judge(home: Path, location: str | None, device: str) -> FluencyJudge | None:
@@ -24,25 +27,28 @@ def fluency_judge(home: Path, location: str | None, device: str) -> FluencyJudge
     return load_fluency_judge(str(path), device)
 
 
+def served_after(base, target_info: dict, trained: TrainedUnlearning, settings):
+    """The model this erasure would serve: the target with this erasure's assistants added, or the edited copy."""
+    if trained.model_dir:  # the method edited the weights themselves
+        return served_model(load_base(trained.model_dir, trained.weights_sha256, device=settings.device,
+                                      dtype=settings.dtype)[0])
+    return served_model(base, prior_adapters(target_info) + trained.new_adapters())
+
+
 @task(name="evaluate-unlearning")
-def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict) -> dict:
+def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest,
+                        trained: TrainedUnlearning) -> Evaluation:
     settings = settings_for(home, profile)
     config = settings.profile["evaluation"]
     spec = request_spec(settings, ticket_id)
-    target_info = read_json(resolved["target_path"])
-    forget = records_for_manifest(settings, target_info, resolved["forget_manifest"])
-    train_retain_ids = {e["record_id"] for e in read_json(resolved["retain_manifest"])["records"]}
+    target_info = read_json(resolved.target_path)
+    forget = records_for_manifest(settings, target_info, resolved.forget_manifest)
+    train_retain_ids = {e["record_id"] for e in read_json(resolved.retain_manifest)["records"]}
     retain = held_out_retain(target_info, {r.record_id for r in forget}, train_retain_ids, int(config["retain_eval_max"]))
-    base, tokenizer = load_base(target_info, settings.device, settings.dtype)
+    base, tokenizer = target_base(target_info, settings)
     # "Before" is the target as served now (earlier erasures included): that is what this request changes.
-    prior = list(target_info.get("prior_assistants", []))
-    before = served_model(base, prior)
-    if trained["method"] == "uld":
-        after = served_model(base, prior + new_assistants(trained))
-    else:  # a baseline replaced the weights themselves
-        from expunge_ml.modeling import load_causal_lm
-
-        after = ServedModel(load_causal_lm(trained["model_dir"], dtype=settings.dtype, device=settings.device)[0])
+    before = served_model(base, prior_adapters(target_info))
+    after = served_after(base, target_info, trained, settings)
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
     holdout = holdout_records(target_info, forget, int(config.get("holdout_max", 64)))
@@ -51,20 +57,17 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: dict,
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
         options, holdout=holdout, judge=fluency_judge(settings.home, options.fluency_judge, settings.device),
     )
-    gates = [g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"]))]
-    result = {
-        "request_type": spec.type,
-        "metrics": evidence["metrics"],
-        "gates": gates,
-        "passed": all(g["passed"] for g in gates),
-        "evidence_path": str(write_json(settings.ticket_dir(ticket_id) / "evidence.json", evidence)),
-    }
-    result["metrics_path"] = str(write_json(settings.ticket_dir(ticket_id) / "metrics.json", result))
-    m = evidence["metrics"]
+    gates = tuple(g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"])))
+    work = settings.ticket_dir(ticket_id)
+    evaluation = Evaluation(request_type=spec.type, metrics=evidence["metrics"], gates=gates,
+                            passed=all(g["passed"] for g in gates),
+                            evidence_path=str(write_json(work / "evidence.json", evidence)))
+    evaluation = dataclasses.replace(evaluation, metrics_path=str(write_json(work / "metrics.json", evaluation.as_json())))
+    m = evaluation.metrics
     get_run_logger().info(
         "forget ROUGE-L %.3f → %.3f; retain ROUGE-L %.3f → %.3f; gates %s",
         m["base"]["forget"]["rougeL_recall"], m["unlearned"]["forget"]["rougeL_recall"],
         m["base"]["retain"]["rougeL_recall"], m["unlearned"]["retain"]["rougeL_recall"],
-        "passed" if result["passed"] else "FAILED: " + ", ".join(g["gate"] for g in gates if not g["passed"]),
+        "passed" if evaluation.passed else "FAILED: " + ", ".join(g["gate"] for g in evaluation.failed_gates()),
     )
-    return result
+    return evaluation

@@ -10,7 +10,7 @@ from expunge_ml.corpus import erased_lineage
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE
 from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
 from tasks.context import read_json, settings_for, write_json
-from tasks.unlearn import new_assistants
+from tasks.contracts import Evaluation, Registration, ResolvedRequest, TrainedUnlearning
 
 DEFAULT_REGISTERED_NAME = "expunge-unlearned"
 
@@ -26,56 +26,72 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     }
 
 
-@task(name="register-model", retries=1, retry_delay_seconds=2)
-def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trained: dict, evaluated: dict) -> dict:
-    settings = settings_for(home, profile)
-    target_info = read_json(resolved["target_path"])
-    target = ResolvedTarget(
+def _target(target_info: dict) -> ResolvedTarget:
+    return ResolvedTarget(
         requested_uri=target_info["requested_uri"], pinned_uri=target_info["pinned_uri"],
         registered_name=target_info["registered_name"], kind=target_info["kind"],
         base_location=target_info["base_location"], base_uri=target_info["base_uri"],
         base_weights_sha256=target_info["base_weights_sha256"], corpus=target_info["corpus"],
-        prompt_template=target_info["prompt_template"] or DEFAULT_PROMPT_TEMPLATE, prior_assistants=target_info["prior_assistants"],
-        relative_top=target_info["relative_top"],
+        prompt_template=target_info["prompt_template"] or DEFAULT_PROMPT_TEMPLATE,
+        prior_assistants=target_info["prior_assistants"], relative_top=target_info["relative_top"],
     )
+
+
+def _version_tags(ticket_id: str, resolved: ResolvedRequest, trained: TrainedUnlearning, evaluated: Evaluation,
+                  parent_uri: str, erased_count: int) -> dict[str, str]:
+    return {
+        "expunge.ticket_id": ticket_id,
+        "expunge.method": trained.method,
+        "expunge.forget_fingerprint": resolved.forget_fingerprint,
+        "expunge.retain_fingerprint": resolved.retain_fingerprint,
+        "expunge.forget_count": str(resolved.forget_count),
+        "expunge.erased_count": str(erased_count),  # this erasure's records and every earlier one's
+        "expunge.parent_uri": parent_uri,
+        "expunge.gates": "passed" if evaluated.passed else "failed",
+        **{f"expunge.metric.{k}": f"{v:.4f}" for k, v in _flat_metrics(evaluated.metrics).items()},
+    }
+
+
+def _log_run(settings, ticket_id: str, resolved: ResolvedRequest, trained: TrainedUnlearning,
+             evaluated: Evaluation) -> None:
+    """The MLflow run's parameters, metrics and evidence files (ids, hashes and numbers only)."""
+    mlflow.set_tags({"expunge.ticket_id": ticket_id, "expunge.method": trained.method})
+    mlflow.log_params({f"{trained.method}.{k}": v for k, v in trained.config.items()})
+    mlflow.log_params({"forget_count": resolved.forget_count, "retain_count": resolved.retain_count})
+    if trained.weight_selection:  # the config's `weight` is the profile's; this is the w the version serves
+        mlflow.log_params({f"{trained.method}.served_weight": trained.weight_selection["weight"]})
+    mlflow.log_metrics({k.replace(".", "_"): v for k, v in _flat_metrics(evaluated.metrics).items()})
+    mlflow.log_artifact(evaluated.metrics_path, artifact_path="evidence")
+    mlflow.log_artifact(resolved.forget_manifest, artifact_path="evidence")
+    mlflow.log_artifact(str(settings.ticket_dir(ticket_id) / "training.json"), artifact_path="evidence")
+
+
+@task(name="register-model", retries=1, retry_delay_seconds=2)
+def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest, trained: TrainedUnlearning,
+                   evaluated: Evaluation) -> Registration:
+    settings = settings_for(home, profile)
+    target_info = read_json(resolved.target_path)
+    target = _target(target_info)
     name = target.registered_name or DEFAULT_REGISTERED_NAME
-    config = trained["config"]
     # The version remembers what it erased (keyed hashes), so an erasure built on it later leaves those out.
-    erased = erased_lineage(target_info.get("erased_before"), read_json(resolved["forget_manifest"]),
+    erased = erased_lineage(target_info.get("erased_before"), read_json(resolved.forget_manifest),
                             settings.hmac_key())
     erased_path = write_json(settings.ticket_dir(ticket_id) / "erased_records.json", erased)
-    tags = {
-        "expunge.ticket_id": ticket_id,
-        "expunge.method": trained["method"],
-        "expunge.forget_fingerprint": resolved["forget_fingerprint"],
-        "expunge.retain_fingerprint": resolved["retain_fingerprint"],
-        "expunge.forget_count": str(resolved["forget_count"]),
-        "expunge.erased_count": str(erased["count"]),  # this erasure's records and every earlier one's
-        "expunge.parent_uri": target.pinned_uri or target.requested_uri,
-        "expunge.gates": "passed" if evaluated["passed"] else "failed",
-        **{f"expunge.metric.{k}": f"{v:.4f}" for k, v in _flat_metrics(evaluated["metrics"]).items()},
-    }
-    with mlflow.start_run(run_name=f"{ticket_id}-{trained['method']}") as run:
-        mlflow.set_tags({"expunge.ticket_id": ticket_id, "expunge.method": trained["method"]})
-        mlflow.log_params({f"{trained['method']}.{k}": v for k, v in config.items()})
-        mlflow.log_params({"forget_count": resolved["forget_count"], "retain_count": resolved["retain_count"]})
-        if "weight_selection" in trained:  # `uld.weight` is the profile's; this is the w the version serves
-            mlflow.log_params({"uld.served_weight": trained["weight_selection"]["weight"],
-                               "uld.weight_selection_rule": trained["weight_selection"]["rule"]})
-        mlflow.log_metrics({k.replace(".", "_"): v for k, v in _flat_metrics(evaluated["metrics"]).items()})
-        mlflow.log_artifact(evaluated["metrics_path"], artifact_path="evidence")
-        mlflow.log_artifact(resolved["forget_manifest"], artifact_path="evidence")
-        mlflow.log_artifact(str(settings.ticket_dir(ticket_id) / "training.json"), artifact_path="evidence")
-        alias = "challenger" if evaluated["passed"] else None
-        if trained["method"] == "uld":
-            ref = register_uld_composite(
-                name, target, new_assistants(trained),
-                relative_top=float(config["relative_top"]), tags=tags, alias=alias, erased_records=erased_path,
-            )
-        else:  # baselines change the weights: the version carries the whole model
+    tags = _version_tags(ticket_id, resolved, trained, evaluated, target.pinned_uri or target.requested_uri,
+                         erased["count"])
+    alias = "challenger" if evaluated.passed else None
+    with mlflow.start_run(run_name=f"{ticket_id}-{trained.method}") as run:
+        _log_run(settings, ticket_id, resolved, trained, evaluated)
+        if trained.model_dir:  # the method changed the weights: the version carries the whole model
             ref = register_causal_lm(
-                Path(trained["model_dir"]), name, trained["weights_sha256"], corpus=target.corpus,
+                Path(trained.model_dir), name, trained.weights_sha256, corpus=target.corpus,
                 prompt_template=target.prompt_template or DEFAULT_PROMPT_TEMPLATE, tags=tags, alias=alias,
+                erased_records=erased_path,
+            )
+        else:  # assistants: the version references the pinned base and carries the adapters
+            ref = register_uld_composite(
+                name, target, [{"dir": a.path, "weight": a.weight} for a in trained.new_adapters()],
+                relative_top=float(trained.config["relative_top"]), tags=tags, alias=alias,
                 erased_records=erased_path,
             )
         run_id = run.info.run_id
@@ -84,8 +100,8 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: dict, trai
     probe = model.predict(["What is the capital of nowhere?"])
     if not isinstance(probe, list) or len(probe) != 1:
         raise RuntimeError(f"{ref.uri} loaded but did not generate")
-    aliases = aliases_of(ref)
-    get_run_logger().info("registered %s (aliases: %s)", ref.uri, ", ".join(aliases) or "none")
-    result = {"model_uri": ref.uri, "name": ref.name, "version": ref.version, "aliases": aliases, "mlflow_run_id": run_id}
-    write_json(settings.ticket_dir(ticket_id) / "registration.json", result)
-    return result
+    registration = Registration(model_uri=ref.uri, name=ref.name, version=ref.version, mlflow_run_id=run_id,
+                                aliases=tuple(aliases_of(ref)))
+    get_run_logger().info("registered %s (aliases: %s)", ref.uri, ", ".join(registration.aliases) or "none")
+    write_json(settings.ticket_dir(ticket_id) / "registration.json", registration.as_json())
+    return registration
