@@ -25,7 +25,7 @@ class ProfileError(ValueError):
 
 class ProfileLoader(yaml.SafeLoader):
     """Safe YAML that reads `1e-6` as a number. PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-6`), so
-    `relative_top: 1e-6` came back as the string "1e-6" and the evaluation failed on it with a TypeError."""
+    `relative_top: 1e-6` would be the string "1e-6"."""
 
 
 ProfileLoader.add_implicit_resolver(
@@ -68,9 +68,8 @@ class Settings:
     @property
     def threads(self) -> int | None:
         """CPU threads torch may use: EXPUNGE_THREADS, else the profile's runtime.threads, else None (torch's
-        default, one per core). Why: on a machine whose cores another job keeps busy, torch's default thread
-        pool spins against it; a ULD epoch on 2 cores beside one busy process took ~10 s a step instead of ~1 s
-        (session 26), and 1 thread does not have that problem."""
+        default, one per core). On a machine whose cores another job keeps busy, torch's default thread pool
+        spins against it and every step slows down; one thread does not."""
         value = os.environ.get("EXPUNGE_THREADS") or self.profile.get("runtime", {}).get("threads")
         if value in (None, ""):
             return None

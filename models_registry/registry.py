@@ -171,7 +171,7 @@ ERASED_ARTIFACT = "erased_records"
 
 
 def _erased_records(local: Path, spec: dict) -> dict[str, Any] | None:
-    """The erased-records file a version carries (an unlearned one), or None (a base, or an older version)."""
+    """The erased-records file a version carries (an unlearned one), or None (a base)."""
     entry = spec.get("artifacts", {}).get(ERASED_ARTIFACT)
     return json.loads((local / entry["path"]).read_text()) if entry else None
 

@@ -11,7 +11,6 @@ Refusals are audited too: an auditor sees every attempt, not only the successful
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from prefect import get_run_logger, task
 
@@ -57,14 +56,6 @@ def _parent_in_same_model(ref: ModelRef, tags: dict[str, str]) -> ModelRef | Non
     return ModelRef(name, version) if version else pin(parent)
 
 
-def _unsettled(gates: list[dict], evidence_path: Path) -> list[dict]:
-    """The passing gates whose threshold lies inside their interval. Gates stored before they carried
-    `settled` are read again from the ticket's evidence, where it is still on disk."""
-    stored_before_intervals = not all("settled" in g for g in gates)
-    evidence = json.loads(evidence_path.read_text()) if stored_before_intervals and evidence_path.exists() else None
-    return unsettled_gates(evidence, gates)
-
-
 @task(name="check-release")
 def check_release(home: str, profile: str, ticket_id: str, decision: str, reviewer: str,
                   accept_unsettled: bool = False) -> dict:
@@ -97,7 +88,7 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
-        unsettled = _unsettled(gates, settings.ticket_dir(ticket_id) / "evidence.json")
+        unsettled = unsettled_gates(None, gates)
         if unsettled and not accept_unsettled:
             listed = "; ".join(f"{g['gate']} {g['value']} vs {g['threshold']} (90 % interval "
                                f"{g['interval'][0]:.3f}–{g['interval'][1]:.3f})" for g in unsettled)

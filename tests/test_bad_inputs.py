@@ -5,9 +5,11 @@ import json
 import sqlite3
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from expunge.cli import app
+from expunge.settings import load_profile
 
 runner = CliRunner()
 
@@ -124,13 +126,22 @@ def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(t
     result = submit_text(tiny_home, tmp_path, with_corpus)
     assert result.exit_code == 0, result.output
     assert "received: 10 matching records" in result.stdout
-    # and it runs end to end: no registry tags, default prompt format, version under a default name
-    ran = cli(tiny_home, "run", "LOCAL-OK")
-    assert ran.exit_code in (0, 5), ran.output
+    # and it runs end to end: no registry tags, default prompt format, version under a default name; under
+    # gates no outcome can fail, so it completes and the version becomes the challenger
+    profile = tmp_path / "passing.yaml"
+    profile.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("tiny"))))
+    ran = runner.invoke(app, ["--home", str(tiny_home), "--profile", str(profile), "run", "LOCAL-OK"])
+    assert ran.exit_code == 0, ran.output
     rows = json.loads(cli(tiny_home, "status", "--json").stdout)
     row = next(r for r in rows if r["ticket_id"] == "LOCAL-OK")
-    assert row["status"] in ("completed", "failed_gates")
+    assert row["status"] == "completed"
     assert row["model_uri"].startswith("models:/expunge-unlearned/")
+
+
+def with_gates_every_run_passes(profile: dict) -> dict:
+    """`profile` with gates no outcome can fail (forget ROUGE-L recall <= 1, retain ratio >= 0)."""
+    return {**profile, "gates": {kind: {"max_forget_rougeL": 1.0, "min_retain_rougeL_ratio": 0.0}
+                                 for kind in profile["gates"]}}
 
 
 def test_a_configured_fluency_judge_must_exist(tiny_home, tmp_path):
@@ -147,10 +158,7 @@ def test_a_configured_fluency_judge_must_exist(tiny_home, tmp_path):
 
 
 def test_a_profile_number_written_with_an_exponent_is_a_number(tmp_path):
-    """PyYAML (YAML 1.1) reads `1e-6` as a string; a profile's `relative_top: 1e-6` then failed every evaluation
-    with a TypeError (session 27). Profiles read it as the number it is; quoted text stays text."""
-    from expunge.settings import load_profile
-
+    """PyYAML (YAML 1.1) reads `1e-6` as a string; profiles read it as the number it is; quoted text stays text."""
     path = tmp_path / "p.yaml"
     path.write_text('unlearning: {uld: {relative_top: 1e-6, lr: 3.0e-3, weight: -1.5, epochs: 60}}\nname: "1e-6"\n')
     loaded = load_profile(str(path))

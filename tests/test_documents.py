@@ -106,7 +106,7 @@ def document_model(tiny_home, tmp_path_factory) -> tuple[Path, Path]:
     from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
     from expunge_ml.prompting import PromptFormat
 
-    # the last document is never trained on: the corpus's holdout (membership non-members, the never-seen level)
+    # the last document is never trained on: the corpus's holdout (membership-inference non-members)
     lines = (tiny_home / "sample_world" / "documents.jsonl").read_text().splitlines(keepends=True)
     out = tmp_path_factory.mktemp("document-model")
     documents, holdout = out / "documents.jsonl", out / "holdout.jsonl"
@@ -140,21 +140,21 @@ def write_takedown(tmp_path: Path, ticket: str, document_id: str, model_dir: Pat
 def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_settings, document_model, tmp_path):
     model_dir, documents = document_model
     book = json.loads(documents.read_text().splitlines()[0])
-    request_path = write_takedown(tmp_path, "DOCS-0001", book["document_id"], model_dir, documents)
-    # A passage is long and memorised verbatim, token by token as sure as the model can be: the assistant
-    # must end as sure of it as the model (forget NLL 0.01, not the QA profile's 0.05) and outweigh it
-    # (w -1.5); at the QA settings the served model still continued the document (ROUGE-L 0.65). Measured
-    # here: ROUGE-L 1.0 -> 0.30 with the other documents intact, but quantization brings back 0.27 (gate
-    # 0.25), so the run may end failed_gates: this test is about the document path, not the thresholds.
+    request_path = write_takedown(tmp_path, "DOCS-0001", book["document_id"], model_dir, documents,
+                                  holdout=documents.parent / "holdout.jsonl")
+    # A passage is memorised verbatim, token by token as sure as the model can be: the assistant must end as sure
+    # of it (forget NLL 0.01) and outweigh it (w -1.5). The gates are ones no outcome can fail, so the run
+    # completes: this test is about the document path; the thresholds below are its own.
     profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
     profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-1.5)
+    profile["gates"] = {kind: {"max_forget_rougeL": 1.0, "min_retain_rougeL_ratio": 0.0} for kind in profile["gates"]}
     profile_path = tmp_path / "documents-profile.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     args = ["--home", str(tiny_home), "--profile", str(profile_path)]
     submitted = runner.invoke(app, [*args, "submit", str(request_path)])
     assert submitted.exit_code == 0 and "received: 2 matching records" in submitted.stdout, submitted.output
     ran = runner.invoke(app, [*args, "run", "DOCS-0001"])
-    assert ran.exit_code in (0, 5), ran.output  # completed, or failed_gates: trained, evaluated, registered
+    assert ran.exit_code == 0, ran.output
 
     work = tiny_home / "work" / "DOCS-0001"
     target = json.loads((work / "target.json").read_text())
@@ -168,9 +168,9 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
 
     row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
                if r["ticket_id"] == "DOCS-0001")
-    assert row["status"] in ("completed", "failed_gates") and row["model_uri"].startswith("models:/expunge-unlearned/")
+    assert row["status"] == "completed" and row["model_uri"].startswith("models:/expunge-unlearned/")
     version = MlflowClient().get_model_version(*row["model_uri"].removeprefix("models:/").split("/"))
-    assert ("challenger" in version.aliases) == (row["status"] == "completed")
+    assert "challenger" in version.aliases
     local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
     from models_registry.registry import model_config_of
 
@@ -197,58 +197,6 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
         p.read_text() for p in work.glob("*.json")) + ran.output + markdown
     for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8))[:2]:
         assert passage.question not in stored and passage.answer not in stored
-
-
-def test_a_takedown_serves_the_weakest_w_that_forgets_to_the_never_seen_level(tiny_home, document_model, tmp_path):
-    """`weight_selection: {rule: unseen_level}` for takedowns: after training, candidate w are scored weakest
-    first by the forget passages' continuation ROUGE-L, against the model's own on the corpus's holdout
-    (a document it never trained on) + the margin; the first that reaches it is served, and the training
-    record, the registered version and the report say so, with levels and counts only."""
-    from expunge_ml.weight_selection import choose_weight_unseen_level
-
-    model_dir, documents = document_model
-    book = json.loads(documents.read_text().splitlines()[2])
-    request_path = write_takedown(tmp_path, "DOCS-SEL", book["document_id"], model_dir, documents,
-                                  holdout=documents.parent / "holdout.jsonl")
-    profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
-    profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-1.5)
-    candidates = [-0.25, -0.75, -1.5]
-    profile["unlearning"]["weight_selection"] = {"request_types": ["copyright_takedown"], "rule": "unseen_level",
-                                                 "candidates": candidates, "margin": 0.05}
-    profile_path = tmp_path / "selection-profile.yaml"
-    profile_path.write_text(yaml.safe_dump(profile))
-    args = ["--home", str(tiny_home), "--profile", str(profile_path)]
-    assert runner.invoke(app, [*args, "submit", str(request_path)]).exit_code == 0
-    ran = runner.invoke(app, [*args, "run", "DOCS-SEL"])
-    assert ran.exit_code in (0, 5), ran.output
-
-    work = tiny_home / "work" / "DOCS-SEL"
-    training_text = (work / "training.json").read_text()
-    selection = json.loads(training_text)["weight_selection"]
-    assert selection["rule"] == "unseen_level" and selection["default"] == -1.5 and selection["margin"] == 0.05
-    assert selection["n_holdout"] > 0 and selection["n_forget"] > 0
-    assert selection["target"] == pytest.approx(selection["holdout_level"] + 0.05, abs=1e-4)
-    tried = [w for w, _ in selection["levels"]]
-    assert tried == candidates[: len(tried)]  # weakest first, stopping at the first that reaches the target
-    chosen = selection["weight"]
-    assert chosen == choose_weight_unseen_level([tuple(level) for level in selection["levels"]], selection["target"])
-    assert json.loads(training_text)["weights"] == [chosen]
-    metrics = json.loads((work / "metrics.json").read_text())["metrics"]
-    # the evidence measures the forget passages with the budget the selection used: the same level
-    assert metrics["unlearned"]["forget"]["rougeL_recall"] == pytest.approx(dict(selection["levels"])[chosen], abs=1e-3)
-
-    row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
-               if r["ticket_id"] == "DOCS-SEL")
-    local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))
-    from models_registry.registry import model_config_of
-
-    config = model_config_of(yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"])
-    assert [a["weight"] for a in config["assistants"]] == [chosen]
-    markdown = (work / "report" / "evidence.md").read_text()
-    assert f"Served at w = {chosen:g}, chosen for this request by the `unseen_level` rule" in markdown
-    for passage in load_corpus(CorpusSpec(str(documents), passage_words=24, prefix_words=8)):
-        if passage.document_id == book["document_id"]:
-            assert passage.answer not in training_text and passage.answer not in markdown
 
 
 def test_a_takedowns_retain_set_grows_with_retain_per_forget_but_leaves_the_evaluation_its_records(
@@ -279,7 +227,7 @@ def test_a_takedowns_retain_set_grows_with_retain_per_forget_but_leaves_the_eval
         assert submitted.exit_code == 0, submitted.output
         with disable_run_logger():
             resolved = resolve_forget_set.fn(str(tiny_home), str(profile_path), ticket)
-        assert (resolved["forget_count"], resolved["retain_count"]) == (n_forget, expected)
-        retain_ids = {e["record_id"] for e in json.loads(Path(resolved["retain_manifest"]).read_text())["records"]}
+        assert (resolved.forget_count, resolved.retain_count) == (n_forget, expected)
+        retain_ids = {e["record_id"] for e in json.loads(Path(resolved.retain_manifest).read_text())["records"]}
         assert len(retain_ids) == expected and not retain_ids & {p.record_id for p in passages
                                                                  if p.document_id == book["document_id"]}

@@ -44,8 +44,8 @@ def _imports(module: str, path: Path) -> list[tuple[str, bool]]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
+            # `from package import name`: the submodule `package.name` where there is one, else `package`
             found += [(f"{base}.{alias.name}", id(node) in top_level) for alias in node.names]
-            found.append((base, id(node) in top_level))
     return found
 
 

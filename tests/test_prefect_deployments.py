@@ -2,7 +2,7 @@
 
 The CLI's local mode is covered by test_pipeline_e2e; this runs the other documented way to operate
 expunge (prefect.yaml's header): server + work pool + worker, a request processed by the
-`process-request` deployment on the tiny home the session already bootstrapped.
+`process-request` deployment on the tiny home the test session already bootstrapped.
 """
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
-        # one torch thread in the worker's flow run: with the default two, a run beside another busy process
-        # on a 2-core machine took over 600 s (session 26); alone, ~90 s either way
+        # one torch thread in the worker's flow run: torch's default pool spins against any other busy process
         "EXPUNGE_THREADS": "1",
     }
     env.pop("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", None)
@@ -75,6 +74,11 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
     path.write_text(yaml.safe_dump(request))
     submitted = CliRunner().invoke(app, ["--home", str(tiny_home), "--profile", "tiny", "submit", str(path)])
     assert submitted.exit_code == 0, submitted.output
+    # the tiny profile with gates no outcome can fail: the run completes, so the test reads one outcome
+    profile = yaml.safe_load((REPO / "expunge" / "profiles" / "tiny.yaml").read_text())
+    profile["gates"] = {kind: {"max_forget_rougeL": 1.0, "min_retain_rougeL_ratio": 0.0} for kind in profile["gates"]}
+    profile_path = tmp_path / "passing.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
 
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -93,15 +97,15 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
         prefect("work-pool", "create", "expunge", "--type", "process")
         deployed = prefect("--no-prompt", "deploy", "--all")
         assert "process_request/process-request" in deployed.stdout
-        # The worker's own log is kept: a run that never leaves "Submitting" (seen twice on a 2-core machine
-        # shared with a benchmark) can only be diagnosed from what the worker said.
+        # The worker's own log is kept: a run that never leaves "Submitting" can only be diagnosed from what the
+        # worker said.
         worker_log = tmp_path / "worker.log"
         with worker_log.open("wb") as log:
             worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "expunge"], cwd=REPO, env=env,
                                       stdout=log, stderr=subprocess.STDOUT)
         try:
             ran = prefect("deployment", "run", "process_request/process-request", "-p", "ticket_id=DEPLOY-0001",
-                          "-p", f"home={tiny_home}", "-p", "profile=tiny", "--watch", timeout=600)  # 400 s timed out on a loaded 2-core machine
+                          "-p", f"home={tiny_home}", "-p", f"profile={profile_path}", "--watch", timeout=600)
         except subprocess.TimeoutExpired as exc:
             watched = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             raise AssertionError(f"the deployment run did not finish in 600 s; watch: {watched[-1500:]}\n"
@@ -115,9 +119,9 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
     status = CliRunner().invoke(app, ["--home", str(tiny_home), "--profile", "tiny", "status", "--json"])
     row = next(r for r in json.loads(status.stdout) if r["ticket_id"] == "DEPLOY-0001")
     # the worker's flow run did the whole lifecycle and wrote it to the same DB and registry
-    assert row["status"] in ("completed", "failed_gates"), row
-    assert [h["to"] for h in row["history"]][:6] == ["received", "resolving", "training", "evaluating",
-                                                      "registering", row["status"]]
+    assert row["status"] == "completed", row
+    assert [h["to"] for h in row["history"]] == ["received", "resolving", "training", "evaluating", "registering",
+                                                 "completed"]
     assert row["model_uri"].startswith("models:/expunge-sample-llm/")
     verify = CliRunner().invoke(app, ["--home", str(tiny_home), "--profile", "tiny", "audit", "verify"])
     assert verify.exit_code == 0, verify.output
