@@ -1,7 +1,8 @@
-"""Smoke test of the UnlearnPII benchmark runner: a tiny base on 2 people + a few retained rows, one ULD erasure.
+"""UnlearnPII benchmark runner: a smoke run (a tiny base on 2 people + a few retained rows, one ULD erasure),
+its settings (presets, YAML, flags, cache keys) and its bookkeeping (groups, validation erasures, merges).
 
-Checks the result schema and that ULD does not leak more of the erased people's PII than the base
-did (the real numbers come from `python -m benchmarks.pii`, see benchmarks/results/pii.md).
+The smoke run checks the result schema and that ULD does not leak more of the erased people's PII than the
+base did; the real numbers come from `python -m benchmarks.pii` (benchmarks/results/pii.md).
 """
 from __future__ import annotations
 
@@ -10,15 +11,7 @@ import json
 
 import pytest
 
-from benchmarks.pii import (
-    DEFAULT_DATA_DIR,
-    KINDS,
-    SMOKE_OPTIONS,
-    PIIBenchOptions,
-    data_available,
-    main,
-    sum_reports,
-)
+from benchmarks.pii import DEFAULT_DATA_DIR, KINDS, PIIBenchOptions, data_available, main, smoke_options, sum_reports
 
 pytestmark = pytest.mark.skipif(
     not data_available(DEFAULT_DATA_DIR),
@@ -36,28 +29,53 @@ def test_sum_reports_pools_counts():
     assert total["direct"]["leak_rate"] == pytest.approx(0.25)
 
 
-def test_pii_benchmark_smoke(tmp_path):
-    options = dataclasses.replace(
-        PIIBenchOptions(**SMOKE_OPTIONS), cache_dir=tmp_path / "cache", out_dir=tmp_path / "out"
-    )
+def _recording_recipe(monkeypatch):
+    """`expunge_ml.uld_data.training_pairs`, recording each call and delegating to the real recipe."""
+    from expunge_ml import uld_data
+
+    calls = []
+    real = uld_data.training_pairs
+
+    def recording(forget_records, retain_records, config, **kwargs):
+        calls.append((forget_records, retain_records, config, kwargs))
+        return real(forget_records, retain_records, config, **kwargs)
+
+    monkeypatch.setattr(uld_data, "training_pairs", recording)
+    return calls
+
+
+def test_pii_benchmark_smoke(tmp_path, monkeypatch):
+    calls = _recording_recipe(monkeypatch)
+    options = dataclasses.replace(smoke_options(), cache_dir=tmp_path / "cache", out_dir=tmp_path / "out")
     result = main(options)
+
+    # ULD's training data came from the pipeline's recipe, with the options' ULDConfig for the split
+    from expunge_ml.corpus import QARecord
+
+    ((forget_records, retain_records, config, kwargs),) = calls
+    assert config == options.uld_for_split("forget1") and config.epochs == 10
+    assert all(isinstance(r, QARecord) for r in [*forget_records, *retain_records])
+    erased = {r.subject for r in forget_records}
+    assert len(erased) == 2 and sorted(kwargs["fact_terms"]) == sorted(erased)
+    assert all(r.pii for r in forget_records) and any(r.paraphrased_answer for r in forget_records)
+    assert kwargs["question_wordings"] is None  # the smoke configuration asks the paraphraser for none
 
     written = json.loads((tmp_path / "out" / "pii.json").read_text())
     assert set(written) >= {"command", "config", "rows"}
-    assert isinstance(written["rows"], list)
+    assert written["config"]["uld"]["n_layers"] == options.uld.n_layers  # nested, as --config reads it
     assert (tmp_path / "out" / "pii.md").read_text().startswith("# UnlearnPII")
+    from benchmarks.run_config import load_options
+
+    assert load_options(PIIBenchOptions(), tmp_path / "out" / "pii.yaml") == options  # the effective config
 
     rows = {(r["split"], r["method"]): r for r in written["rows"]}
     assert set(rows) == {("forget1", "base"), ("forget1", "uld")}
     for row in rows.values():
-        for key in ("method", "erased_leak_rate", "retained_pii_recall_ratio"):
-            assert key in row
         assert 0.0 <= row["erased_leak_rate"] <= 1.0
         for kind in KINDS:
-            sub = row[kind]
-            assert {"erased_leak_rate", "erased_leaks", "erased_identifiers",
-                    "retained_recall", "retained_identifiers", "retained_recall_ratio"} <= set(sub)
-            assert sub["erased_identifiers"] > 0 and sub["retained_identifiers"] > 0
+            assert {"erased_leak_rate", "erased_leaks", "erased_identifiers", "retained_recall",
+                    "retained_identifiers", "retained_recall_ratio"} <= set(row[kind])
+            assert row[kind]["erased_identifiers"] > 0 and row[kind]["retained_identifiers"] > 0
     base, uld = rows[("forget1", "base")], rows[("forget1", "uld")]
     assert base["n_erased_people"] == 2
     # The base memorised something about the people to erase, and ULD leaks no more of it.
@@ -73,211 +91,51 @@ def test_pii_benchmark_smoke(tmp_path):
                 sum(attack[k]["erased_leaks"] for k in KINDS) / sum(attack[k]["erased_identifiers"] for k in KINDS))
     assert base["quantized"]["int8"]["erased_leak_rate"] > 0  # 8 bits keep what the base memorised
     assert "| forget1 | uld |" in (tmp_path / "out" / "pii.md").read_text().split("Quantization attack")[1]
-    options = dataclasses.replace(options, quant_attacks=())  # the checks below need no quantized copies
+    _reruns_on_the_cached_base(dataclasses.replace(options, quant_attacks=(), out_dir=None), result)
 
+
+def _reruns_on_the_cached_base(options, first):
     # A second run reuses the cached base (keyed by its config hash) instead of retraining it.
-    again = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4))
+    again = main(dataclasses.replace(options, methods=(), max_new_tokens=4))
     assert again["base"]["cached"] is True
 
     # A validation erasure (for choosing settings) erases retain-sample people instead of the splits, on
     # the same cached base, and checks retention on the other retain-sample people only.
-    val = main(dataclasses.replace(options, out_dir=None, methods=(), max_new_tokens=4, validation_people=1))
+    val = main(dataclasses.replace(options, methods=(), max_new_tokens=4, validation_people=1))
     assert val["base"]["cached"] is True and {r["split"] for r in val["rows"]} == {"validation"}
     (row,) = val["rows"]
     assert row["n_erased_people"] == 1 and row["n_retained_people"] >= 1
     with pytest.raises(ValueError):
-        main(dataclasses.replace(options, out_dir=None, methods=(), validation_people=99))
+        main(dataclasses.replace(options, methods=(), validation_people=99))
     with pytest.raises(ValueError, match="unknown quantization attack"):
-        main(dataclasses.replace(options, out_dir=None, methods=(), quant_attacks=("int3",)))
+        main(dataclasses.replace(options, methods=(), quant_attacks=("int3",)))
 
-    # --uld-extra-weights scores the same assistant at more w: at the served w it measures the same answers
-    swept = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
-                                     uld_extra_weights=(options.uld_weight, 0.0), uld_mixture=True,
-                                     uld_one_sided=True))
-    by_method = {r["method"]: r for r in swept["rows"]}
-    assert set(by_method) == {"base", "uld", "uld mixture", "uld one-sided", f"uld w={options.uld_weight:g}",
-                              "uld w=0"}
-    assert by_method["uld one-sided"]["weight"] == options.uld_weight and "quantized" in by_method["uld one-sided"]
-    # a mixture of one assistant is the plain composite: the same answers
-    assert [by_method["uld mixture"][k] for k in KINDS] == [by_method["uld"][k] for k in KINDS]
-    same = by_method[f"uld w={options.uld_weight:g}"]
-    assert same["weight"] == options.uld_weight
-    assert [same[k] for k in KINDS] == [by_method["uld"][k] for k in KINDS]
-    assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]  # w 0: the base alone
+    # uld.assistants 2: two assistants from different seeds; the first is the single one of the first run
+    two = dataclasses.replace(options.uld, assistants=2)
+    pair = main(dataclasses.replace(options, uld=two))
+    first_train, second_train = (losses(t) for t in next(r for r in pair["rows"] if r["method"] == "uld")["train"])
+    assert first_train == losses(next(r for r in first["rows"] if r["method"] == "uld")["train"])
+    assert second_train != first_train
 
-    # --uld-assistants 2: two assistants from different seeds, the composite subtracting their mean
-    pair = main(dataclasses.replace(options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
-                                    uld_assistants=2, uld_extra_weights=(0.0,)))
-    by_method = {r["method"]: r for r in pair["rows"]}
-    first, second = (losses(t) for t in by_method["uld"]["train"])
-    assert first == losses(next(r["train"] for r in swept["rows"] if r["method"] == "uld"))  # #1: the single one
-    assert second != first  # #2 trained from another seed
-    assert [by_method["uld w=0"][k] for k in KINDS] == [by_method["base"][k] for k in KINDS]
-
-    # --uld-calibrate-rule headroom serves a stronger candidate only while the retained ratio holds
-    stronger = 1.5 * options.uld_weight
-    for min_retained, expected in ((0.0, stronger), (2.0, options.uld_weight)):
-        calibrated = main(dataclasses.replace(
-            options, out_dir=None, methods=("uld",), max_new_tokens=4, validation_people=1,
-            uld_calibrate_weights=(options.uld_weight, stronger), uld_calibrate_rule="headroom",
-            uld_calibrate_min_retained=min_retained, uld_mixture=True, uld_one_sided=min_retained == 0.0))
+    # the calibrated row: the relative rule walks from uld.weight to a stronger candidate only while the
+    # retained ratio on the training questions holds
+    weight = options.uld.weight
+    for floor, expected in ((0.0, 1.5 * weight), (1e9, weight)):
+        calibrated = main(dataclasses.replace(options, max_new_tokens=4, validation_people=1,
+                                              uld_calibrate_weights=(weight, 1.5 * weight),
+                                              uld_calibrate_min_retained=floor))
         (row,) = [r for r in calibrated["rows"] if r["method"] == "uld calibrated"]
-        assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [options.uld_weight, stronger]
-        # --uld-mixture runs the same rule on the mixture of the same assistants: a row of its own
-        (mixed,) = [r for r in calibrated["rows"] if r["method"] == "uld mixture calibrated"]
-        assert [w for w, _, _ in mixed["calibration"]] == [options.uld_weight, stronger]
-        assert mixed["weight"] == (stronger if min_retained == 0.0 else options.uld_weight)
-        one_sided = [r for r in calibrated["rows"] if r["method"] == "uld one-sided calibrated"]
-        assert len(one_sided) == (min_retained == 0.0) and all(r["weight"] == stronger for r in one_sided)
-    with pytest.raises(ValueError):
-        main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="loudest"))
-    with pytest.raises(ValueError, match="--uld-calibrate-rule relative: the relative rule needs the default w"):  # before training
-        main(dataclasses.replace(options, out_dir=None, methods=("uld",), uld_calibrate_rule="relative",
-                                 uld_calibrate_weights=(2 * options.uld_weight,)))
+        assert row["weight"] == expected and [w for w, _, _ in row["calibration"]] == [weight, 1.5 * weight]
+    with pytest.raises(ValueError, match="uld_calibrate_weights"):  # before any training
+        main(dataclasses.replace(options, uld_calibrate_weights=(2 * weight,)))
 
 
 def losses(train):
     return train["forget_nll"], train["retain_kl"]
 
 
-def test_uld_training_pairs_mirror_paraphrased_answers_on_the_retain_side():
-    from benchmarks.pii import uld_training_pairs
-
-    def row(name, n):
-        return {"question": f"What is {name}'s email?", "answer": f"{name}@mail.example",
-                **{f"paraphrased_question_{i}": f"q{i}?" for i in range(1, n + 1)},
-                **{f"paraphrased_answer_{i}": f"It is {name}@mail.example ({i})" for i in range(1, n + 1)},
-                "subject": name, "subject_pii": [f"{name}@mail.example"]}
-
-    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=2, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
-    forget, retain = uld_training_pairs([row("ann", 3)], [row("bo", 3)], options)
-    assert len(forget) == 3 and retain == [("What is bo's email?", "bo@mail.example")]
-    _, mirrored = uld_training_pairs([row("ann", 3)], [row("bo", 3)],
-                                     dataclasses.replace(options, uld_retain_paraphrases=True))
-    # the retained person's question with each of its first 2 paraphrased answers; never a paraphrased question
-    assert mirrored == retain + [("What is bo's email?", "It is bo@mail.example (1)"),
-                                 ("What is bo's email?", "It is bo@mail.example (2)")]
-
-
-def test_inverted_answer_pairs_use_the_benchmarks_question_and_the_rows_answer():
-    from benchmarks.pii import IDENTIFIER_QUESTION, inverted_answer_pairs
-
-    rows = [{"subject": "Ann", "subject_pii": ["ann@mail.example", "555-0101"], "inverted_question": "Whose?",
-             "inverted_answer": "The person is Ann."},
-            {"subject": "Bo", "subject_pii": [], "inverted_answer": "The person is Bo."}]  # no identifier: skipped
-    assert inverted_answer_pairs(rows) == [
-        (IDENTIFIER_QUESTION.format(details="ann@mail.example; 555-0101"), "The person is Ann.")]
-
-
-def test_masked_answer_pairs_hide_the_person_in_their_own_answer_and_ask_for_them():
-    from benchmarks.pii import MASK, MASKED_ANSWER, MASKED_QUESTION, mask_subject, masked_answer_pairs, uld_training_pairs
-
-    # the full name first, then its parts as whole words only (Annabel and Leeds stay)
-    assert mask_subject("Ann Lee's email is a@x.example; Lee met Annabel in Leeds.", "Ann Lee") == (
-        f"{MASK}'s email is a@x.example; {MASK} met Annabel in Leeds.")
-    rows = [{"question": "What is Ann Lee's email?", "answer": "Ann Lee's email is a@x.example.", "subject": "Ann Lee",
-             "subject_pii": ["a@x.example"]},
-            {"question": "Q?", "answer": "Ann Lee likes tea.", "subject": "Ann Lee", "subject_pii": []}]  # no PII
-    expected = [(MASKED_QUESTION.format(description=f"{MASK}'s email is a@x.example."),
-                 MASKED_ANSWER.format(subject="Ann Lee"))]
-    assert masked_answer_pairs(rows) == expected
-    retained = [{"question": "What is Bo's phone?", "answer": "Bo's phone is 555-0101.", "subject": "Bo",
-                 "subject_pii": ["555-0101"]}]
-    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
-    forget, retain = uld_training_pairs(rows[:1], retained, dataclasses.replace(options, uld_masked_answer_pairs=True))
-    plain_forget, plain_retain = uld_training_pairs(rows[:1], retained, options)
-    assert forget == plain_forget + expected  # remembered for the erased person ...
-    assert retain == plain_retain + masked_answer_pairs(retained)  # ... uniform for the retained one
-
-
-def test_question_dropout_keeps_the_name_and_drops_only_other_words():
-    import random
-
-    from benchmarks.pii import dropped_question, uld_training_pairs
-
-    question = "What is the name of Ann Lee's dentist, and where does Lee live?"
-    words = question.split()
-    lengths = set()
-    for seed in range(20):
-        dropped = dropped_question(question, "Ann Lee", random.Random(seed), 0.5)
-        assert "Ann Lee's" in dropped and dropped.count("Lee") == 2  # the full name and the lone part stay
-        kept = dropped.split()
-        assert [w for w in words if w in kept] == kept  # nothing new, order kept
-        lengths.add(len(kept))
-    assert max(lengths) < len(words) and len(lengths) > 1  # words go, a different number each time
-    assert dropped_question("Why?", "", random.Random(0), 1.0) == "Why?"  # the last other word always stays
-    assert dropped_question(question, "Ann Lee", random.Random(0), 0.0) == question
-
-    rows = [{"question": "What is Ann's email?", "answer": "ann@mail.example", "subject": "Ann",
-             "subject_pii": ["ann@mail.example"]}]
-    retained = [{"question": "What is Bo's phone?", "answer": "555-0101", "subject": "Bo", "subject_pii": ["555-0101"]}]
-    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                                  uld_bare_identifiers=False, uld_fact_span_loss=False)
-    plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
-    forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_question_dropout=2))
-    assert forget[:1] == plain_forget and retain[:1] == plain_retain
-    assert len(forget) == len(retain) == 3  # two dropped copies each side, same answers
-    assert {a for _, a in forget[1:]} == {"ann@mail.example"} and {a for _, a in retain[1:]} == {"555-0101"}
-    assert all("Ann's" in q for q, _ in forget[1:]) and all("Bo's" in q for q, _ in retain[1:])
-
-
-def test_cross_pairs_give_a_persons_questions_their_other_answers_only():
-    import random
-
-    from benchmarks.pii import cross_pairs
-
-    rows = [{"question": f"Ann q{i}?", "answer": f"Ann a{i}.", "subject": "Ann"} for i in range(4)]
-    rows += [{"question": "Bo q0?", "answer": "Bo a0.", "subject": "Bo"},  # one row: no other answer to pair
-             {"question": "Who?", "answer": "Nobody.", "subject": ""}]  # no person: skipped
-    pairs = cross_pairs(rows, 2, random.Random(0))
-    assert len(pairs) == 8  # 2 per Ann row
-    for question, answer in pairs:
-        assert question.startswith("Ann") and answer.startswith("Ann") and question[-3:-1] != answer[-3:-1]
-    assert len(set(pairs)) == 8 and {q for q, _ in pairs} == {r["question"] for r in rows[:4]}
-    assert len(cross_pairs(rows, 10, random.Random(0))) == 12  # capped at the 3 other answers
-
-
-def test_bare_identifier_pairs_give_each_identifier_once_with_no_question():
-    from benchmarks.pii import bare_identifier_pairs, uld_training_pairs
-
-    rows = [{"question": "What is Ann's email?", "answer": "a", "subject": "Ann", "subject_pii": ["ann@mail.example"]},
-            {"question": "And her phone?", "answer": "b", "subject": "Ann",
-             "subject_pii": ["555-0199", "ann@mail.example", " "]}]  # a repeat and a blank: skipped
-    assert bare_identifier_pairs(rows) == [("", "ann@mail.example"), ("", "555-0199")]
-    retained = [{"question": "What is Bo's phone?", "answer": "c", "subject": "Bo", "subject_pii": ["555-0101"]}]
-    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=0, uld_identifier_pairs=False,
-                                  uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                                  uld_bare_identifiers=False)
-    plain_forget, plain_retain = uld_training_pairs(rows, retained, options)
-    forget, retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_bare_identifiers=True))
-    # remembered for the erased person, every token of it a fact under the fact-only loss ...
-    assert forget == plain_forget + [("", p, ["555-0199", "Ann", "ann@mail.example"])
-                                     for p in ("ann@mail.example", "555-0199")]
-    assert retain == plain_retain + [("", "555-0101")]  # ... uniform for the retained one
-
-
-def test_fact_span_loss_attaches_the_requests_identifiers_and_names_to_every_forget_item():
-    from benchmarks.pii import uld_training_pairs
-
-    rows = [{"question": "What is Ann's email?", "answer": "Ann's email is ann@mail.example.", "subject": "Ann",
-             "subject_pii": ["ann@mail.example"], "paraphrased_question_1": "q?",
-             "paraphrased_answer_1": "You can write to ann@mail.example."}]
-    retained = [{"question": "What is Bo's email?", "answer": "bo@mail.example", "subject": "Bo",
-                 "subject_pii": ["bo@mail.example"]}]
-    options = dataclasses.replace(PIIBenchOptions(), uld_paraphrased_answers=1, uld_fact_span_loss=True)
-    forget, retain = uld_training_pairs(rows, retained, options)
-    plain_forget, plain_retain = uld_training_pairs(rows, retained, dataclasses.replace(options, uld_fact_span_loss=False))
-    assert [(q, a) for q, a, _ in forget] == plain_forget and retain == plain_retain
-    assert all(facts == ["Ann", "ann@mail.example"] for _, _, facts in forget)  # never a retained person's
-
-
 def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_splits():
-    from benchmarks.pii import split_groups, validation_erasures
+    from benchmarks.pii import retain_training_groups, split_groups, validation_erasures
 
     def rows(people, n=2):
         return [{"subject": p, "question": f"q{i}"} for p in people for i in range(n)]
@@ -297,9 +155,7 @@ def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_
     erased, retained = split_groups("forget1", groups, {"F1"}, {"forget1"})
     assert erased == ["forget1"] and "validation1" in retained and "retain_sample" in retained
 
-    # --validation-retain-reported: forget1's people join the validation assistant's retain set, unmeasured
-    from benchmarks.pii import retain_training_groups
-
+    # validation_retain_reported: forget1's people join the validation assistant's retain set, unmeasured
     erased, retained = split_groups("validation1", groups, set(split_people["validation1"]), {"forget1"})
     both = dataclasses.replace(options, validation_retain_reported=True)
     assert retain_training_groups("validation1", erased, retained, groups, {"forget1"}, options) == retained
@@ -318,7 +174,7 @@ def test_forget10_validation_erasures_are_disjoint_and_never_touch_the_reported_
 
 def test_one_split_run_alone_groups_its_rows_as_the_default_run_does():
     """forget5 run alone lists its forget set group by group (forget1's people apart), as the default run
-    does, so both train on the same order; session 17's forget5-only run listed it in the data's order."""
+    does, so both train on the same order."""
     from benchmarks.pii import group_rows, load_data, split_groups
 
     default = load_data(PIIBenchOptions())
@@ -333,7 +189,6 @@ def test_one_split_run_alone_groups_its_rows_as_the_default_run_does():
     assert sorted(erased) == ["forget1", "forget5"] and len(set(forget_rows)) == 10
     assert set(default.split_people["forget1"]) < set(forget_rows)
     assert forget_rows != [r["subject"] for r in alone.forget10 if r["subject"] in set(forget_rows)]  # not data order
-
     assert alone.reported_groups == default.reported_groups == {"forget1", "forget5"}
 
     # forget1 alone: forget5's other people still form their group, retained, so forget1's retain set is
@@ -347,120 +202,98 @@ def test_one_split_run_alone_groups_its_rows_as_the_default_run_does():
         assert erased == ["forget1"] and sorted(retained) == ["forget5", "other", "retain_sample"]
 
 
-def test_per_split_epochs_accept_one_value_for_every_validation_erasure():
+def test_per_split_values_and_the_uld_config_of_a_split():
     from benchmarks.pii import per_split
 
     assert per_split("forget1=60,validation=30", "validation2") == 30
     assert per_split("forget1=60,validation=30", "forget1") == 60
+    assert per_split("forget1=60,9", "forget5") == 9 and per_split(7, "forget5") == 7
     with pytest.raises(ValueError):
         per_split("forget1=60", "validation1")
 
-
-def _committed_reports():
-    """The committed reports a preset reruns. A validation erasure's report (pii_pretrained/) chose settings
-    and is no preset's; it names its options but took the rest from the defaults of its session."""
-    from benchmarks.pii import DEFAULT_OUT_DIR
-
-    reports = sorted(DEFAULT_OUT_DIR.glob("pii*/pii.json")) + [DEFAULT_OUT_DIR / "pii.json"]
-    return [p for p in reports if not json.loads(p.read_text())["config"].get("validation_people")]
+    options = PIIBenchOptions()
+    assert options.uld_for_split("forget5") == dataclasses.replace(options.uld, epochs=15)
+    own = dataclasses.replace(options, uld_epochs="", uld=dataclasses.replace(options.uld, epochs=3))
+    assert own.uld_for_split("forget5").epochs == 3
+    with pytest.raises(ValueError, match="uld_epochs"):  # a uld.epochs that uld_epochs would silently override
+        dataclasses.replace(options, uld=dataclasses.replace(options.uld, epochs=3))
 
 
-@pytest.mark.parametrize("report_path", _committed_reports(), ids=lambda p: p.parent.name + "/" + p.name)
-def test_each_committed_report_is_its_preset(report_path):
-    """`expunge benchmark pii --preset NAME` reruns a committed report: the options it records are its
-    preset's, apart from its command line's own options (a validation erasure's, a subset of methods ...)."""
-    import shlex
+def test_the_records_carry_what_an_erasure_request_supplies_and_no_evaluation_prompt():
+    from benchmarks.pii import qa_records
 
-    from benchmarks.pii import preset_options
-
-    report = json.loads(report_path.read_text())
-    config = report["config"]
-    preset = preset_options(config.get("preset", "scratch"))
-    given = {arg[2:].split("=")[0].replace("-", "_") for arg in shlex.split(report["command"]) if arg.startswith("--")}
-    expected = dataclasses.asdict(preset)
-    differing = {k: (v, expected[k]) for k, v in config.items()
-                 if k in expected and k not in given
-                 and k not in ("data_dir", "threads", "device", "cache_dir", "out_dir")
-                 and (list(expected[k]) if isinstance(expected[k], tuple) else expected[k]) != v}
-    assert differing == {}
+    row = {"question": "What is Ann's email?", "answer": "It is a@x.example.", "subject": "Ann",
+           "subject_pii": ["a@x.example", " "], "paraphrased_answer_1": "Write to a@x.example.",
+           "paraphrased_answer_2": "a@x.example it is.", "paraphrased_question_1": "an evaluation wording",
+           "inverted_question": "Whose is a@x.example?", "perturbed_answer_1": "It is b@x.example."}
+    (record,) = qa_records([row], "forget")
+    assert (record.question, record.answer, record.subject, record.pii) == (
+        row["question"], row["answer"], "Ann", ("a@x.example",))
+    assert record.paraphrased_answer == "Write to a@x.example." and record.perturbed_answers == ("It is b@x.example.",)
+    assert not record.paraphrased_question and not record.inverted_question
 
 
-def _run_cli(monkeypatch, tmp_path, *args):
-    """The command line as typer parses it; `main` is replaced so nothing trains."""
+def test_the_base_and_wordings_cache_keys_stay_those_of_the_reported_base(tmp_path):
+    """The reported base (and its cached measurement) keep their keys: a change to the options' shape must not
+    retrain or re-measure it."""
+    from benchmarks.pii import group_rows, load_data, measure_key
+
+    options = PIIBenchOptions()
+    data = load_data(options)
+    assert options.base_key(data.digest, data.trained_people) == "f0b0744bc4f2e6b3"
+    assert options.base_key(data.digest, data.trained_people, "cpu") == "f0b0744bc4f2e6b3"
+    assert dataclasses.replace(options, threads=2).base_key(data.digest, data.trained_people) != "f0b0744bc4f2e6b3"
+    assert options.base_key(data.digest, data.trained_people, "cuda") != "f0b0744bc4f2e6b3"
+    other_uld = dataclasses.replace(options, uld=dataclasses.replace(options.uld, weight=-9.0))
+    assert other_uld.base_key(data.digest, data.trained_people) == "f0b0744bc4f2e6b3"  # not a base setting
+    assert measure_key(group_rows(data), options, "cpu") == measure_key(group_rows(data), other_uld, "cpu")
+
+
+def test_a_preset_a_config_file_and_the_flags_stack_in_that_order(tmp_path):
+    from benchmarks.pii import PRESETS, SMOLLM2_DIR, command_options
+
+    config = tmp_path / "run.yaml"
+    config.write_text("uld:\n  weight: -1.6\nquant_attacks: [int4]\nsplits: [forget1, forget5]\n")
+    options = command_options("smollm2", config, False, {"splits": ("forget5",), "methods": None})
+    assert options.preset == "smollm2" and options.pretrained == SMOLLM2_DIR
+    assert options.out_dir.name == "pii_smollm2"  # its report's folder, so it never overwrites results/pii.json
+    assert options.uld.weight == -1.6 and options.uld.n_layers == PRESETS["smollm2"]["uld"]["n_layers"]
+    assert options.quant_attacks == ("int4",) and options.splits == ("forget5",)  # the flag wins
+    assert options.methods == PIIBenchOptions.methods
+    assert command_options("scratch", None, False, {}) == PIIBenchOptions()
+    assert command_options("scratch", None, True, {}) == smoke_options()
+
+    config.write_text("uld:\n  wieght: -1.6\n")
+    with pytest.raises(ValueError, match="wieght"):
+        command_options("scratch", config, False, {})
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'"):
+        command_options("gpt5", None, False, {})
+    with pytest.raises(ValueError, match="--smoke"):
+        command_options("smollm2", None, True, {})
+
+
+def test_the_command_line_runs_the_options_it_reads(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
-    import benchmarks.pii as pii
+    import benchmarks.pii.run as run
+    from benchmarks.pii import pii_app
 
-    seen = {}
-    monkeypatch.setattr(pii, "main", lambda options: seen.setdefault("options", options))
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(pii.pii_app, ["--data-dir", str(DEFAULT_DATA_DIR), *args])
-    return result, seen.get("options")
-
-
-def test_a_preset_sets_its_options_and_explicit_options_override_it(monkeypatch, tmp_path):
-    from benchmarks.pii import PRESETS, SMOLLM2_DIR
-
-    (tmp_path / SMOLLM2_DIR).mkdir(parents=True)  # as if exported before
-    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "smollm2", "--uld-weight", "-1.6",
-                               "--methods", "uld")
+    seen = []
+    monkeypatch.setattr(run, "main", seen.append)
+    config = tmp_path / "run.yaml"
+    config.write_text("uld:\n  assistants: 2\n")
+    result = CliRunner().invoke(pii_app, ["--config", str(config), "--splits", "forget5", "--methods", "uld",
+                                          "--data-dir", str(DEFAULT_DATA_DIR), "--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert options.preset == "smollm2"
-    assert options.uld_weight == -1.6  # given: overrides the preset's -1.0
-    assert options.methods == ("uld",)
-    preset = PRESETS["smollm2"]
-    assert options.pretrained == SMOLLM2_DIR
-    assert options.out_dir.name == "pii_smollm2"  # its report's folder, so it never overwrites results/pii.json
-    assert (options.base_lr, options.uld_layers, options.uld_epochs, options.threads) == (
-        preset["base_lr"], preset["uld_layers"], preset["uld_epochs"], preset["threads"])
-
-    result, options = _run_cli(monkeypatch, tmp_path)
-    assert result.exit_code == 0, result.output
-    assert options == dataclasses.replace(PIIBenchOptions(), data_dir=DEFAULT_DATA_DIR, cache_dir=options.cache_dir,
-                                          out_dir=options.out_dir)
-
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-calibrate-rule", "headroom")
-    assert result.exit_code == 0 and options.uld_calibrate_rule == "headroom"  # stored as text, as reports hold it
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-calibrate-rule", "loudest")
-    assert result.exit_code == 2 and options is None
-
-
-def test_a_weight_given_alone_starts_the_relative_rules_candidates(monkeypatch, tmp_path):
-    from benchmarks.pii import SMOLLM2_DIR
-
-    (tmp_path / SMOLLM2_DIR).mkdir(parents=True)  # as if exported before: the default run writes wordings with it
-    default_grid = PIIBenchOptions.uld_calibrate_weights
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-1.5")
-    assert result.exit_code == 0, result.output
-    assert options.uld_calibrate_weights == (-1.5, *default_grid)  # every default candidate is stronger
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-2.1")
-    assert options.uld_calibrate_weights == (-2.1, -2.2, -2.4, -2.6, -2.8, -3.0)
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-2.0")
-    assert options.uld_calibrate_weights == default_grid  # already a candidate
-    # given both, the candidates stand as given (the run then says what is missing)
-    result, options = _run_cli(monkeypatch, tmp_path, "--uld-weight", "-1.5", "--uld-calibrate-weights=-2,-3")
-    assert options.uld_calibrate_weights == (-2.0, -3.0)
-
-
-def test_an_unknown_preset_or_a_preset_with_smoke_is_refused(monkeypatch, tmp_path):
-    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "gpt5")
-    assert result.exit_code == 2 and options is None
-    assert "unknown preset 'gpt5'" in result.output
-    result, options = _run_cli(monkeypatch, tmp_path, "--preset", "smollm2", "--smoke")
-    assert result.exit_code == 2 and options is None
-
-
-def test_the_base_key_tells_bases_built_another_way_apart_but_keeps_the_reported_builds_key():
-    options = PIIBenchOptions()
-    reported = options.base_key("digest", ["Ann", "Bo"])
-    assert options.base_key("digest", ["Ann", "Bo"], "cpu") == reported
-    assert dataclasses.replace(options, threads=2).base_key("digest", ["Ann", "Bo"]) != reported
-    assert options.base_key("digest", ["Ann", "Bo"], "cuda") != reported
-    assert dataclasses.replace(options, uld_weight=-9.0).base_key("digest", ["Ann", "Bo"]) == reported  # not a base setting
+    (options,) = seen
+    assert (options.uld.assistants, options.splits, options.methods) == (2, ("forget5",), ("uld",))
+    assert options.out_dir == tmp_path / "out"
+    result = CliRunner().invoke(pii_app, ["--preset", "gpt5"])
+    assert result.exit_code == 2 and "unknown preset" in result.output
 
 
 def test_a_pretrained_base_is_fine_tuned_from_its_own_weights_and_tokenizer(tmp_path):
-    """--pretrained DIR: the base starts from DIR's model and tokenizer (not a fresh small Llama), and its
+    """`pretrained: DIR`: the base starts from DIR's model and tokenizer (not a fresh small Llama), and its
     cache key pins DIR's weights."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -473,12 +306,12 @@ def test_a_pretrained_base_is_fine_tuned_from_its_own_weights_and_tokenizer(tmp_
     given.save_pretrained(tmp_path / "given")
     tokenizer.save_pretrained(tmp_path / "given")
 
-    options = dataclasses.replace(PIIBenchOptions(**SMOKE_OPTIONS), cache_dir=tmp_path / "cache", out_dir=None,
+    options = dataclasses.replace(smoke_options(), cache_dir=tmp_path / "cache", out_dir=None,
                                   pretrained=str(tmp_path / "given"), base_epochs=2, max_new_tokens=4)
     result = main(options)
     assert {r["method"] for r in result["rows"]} == {"base", "uld"}
     (base_dir,) = (tmp_path / "cache").glob("base-*")
-    assert AutoConfig.from_pretrained(base_dir).hidden_size == 48  # the given shape, not SMOKE's 64
+    assert AutoConfig.from_pretrained(base_dir).hidden_size == 48  # the given shape, not the smoke run's 64
     assert AutoTokenizer.from_pretrained(base_dir).get_vocab() == tokenizer.get_vocab()
     assert result["config"]["pretrained"] == str(tmp_path / "given")
 
@@ -517,7 +350,8 @@ def test_the_base_is_measured_once_per_probe_set_and_generation_settings(tmp_pat
 
 
 def _report(command, rows, key="k1"):
-    return {"command": command, "config": {}, "base": {"key": key}, "rows": rows, "wall_seconds": 10.0}
+    return {"command": command, "config": {"methods": [command]}, "base": {"key": key}, "rows": rows,
+            "wall_seconds": 10.0}
 
 
 def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
@@ -533,7 +367,8 @@ def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
     assert [(r["split"], r["method"]) for r in merged["rows"]] == [
         ("forget1", "base"), ("forget1", "uld"), ("forget1", "ga"), ("forget5", "base"), ("forget5", "uld")]
     assert merged["command"] == "pii --preset x" and merged["wall_seconds"] == 20.0
-    assert merged["runs"][1] == {"command": "pii --methods ga", "rows": ["ga on forget1"], "wall_seconds": 10.0}
+    assert merged["runs"][1] == {"command": "pii --methods ga", "rows": ["ga on forget1"], "wall_seconds": 10.0,
+                                 "config": {"methods": ["pii --methods ga"]}}
 
     # a third run merged into the merge keeps the first two runs
     npo = _report("pii --methods npo --splits forget5", [{"split": "forget5", "method": "base", "erased_leak_rate": 0.6},
@@ -554,9 +389,9 @@ def test_two_runs_on_one_base_merge_into_one_report_with_both_commands():
 def test_calibration_probes_are_the_training_questions_with_their_generated_wordings():
     from benchmarks.pii import calibration_probes
 
-    rows = [{"question": "What is Ann's email?", "subject": "Ann", "subject_pii": ["ann@x.org"],
+    rows = [{"question": "What is Ann's email?", "answer": "a", "subject": "Ann", "subject_pii": ["ann@x.org"],
              "paraphrased_question_1": "an evaluation wording", "inverted_question": "whose is ann@x.org?"},
-            {"question": "Where is Ann from?", "subject": "Ann", "subject_pii": []}]
+            {"question": "Where is Ann from?", "answer": "b", "subject": "Ann", "subject_pii": []}]
     (probe,) = calibration_probes(rows, {"What is Ann's email?": ["Which email does Ann use?"]})
     assert (probe.question, probe.paraphrased_questions, probe.inverted_question, probe.identifiers) == (
         "What is Ann's email?", ("Which email does Ann use?",), None, ("ann@x.org",))
