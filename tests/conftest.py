@@ -1,4 +1,5 @@
-"""Shared fixtures: a quiet, self-contained Prefect test server and one bootstrapped tiny deployment."""
+"""Shared fixtures (a quiet, self-contained Prefect test server, one bootstrapped tiny deployment, a
+throwaway PostgreSQL) and the `pipeline` marker that `make test-fast` leaves out."""
 from __future__ import annotations
 
 import os
@@ -47,6 +48,37 @@ def tiny_settings(tiny_home):
 
     settings_for(str(tiny_home), "tiny")  # points MLflow at this home's store
     return Settings(home=tiny_home, profile_name="tiny")
+
+
+# ------------------------------------------------------------------ the `pipeline` lane
+
+# Fixtures that bootstrap the sample world, run Prefect flows or start a server: a test that uses one
+# (directly or through another fixture) exercises the whole pipeline and takes seconds to minutes.
+PIPELINE_FIXTURES = frozenset({"tiny_home", "tiny_settings", "prefect_harness", "postgres_url"})
+# Parametrized fixtures that reach one of those through `request.getfixturevalue` for one value only,
+# which collection cannot see: (fixture, value).
+PIPELINE_PARAMS = frozenset({("url", "postgresql")})
+# Modules that are end-to-end runs as a whole (flows, deployments, benchmark runs on the real data).
+PIPELINE_MODULES = frozenset({
+    "test_pipeline_e2e.py",
+    "test_prefect_deployments.py",
+})
+
+
+def is_pipeline_test(item: pytest.Item) -> bool:
+    if item.path.name in PIPELINE_MODULES:
+        return True
+    if PIPELINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any((name, value) in PIPELINE_PARAMS for name, value in params.items() if isinstance(value, str))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark full-pipeline tests `pipeline`: `make test-fast` runs `-m "not slow and not pipeline"`."""
+    for item in items:
+        if is_pipeline_test(item):
+            item.add_marker(pytest.mark.pipeline)
 
 
 # ------------------------------------------------------------------ PostgreSQL for the DB tests
