@@ -132,6 +132,26 @@ class ChainVerification:
     problems: list[str] = field(default_factory=list)
 
 
+def _sequence_problems(seq: int, expected_seq: int) -> list[str]:
+    if seq > expected_seq:
+        missing = f"event {expected_seq}" if seq == expected_seq + 1 else f"events {expected_seq}..{seq - 1}"
+        return [f"{missing} missing: sequence jumps {expected_seq - 1} → {seq} (deleted)"]
+    if seq < expected_seq:
+        return [f"event {seq}: unexpected sequence number (expected {expected_seq})"]
+    return []
+
+
+def _content_problems(row) -> list[str]:
+    """A stored event whose hash does not match its own content (edited in place)."""
+    try:
+        payload = json.loads(row.payload_json)
+    except (TypeError, ValueError):
+        return [f"event {row.seq}: payload_json is not valid JSON (content edited)"]
+    recomputed = compute_hash(row.prev_hash, seq=row.seq, ticket_id=row.ticket_id, event_type=row.event_type,
+                              payload=payload, created_at=row.created_at)
+    return [f"event {row.seq}: hash mismatch (content edited)"] if recomputed != row.hash else []
+
+
 def verify_chain(session: Session, expected_head: str | None = None) -> ChainVerification:
     """Recompute the whole chain from the stored rows.
 
@@ -163,36 +183,7 @@ def verify_chain(session: Session, expected_head: str | None = None) -> ChainVer
     for row in rows:
         n += 1
         gap = row.seq != expected_seq
-        if row.seq > expected_seq:
-            missing = (
-                f"event {expected_seq}"
-                if row.seq == expected_seq + 1
-                else f"events {expected_seq}..{row.seq - 1}"
-            )
-            problems.append(
-                f"{missing} missing: sequence jumps {expected_seq - 1} → {row.seq} (deleted)"
-            )
-        elif row.seq < expected_seq:
-            problems.append(
-                f"event {row.seq}: unexpected sequence number (expected {expected_seq})"
-            )
-
-        try:
-            payload = json.loads(row.payload_json)
-        except (TypeError, ValueError):
-            problems.append(f"event {row.seq}: payload_json is not valid JSON (content edited)")
-        else:
-            recomputed = compute_hash(
-                row.prev_hash,
-                seq=row.seq,
-                ticket_id=row.ticket_id,
-                event_type=row.event_type,
-                payload=payload,
-                created_at=row.created_at,
-            )
-            if recomputed != row.hash:
-                problems.append(f"event {row.seq}: hash mismatch (content edited)")
-
+        problems += _sequence_problems(row.seq, expected_seq) + _content_problems(row)
         # After a gap the predecessor is gone, so a broken link is implied by
         # the gap message; only report links between adjacent survivors.
         if not gap and row.prev_hash != prev_stored_hash:

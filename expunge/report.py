@@ -20,6 +20,8 @@ from expunge.requests import RequestError, RequestSpec  # noqa: E402
 from expunge.settings import Settings  # noqa: E402
 from expunge_ml.gates import forget_answer_perplexity_ratio, threshold_inside, worst_attack_interval  # noqa: E402
 
+PROBE_KINDS = ("direct", "paraphrased", "inverted")  # how identifiers are asked for (`expunge_ml.pii`)
+
 
 def _plot_truth_ratios(evidence: dict, path: Path) -> Path | None:
     ratios = evidence.get("truth_ratios") or {}
@@ -176,6 +178,143 @@ def _weight_line(weight: float, selection: dict | None) -> str:
             f"retained recall vs the model served before — {scores}")
 
 
+def _header_lines(request: dict, manifests: dict, registration: dict | None, audit_head: str,
+                  subject_hmacs: dict, training_summary: dict | None) -> list[str]:
+    registered = registration or {}
+    return [
+        f"# Evidence report — ticket {request['ticket_id']}",
+        "",
+        f"- Request: **{request['type']}** under **{request['regulation']}**, received {request['received_at'][:19]}, due {request['due_at'][:10]}",
+        f"- Status: **{request['status']}**" + (f" ({request['reason_code']})" if request.get("reason_code") else ""),
+        "- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
+        f"- Target model: `{manifests['target_uri']}`",
+        *_corpus_line(manifests),
+        f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
+        f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
+        *([f"- Earlier erasures on the target model: {manifests['erased_before_count']} corpus records, left out of the "
+           "retain set and of the retained-side evaluation"] if manifests.get("erased_before_count") else []),
+        f"- Model version: `{registered.get('model_uri', 'not registered')}`, aliases: {', '.join(registered.get('aliases') or []) or 'none'}",
+        f"- Audit chain head at report time: `{audit_head}`",
+        *_training_lines(training_summary),
+    ]
+
+
+def _gate_lines(evaluation: dict, evidence: dict) -> list[str]:
+    lines = ["## Gates", "", "| gate | value | rule | result |", "|---|---|---|---|"]
+    for g in evaluation["gates"]:
+        result = "skipped: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
+        lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result}"
+                     f"{_worst_attack_interval(evidence, g)} |")
+    return lines
+
+
+def _answer_lines(m: dict, evidence: dict) -> list[str]:
+    """ROUGE-L, answer probability and fact recall per split, and the subject's facts in any forget answer."""
+    lines = []
+    for split in ("forget", "retain"):
+        for metric in ("rougeL_recall", "answer_prob"):
+            lines.append(f"| {split} (n={m['base'][split]['n']}) | {metric} | {_fmt(m['base'][split][metric])} | {_fmt(m['unlearned'][split][metric])} |")
+        if m["base"][split].get("fact_recall") is not None:
+            lines.append(f"| {split} (n={m['base'][split]['n']}) | fact_recall ({m['base'][split]['n_facts']} facts) | "
+                         f"{_fmt(m['base'][split]['fact_recall'])} | {_fmt(m['unlearned'][split]['fact_recall'])} |")
+    anywhere = evidence.get("facts_anywhere")
+    if anywhere and anywhere["base"]["n_facts"]:
+        # the subject's facts in any forget answer, not only its own question's; the other people's share in the
+        # same answers is what word salad states by chance
+        def _cell(entry):
+            others = entry["others"]
+            control = "" if others["rate"] is None else \
+                f" (others: {others['stated']} of {others['n_facts']})"
+            return f"{entry['stated']} of {entry['n_facts']}{control}"
+        lines.append(f"| forget | facts stated in any forget answer (vs {anywhere['base']['others']['n_people']} other "
+                     f"people's) | {_cell(anywhere['base'])} | {_cell(anywhere['unlearned'])} |")
+    return lines
+
+
+def _pii_lines(evidence: dict) -> list[str]:
+    lines = []
+    for group, by_model in (evidence.get("pii") or {}).items():
+        for kind in PROBE_KINDS:
+            b, a = by_model["base"][kind], by_model["unlearned"][kind]
+            revealed = b.get("n_prompt_revealed", 0)
+            # Probes whose question spells out the subject's name are not asked (expunge_ml.pii.pii_leakage).
+            not_asked = f"; {revealed} not asked: the question spells out the name" if revealed else ""
+            if b["n_identifiers"] or revealed:
+                lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids{not_asked}) | "
+                             f"{_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
+        asked = sum(by_model["base"][k]["n_prompts"] for k in PROBE_KINDS)
+        if group == "erased" and asked:  # other people's identifiers in answers about the erased people
+            stating = {model: sum(by_model[model][k].get("answers_stating_others_ids", 0) for k in PROBE_KINDS)
+                       for model in ("base", "unlearned")}
+            lines.append(f"| PII erased | answers stating a retained person's identifier ({asked} answers) | "
+                         f"{stating['base']} | {stating['unlearned']} |")
+        if group == "retained" and asked:  # the erased people's names in answers about everyone else
+            named = {model: sum(by_model[model][k].get("answers_naming_watched", 0) for k in PROBE_KINDS)
+                     for model in ("base", "unlearned")}
+            lines.append(f"| PII retained | answers naming an erased person ({asked} answers) | {named['base']} | "
+                         f"{named['unlearned']} |")
+    return lines
+
+
+def _quantization_lines(m: dict, evidence: dict) -> list[str]:
+    lines = []
+    erased_base = ((evidence.get("pii") or {}).get("erased") or {}).get("base")
+    for precision, result in (evidence.get("quantization") or {}).items():
+        lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}"
+                     f"{_interval(result.get('recovery_interval'))}) | {_fmt(m['base']['forget']['rougeL_recall'])} | "
+                     f"{_fmt(result['forget']['rougeL_recall'])} |")
+        if result["forget"].get("fact_recall") is not None:
+            lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}"
+                         f"{_interval(result.get('fact_recovery_interval'))}) | "
+                         f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
+        if result.get("pii_erased") and erased_base:  # the erased identifiers asked again of the quantized copy
+            kinds = [k for k in PROBE_KINDS if result["pii_erased"][k]["n_identifiers"]]
+            rates = lambda report: " / ".join(_fmt(report[k]["leak_rate"]) for k in kinds)  # noqa: E731
+            lines.append(f"| PII erased, {precision} attack | leak rate {' / '.join(kinds)} "
+                         f"({sum(result['pii_erased'][k]['n_identifiers'] for k in kinds)} ids) | "
+                         f"{rates(erased_base)} | {rates(result['pii_erased'])} |")
+    return lines
+
+
+def _muse_lines(evidence: dict) -> tuple[list[str], list[str]]:
+    """MUSE's rows, and the caveats to print under the table."""
+    muse = evidence.get("muse") or {}
+    if not muse:
+        return [], []
+    lines, notes = [], []
+    for metric, label in (("knowmem_forget", "MUSE KnowMem (ROUGE-L F1)"), ("knowmem_retain", "MUSE KnowMem (ROUGE-L F1)"),
+                          ("verbmem_forget", "MUSE VerbMem (ROUGE-L F1)")):
+        split = "retain" if metric.endswith("retain") else "forget"
+        lines.append(f"| {split} | {label} | {_fmt(muse['base'][metric])} | {_fmt(muse['unlearned'][metric])} |")
+    if muse["base"].get("mia"):
+        b, a = muse["base"]["mia"], muse["unlearned"]["mia"]
+        held = f"{b['n_members']} vs {b['n_holdout']} held-out"
+        lines.append(f"| forget | MIA AUC Min-K%++ ({held}) | {_fmt(b['auc_min_k_pp'])} | {_fmt(a['auc_min_k_pp'])} |")
+        lines.append(f"| forget | PrivLeak vs 0.5 (0 = like a retrained model) | {_fmt(b['privleak'])} | {_fmt(a['privleak'])} |")
+        tpc = b.get("answer_tokens_per_char")
+        if tpc and not b.get("tokenisation_matches", True):
+            notes.append(f"- Note: the tokenizer splits the held-out answers into {tpc['holdout']:.3f} tokens per "
+                         f"character and the forget answers into {tpc['members']:.3f}, so the two sets are not "
+                         "exchangeable and PrivLeak's 0.5 reference is unsound: a model that never saw "
+                         "the forget set may already tell them apart.")
+    return lines, notes
+
+
+def _fluency_lines(evidence: dict) -> list[str]:
+    """How the model writes on neutral prompts, and how it answers the erased subject's questions (word salad there
+    passes every leak gate); judge_perplexity only with a profile's `evaluation.fluency_judge`."""
+    lines = []
+    for key, label in (("fluency", "neutral prompts"), ("fluency_forget", "forget questions")):
+        if evidence.get(key):
+            for metric in ("distinct_2", "repetition_rate", "reference_perplexity", "judge_perplexity"):
+                if metric in evidence[key]["base"]:
+                    lines.append(f"| {label} | {metric} | {_fmt(evidence[key]['base'][metric])} | {_fmt(evidence[key]['unlearned'][metric])} |")
+    salad = forget_answer_perplexity_ratio(evidence)
+    if salad is not None:
+        lines.append(f"| forget questions | judge_perplexity, unlearned ÷ base | — | {_fmt(salad)} |")
+    return lines
+
+
 def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: dict, evidence: dict,
                  registration: dict | None, audit_head: str, subject_hmacs: dict,
                  training: dict | None = None) -> dict[str, Path]:
@@ -199,116 +338,15 @@ def write_report(out_dir: Path, *, request: dict, manifests: dict, evaluation: d
     paths["json"] = out_dir / "evidence_report.json"
     paths["json"].write_text(json.dumps(summary, indent=2, sort_keys=True))
     m = evidence["metrics"]
+    muse, notes = _muse_lines(evidence)
     lines = [
-        f"# Evidence report — ticket {request['ticket_id']}",
-        "",
-        f"- Request: **{request['type']}** under **{request['regulation']}**, received {request['received_at'][:19]}, due {request['due_at'][:10]}",
-        f"- Status: **{request['status']}**" + (f" ({request['reason_code']})" if request.get("reason_code") else ""),
-        "- Subject (HMAC-SHA256, keyed): " + "; ".join(f"{k}: {', '.join(h[:16] + '…' for h in v)}" for k, v in subject_hmacs.items()),
-        f"- Target model: `{manifests['target_uri']}`",
-        *_corpus_line(manifests),
-        f"- Forget set: {manifests['forget_count']} records, fingerprint `{manifests['forget_fingerprint']}`",
-        f"- Retain set: {manifests['retain_count']} records ({manifests['neighbour_count']} neighbours), fingerprint `{manifests['retain_fingerprint']}`",
-        *([f"- Earlier erasures on the target model: {manifests['erased_before_count']} corpus records, left out of the "
-           "retain set and of the retained-side evaluation"] if manifests.get("erased_before_count") else []),
-        f"- Model version: `{(registration or {}).get('model_uri', 'not registered')}`, aliases: {', '.join((registration or {}).get('aliases') or []) or 'none'}",
-        f"- Audit chain head at report time: `{audit_head}`",
-        *_training_lines(summary["training"]),
-        "",
-        "## Gates",
-        "",
-        "| gate | value | rule | result |",
-        "|---|---|---|---|",
+        *_header_lines(request, manifests, registration, audit_head, subject_hmacs, summary["training"]), "",
+        *_gate_lines(evaluation, evidence),
+        "", "## Metrics, before vs after", "", "| split | metric | before | after |", "|---|---|---|---|",
+        *_answer_lines(m, evidence), *_pii_lines(evidence), *_quantization_lines(m, evidence), *muse,
+        *_fluency_lines(evidence),
+        "", *notes, *([""] if notes else []), "## Plots", "", "![before vs after](metrics_before_after.png)", "",
     ]
-    for g in evaluation["gates"]:
-        result = "skipped: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
-        lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result}"
-                     f"{_worst_attack_interval(evidence, g)} |")
-    lines += ["", "## Metrics, before vs after", "", "| split | metric | before | after |", "|---|---|---|---|"]
-    for split in ("forget", "retain"):
-        for metric in ("rougeL_recall", "answer_prob"):
-            lines.append(f"| {split} (n={m['base'][split]['n']}) | {metric} | {_fmt(m['base'][split][metric])} | {_fmt(m['unlearned'][split][metric])} |")
-        if m["base"][split].get("fact_recall") is not None:
-            lines.append(f"| {split} (n={m['base'][split]['n']}) | fact_recall ({m['base'][split]['n_facts']} facts) | "
-                         f"{_fmt(m['base'][split]['fact_recall'])} | {_fmt(m['unlearned'][split]['fact_recall'])} |")
-    anywhere = evidence.get("facts_anywhere")
-    if anywhere and anywhere["base"]["n_facts"]:
-        # the subject's facts in any forget answer, not only its own question's; the other people's share in the
-        # same answers is what word salad states by chance
-        def _cell(entry):
-            others = entry["others"]
-            control = "" if others["rate"] is None else \
-                f" (others: {others['stated']} of {others['n_facts']})"
-            return f"{entry['stated']} of {entry['n_facts']}{control}"
-        lines.append(f"| forget | facts stated in any forget answer (vs {anywhere['base']['others']['n_people']} other "
-                     f"people's) | {_cell(anywhere['base'])} | {_cell(anywhere['unlearned'])} |")
-    for group, by_model in (evidence.get("pii") or {}).items():
-        for kind in ("direct", "paraphrased", "inverted"):
-            b, a = by_model["base"][kind], by_model["unlearned"][kind]
-            revealed = b.get("n_prompt_revealed", 0)
-            # Probes whose question spells out the subject's name are not asked (expunge_ml.pii.pii_leakage).
-            not_asked = f"; {revealed} not asked: the question spells out the name" if revealed else ""
-            if b["n_identifiers"] or revealed:
-                lines.append(f"| PII {group} | {kind} leak rate ({b['n_identifiers']} ids{not_asked}) | "
-                             f"{_fmt(b['leak_rate'])} | {_fmt(a['leak_rate'])} |")
-        if group == "erased":  # other people's identifiers in answers about the erased people
-            asked = sum(by_model["base"][k]["n_prompts"] for k in ("direct", "paraphrased", "inverted"))
-            stating = {model: sum(by_model[model][k].get("answers_stating_others_ids", 0) for k in ("direct", "paraphrased", "inverted"))
-                       for model in ("base", "unlearned")}
-            if asked:
-                lines.append(f"| PII erased | answers stating a retained person's identifier ({asked} answers) | "
-                             f"{stating['base']} | {stating['unlearned']} |")
-        if group == "retained":  # the erased people's names in answers about everyone else
-            asked = sum(by_model["base"][k]["n_prompts"] for k in ("direct", "paraphrased", "inverted"))
-            named = {model: sum(by_model[model][k].get("answers_naming_watched", 0) for k in ("direct", "paraphrased", "inverted"))
-                     for model in ("base", "unlearned")}
-            if asked:
-                lines.append(f"| PII retained | answers naming an erased person ({asked} answers) | {named['base']} | "
-                             f"{named['unlearned']} |")
-    for precision, result in (evidence.get("quantization") or {}).items():
-        lines.append(f"| forget, {precision} attack | rougeL_recall (recovery {_fmt(result['recovery'])}"
-                     f"{_interval(result.get('recovery_interval'))}) | {_fmt(m['base']['forget']['rougeL_recall'])} | "
-                     f"{_fmt(result['forget']['rougeL_recall'])} |")
-        if result["forget"].get("fact_recall") is not None:
-            lines.append(f"| forget, {precision} attack | fact_recall (recovery {_fmt(result.get('fact_recovery'))}"
-                         f"{_interval(result.get('fact_recovery_interval'))}) | "
-                         f"{_fmt(m['base']['forget']['fact_recall'])} | {_fmt(result['forget']['fact_recall'])} |")
-        erased_base = ((evidence.get("pii") or {}).get("erased") or {}).get("base")
-        if result.get("pii_erased") and erased_base:  # the erased identifiers asked again of the quantized copy
-            kinds = [k for k in ("direct", "paraphrased", "inverted") if result["pii_erased"][k]["n_identifiers"]]
-            rates = lambda report: " / ".join(_fmt(report[k]["leak_rate"]) for k in kinds)  # noqa: E731
-            lines.append(f"| PII erased, {precision} attack | leak rate {' / '.join(kinds)} "
-                         f"({sum(result['pii_erased'][k]['n_identifiers'] for k in kinds)} ids) | "
-                         f"{rates(erased_base)} | {rates(result['pii_erased'])} |")
-    notes: list[str] = []  # caveats printed under the metrics table
-    muse = evidence.get("muse") or {}
-    if muse:
-        for metric, label in (("knowmem_forget", "MUSE KnowMem (ROUGE-L F1)"), ("knowmem_retain", "MUSE KnowMem (ROUGE-L F1)"),
-                              ("verbmem_forget", "MUSE VerbMem (ROUGE-L F1)")):
-            split = "retain" if metric.endswith("retain") else "forget"
-            lines.append(f"| {split} | {label} | {_fmt(muse['base'][metric])} | {_fmt(muse['unlearned'][metric])} |")
-        if muse["base"].get("mia"):
-            b, a = muse["base"]["mia"], muse["unlearned"]["mia"]
-            held = f"{b['n_members']} vs {b['n_holdout']} held-out"
-            lines.append(f"| forget | MIA AUC Min-K%++ ({held}) | {_fmt(b['auc_min_k_pp'])} | {_fmt(a['auc_min_k_pp'])} |")
-            lines.append(f"| forget | PrivLeak vs 0.5 (0 = like a retrained model) | {_fmt(b['privleak'])} | {_fmt(a['privleak'])} |")
-            tpc = b.get("answer_tokens_per_char")
-            if tpc and not b.get("tokenisation_matches", True):
-                notes.append(f"- Note: the tokenizer splits the held-out answers into {tpc['holdout']:.3f} tokens per "
-                             f"character and the forget answers into {tpc['members']:.3f}, so the two sets are not "
-                             "exchangeable and PrivLeak's 0.5 reference is unsound: a model that never saw "
-                             "the forget set may already tell them apart.")
-    # how the model writes on neutral prompts, and how it answers the erased subject's questions (word salad there
-    # passes every leak gate); judge_perplexity only with a profile's `evaluation.fluency_judge`
-    for key, label in (("fluency", "neutral prompts"), ("fluency_forget", "forget questions")):
-        if evidence.get(key):
-            for metric in ("distinct_2", "repetition_rate", "reference_perplexity", "judge_perplexity"):
-                if metric in evidence[key]["base"]:
-                    lines.append(f"| {label} | {metric} | {_fmt(evidence[key]['base'][metric])} | {_fmt(evidence[key]['unlearned'][metric])} |")
-    salad = forget_answer_perplexity_ratio(evidence)
-    if salad is not None:
-        lines.append(f"| forget questions | judge_perplexity, unlearned ÷ base | — | {_fmt(salad)} |")
-    lines += ["", *notes, *([""] if notes else []), "## Plots", "", "![before vs after](metrics_before_after.png)", ""]
     if truth:
         lines += ["![truth ratios](truth_ratios.png)", ""]
     lines += ["Identifiers and forget-set text are not in this report: only ids, counts, keyed hashes and numbers."]

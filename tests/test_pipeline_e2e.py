@@ -180,9 +180,16 @@ def tiny_profile() -> dict:
     return yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
 
 
-def run_with_profile(home: Path, tmp_path: Path, profile: dict, request: dict, exit_codes=(0, 5)) -> list[str]:
-    """Submit `request` and run it under `profile`, expecting one of `exit_codes` (default: completed or
-    failed_gates, either way trained and evaluated); returns the CLI's leading arguments for that profile."""
+def with_gates_every_run_passes(profile: dict) -> dict:
+    """`profile` with gates no outcome can fail (forget ROUGE-L recall <= 1, retain ratio >= 0): a run under it
+    completes, for tests about what a run records rather than about its thresholds."""
+    return {**profile, "gates": {kind: {"max_forget_rougeL": 1.0, "min_retain_rougeL_ratio": 0.0}
+                                 for kind in profile["gates"]}}
+
+
+def run_with_profile(home: Path, tmp_path: Path, profile: dict, request: dict, exit_code: int) -> list[str]:
+    """Submit `request` and run it under `profile`, expecting `exit_code` (0 completed, 5 failed_gates);
+    returns the CLI's leading arguments for that profile."""
     profile_path = tmp_path / f"{request['ticket_id']}-profile.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     request_path = tmp_path / f"{request['ticket_id']}-request.yaml"
@@ -190,7 +197,7 @@ def run_with_profile(home: Path, tmp_path: Path, profile: dict, request: dict, e
     args = ["--home", str(home), "--profile", str(profile_path)]
     assert runner.invoke(app, [*args, "submit", str(request_path)]).exit_code == 0
     ran = runner.invoke(app, [*args, "run", request["ticket_id"]])
-    assert ran.exit_code in exit_codes, ran.output
+    assert ran.exit_code == exit_code, ran.output
     return args
 
 
@@ -198,7 +205,7 @@ def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, complete
     """A deliberately weak run (one epoch, tiny negative weight) must end in failed_gates, unpromoted."""
     profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=1, weight=-0.05, lr=1e-4)
-    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="WEAK-0001"), exit_codes=(5,))
+    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="WEAK-0001"), exit_code=5)
     row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "WEAK-0001")
     assert row["status"] == "failed_gates" and row["reason_code"] == "gate_failed"
     assert "max_forget_rougeL" in row["reason"]
@@ -217,7 +224,8 @@ def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, compl
     profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10)
     profile["unlearning"]["uld_by_request_type"] = {"privacy_erasure": {"fact_span_loss": True, "template_nll_weight": 0.7}}
-    facts = run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="FACTS-0001"))
+    facts = run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(profile),
+                             dict(completed, ticket_id="FACTS-0001"), exit_code=0)
     training_text = (tiny_home / "work" / "FACTS-0001" / "training.json").read_text()
     training = json.loads(training_text)
     assert training["config"]["fact_span_loss"] is True and training["config"]["template_nll_weight"] == 0.7
@@ -230,31 +238,14 @@ def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, compl
         assert secret not in training_text and secret not in markdown
 
 
-def test_a_one_sided_erasure_is_served_one_sided_from_the_registry(tiny_home, completed, tmp_path):
-    """`uld_by_request_type.privacy_erasure.subtraction: one_sided`: the mode is saved with the adapter, so the
-    evaluation, the registered pyfunc and the report all serve and describe the composite that way."""
-    profile = tiny_profile()
-    profile["unlearning"]["uld"].update(epochs=5)
-    profile["unlearning"]["uld_by_request_type"] = {"privacy_erasure": {"subtraction": "one_sided"}}
-    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="ONE-0001"))  # registered either way
-    training = json.loads((tiny_home / "work" / "ONE-0001" / "training.json").read_text())
-    assert training["config"]["subtraction"] == "one_sided"
-    saved = json.loads((Path(training["adapter_dirs"][0]) / "uld_assistant.json").read_text())
-    assert saved["subtraction"] == "one_sided"
-    row = _row(tiny_home, "ONE-0001")
-    served = mlflow.pyfunc.load_model(row["model_uri"]).unwrap_python_model()
-    assert served.source.subtractions == ("one_sided",)
-    markdown = (tiny_home / "work" / "ONE-0001" / "report" / "evidence.md").read_text()
-    assert "subtracted one-sided" in markdown
-
-
 def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_home, completed, tmp_path):
     """`uld.assistants: 2`: two assistants (seeds differ) are trained, evaluated and registered together, each
     at w / 2, and the evidence report says so. Runs before any approval, so the target is the bare base."""
     profile = tiny_profile()
     profile["unlearning"]["uld"].update(epochs=10, assistants=2)
     weight = profile["unlearning"]["uld"]["weight"]
-    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="ENS-0001"))  # registered either way
+    run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(profile), dict(completed, ticket_id="ENS-0001"),
+                     exit_code=0)
     training = json.loads((tiny_home / "work" / "ENS-0001" / "training.json").read_text())
     assert len(training["adapter_dirs"]) == 2 and training["weights"] == [weight / 2, weight / 2]
     seeds = [json.loads((Path(d) / "uld_assistant.json").read_text())["seed"] for d in training["adapter_dirs"]]
@@ -277,15 +268,15 @@ def test_a_privacy_erasure_serves_the_w_chosen_for_it(tiny_home, completed, tmp_
     profile["unlearning"]["uld"].update(epochs=10)
     default = profile["unlearning"]["uld"]["weight"]
     candidates = [default, default - 0.5, default - 1.0]
-    profile["unlearning"]["weight_selection"] = {"candidates": candidates, "rule": "relative", "min_retained": 0.97,
-                                                 "retained": retained}
+    profile["unlearning"]["weight_selection"] = {"candidates": candidates, "min_retained": 0.97, "retained": retained}
     ticket = f"WSEL-{retained.upper().replace('_', '')}"
-    args = run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id=ticket))
+    args = run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(profile), dict(completed, ticket_id=ticket),
+                            exit_code=0)
     training_text = (tiny_home / "work" / ticket / "training.json").read_text()
     selection = json.loads(training_text)["weight_selection"]
     assert [s[0] for s in selection["scores"]] == candidates and selection["default"] == default
-    # a ratio per candidate; the strongest may wipe the retained identifiers out (0.0: measured on this
-    # CPU's build of the tiny model), which is what the rule is there to refuse
+    # a ratio per candidate; the strongest may wipe the retained identifiers out (ratio 0.0), which is what the
+    # rule is there to refuse
     assert all(isinstance(s[1], int) and s[2] >= 0 for s in selection["scores"]) and selection["scores"][0][2] > 0
     assert selection["n_erased_probes"] > 0 and selection["n_retained_probes"] > 0
     assert selection["retained_probes"] == retained
@@ -323,28 +314,24 @@ def test_a_weight_selection_that_cannot_serve_its_rule_fails_before_training():
     config = ULDConfig(weight=-1.0)
     assert weight_selection_for({}, "privacy_erasure", config) is None
     assert weight_selection_for({"weight_selection": {"candidates": [-1.0, -2.0]}}, "privacy_erasure", config) == {
-        "candidates": [-1.0, -2.0], "rule": "relative", "min_retained": 0.97, "retained": "held_out"}
-    # request types outside `request_types` (default: privacy erasures, where it was validated) keep w
+        "candidates": [-1.0, -2.0], "min_retained": 0.97, "retained": "held_out"}
+    # request types outside `request_types` (default: privacy erasures, which name identifiers to count) keep w
     assert weight_selection_for({"weight_selection": {"candidates": [-1.0]}}, "copyright_takedown", config) is None
     with pytest.raises(ValueError, match="default w -1 among"):
         weight_selection_for({"weight_selection": {"candidates": [-1.5, -2.0]}}, "privacy_erasure", config)
     with pytest.raises(ValueError, match="unknown keys \\['grid'\\]"):
         weight_selection_for({"weight_selection": {"grid": [-1.0]}}, "privacy_erasure", config)
-    with pytest.raises(ValueError, match="known: \\['silent', 'headroom', 'relative', 'unseen_level'\\]"):
-        weight_selection_for({"weight_selection": {"candidates": [-1.0], "rule": "loudest"}}, "privacy_erasure", config)
     with pytest.raises(ValueError, match="known: \\['held_out', 'training'\\]"):
         weight_selection_for({"weight_selection": {"candidates": [-1.0], "retained": "eval"}}, "privacy_erasure", config)
 
 
 def test_a_baseline_runs_through_the_same_pipeline(tiny_home, completed, tmp_path):
-    """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates."""
-    request = dict(completed, ticket_id="NPO-0001", method="npo")
-    path = tmp_path / "npo.yaml"
-    path.write_text(yaml.safe_dump(request))
-    assert cli(tiny_home, "submit", str(path)).exit_code == 0
-    ran = cli(tiny_home, "run", "NPO-0001")
-    row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "NPO-0001")
-    assert row["status"] in ("completed", "failed_gates") and ran.exit_code in (0, 5), ran.output
+    """`method: npo` edits the weights; the result is a full-model version with the same evidence and gates
+    (ones no outcome can fail: it completes)."""
+    run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(tiny_profile()),
+                     dict(completed, ticket_id="NPO-0001", method="npo"), exit_code=0)
+    row = _row(tiny_home, "NPO-0001")
+    assert row["status"] == "completed"
     assert row["metrics"]["unlearned_forget_rougeL"] < row["metrics"]["base_forget_rougeL"]
     name, number = row["model_uri"].removeprefix("models:/").split("/")
     version = MlflowClient().get_model_version(name, number)
@@ -391,20 +378,14 @@ def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_sett
     before = client.get_model_version_by_alias("expunge-sample-llm", "champion")
     model_uri = _row(tiny_home, "DEMO-GDPR-0001")["model_uri"]
     note = f"checked the evidence for {completed['subject']['names'][0]}"  # a note may name the subject
-    # Make the quantization gate's pass one the evidence cannot settle, the way a ticket stored before gates
-    # carried intervals is read (from its evidence file): approving it then needs --accept-unsettled.
-    evidence_path = tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json"
-    original = evidence_path.read_text()
-    evidence = json.loads(original)
-    worst = max((a for a in evidence["quantization"].values() if a.get("recovery") is not None), key=lambda a: a["recovery"])
-    worst["recovery_interval"] = [0.0, 0.9]  # the tiny profile's 0.25 threshold lies inside
-    evidence_path.write_text(json.dumps(evidence))
+    # Make the quantization gate's pass one the evidence cannot settle (the threshold inside the worst attack's
+    # 90 % interval): approving it then needs --accept-unsettled.
     with sqlite3.connect(tiny_home / "audit.db") as db:
         (metrics_json,) = db.execute("SELECT metrics_json FROM requests WHERE ticket_id = 'DEMO-GDPR-0001'").fetchone()
         stored = json.loads(metrics_json)
-        stored["gates"] = [{k: v for k, v in g.items() if k not in ("interval", "settled")} for g in stored["gates"]]
+        quant_gate = next(g for g in stored["gates"] if g["gate"] == "max_quant_recovery")
+        quant_gate.update(interval=[0.0, 0.9], settled=False)  # the tiny profile's 0.25 threshold lies inside
         db.execute("UPDATE requests SET metrics_json = ? WHERE ticket_id = 'DEMO-GDPR-0001'", (json.dumps(stored),))
-    quant_gate = next(g for g in stored["gates"] if g["gate"] == "max_quant_recovery")
     assert quant_gate["passed"], quant_gate  # else the ticket would not be completed
     within_noise = cli(tiny_home, "approve", "DEMO-GDPR-0001", "--reviewer", "dpo@example.org")
     assert within_noise.exit_code == 2 and "[unsettled_gates]" in within_noise.stderr, within_noise.output
@@ -416,7 +397,6 @@ def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_sett
                    "--accept-unsettled")
     assert approved.exit_code == 0, approved.output
     assert "accepted within noise: max_quant_recovery" in approved.stdout
-    evidence_path.write_text(original)
     version = model_uri.rsplit("/", 1)[1]
     champion = client.get_model_version_by_alias("expunge-sample-llm", "champion")
     assert str(champion.version) == version and "challenger" not in champion.aliases
@@ -455,18 +435,15 @@ def test_a_decided_request_no_longer_names_its_subject(tiny_home, completed, tmp
 
 
 def test_a_version_built_on_an_older_champion_cannot_be_approved(tiny_home, completed):
-    row = _row(tiny_home, "NPO-0001")  # built on the old champion, before DEMO-GDPR-0001 was released
+    row = _row(tiny_home, "NPO-0001")  # completed, built on the old champion before DEMO-GDPR-0001 was released
     result = cli(tiny_home, "approve", "NPO-0001", "--reviewer", "dpo@example.org")
     assert result.exit_code == 2
-    if row["status"] == "completed":
-        assert "[stale_base]" in result.stderr and "re-run the request" in result.stderr
-        declined = cli(tiny_home, "reject", "NPO-0001", "--reviewer", "dpo@example.org")  # declining is always safe
-        assert declined.exit_code == 0, declined.output
-        assert _row(tiny_home, "NPO-0001")["status"] == "release_rejected"
-        name, number = row["model_uri"].removeprefix("models:/").split("/")
-        assert "challenger" not in MlflowClient().get_model_version(name, number).aliases
-    else:  # NPO did not pass its gates on this tiny model: refused for that reason instead
-        assert "[not_releasable]" in result.stderr
+    assert "[stale_base]" in result.stderr and "re-run the request" in result.stderr
+    declined = cli(tiny_home, "reject", "NPO-0001", "--reviewer", "dpo@example.org")  # declining is always safe
+    assert declined.exit_code == 0, declined.output
+    assert _row(tiny_home, "NPO-0001")["status"] == "release_rejected"
+    name, number = row["model_uri"].removeprefix("models:/").split("/")
+    assert "challenger" not in MlflowClient().get_model_version(name, number).aliases
 
 
 def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settings, completed, tmp_path):
@@ -476,11 +453,7 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
     other = next(p for p in people if p["name"] != first)
     request = dict(completed, ticket_id="DEMO-GDPR-0002",
                    subject={"names": [other["name"]], "aliases": list(other["aliases"]), "identifiers": []})
-    path = tmp_path / "second.yaml"
-    path.write_text(yaml.safe_dump(request))
-    assert cli(tiny_home, "submit", str(path)).exit_code == 0
-    ran = cli(tiny_home, "run", "DEMO-GDPR-0002")
-    assert ran.exit_code in (0, 5), ran.output
+    run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(tiny_profile()), request, exit_code=0)
     row = _row(tiny_home, "DEMO-GDPR-0002")
     assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
     config = _registered_config(row["model_uri"])
