@@ -122,7 +122,7 @@ class ResolvedTarget:
     base_weights_sha256: str | None
     corpus: dict[str, Any] | None
     prompt_template: str | None
-    prior_assistants: list[dict[str, Any]] = field(default_factory=list)  # [{dir, weight}]
+    prior_assistants: list[dict[str, Any]] = field(default_factory=list)  # [{dir, weight}]: the assistants served
     relative_top: float = 0.0
     # What this version's lineage erased (`expunge_ml.corpus.erased_lineage`: keyed hashes only), or None
     erased: dict[str, Any] | None = None
@@ -158,7 +158,7 @@ def resolve_target(uri: str) -> ResolvedTarget:
         config = model_config_of(spec)
         base_dir = local_model_dir(config["base_uri"])
         prior = [
-            {"dir": str(local / spec["artifacts"][a["artifact"]]["path"]), "weight": a["weight"]}
+            {"dir": str(local / spec["artifacts"][a["artifact"]]["path"]), "weight": a.get("weight")}
             for a in config["assistants"]
         ]
         return ResolvedTarget(uri, ref.uri, ref.name, kind, str(base_dir), config["base_uri"],
@@ -246,7 +246,8 @@ def register_uld_composite(
         key = f"assistant_{index}"
         # MLflow stores an artifact directory under its base name: give each adapter a unique one.
         artifacts[key] = str(shutil.copytree(prior["dir"], staging / key))
-        assistants.append({"artifact": key, "weight": float(prior["weight"])})
+        weight = prior.get("weight")  # None: served at the w saved with the adapter (`expunge_ml.serving`)
+        assistants.append({"artifact": key, "weight": None if weight is None else float(weight)})
     if erased_records is not None:
         artifacts[ERASED_ARTIFACT] = str(erased_records)
     config = {
