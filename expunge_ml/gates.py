@@ -131,8 +131,8 @@ def threshold_inside(bounds: tuple[float, float] | list[float], threshold: float
 def unsettled_gates(evidence: Mapping[str, Any] | None, results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The gates (results as `GateResult.as_dict()`) whose threshold lies inside their interval: a reviewer
     releasing the model should know that those passes are within noise. A result that carries `settled` is read
-    as stored; one stored before gates carried intervals is judged again from `evidence` (None when it is not at
-    hand: then it is not called unsettled)."""
+    as stored; one without it is judged from `evidence` (None when it is not at hand: then it is not called
+    unsettled)."""
     unsettled = []
     for result in results:
         if "settled" in result:

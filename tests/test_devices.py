@@ -201,17 +201,6 @@ def test_settings_device_and_dtype_come_from_the_environment_then_the_profile(tm
         Settings(home=tmp_path, profile_name=str(profile)).threads
 
 
-def test_benchmark_cli_parses_a_uld_sweep():
-    import typer
-
-    from benchmarks.cli import _sweep
-
-    assert _sweep("-1.0:0, -1.25:0.01,-0.8") == ((-1.0, 0.0), (-1.25, 0.01), (-0.8, 0.0))
-    assert _sweep("") == ()
-    with pytest.raises(typer.BadParameter, match="not w:tau"):
-        _sweep("-1.0:x")
-
-
 def test_resolve_dtype_names():
     from expunge_ml.devices import resolve_dtype
 

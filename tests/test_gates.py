@@ -100,12 +100,12 @@ def test_quant_gate_interval_and_settled_by_hand():
     results = [r.as_dict() for r in by_name.values()]
     expected = [{"gate": "max_quant_recovery", "value": 0.025, "threshold": 0.05, "interval": [0.0, 0.08], "passed": True}]
     assert unsettled_gates(None, results) == expected  # read as stored
-    # results stored before gates carried intervals are judged again from the evidence, the same way
-    legacy = [{k: v for k, v in r.items() if k not in ("interval", "settled")} for r in results]
-    assert unsettled_gates(ev, legacy) == expected
-    assert unsettled_gates(None, legacy) == []  # no evidence at hand: nothing called unsettled
-    del ev["quantization"]["int4"]["recovery_interval"]  # evidence from before intervals: nothing to call unsettled
-    assert unsettled_gates(ev, legacy) == []
+    # results that do not carry their interval are judged from the evidence, the same way
+    bare = [{k: v for k, v in r.items() if k not in ("interval", "settled")} for r in results]
+    assert unsettled_gates(ev, bare) == expected
+    assert unsettled_gates(None, bare) == []  # no evidence at hand: nothing called unsettled
+    del ev["quantization"]["int4"]["recovery_interval"]  # evidence without intervals: nothing to call unsettled
+    assert unsettled_gates(ev, bare) == []
 
 
 def test_subject_mention_rate_by_hand():
@@ -175,29 +175,6 @@ def test_gate_configuration_errors_and_request_types():
         gates_for("privacy_erasure", {"copyright_takedown": {"max_forget_rougeL": 0.2}})
 
 
-def test_release_reads_unsettled_gates_from_the_stored_results_or_the_evidence(tmp_path):
-    import json
-
-    from tasks.release import _unsettled
-
-    stored = [
-        {"gate": "max_forget_rougeL", "value": 0.1, "threshold": 0.3, "passed": True, "interval": None, "settled": None},
-        {"gate": "max_quant_recovery", "value": 0.02, "threshold": 0.05, "passed": True, "interval": [0.0, 0.07], "settled": False},
-        {"gate": "max_quant_fact_recovery", "value": 0.0, "threshold": 0.1, "passed": True, "interval": [0.0, 0.0], "settled": True},
-    ]
-    missing = tmp_path / "no_evidence.json"
-    assert _unsettled(stored, missing) == [
-        {"gate": "max_quant_recovery", "value": 0.02, "threshold": 0.05, "interval": [0.0, 0.07], "passed": True}]
-    # A ticket stored before gates carried intervals: read again from its evidence (int4 is the worst attack).
-    legacy = [{k: v for k, v in g.items() if k not in ("interval", "settled")} for g in stored]
-    ev = evidence()
-    ev["quantization"]["int4"]["recovery_interval"] = [0.01, 0.04]  # below the threshold: settled
-    path = tmp_path / "evidence.json"
-    path.write_text(json.dumps(ev))
-    assert _unsettled(legacy, path) == []
-    assert _unsettled(legacy, missing) == []  # nothing to read it from: nothing called unsettled
-
-
 def test_report_says_when_a_pass_needs_the_reviewer_to_accept_its_noise():
     from expunge.report import _worst_attack_interval
 
@@ -221,7 +198,7 @@ def test_a_gate_result_survives_a_json_round_trip():
 
 def test_forget_answer_perplexity_gate_by_hand():
     """The answers to the forget questions under a fluency judge: perplexity 11 against the base's answers' 8.5
-    is a ratio of 1.29 (fluent but wrong); 275 is 32.35 (word salad: the demo's composite scored 406 / 8.4)."""
+    is a ratio of 1.29 (fluent but wrong); 275 is 32.35 (word salad)."""
     ev = evidence()
     ev["fluency_forget"] = {"base": {"reference_perplexity": 1.01}, "unlearned": {"reference_perplexity": 8767.0}}
     gate = {"max_forget_answer_perplexity_ratio": 5}

@@ -70,7 +70,9 @@ def test_the_benchmark_generates_wordings_once_and_trains_them_on_both_sides(lm_
     people) and retain⁺ (retained people) paired with the row's own answer."""
     import dataclasses
 
-    from benchmarks.pii import PIIBenchOptions, PIIData, load_question_paraphrases, uld_training_pairs
+    from benchmarks.pii.data import PIIData
+    from benchmarks.pii.methods import load_question_wordings, uld_training_data
+    from benchmarks.pii.options import DEFAULT_ULD, PIIBenchOptions
 
     model, tokenizer = lm_that_rewords
     model.save_pretrained(tmp_path / "lm")
@@ -80,51 +82,7 @@ def test_the_benchmark_generates_wordings_once_and_trains_them_on_both_sides(lm_
     bo = {"question": "What is the phone number of Bo Chan?", "answer": "It is 555-0100.", "subject": "Bo Chan",
           "subject_pii": ["555-0100"]}
     data = PIIData([ann], [bo], {}, ["Ann Lee", "Bo Chan"], "digest")
-    options = PIIBenchOptions(uld_question_paraphrases=2, paraphraser=str(tmp_path / "lm"), cache_dir=tmp_path / "c",
-                              uld_identifier_pairs=False, uld_subject_pairs=False, uld_masked_answer_pairs=False,
-                              uld_bare_identifiers=False, uld_fact_span_loss=False, uld_paraphrased_answers=0)
-    logs: list[str] = []
-    wordings = load_question_paraphrases(data, options, logs.append)
-    assert set(wordings) == {ORIGINAL, bo["question"]} and all(keep_paraphrase(w, ORIGINAL, "Ann Lee")
-                                                               for w in wordings[ORIGINAL])
-    assert wordings[ORIGINAL]  # the tiny LM learned one good rewording
-    assert load_question_paraphrases(data, options, logs.append) == wordings and "cached" in logs[-1]
-    assert len(list((tmp_path / "c").glob("question-paraphrases-*.json"))) == 1
-    other = dataclasses.replace(options, uld_question_paraphrases=1)
-    load_question_paraphrases(data, other, logs.append)  # other settings: another cache entry
-    assert len(list((tmp_path / "c").glob("question-paraphrases-*.json"))) == 2
-    load_question_paraphrases(data, dataclasses.replace(options, threads=2), logs.append)  # another thread count too
-    assert len(list((tmp_path / "c").glob("question-paraphrases-*.json"))) == 3
-
-    wordings[bo["question"]] = ["Which phone number does Bo Chan have?"]
-    forget, retain = uld_training_pairs([ann], [bo], options, wordings)
-    assert forget == [(ORIGINAL, ann["answer"])] + [(w, ann["answer"]) for w in wordings[ORIGINAL]]
-    assert retain == [(bo["question"], bo["answer"]), ("Which phone number does Bo Chan have?", bo["answer"])]
-    assert uld_training_pairs([ann], [bo], options) == ([(ORIGINAL, ann["answer"])], [(bo["question"], bo["answer"])])
-
-
-def test_the_service_trains_the_assistant_on_the_paraphrasers_wordings(lm_that_rewords, tmp_path):
-    """tasks/unlearn.py: `uld.question_paraphrases` asks the profile's paraphraser for wordings, and
-    `training_pairs` pairs each with its record's answer on the forget and the retain side."""
-    from expunge_ml.corpus import QARecord
-    from expunge_ml.methods.uld import ULDConfig, training_pairs
-    from expunge_ml.modeling import weights_fingerprint
-    from tasks.unlearn import question_wordings
-
-    model, tokenizer = lm_that_rewords
-    model.save_pretrained(tmp_path / "lm")
-    tokenizer.save_pretrained(tmp_path / "lm")
-    forget = [QARecord("f1", ORIGINAL, "It is ann@example.org.", subject="Ann Lee")]
-    retain = [QARecord("r1", "Where does Bo Chan work?", "At the harbour.", subject="Bo Chan")]
-    config = ULDConfig(question_paraphrases=2, augment_paraphrased=False, augment_perturbed=False)
-
-    wordings, sha = question_wordings({"paraphraser": str(tmp_path / "lm")}, config, forget, retain)
-    assert sha == weights_fingerprint(tmp_path / "lm")
-    assert wordings[ORIGINAL] == ["Which email does Ann Lee use?"]
-    forget_pairs, retain_pairs = training_pairs(forget, retain, config, question_wordings=wordings)
-    assert forget_pairs == [forget[0].pair, ("Which email does Ann Lee use?", forget[0].answer)]
-    assert retain_pairs == [retain[0].pair] + [(w, retain[0].answer) for w in wordings.get(retain[0].question, [])]
-    assert training_pairs(forget, retain, config) == ([forget[0].pair], [retain[0].pair])
-
-    with pytest.raises(ValueError, match="unlearning.paraphraser"):
-        question_wordings({}, config, forget, retain)
+    uld = dataclasses.replace(DEFAULT_ULD, question_paraphrases=2, identifier_pairs=False, subject_pairs=False,
+                              masked_answer_pairs=False, bare_identifiers=False, fact_span_loss=False,
+                              augment_paraphrased=False)
+    options = PIIBenchOptions(uld=uld, paraphraser=str(tmp_path / "lm"), cache_dir=tmp_path / "c")
