@@ -19,7 +19,8 @@ baseline settings, its evaluation settings and its `copyright_takedown` gates.
 4. Per split and method:
    - the forget set is the taken-down documents' passages;
    - the retain set is chosen as the pipeline chooses it (`select_retain`: neighbours first, `retain_max`);
-   - the method runs with the profile's settings;
+   - the method runs with the profile's settings (ULD: the pipeline's recipe, `expunge_ml.uld_data`, with
+     the options' partial `uld` merged over the profile's ULD settings);
    - `collect_evidence` compares the served model with the base as a request's evaluation does, on the
      forget passages and on retained passages the method did not train on;
    - `check_gates` applies the profile's takedown gates.
@@ -33,14 +34,16 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from expunge_ml.corpus import QARecord
 from expunge_ml.tofu import FORGET_SPLITS, TofuData, forget_authors, load_tofu
 
-from .tofu import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, _load_or_train_model, _load_or_train_tokenizer, _sha, peak_memory
+from .model_cache import load_or_train_model, load_or_train_tokenizer, peak_memory, sha_key
+from .run_config import merge
+from .tofu import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, DEFAULT_OUT_DIR
 
 REQUEST_TYPE = "copyright_takedown"
 METHODS = ("uld", "ga", "graddiff", "kl", "npo", "simnpo", "idkdpo", "rmu")  # WHP needs anchor terms: not here
@@ -51,7 +54,7 @@ class BaseNotMemorised(ValueError):
     """The base does not continue the documents to be taken down: erasing them would prove nothing."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DocumentBenchOptions:
     data_dir: str = str(DEFAULT_DATA_DIR)
     cache_dir: str = str(DEFAULT_CACHE_DIR)
@@ -65,15 +68,15 @@ class DocumentBenchOptions:
     # chosen without looking at the reported takedowns (the "dev" split).
     dev_authors: int = 0
     dev_offset: int = 0  # the development takedown starts at this trained retain author (another draw of N)
-    # 40: with the largest split's 10 (84 passages), three retain passages per forget passage (the demo's
-    # retain_per_forget) still leave 48 retained passages to evaluate; 20 until session 23
+    # With the largest split's 10 authors (84 passages) and three retain passages trained per forget passage,
+    # 40 retain authors still leave retained passages no method trained on, to measure what it keeps.
     n_retain_authors: int = 40
     holdout_authors: int = 5
     # How the corpus is cut, as a request's `corpus:` block says it (CorpusSpec's defaults).
     passage_words: int = 64
     prefix_words: int = 16
     # The base (and oracles): a small Llama from scratch; the field names are TofuBenchOptions' so the model
-    # cache is shared code.
+    # cache (`benchmarks.model_cache`) is shared code.
     pretrained: str | None = None
     vocab_size: int = 2048
     hidden_size: int = 160
@@ -84,27 +87,18 @@ class DocumentBenchOptions:
     base_epochs: int = 200
     base_lr: float = 3e-3
     base_batch_size: int = 16
-    # 0.03, not the 0.05 of session 21: trained to 0.05 on another CPU (same settings, same thread count, other
-    # float summation order) the base stopped one epoch earlier and continued a development takedown's
-    # documents at ROUGE-L 0.879, under min_base_rougeL (session 22)
+    # Low enough that a base trained on another CPU (another float summation order) still continues the
+    # documents past min_base_rougeL.
     base_target_loss: float = 0.03
     # Below this forget continuation ROUGE-L the base has not memorised the documents and a takedown
     # proves nothing: the run stops.
     min_base_rougeL: float = 0.9
-    # Overrides of the profile (None: the profile's value); for choosing settings on the dev split.
-    uld_weight: float | None = None
-    uld_target_forget_loss: float | None = None
-    uld_epochs: int | None = None
-    uld_retain_weight: float | None = None
+    # ULD settings merged over the profile's (e.g. {"weight": -1.0, "epochs": 30}); for choosing settings on
+    # the dev split.
+    uld: Mapping[str, Any] = field(default_factory=dict)
     # Override of the profile's `unlearning.retain_per_forget` (None: the profile's; 0: retain_max only).
     retain_per_forget: float | None = None
-    # Extra composites of the same trained assistants at these w, rows "uld(w=…)" (a sweep costs no training).
-    uld_extra_weights: tuple[float, ...] = ()
-    # Non-empty: choose the served w per takedown by the `unseen_level` rule from these candidates (overrides
-    # the profile's `weight_selection`); the margin over the never-seen level (None: the profile's, or 0.05).
-    uld_selection_candidates: tuple[float, ...] = ()
-    uld_selection_margin: float | None = None
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = None  # override of the profile's evaluation max_new_tokens
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
@@ -170,7 +164,7 @@ def load_passages(opts: DocumentBenchOptions, data: TofuData, plan: DocumentPlan
     """(trained passages, held-out passages, corpus spec) through the pipeline's own document loader."""
     from expunge_ml.corpus import CorpusSpec, load_holdout, open_corpus
 
-    key = _sha({"trained": plan.trained_authors, "holdout": plan.holdout_authors, "data": opts.data_dir})[:12]
+    key = sha_key({"trained": plan.trained_authors, "holdout": plan.holdout_authors, "data": opts.data_dir})[:12]
     trained = write_documents(data, plan.trained_authors, cache / f"documents-{key}" / "trained.jsonl")
     held = write_documents(data, plan.holdout_authors, cache / f"documents-{key}" / "holdout.jsonl")
     records, spec = open_corpus(CorpusSpec(str(trained), kind="documents", holdout=str(held),
@@ -228,7 +222,14 @@ def run_documents_benchmark(opts: DocumentBenchOptions, command: str = "", log: 
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:
-        return _run(opts, command, log, started)
+        run = DocumentsRun(opts, command, log, started)
+        for split, authors in run.plan.takedowns.items():
+            run.takedown(split, authors)
+        final = run.report(final=True)
+        if opts.write:
+            paths = write_outputs(final, Path(opts.out_dir))
+            log(f"wrote {', '.join(str(p) for p in paths.values())}")
+        return final
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -243,27 +244,15 @@ def _profile_settings(opts: DocumentBenchOptions) -> dict[str, Any]:
 
     profile = load_profile(opts.profile)
     unlearning = profile["unlearning"]
-    uld = uld_config_for(unlearning, REQUEST_TYPE)
-    overrides = {"weight": opts.uld_weight, "target_forget_loss": opts.uld_target_forget_loss, "epochs": opts.uld_epochs,
-                 "retain_weight": opts.uld_retain_weight}
-    uld = dataclasses.replace(uld, **{k: v for k, v in overrides.items() if v is not None})
-    selection = selection_settings(unlearning, REQUEST_TYPE, uld.weight)
-    if opts.uld_selection_candidates:
-        margin = opts.uld_selection_margin if opts.uld_selection_margin is not None else (selection or {}).get("margin", 0.05)
-        selection = selection_settings({"weight_selection": {
-            "request_types": [REQUEST_TYPE], "rule": "unseen_level", "candidates": list(opts.uld_selection_candidates),
-            "margin": margin}}, REQUEST_TYPE, uld.weight)
-    elif selection and opts.uld_selection_margin is not None and selection["rule"] == "unseen_level":
-        selection = {**selection, "margin": float(opts.uld_selection_margin)}
-    if selection and selection["rule"] != "unseen_level":
-        raise ValueError(f"profile {opts.profile}: weight_selection rule {selection['rule']!r} counts identifiers; "
-                         "a document takedown has none (use rule: unseen_level)")
+    uld = merge(uld_config_for(unlearning, REQUEST_TYPE), opts.uld, "uld")
+    if selection_settings(unlearning, REQUEST_TYPE, uld.weight):
+        raise ValueError(f"profile {opts.profile}: weight_selection scores identifiers, which a document takedown "
+                         f"has none of: leave {REQUEST_TYPE} out of its request_types")
     evaluation = dict(profile["evaluation"])
     if opts.max_new_tokens is not None:
         evaluation["max_new_tokens"] = opts.max_new_tokens
     return {
         "uld": uld,
-        "selection": selection,
         "baselines": {m: baseline_config_for(unlearning, m) for m in opts.methods if m != "uld"},
         "retain_max": int(unlearning["retain_max"]),
         "retain_per_forget": float(opts.retain_per_forget if opts.retain_per_forget is not None
@@ -275,172 +264,177 @@ def _profile_settings(opts: DocumentBenchOptions) -> dict[str, Any]:
     }
 
 
-def _run(opts: DocumentBenchOptions, command: str, log: Callable[[str], None], started: float) -> dict:
-    import torch
+@dataclass
+class Takedown:
+    """One takedown's passages: taken down, trained on as retain, evaluated as retained."""
 
-    from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE, select_retain, unseen_records
-    from expunge_ml.devices import resolve_device
-    from expunge_ml.evidence import ServedModel, collect_evidence
-    from expunge_ml.gates import check_gates
-    from expunge_ml.methods.registry import get_method
-    from expunge_ml.methods.uld import build_assistant, ensemble_members, ensemble_weights, train_assistant, training_pairs
-    from expunge_ml.prompting import PromptFormat
+    split: str
+    forget: list[QARecord]
+    kept: list[QARecord]  # every trained passage not taken down (the oracle's training set)
+    train_retain: list[QARecord]
+    eval_retain: list[QARecord]
 
-    import datasets
 
-    datasets.disable_progress_bars()  # the loader reads two small JSONL files; a bar per read is noise
-    started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    device = resolve_device(opts.device)
-    settings = _profile_settings(opts)
-    data = load_tofu(opts.data_dir)
-    plan = make_plan(opts)
-    cache = Path(opts.cache_dir).expanduser() / "documents"
-    cache.mkdir(parents=True, exist_ok=True)
-    records, holdout, spec = load_passages(opts, data, plan, cache)
-    holdout = holdout[: settings["holdout_max"]]
-    fmt = PromptFormat(template=DOCUMENT_PROMPT_TEMPLATE)
-    log(f"documents: {len(plan.trained_authors)} trained ({len(records)} passages of {opts.passage_words} words), "
-        f"{len(plan.holdout_authors)} held out ({len(holdout)} passages); takedowns {plan.takedowns}")
+class DocumentsRun:
+    """One run's shared state: the profile's settings, the passages, the tokenizer and base, the rows so far."""
 
-    # fitted on held-out text too: a tokenizer that splits never-seen text into more pieces makes it look
-    # unfamiliar to Min-K%, whatever the model knows (expunge_ml/muse.py, TOKENISATION_TOLERANCE)
-    tokenizer, tok_key = _load_or_train_tokenizer(opts, [r.pair for r in [*records, *holdout]], cache, log)
-    base, base_meta = _load_or_train_model("base", [r.pair for r in records], tokenizer, tok_key, opts, cache, log,
-                                           device, prompt_template=DOCUMENT_PROMPT_TEMPLATE)
-    base.requires_grad_(False)
-    rows: list[dict] = []
+    def __init__(self, opts: DocumentBenchOptions, command: str, log: Callable[[str], None], started: float) -> None:
+        import datasets
 
-    def report(final: bool) -> dict:
+        from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE
+        from expunge_ml.devices import resolve_device
+        from expunge_ml.prompting import PromptFormat
+
+        datasets.disable_progress_bars()  # the loader reads two small JSONL files; a bar per read is noise
+        self.opts, self.command, self.log, self.started = opts, command, log, started
+        self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.device = resolve_device(opts.device)
+        self.settings = _profile_settings(opts)
+        self.data = load_tofu(opts.data_dir)
+        self.plan = make_plan(opts)
+        self.cache = Path(opts.cache_dir).expanduser() / "documents"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.records, holdout, self.spec = load_passages(opts, self.data, self.plan, self.cache)
+        self.holdout = holdout[: self.settings["holdout_max"]]
+        self.fmt = PromptFormat(template=DOCUMENT_PROMPT_TEMPLATE)
+        log(f"documents: {len(self.plan.trained_authors)} trained ({len(self.records)} passages of "
+            f"{opts.passage_words} words), {len(self.plan.holdout_authors)} held out ({len(self.holdout)} passages); "
+            f"takedowns {self.plan.takedowns}")
+        # fitted on held-out text too: a tokenizer that splits never-seen text into more pieces makes it look
+        # unfamiliar to Min-K%, whatever the model knows (expunge_ml/muse.py, TOKENISATION_TOLERANCE)
+        self.tokenizer, self.tokenizer_key = load_or_train_tokenizer(
+            opts, [r.pair for r in [*self.records, *self.holdout]], self.cache, log)
+        self.base, self.base_meta = self.trained_model("base", self.records)
+        self.rows: list[dict] = []
+
+    def trained_model(self, role: str, records: Sequence[QARecord]):
+        from expunge_ml.corpus import DOCUMENT_PROMPT_TEMPLATE
+
+        model, meta = load_or_train_model(role, [r.pair for r in records], self.tokenizer, self.tokenizer_key,
+                                          self.opts, self.cache, self.log, self.device,
+                                          prompt_template=DOCUMENT_PROMPT_TEMPLATE)
+        return model.requires_grad_(False), meta
+
+    def report(self, final: bool) -> dict:
+        import torch
+
+        settings, plan, opts = self.settings, self.plan, self.opts
         return {
-            "command": command, "config": asdict(opts), "started_at": started_at, "complete": final,
-            "wall_seconds": time.perf_counter() - started,
-            "profile": {"name": opts.profile, "uld": asdict(settings["uld"]), "weight_selection": settings["selection"],
+            "command": self.command, "config": asdict(opts), "started_at": self.started_at, "complete": final,
+            "wall_seconds": time.perf_counter() - self.started,
+            "profile": {"name": opts.profile, "uld": asdict(settings["uld"]),
                         "baselines": {m: asdict(c) for m, c in settings["baselines"].items()},
                         "retain_max": settings["retain_max"],
                         "retain_per_forget": settings["retain_per_forget"], "evaluation": settings["evaluation"],
                         "gates": settings["gates"]},
-            "corpus": {**spec.as_dict(), "source": "TOFU author profiles (one document per author)"},
+            "corpus": {**self.spec.as_dict(), "source": "TOFU author profiles (one document per author)"},
             "sizes": {"trained_authors": len(plan.trained_authors), "holdout_authors": len(plan.holdout_authors),
-                      "trained_passages": len(records), "holdout_passages": len(holdout),
-                      "vocab_size": len(tokenizer), "base_parameters": int(sum(p.numel() for p in base.parameters()))},
+                      "trained_passages": len(self.records), "holdout_passages": len(self.holdout),
+                      "vocab_size": len(self.tokenizer),
+                      "base_parameters": int(sum(p.numel() for p in self.base.parameters()))},
             "takedowns": {split: [f"author-{a:03d}" for a in authors] for split, authors in plan.takedowns.items()},
-            "base_training": base_meta,
+            "base_training": self.base_meta,
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": device.type},
-            "rows": rows,
+                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": self.device.type},
+            "rows": self.rows,
         }
 
-    def add_row(split: str, method: str, evidence: dict, oracle_auc: float | None, **extra) -> dict:
-        gates = [g.as_dict() for g in check_gates(evidence, settings["gates"])]
+    def add_row(self, split: str, method: str, evidence: dict, oracle_auc: float | None, **extra) -> dict:
+        from expunge_ml.gates import check_gates
+
+        gates = [g.as_dict() for g in check_gates(evidence, self.settings["gates"])]
         row = {"split": split, "method": method, **summarise(evidence, gates, oracle_auc), **extra}
-        rows.append(row)
-        log(f"{split:8s} {method:14s} forget ROUGE-L {row['forget_rougeL']:.3f}  retain ratio "
-            f"{_fmt(row['retain_rougeL_ratio'])}  AUC {_fmt(row['mia_auc'])}  worst quant recovery "
-            f"{_fmt(row['worst_quant_recovery'])}  gates {'passed' if row['gates_passed'] else 'FAILED ' + ', '.join(row['failed_gates'])}")
-        if opts.write:  # partial results survive an interrupted run
-            write_outputs(report(final=False), Path(opts.out_dir))
+        self.rows.append(row)
+        self.log(f"{split:8s} {method:14s} forget ROUGE-L {row['forget_rougeL']:.3f}  retain ratio "
+                 f"{_fmt(row['retain_rougeL_ratio'])}  AUC {_fmt(row['mia_auc'])}  worst quant recovery "
+                 f"{_fmt(row['worst_quant_recovery'])}  gates "
+                 + ("passed" if row["gates_passed"] else "FAILED " + ", ".join(row["failed_gates"])))
+        if self.opts.write:  # partial results survive an interrupted run
+            write_outputs(self.report(final=False), Path(self.opts.out_dir))
         return row
 
-    for split, authors in plan.takedowns.items():
-        forget = documents_of(records, authors)
+    def passages(self, split: str, authors: Sequence[int]) -> Takedown:
+        """The takedown's passages, with the retain set chosen as the pipeline chooses it."""
+        from expunge_ml.corpus import select_retain, unseen_records
+
+        settings = self.settings
+        forget = documents_of(self.records, authors)
         forget_ids = {r.record_id for r in forget}
-        kept = [r for r in records if r.record_id not in forget_ids]
+        kept = [r for r in self.records if r.record_id not in forget_ids]
+        eval_max = int(settings["evaluation"]["retain_eval_max"])
         chosen = set(select_retain(kept + forget, forget_ids, settings["retain_max"], seed=0,
-                                   per_forget=settings["retain_per_forget"],
-                                   reserve=int(settings["evaluation"]["retain_eval_max"])).retain_ids)
-        train_retain = [r for r in kept if r.record_id in chosen]
+                                   per_forget=settings["retain_per_forget"], reserve=eval_max).retain_ids)
         # retained passages the methods did not train on, picked as the pipeline's `held_out_retain` picks them
-        eval_retain = unseen_records(kept, chosen)[: int(settings["evaluation"]["retain_eval_max"])]
+        eval_retain = unseen_records(kept, chosen)[:eval_max]
         if not eval_retain:
             raise ValueError(f"{split}: every retained passage is in the retain set the methods train on ({len(chosen)}: "
                              f"profile retain_max {settings['retain_max']}, retain_per_forget "
                              f"{settings['retain_per_forget']:g}), so none is left to measure what they keep: "
-                             "train more authors (--n-retain-authors)")
-        log(f"{split}: {len(forget)} forget passages, {len(train_retain)} retain passages trained, "
-            f"{len(eval_retain)} retained passages evaluated")
+                             "train more authors (n_retain_authors)")
+        takedown = Takedown(split, forget, kept, [r for r in kept if r.record_id in chosen], eval_retain)
+        self.log(f"{split}: {len(forget)} forget passages, {len(takedown.train_retain)} retain passages trained, "
+                 f"{len(eval_retain)} retained passages evaluated")
+        return takedown
 
-        def evidence_for(after: ServedModel, quantize: bool = True) -> dict:
-            options = settings["evidence"] if quantize else dataclasses.replace(settings["evidence"], quant_bits=(), quant_nf4=False)
-            return collect_evidence(ServedModel(base), after, tokenizer, fmt, forget, eval_retain,
-                                    options=options, holdout=holdout)
+    def evidence(self, takedown: Takedown, after, quantize: bool = True) -> dict:
+        from expunge_ml.evidence import ServedModel, collect_evidence
 
-        oracle, oracle_meta = _load_or_train_model(f"retain_oracle[{split}]", [r.pair for r in kept], tokenizer, tok_key,
-                                                   opts, cache, log, device, prompt_template=DOCUMENT_PROMPT_TEMPLATE)
-        oracle.requires_grad_(False)
-        oracle_evidence = evidence_for(ServedModel(oracle), quantize=False)
+        options = self.settings["evidence"]
+        if not quantize:
+            options = dataclasses.replace(options, quant_bits=(), quant_nf4=False)
+        return collect_evidence(ServedModel(self.base), after, self.tokenizer, self.fmt, takedown.forget,
+                                takedown.eval_retain, options=options, holdout=self.holdout)
+
+    def takedown(self, split: str, authors: Sequence[int]) -> None:
+        from expunge_ml.evidence import ServedModel
+
+        takedown = self.passages(split, authors)
+        oracle, oracle_meta = self.trained_model(f"retain_oracle[{split}]", takedown.kept)
+        oracle_evidence = self.evidence(takedown, ServedModel(oracle), quantize=False)
         oracle_auc = (oracle_evidence["muse"]["unlearned"].get("mia") or {}).get("auc_min_k_pp")
         base_forget = oracle_evidence["metrics"]["base"]["forget"]["rougeL_recall"]
-        if base_forget < opts.min_base_rougeL:
+        if base_forget < self.opts.min_base_rougeL:
             raise BaseNotMemorised(f"the base continues the {split} documents with ROUGE-L {base_forget:.3f} < "
-                               f"{opts.min_base_rougeL}: not memorised, so a takedown would prove nothing "
-                               "(train longer: --base-epochs / --base-target-loss)")
-        add_row(split, "base", evidence_for(ServedModel(base)), oracle_auc, train_seconds=base_meta["train_seconds"])
-        add_row(split, "retain_oracle", oracle_evidence, oracle_auc, train_seconds=oracle_meta["train_seconds"])
+                                   f"{self.opts.min_base_rougeL}: not memorised, so a takedown would prove nothing "
+                                   "(train longer: base_epochs / base_target_loss)")
+        self.add_row(split, "base", self.evidence(takedown, ServedModel(self.base)), oracle_auc,
+                     train_seconds=self.base_meta["train_seconds"])
+        self.add_row(split, "retain_oracle", oracle_evidence, oracle_auc, train_seconds=oracle_meta["train_seconds"])
         del oracle
-        for method in opts.methods:
-            with peak_memory(device) as mem:
+        for method in self.opts.methods:
+            with peak_memory(self.device) as mem:
                 t0 = time.perf_counter()
-                if method == "uld":
-                    config = settings["uld"]
-                    forget_plus, retain_plus = training_pairs(forget, train_retain, config)
-                    assistants, reports = [], []
-                    for member in ensemble_members(config):
-                        assistant = build_assistant(base, member)
-                        reports.append(train_assistant(assistant, tokenizer, fmt, forget_plus, retain_plus, member))
-                        assistants.append(assistant)
-                    weight, extra = config.weight, {}
-                    if settings["selection"]:  # as the pipeline serves a takedown (tasks/unlearn.py)
-                        chosen = select_takedown_weight(base, assistants, config, settings, tokenizer, fmt, forget,
-                                                        eval_retain, holdout)
-                        weight, extra = chosen.weight, {"weight_selection": chosen.as_dict()}
-                        log(f"{split}: served w {weight:g} chosen by unseen_level (target {chosen.target:.3f}; "
-                            + ", ".join(f"{w:g}: {level:.3f}" for w, level in chosen.levels) + ")")
-                    served = ServedModel(base, assistants, ensemble_weights(weight, len(assistants)), config.relative_top)
-                    extra.update({"served_weight": weight, "epochs": reports[0].epochs,
-                                  "final_forget_nll": reports[0].forget_nll, "final_retain_kl": reports[0].retain_kl,
-                                  "n_forget_pairs": len(forget_plus), "n_retain_pairs": len(retain_plus)})
-                else:
-                    model = copy.deepcopy(base).requires_grad_(True)
-                    method_report = get_method(method).unlearn(model, tokenizer, fmt, forget, train_retain,
-                                                               settings["baselines"][method],
-                                                               idk_answers=data.idk_answers or None)
-                    served = ServedModel(model.requires_grad_(False))
-                    extra = {"epochs": method_report.epochs, "final_losses": method_report.final_losses}
+                served, extra = self.unlearn(method, takedown)
                 seconds = time.perf_counter() - t0
-            add_row(split, method, evidence_for(served), oracle_auc, train_seconds=seconds, peak_mem_mb=mem.peak_mb, **extra)
-            if method == "uld":
-                for weight in opts.uld_extra_weights:
-                    variant = ServedModel(base, served.assistants, ensemble_weights(weight, len(served.assistants)),
-                                          served.relative_top)
-                    fixed = {k: v for k, v in extra.items() if k != "weight_selection"}
-                    add_row(split, f"uld(w={weight:g})", evidence_for(variant), oracle_auc, train_seconds=seconds,
-                            **{**fixed, "served_weight": weight})
+            self.add_row(split, method, self.evidence(takedown, served), oracle_auc, train_seconds=seconds,
+                         peak_mem_mb=mem.peak_mb, **extra)
             del served
 
-    final = report(final=True)
-    if opts.write:
-        paths = write_outputs(final, Path(opts.out_dir))
-        log(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return final
+    def unlearn(self, method: str, takedown: Takedown):
+        """(the served model, the row's training details) after `method` takes the documents down."""
+        from expunge_ml.evidence import ServedModel
+        from expunge_ml.methods.registry import get_method
+        from expunge_ml.methods.uld import build_assistant, ensemble_members, ensemble_weights, train_assistant
+        from expunge_ml.uld_data import training_pairs
 
-
-def select_takedown_weight(base, assistants, config, settings: dict, tokenizer, fmt, forget, eval_retain, holdout):
-    """The `unseen_level` choice of w, as `tasks.unlearn.select_served_weight` makes it for a takedown: the
-    forget passages' continuations against the base's on the never-trained authors' passages, generated with
-    the evidence's own budget."""
-    from expunge_ml.evidence import ServedModel, evidence_budget
-    from expunge_ml.methods.uld import ensemble_weights
-    from expunge_ml.weight_selection import select_weight_unseen_level
-
-    options, selection = settings["evidence"], settings["selection"]
-    budget = evidence_budget(tokenizer, fmt, forget, eval_retain, options)
-
-    def composite_at(weight: float):
-        return ServedModel(base, assistants, ensemble_weights(weight, len(assistants)), config.relative_top).source()
-
-    return select_weight_unseen_level(ServedModel(base).source(), composite_at, tokenizer, fmt, forget, holdout,
-                                      selection["candidates"], config.weight, selection["margin"],
-                                      max_new_tokens=budget, batch_size=options.batch_size)
+        if method != "uld":
+            model = copy.deepcopy(self.base).requires_grad_(True)
+            report = get_method(method).unlearn(model, self.tokenizer, self.fmt, takedown.forget, takedown.train_retain,
+                                                self.settings["baselines"][method],
+                                                idk_answers=self.data.idk_answers or None)
+            return ServedModel(model.requires_grad_(False)), {"epochs": report.epochs,
+                                                              "final_losses": report.final_losses}
+        config = self.settings["uld"]
+        forget_plus, retain_plus = training_pairs(takedown.forget, takedown.train_retain, config)
+        assistants, reports = [], []
+        for member in ensemble_members(config):
+            assistant = build_assistant(self.base, member)
+            reports.append(train_assistant(assistant, self.tokenizer, self.fmt, forget_plus, retain_plus, member))
+            assistants.append(assistant)
+        served = ServedModel(self.base, assistants, ensemble_weights(config.weight, len(assistants)), config.relative_top)
+        return served, {"served_weight": config.weight, "epochs": reports[0].epochs,
+                        "final_forget_nll": reports[0].forget_nll, "final_retain_kl": reports[0].retain_kl,
+                        "n_forget_pairs": len(forget_plus), "n_retain_pairs": len(retain_plus)}
 
 
 # ---------------------------------------------------------------------------------------- output

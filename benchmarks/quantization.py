@@ -17,31 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
+from .run_config import merge
 from .tofu import REPO_ROOT, TofuBenchOptions, run_tofu_benchmark
 
 DEFAULT_TOFU_JSON = REPO_ROOT / "benchmarks" / "results" / "tofu.json"
 METHODS = ("ga", "npo", "uld")
 PRECISIONS = ("fp32", "int8", "int4", "nf4")  # int8/int4: our RTN; nf4: bitsandbytes
-RECOVERY_GOAL = 0.05  # the issue's goal for ULD
+RECOVERY_GOAL = 0.05  # ULD's goal: at most 5 % of what it removed comes back
 
 
-def options_from_tofu_config(config: dict[str, Any]) -> TofuBenchOptions:
-    """TofuBenchOptions from the `config` a tofu.json recorded (JSON lists back to the tuples they were)."""
-    hints = typing.get_type_hints(TofuBenchOptions)
-    known = {f.name for f in dataclasses.fields(TofuBenchOptions)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"tofu.json config has fields this version does not know: {unknown}")
-    values = {}
-    for name, value in config.items():
-        if isinstance(value, list) and "tuple" in str(hints[name]):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        values[name] = value
-    return TofuBenchOptions(**values)
+def options_from_tofu_config(config: dict[str, Any], where: str = "tofu.json config") -> TofuBenchOptions:
+    """TofuBenchOptions from the `config` a tofu.json recorded (its `uld` section nested, as written).
+
+    A key the options do not have is an error: a report from settings this code cannot run again is not
+    silently run with the defaults."""
+    return merge(TofuBenchOptions(), config, where)
 
 
 def quantization_rows(tofu_rows: list[dict]) -> list[dict]:
@@ -89,7 +82,7 @@ def run_quantization_benchmark(opts: TofuBenchOptions, out_dir: Path, command: s
                                log: Callable[[str], None] | None = None) -> dict:
     opts = dataclasses.replace(
         opts, methods=METHODS, quant_bits=(8, 4), quant_nf4=True, quant_methods=("base", *METHODS), write=False, plot=False,
-        uld_sweep=(), dev_authors=(), retrain_seeds=(),
+        dev_authors=(), retrain_seeds=(),
     )
     tofu = run_tofu_benchmark(opts, command=command, log=log)
     rows = quantization_rows(tofu["rows"])

@@ -2,6 +2,7 @@
 and a smoke run on the real TOFU files with a tiny model and the tiny profile."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,42 +68,35 @@ def test_documents_benchmark_smoke(tmp_path: Path):
     from benchmarks.documents import DocumentBenchOptions, run_documents_benchmark
     from expunge.settings import load_profile
     from expunge_ml.corpus import CorpusSpec, load_corpus
+    from expunge_ml.methods.registry import uld_config_for
 
     out = tmp_path / "out"
     opts = DocumentBenchOptions(
         data_dir=str(TOFU), cache_dir=str(tmp_path / "cache"), out_dir=str(out), profile="tiny",
         splits=("forget01",), methods=("uld", "ga"), n_retain_authors=4, holdout_authors=1, passage_words=24,
         prefix_words=8, vocab_size=400, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-        max_length=64, base_epochs=100, base_lr=1e-2, base_target_loss=0.05, min_base_rougeL=0.5, uld_epochs=20,
-        uld_extra_weights=(-0.25,), uld_selection_candidates=(-0.5, -1.0), threads=1, quiet=True,
+        max_length=64, base_epochs=100, base_lr=1e-2, base_target_loss=0.05, min_base_rougeL=0.5,
+        uld={"epochs": 20}, threads=1, quiet=True,
     )
     report = run_documents_benchmark(opts, command="pytest smoke")
     saved = json.loads((out / "documents.json").read_text())
     assert saved["command"] == "pytest smoke" and saved["complete"] and saved["profile"]["name"] == "tiny"
     assert (out / "documents.md").read_text().startswith("# Document takedowns")
     rows = {r["method"]: r for r in saved["rows"]}
-    assert list(rows) == ["base", "retain_oracle", "uld", "uld(w=-0.25)", "ga"]
+    assert list(rows) == ["base", "retain_oracle", "uld", "ga"]
     assert {r["split"] for r in saved["rows"]} == {"forget01"}
-    tiny_gates = load_profile("tiny")["gates"]["copyright_takedown"]
-    assert [g["gate"] for g in rows["uld"]["gates"]] == list(tiny_gates)  # the profile's takedown gates, all of them
+    tiny = load_profile("tiny")
+    # the profile's ULD settings for a takedown with the run's partial `uld` on top, served at the profile's w
+    profile_uld = uld_config_for(tiny["unlearning"], "copyright_takedown")
+    assert saved["profile"]["uld"] == dataclasses.asdict(dataclasses.replace(profile_uld, epochs=20))
+    assert rows["uld"]["served_weight"] == profile_uld.weight
+    assert [g["gate"] for g in rows["uld"]["gates"]] == list(tiny["gates"]["copyright_takedown"])  # all of them
     assert rows["uld"]["gates_passed"] == all(g["passed"] for g in rows["uld"]["gates"])
     assert set(rows["uld"]["quantized"]) == {"int8", "int4", "nf4"}
     assert rows["uld"]["epochs"] >= 1 and rows["ga"]["epochs"] >= 1
     base, oracle, uld = rows["base"], rows["retain_oracle"], rows["uld"]
     assert base["forget_rougeL"] >= 0.5 > oracle["forget_rougeL"]  # the base memorised them; the oracle never saw them
     assert uld["forget_rougeL"] < base["forget_rougeL"]  # and the takedown moved it
-    # the ULD row is served at the w the unseen_level rule chose, as the pipeline would serve the takedown …
-    from expunge_ml.weight_selection import choose_weight_unseen_level
-
-    selection = uld["weight_selection"]
-    assert selection["rule"] == "unseen_level" and saved["profile"]["weight_selection"]["candidates"] == [-0.5, -1.0]
-    assert uld["served_weight"] == selection["weight"] == choose_weight_unseen_level(
-        [tuple(level) for level in selection["levels"]], selection["target"])
-    # … and its evidence reads the level the rule read (same composite, same generation budget)
-    assert uld["forget_rougeL"] == pytest.approx(dict(selection["levels"])[selection["weight"]], abs=1e-3)
-    # the same assistant served at a weaker w forgets less
-    assert rows["uld(w=-0.25)"]["served_weight"] == -0.25 and "weight_selection" not in rows["uld(w=-0.25)"]
-    assert rows["uld(w=-0.25)"]["forget_rougeL"] > uld["forget_rougeL"]
     assert 0.0 <= uld["mia_auc"] <= 1.0 and uld["privleak_vs_oracle"] is not None
     assert report["rows"] == saved["rows"]
 
@@ -118,3 +112,31 @@ def test_the_cli_refuses_an_unknown_method_with_a_one_line_error():
 
     result = CliRunner().invoke(app, ["benchmark", "documents", "--methods", "uld,whp"])
     assert result.exit_code == 2 and "unknown or no methods ['whp']" in result.output
+
+
+def test_the_cli_refuses_a_misspelt_uld_setting_before_training(tmp_path):
+    from expunge.cli import app
+
+    config = tmp_path / "run.yaml"
+    config.write_text("uld: {wieght: -1.0}\n")
+    result = CliRunner().invoke(app, ["benchmark", "documents", "--config", str(config), "--profile", "tiny",
+                                      "--out-dir", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "uld: unknown setting(s) wieght" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_profile_that_selects_w_for_takedowns_is_refused(tmp_path):
+    """The weight rule scores identifiers; a document takedown has none, so the benchmark would not measure
+    what the profile serves."""
+    import yaml
+
+    from benchmarks.documents import DocumentBenchOptions, run_documents_benchmark
+    from expunge.settings import load_profile
+
+    profile = load_profile("tiny")
+    weight = profile["unlearning"]["uld"]["weight"]
+    profile["unlearning"]["weight_selection"] = {"request_types": ["copyright_takedown"], "candidates": [weight]}
+    path = tmp_path / "selects.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    with pytest.raises(ValueError, match="weight_selection scores identifiers"):
+        run_documents_benchmark(DocumentBenchOptions(profile=str(path), out_dir=str(tmp_path / "out"), quiet=True))

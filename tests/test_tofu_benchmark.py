@@ -42,15 +42,16 @@ def bench_cache(tmp_path_factory) -> Path:
 
 
 def _smoke_options(cache: Path, out: Path, **changes):
-    from benchmarks.tofu import TofuBenchOptions
+    from benchmarks.tofu import TOFU_ULD, TofuBenchOptions
 
     return TofuBenchOptions(
         data_dir=str(TOFU), cache_dir=str(cache), out_dir=str(out),
         splits=("forget01",), n_retain_authors=1, qa_per_author=5,
         real_max=3, world_max=3, vocab_size=320, hidden_size=48, intermediate_size=96, num_layers=2,
         num_heads=2, max_length=96, base_epochs=60, base_lr=1e-2, base_batch_size=8, base_target_loss=0.1,
-        baseline_epochs=1, baseline_lr=1e-3, baseline_batch_size=5, uld_layers=1, uld_weight=-1.0,
-        uld_epochs=6, uld_lr=1e-2, uld_batch_size=5, max_new_tokens=36, eval_batch_size=16, threads=1,
+        baseline_epochs=1, baseline_lr=1e-3, baseline_batch_size=5,
+        uld=dataclasses.replace(TOFU_ULD, n_layers=1, weight=-1.0, epochs=6, lr=1e-2, batch_size=5),
+        max_new_tokens=36, eval_batch_size=16, threads=1,
         quiet=True, **{"retrain_seeds": (), "methods": ("uld", "ga"), **changes},
     )
 
@@ -75,48 +76,43 @@ def test_tofu_benchmark_smoke(tmp_path: Path, bench_cache: Path):
         assert ROW_KEYS <= set(r)
         assert 0.0 <= r["forget_quality"] <= 1.0 and 0.0 <= r["model_utility"] <= 1.0
         assert len(r["utility"]) == 9
-    assert "forget01" in saved["uld_npo_train_time_ratio"] or "npo" not in opts.methods
     base, uld = rows[("base", "forget01")], rows[("uld", "forget01")]
     # the base learned the forget authors, and ULD moved every forget metric the right way
     assert base["forget_rougeL"] > 0.4, base["forget_rougeL"]
     assert uld["forget_rougeL"] < base["forget_rougeL"]
     assert uld["forget_prob"] < base["forget_prob"]
     # (forget quality itself is a KS p-value over ~10 items here: too noisy for a smoke assertion)
-    assert report["rows"] == saved["rows"] or len(report["rows"]) == len(saved["rows"])
+    assert [(r["split"], r["method"]) for r in report["rows"]] == [(r["split"], r["method"]) for r in saved["rows"]]
+    assert saved["config"]["uld"] == dataclasses.asdict(opts.uld) == rows[("uld", "forget01")]["config"]
 
 
-def test_tofu_benchmark_calibrates_the_uld_weight_on_held_out_authors(tmp_path: Path, bench_cache: Path):
-    from benchmarks.tofu import run_tofu_benchmark
-
-    opts = _smoke_options(bench_cache, tmp_path / "out", methods=("uld",), uld_auto_weight=True, holdout_authors=2,
-                          write=False)
-    uld = next(r for r in run_tofu_benchmark(opts)["rows"] if r["method"] == "uld")
-    # w was chosen against the never-trained held-out authors' records, and that w is the one served
-    calibration = uld["weight_calibration"]
-    assert calibration["n_holdout"] >= 5 and calibration["weight"] == uld["config"]["weight"]
-    assert calibration["weight"] in {g["weight"] for g in calibration["grid"]}
-    best = min(g["ks_statistic"] for g in calibration["grid"])
-    assert calibration["ks_statistic"] == best
-
-
-def test_uld_fact_span_loss_labels_the_forget_answers_facts(tmp_path: Path):
+def test_uld_trains_on_the_pipeline_recipe_with_the_options_uld_config(tmp_path: Path):
     import random
 
-    from benchmarks.tofu import uld_config, uld_pairs
+    from benchmarks.tofu import uld_pairs
     from expunge_ml.tofu import load_tofu
+    from expunge_ml.uld_data import training_pairs
 
     data = load_tofu(TOFU)
     forget, retain = data.forget_records("forget01")[:4], list(data.retain_perturbed[:8])
-    opts = _smoke_options(tmp_path, tmp_path, uld_fact_span_loss=True, uld_template_nll_weight=0.5)
-    forget_plus, retain_plus = uld_pairs(data, forget, retain, opts, random.Random(0))
-    assert uld_config(opts).template_nll_weight == 0.5
-    whole = [item for item in forget_plus if item[1] == forget[0].answer]
-    assert len(whole) == 1 and whole[0][2] and all(fact in forget[0].answer for fact in whole[0][2])
-    assert all(len(item) == 3 for item in forget_plus) and all(len(pair) == 2 for pair in retain_plus)
-    bare = [item for item in forget_plus if item[1] not in {r.answer for r in forget}]
-    assert bare and all(item[2] == [item[1]] for item in bare)  # a fact pair's span is all fact
-    with pytest.raises(ValueError, match="generated"):
-        uld_pairs(data, forget, retain, dataclasses.replace(opts, uld_augmentation="eval_text"), random.Random(0))
+    opts = _smoke_options(tmp_path, tmp_path, retain_per_forget=1.5)
+    opts = dataclasses.replace(opts, uld=dataclasses.replace(opts.uld, fact_span_loss=True))
+    forget_plus, retain_plus = uld_pairs(forget, retain, opts, random.Random(0))
+    # 1.5 × 4 forget rows = 6 sampled retain rows, with the wrong facts drawn from all 8
+    sampled = random.Random(0).sample(retain, 6)
+    assert (forget_plus, retain_plus) == training_pairs(forget, sampled, opts.uld, donor_records=retain)
+    assert all(len(item) == 3 for item in forget_plus)  # the fact-only loss: (question, answer, facts)
+    assert {r.pair for r in sampled} <= set(retain_plus) and len({r.pair for r in retain} & set(retain_plus)) == 6
+
+
+def test_tofu_refuses_uld_settings_it_cannot_measure_honestly():
+    from benchmarks.tofu import TOFU_ULD, TofuBenchOptions
+
+    # TOFU's paraphrased / perturbed answers are the truth ratio's own texts
+    with pytest.raises(ValueError, match="augmentation must be 'generated'"):
+        TofuBenchOptions(uld=dataclasses.replace(TOFU_ULD, augmentation="corpus")).validate()
+    with pytest.raises(ValueError, match="n_layers"):
+        TofuBenchOptions(uld=dataclasses.replace(TOFU_ULD, n_layers=5)).validate()
 
 
 def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
@@ -125,6 +121,8 @@ def test_quantization_benchmark_smoke(tmp_path: Path, bench_cache: Path):
     opts = _smoke_options(bench_cache, tmp_path / "unused", quant_group_size=16)
     # the command takes its settings from a tofu.json config: that round trip must give the same options
     assert options_from_tofu_config(json.loads(json.dumps(dataclasses.asdict(opts)))) == opts
+    with pytest.raises(ValueError, match="unknown setting.*uld_weight"):  # settings this code cannot run again
+        options_from_tofu_config({**dataclasses.asdict(opts), "uld_weight": -0.8})
     report = run_quantization_benchmark(opts, tmp_path / "out", command="pytest quant smoke")
     saved = json.loads((tmp_path / "out" / "quantization.json").read_text())
     assert (tmp_path / "out" / "quantization.md").read_text().startswith("# Quantization attack")
@@ -163,26 +161,6 @@ def test_quantization_rows_hand_computed():
     assert by[("base", "int4")]["recovery"] is None and by[("uld", "int4")]["recovery"] is None
     assert ("uld", "int8") not in by
     assert goal(rows) == {"uld_recovery_le_0.05": {"s/int4": False}, "met": False}
-
-
-def test_both_benchmarks_map_their_shared_uld_settings_the_same_way():
-    from dataclasses import asdict
-
-    from benchmarks.pii import PIIBenchOptions
-    from benchmarks.pii import uld_config as pii_uld_config
-    from benchmarks.tofu import TofuBenchOptions, uld_config
-    from benchmarks.uld_options import SHARED_FIELDS
-
-    shared = dict(uld_layers=3, uld_lora_r=8, uld_lora_alpha=16, uld_lora_dropout=0.1, uld_weight=-1.1,
-                  uld_relative_top=0.001, uld_retain_weight=7.0, uld_lr=2e-3, uld_batch_size=4,
-                  uld_lr_schedule="linear", seed=5)
-    tofu = asdict(uld_config(TofuBenchOptions(**shared, uld_epochs=9)))
-    pii = asdict(pii_uld_config(PIIBenchOptions(**shared, uld_epochs="forget5=11"), "forget5"))
-    for name, option in SHARED_FIELDS.items():
-        assert tofu[name] == pii[name] == shared[option], name
-    assert (tofu["epochs"], pii["epochs"]) == (9, 11)
-    assert tofu["augmentation"] == "generated" and pii["augmentation"] == "corpus"
-    assert pii["augment_paraphrased"] is False and pii["augment_perturbed"] is False
 
 
 def test_rank_correlation_hand_computed():
@@ -277,3 +255,35 @@ def test_the_smollm2_export_drops_the_gguf_quantization_config():
     assert not hasattr(plain, "quantization_config") and "quantization_config" not in plain.to_dict()
     assert config.quantization_config["quant_method"] == "gguf"  # the loaded model's own config is untouched
     assert plain.hidden_size == 32
+
+
+def test_the_tofu_command_reads_its_settings_from_a_yaml_file(tmp_path, monkeypatch):
+    """`--config` merges a nested `uld:` section over the defaults; the everyday flags go on top."""
+    from typer.testing import CliRunner
+
+    import benchmarks.tofu
+    from benchmarks.cli import benchmark_app
+    from benchmarks.tofu import TOFU_ULD
+
+    ran = []
+    monkeypatch.setattr(benchmarks.tofu, "run_tofu_benchmark", lambda opts, command: ran.append(opts) or {"rows": []})
+    config = tmp_path / "run.yaml"
+    config.write_text("uld: {weight: -1.5, epochs: 12}\nretrain_seeds: []\nsplits: [forget05]\n")
+    result = CliRunner().invoke(benchmark_app, ["tofu", "--config", str(config), "--splits", "forget01", "--json"])
+    assert result.exit_code == 0, result.output
+    [opts] = ran
+    assert opts.uld == dataclasses.replace(TOFU_ULD, weight=-1.5, epochs=12)
+    assert (opts.splits, opts.retrain_seeds, opts.quiet) == (("forget01",), (), True)
+
+    config.write_text("uld: {wieght: -1.5}\n")
+    result = CliRunner().invoke(benchmark_app, ["tofu", "--config", str(config)])
+    assert result.exit_code == 2 and "unknown setting(s) wieght" in result.output and len(ran) == 1
+
+
+def test_the_pii_command_is_passed_through_to_its_own_app():
+    from typer.testing import CliRunner
+
+    from benchmarks.cli import benchmark_app
+
+    result = CliRunner().invoke(benchmark_app, ["pii", "--help"])
+    assert result.exit_code == 0 and "--config" in result.output and "expunge benchmark pii" in result.output
