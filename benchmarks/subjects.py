@@ -2,8 +2,8 @@
 and tabulate which promotion gates pass.
 
 `make demo` erases one person; whether a profile's settings pass its gates for the others is a different
-question (in session 18 the demo's w −1.0 passed for its own subject only, 1 of 12). Every ticket targets the
-same bootstrapped champion (nothing is approved), so the erasures are independent, and every profile must
+question, since a w chosen on one person can fail for most others. Every ticket targets the same
+bootstrapped champion (nothing is approved), so the erasures are independent, and every profile must
 share the world and base of the first. The output names people by their index in the world's
 `people.jsonl`, never by name: gates, served w and status only.
 """
@@ -28,7 +28,7 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 SHARED_SECTIONS = ("world", "tokenizer", "base_model")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SubjectsOptions:
     profiles: tuple[str, ...] = ("demo",)
     people: tuple[int, ...] = tuple(range(6))
@@ -36,8 +36,7 @@ class SubjectsOptions:
     out_dir: Optional[str] = str(DEFAULT_OUT_DIR)
     name: str = "subjects"
     # ULD assistant seeds to run each profile with (its `unlearning.uld.seed` replaced); () = the profile's own.
-    # Why: on the demo world the shipped profile passed every gate for 14 of 20 people with seed 0 and 10 with
-    # seed 1 (benchmarks/results/demo_subjects.md, session 24): one seed cannot rank two profiles.
+    # Which people pass every gate changes with the assistant's seed, so one seed cannot rank two profiles.
     seeds: tuple[int, ...] = ()
 
 
@@ -143,7 +142,7 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
 
 def failed_within_interval(row: Mapping[str, Any]) -> int:
     """The ticket's failed quantization gates whose threshold lies inside the 90 % interval of every attack over
-    it: failures a dozen answers cannot tell from noise (none before the evidence had intervals)."""
+    it: failures a dozen answers cannot tell from noise (none where the evidence carries no intervals)."""
     count = 0
     for gate, key in QUANT_GATE_KEYS.items():
         result = row.get("gates", {}).get(gate)
@@ -154,9 +153,8 @@ def failed_within_interval(row: Mapping[str, Any]) -> int:
     return count
 
 
-# The optional word-salad gate (judge perplexity of the forget answers, unlearned ÷ base): rounds that add it to a
-# shipped profile judge the candidates by the shipped gates and by this ratio separately (demo_subjects.md, s27–28),
-# so the summary counts JUDGE_GATE apart.
+# The optional word-salad gate (judge perplexity of the forget answers, unlearned ÷ base) is read apart from the
+# shipped gates: the summary counts the tickets passing every other gate, and the ratio's spread.
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     ratios: dict[str, list[float]] = {}
@@ -275,29 +273,37 @@ def write_outputs(result: dict[str, Any], out_dir: Path, name: str) -> tuple[Pat
 
 
 def subjects_command(
-    profile: list[str] = typer.Option(["demo"], "--profile", help="profile name or YAML path; repeat to compare "
-                                      "(all must share the first one's world and base)"),
-    people: str = typer.Option("0-5", help='sample-world people to erase, by index in people.jsonl: "0-5", "0,3,7"'),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of settings (profiles, people, seeds, "
+                                          "home, out_dir, name) that differ from the defaults"),
+    profile: Optional[list[str]] = typer.Option(None, "--profile", help="profile name or YAML path; repeat to "
+                                                "compare (all must share the first one's world and base; default demo)"),
+    people: Optional[str] = typer.Option(None, help='sample-world people to erase, by index in people.jsonl: "0-5" '
+                                         '(the default), "0,3,7"'),
+    seeds: Optional[str] = typer.Option(None, help='ULD assistant seeds to run each profile with, e.g. "0,1" (default: '
+                                        "the profile's own); the gates of one seed are too noisy to rank two profiles"),
     home: Optional[Path] = typer.Option(None, help="state directory for the runs (default: a new temporary one)"),
-    out_dir: Path = typer.Option(DEFAULT_OUT_DIR, help="where NAME.json and NAME.md go"),
-    name: str = typer.Option("subjects", help="output file stem"),
-    seeds: str = typer.Option("", help='ULD assistant seeds to run each profile with, e.g. "0,1" (default: the '
-                              "profile's own); the gates of one seed are too noisy to rank two profiles"),
+    out_dir: Optional[Path] = typer.Option(None, help="where NAME.json and NAME.md go (default benchmarks/results)"),
+    name: Optional[str] = typer.Option(None, help="output file stem (default subjects)"),
 ) -> None:
     """Erase each of several sample-world people in turn under each profile; print and write which gates pass."""
-    try:
-        options = SubjectsOptions(profiles=tuple(profile), people=parse_people(people),
-                                  home=str(home) if home else None, out_dir=str(out_dir), name=name,
-                                  seeds=parse_seeds(seeds))
-        from .cli import invoked_command
+    from .cli import invoked_command, load_or_exit
 
+    try:
+        flags = {"profiles": tuple(profile) if profile else None, "people": parse_people(people) if people else None,
+                 "seeds": parse_seeds(seeds) if seeds is not None else None, "home": str(home) if home else None,
+                 "out_dir": str(out_dir) if out_dir else None, "name": name}
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    options = load_or_exit(SubjectsOptions(), config, flags)
+    try:
         result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True),
                               command=invoked_command("subjects"))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     print(markdown_table(result))
-    paths = write_outputs(result, out_dir, name)
+    paths = write_outputs(result, Path(options.out_dir or DEFAULT_OUT_DIR), options.name)
     print(f"wrote {paths[0]} and {paths[1]}")
     errors = sum(s.get("errors", 0) for s in result["summary"].values())
     if errors:  # a table of tickets that never ran must not pass for a measurement

@@ -102,24 +102,31 @@ def test_quantization_failures_inside_their_interval_are_counted():
 def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_path, monkeypatch):
     for name in ("EXPUNGE_HOME", "EXPUNGE_PROFILE"):  # the run points these at its home; later tests get theirs back
         monkeypatch.setenv(name, os.environ.get(name, ""))
-    result = run_subjects(SubjectsOptions(profiles=("tiny",), people=(1,), home=str(tmp_path / "home")), log=print)
+    # the tiny profile with a forget gate no model can pass (ROUGE-L is never negative): one outcome, whatever
+    # the training gives
+    profile = yaml.safe_load(TINY.read_text())
+    profile["gates"]["privacy_erasure"]["max_forget_rougeL"] = -1.0
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(profile))
+    result = run_subjects(SubjectsOptions(profiles=(str(strict),), people=(1,), home=str(tmp_path / "home")), log=print)
     [row] = result["rows"]
-    assert (row["profile"], row["person_index"], row["ticket_id"]) == ("tiny", 1, "SUBJ-0-1")
-    assert row["status"] in ("completed", "failed_gates")
-    assert row["passed"] == (row["status"] == "completed")
-    assert "max_forget_rougeL" in row["gates"] and row["served_weight"] == -1.0  # the tiny profile's w
-    assert result["summary"]["tiny"]["tickets"] == 1
+    assert (row["profile"], row["person_index"], row["ticket_id"]) == (str(strict), 1, "SUBJ-0-1")
+    assert (row["status"], row["passed"]) == ("failed_gates", False)
+    assert row["gates"]["max_forget_rougeL"]["passed"] is False and row["gates"]["max_forget_rougeL"]["value"] >= 0
+    assert row["served_weight"] == profile["unlearning"]["uld"]["weight"]
+    summary = result["summary"][str(strict)]
+    assert summary["tickets"] == 1 and summary["passed_every_gate"] == 0 and summary["failed_gates"] >= 1
     anywhere = row["facts_anywhere"]  # counts of the served model's forget answers, pooled in the summary
     assert 0 <= anywhere["stated"] <= anywhere["n_facts"] and anywhere["others_n_facts"] > 0
-    assert result["summary"]["tiny"]["facts_anywhere_n_facts"] == anywhere["n_facts"]
+    assert summary["facts_anywhere_n_facts"] == anywhere["n_facts"]
     json_path, md_path = write_outputs(result, tmp_path / "out", "subjects")
     person = json.loads((tmp_path / "home" / "sample_world" / "people.jsonl").read_text().splitlines()[1])
     request = person_request(person, "X")
     written = json_path.read_text() + md_path.read_text()
     for secret in [*request["subject"]["names"], *request["subject"]["aliases"], *request["subject"]["identifiers"]]:
         assert secret not in written
-    assert "| tiny | 1 |" in markdown_table(result)
-    assert f"| tiny | {anywhere['stated']} of {anywhere['n_facts']} |" in markdown_table(result)
+    assert f"| {strict} | 1 | failed_gates |" in markdown_table(result)
+    assert f"| {strict} | {anywhere['stated']} of {anywhere['n_facts']} |" in markdown_table(result)
 
     # A ticket whose run raises is an error, not a measurement: the row says so, the summary counts it
     import expunge.service
@@ -131,13 +138,13 @@ def test_each_person_is_erased_and_reported_by_index_only(prefect_harness, tmp_p
 
     monkeypatch.setattr(expunge.service, "run_request", broken)
     logged: list[str] = []
-    failed = run_subjects(SubjectsOptions(profiles=("tiny",), people=(2,), home=str(tmp_path / "home")),
+    failed = run_subjects(SubjectsOptions(profiles=(str(strict),), people=(2,), home=str(tmp_path / "home")),
                           log=logged.append)
     [row] = failed["rows"]
-    assert row["error"] == "ImportError" and "gates" not in row and failed["summary"]["tiny"]["errors"] == 1
+    assert row["error"] == "ImportError" and "gates" not in row and failed["summary"][str(strict)]["errors"] == 1
     assert any("the run failed: ImportError" in line for line in logged)
     assert not any(secret in line for line in logged)  # the console gets the type only
-    assert "| tiny | 2 | received, error: ImportError |" in markdown_table(failed)
+    assert f"| {strict} | 2 | received, error: ImportError |" in markdown_table(failed)
 
 
 def test_the_command_fails_when_a_ticket_run_raised(monkeypatch, tmp_path):
@@ -147,10 +154,14 @@ def test_the_command_fails_when_a_ticket_run_raised(monkeypatch, tmp_path):
     import benchmarks.subjects as subjects
 
     row = {"profile": "tiny", "person_index": 0, "ticket_id": "SUBJ-0-0", "status": "received", "error": "ImportError"}
-    monkeypatch.setattr(subjects, "run_subjects", lambda options, log, command: {
+    ran = []
+    monkeypatch.setattr(subjects, "run_subjects", lambda options, log, command: ran.append(options) or {
         "command": command, "seconds": 1.0, "base_model_uri": "m", "rows": [row], "summary": subjects.summarise([row])})
     app = typer.Typer()
     app.command()(subjects.subjects_command)
-    result = CliRunner().invoke(app, ["--profile", "tiny", "--people", "0", "--out-dir", str(tmp_path)])
+    config = tmp_path / "run.yaml"
+    config.write_text("people: [0]\nprofiles: [demo]\n")  # the flags given override the file
+    result = CliRunner().invoke(app, ["--config", str(config), "--profile", "tiny", "--out-dir", str(tmp_path)])
     assert result.exit_code == 1 and "1 of 1 ticket runs raised" in result.output
     assert (tmp_path / "subjects.json").exists()  # written first: the log and the table stay readable
+    assert (ran[0].people, ran[0].profiles, ran[0].out_dir) == ((0,), ("tiny",), str(tmp_path))
