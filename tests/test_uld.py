@@ -54,6 +54,11 @@ def test_lora_targets_every_linear_but_the_head_and_adapter_round_trips(base_and
     # Only the adapter is stored, not a copy of the base's layers.
     stored = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
     assert stored < sum(t.numel() * 4 for t in base.state_dict().values()) / 2
+    # An adapter whose settings this code does not know is refused, not served some other way
+    settings_file = tmp_path / "adapter" / "uld_assistant.json"
+    settings_file.write_text(settings_file.read_text().replace('"weight":', '"unknown_mode": "x", "weight":'))
+    with pytest.raises(ValueError, match="unknown ULD setting\\(s\\) unknown_mode; retrain"):
+        load_assistant(base, tmp_path / "adapter")
 
 
 def test_one_step_lowers_the_uld_objective(base_and_tokenizer):
