@@ -7,18 +7,15 @@ are the everyday ones: what to run and where the results go.
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
+from .command_line import CONFIG_HELP, invoked_command, load_or_exit
 from .subjects import subjects_command
 
 benchmark_app = typer.Typer(help="Benchmarks of ULD and the baseline unlearning methods.", no_args_is_help=True)
-
-CONFIG_HELP = "YAML file of settings that differ from the defaults (nested sections such as `uld:` merge)"
 
 
 @benchmark_app.callback()
@@ -28,24 +25,6 @@ def _benchmarks() -> None:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
-def invoked_command(subcommand: str) -> str:
-    """The command line that started benchmark `subcommand`, copy-pasteable for the report."""
-    prefix = "expunge benchmark" if Path(sys.argv[0]).name == "expunge" else "python -m benchmarks.cli"
-    args = sys.argv[sys.argv.index(subcommand):] if subcommand in sys.argv else [subcommand]
-    return prefix + " " + " ".join(shlex.quote(a) for a in args)
-
-
-def load_or_exit(defaults: Any, config: Optional[Path], overrides: dict[str, Any]) -> Any:
-    """The options: defaults, then the YAML file, then the flags given; a bad file exits with one line."""
-    from .run_config import load_options
-
-    try:
-        return load_options(defaults, config, {k: v for k, v in overrides.items() if v is not None})
-    except (OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
 
 
 @benchmark_app.command("tofu")

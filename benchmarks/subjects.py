@@ -23,6 +23,8 @@ import yaml
 
 from expunge_ml.gates import FORGET_ANSWER_PERPLEXITY_GATE as JUDGE_GATE, QUANT_GATE_KEYS
 
+from .command_line import invoked_command, load_or_exit
+
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # The profile sections that decide the world and the base: profiles compared on one champion must agree on them.
 SHARED_SECTIONS = ("world", "tokenizer", "base_model")
@@ -286,8 +288,6 @@ def subjects_command(
     name: Optional[str] = typer.Option(None, help="output file stem (default subjects)"),
 ) -> None:
     """Erase each of several sample-world people in turn under each profile; print and write which gates pass."""
-    from .cli import invoked_command, load_or_exit
-
     try:
         flags = {"profiles": tuple(profile) if profile else None, "people": parse_people(people) if people else None,
                  "seeds": parse_seeds(seeds) if seeds is not None else None, "home": str(home) if home else None,
