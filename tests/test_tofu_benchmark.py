@@ -185,7 +185,8 @@ def test_retrain_seeds_must_differ_from_the_oracle_seed():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (torch sees none here)")
 def test_tofu_benchmark_smoke_on_cuda(tmp_path: Path):
     """The same smoke run with every model on the GPU: the report says so and the forget metrics still move."""
-    from benchmarks.tofu import CUDA_MEMORY_METHOD, run_tofu_benchmark
+    from benchmarks.model_cache import CUDA_MEMORY_METHOD
+    from benchmarks.tofu import run_tofu_benchmark
 
     report = run_tofu_benchmark(_smoke_options(tmp_path / "cache", tmp_path / "out", device="cuda",
                                                methods=("uld", "npo")), command="pytest smoke cuda")
