@@ -221,45 +221,71 @@ def collect_evidence(
     verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
     forget_results = {}  # per model, the forget split with its per-record scores (for the attacks' intervals)
     for name, served in models.items():
-        source = served.source()
-        results = evaluate_splits(source, tokenizer, fmt, splits, **kwargs)
-        forget_results[name] = results["forget"]
-        evidence["facts_anywhere"][name] = facts_anywhere(splits["forget"], results["forget"].answers, splits["retain"])
-        evidence["metrics"][name] = m = {k: v.as_dict() for k, v in results.items()}
-        evidence["truth_ratios"][name] = {
-            split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers], options.batch_size)
-            for split, records in splits.items()
-        }
-        # MUSE: KnowMem (ROUGE-L F1 of the greedy answers above), VerbMem, and PrivLeak when held-out records exist
-        evidence["muse"][name] = {
-            "knowmem_forget": m["forget"]["rougeL_f1"],
-            "knowmem_retain": m["retain"]["rougeL_f1"],
-            "verbmem_forget": verbmem(source, tokenizer, verbatim, budget, options.batch_size),
-            "n_verbmem_probes": len(verbatim),
-        }
-        if holdout:
-            evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, forget, holdout,
-                                                                options.mia_k, options.batch_size)
+        forget_results[name] = _model_evidence(evidence, name, served.source(), tokenizer, fmt, splits, verbatim,
+                                               holdout, options, kwargs)
     erased_ids = {i for probe in erased_probes for i in probe.identifiers}
     others_ids = [i for probe in retained_probes for i in probe.identifiers if i not in erased_ids]
     if erased_probes or retained_probes:
-        evidence["pii"] = {}
-        # Answers about the retained people are also read for the erased people's names (`answers_naming_watched`).
-        erased_names = [name for probe in erased_probes for name in (probe.subject, *probe.aliases)]
-        # ... and the answers about the erased people for the retained people's identifiers (misattribution).
-        for group, probes in (("erased", erased_probes), ("retained", retained_probes)):
-            if probes:
-                watch = {"watch_names": erased_names} if group == "retained" else {"watch_identifiers": others_ids}
-                evidence["pii"][group] = {
-                    name: pii_leakage(served.source(), tokenizer, fmt, list(probes), **watch, **kwargs)
-                    for name, served in models.items()
-                }
-    evidence["quantization"] = {}
-    forget_before, forget_after = (evidence["metrics"][name]["forget"] for name in ("base", "unlearned"))
-    for precision, group_size, build in after.quantization_attacks(options.quant_bits, options.quant_group_size, options.quant_nf4):
+        evidence["pii"] = _pii_evidence(models, tokenizer, fmt, erased_probes, retained_probes, others_ids, kwargs)
+    evidence["quantization"] = _quantization_evidence(after, tokenizer, fmt, splits["forget"], evidence["metrics"],
+                                                      forget_results, erased_probes, others_ids, options, kwargs)
+    if options.fluency:
+        evidence.update(_fluency_evidence(models, tokenizer, fmt, splits["forget"], forget_results, options, judge))
+    return evidence
+
+
+def _model_evidence(evidence: dict[str, Any], name: str, source, tokenizer, fmt: PromptFormat,
+                    splits: Mapping[str, list[QARecord]], verbatim, holdout: Sequence[QARecord],
+                    options: EvidenceOptions, kwargs: Mapping[str, int]):
+    """One served model's split metrics, truth ratios, facts anywhere and MUSE numbers, written into
+    `evidence` under `name`; returns its forget split with the per-record scores."""
+    results = evaluate_splits(source, tokenizer, fmt, splits, **kwargs)
+    evidence["facts_anywhere"][name] = facts_anywhere(splits["forget"], results["forget"].answers, splits["retain"])
+    evidence["metrics"][name] = m = {k: v.as_dict() for k, v in results.items()}
+    evidence["truth_ratios"][name] = {
+        split: truth_ratios(source, tokenizer, fmt, [r for r in records if r.paraphrased_answer and r.perturbed_answers],
+                            options.batch_size)
+        for split, records in splits.items()
+    }
+    # MUSE: KnowMem (ROUGE-L F1 of the greedy answers above), VerbMem, and PrivLeak when held-out records exist
+    evidence["muse"][name] = {
+        "knowmem_forget": m["forget"]["rougeL_f1"],
+        "knowmem_retain": m["retain"]["rougeL_f1"],
+        "verbmem_forget": verbmem(source, tokenizer, verbatim, kwargs["max_new_tokens"], options.batch_size),
+        "n_verbmem_probes": len(verbatim),
+    }
+    if holdout:
+        evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, splits["forget"], holdout,
+                                                            options.mia_k, options.batch_size)
+    return results["forget"]
+
+
+def _pii_evidence(models: Mapping[str, ServedModel], tokenizer, fmt: PromptFormat, erased_probes, retained_probes,
+                  others_ids: list[str], kwargs: Mapping[str, int]) -> dict[str, Any]:
+    """PII leakage per probe group and model. Answers about the retained people are also read for the erased
+    people's names, and answers about the erased people for the retained people's identifiers (misattribution)."""
+    erased_names = [name for probe in erased_probes for name in (probe.subject, *probe.aliases)]
+    pii: dict[str, Any] = {}
+    for group, probes in (("erased", erased_probes), ("retained", retained_probes)):
+        if probes:
+            watch = {"watch_names": erased_names} if group == "retained" else {"watch_identifiers": others_ids}
+            pii[group] = {name: pii_leakage(served.source(), tokenizer, fmt, list(probes), **watch, **kwargs)
+                          for name, served in models.items()}
+    return pii
+
+
+def _quantization_evidence(after: ServedModel, tokenizer, fmt: PromptFormat, forget: list[QARecord],
+                           metrics: Mapping[str, Any], forget_results: Mapping[str, Any], erased_probes,
+                           others_ids: list[str], options: EvidenceOptions, kwargs: Mapping[str, int]) -> dict[str, Any]:
+    """Per quantization attack on the served model: its forget metrics, the share of the forgotten ROUGE-L and
+    facts it brings back (with intervals), and the erased people's PII probes again."""
+    forget_before, forget_after = (metrics[name]["forget"] for name in ("base", "unlearned"))
+    quantization: dict[str, Any] = {}
+    for precision, group_size, build in after.quantization_attacks(options.quant_bits, options.quant_group_size,
+                                                                   options.quant_nf4):
         attacked_source = build().source()
-        attacked = evaluate_splits(attacked_source, tokenizer, fmt, {"forget": splits["forget"]}, **kwargs)["forget"]
-        evidence["quantization"][precision] = attack = {
+        attacked = evaluate_splits(attacked_source, tokenizer, fmt, {"forget": forget}, **kwargs)["forget"]
+        quantization[precision] = attack = {
             "forget": attacked.as_dict(),
             "recovery": recovery(forget_before["rougeL_recall"], forget_after["rougeL_recall"], attacked.rougeL_recall),
             # The same share for the facts alone: what an attacker learns back about the subject.
@@ -275,20 +301,22 @@ def collect_evidence(
             attack["pii_erased"] = pii_leakage(attacked_source, tokenizer, fmt, list(erased_probes),
                                                watch_identifiers=others_ids, **kwargs)
         del attacked_source
-    if options.fluency:
-        reference = before.source()
-        evidence["fluency"] = {
-            name: fluency_report(served.source(), reference, tokenizer, fmt, max_new_tokens=options.max_new_tokens,
-                                 judge=judge)
-            for name, served in models.items()
-        }
-        # The same check on the forget questions: a composite can pass every leak gate by answering them with
-        # word salad, which neutral prompts never show; an auditor should see how the erased subject is answered.
-        # Scored on the evaluation's own greedy answers (the ones its ROUGE-L and fact recall read).
-        forget_questions = [record.question for record in splits["forget"]]
-        evidence["fluency_forget"] = {
-            name: fluency_of(forget_results[name].answers, forget_questions, reference, tokenizer, fmt,
-                             options.batch_size, judge)
-            for name in models
-        }
-    return evidence
+    return quantization
+
+
+def _fluency_evidence(models: Mapping[str, ServedModel], tokenizer, fmt: PromptFormat, forget: list[QARecord],
+                      forget_results: Mapping[str, Any], options: EvidenceOptions,
+                      judge: FluencyJudge | None) -> dict[str, Any]:
+    """Fluency on neutral prompts, and of the answers to the forget questions: a composite can pass every leak
+    gate by answering them with word salad, which neutral prompts never show. The forget answers scored are the
+    evaluation's own greedy answers (the ones its ROUGE-L and fact recall read)."""
+    reference = models["base"].source()
+    forget_questions = [record.question for record in forget]
+    return {
+        "fluency": {name: fluency_report(served.source(), reference, tokenizer, fmt,
+                                         max_new_tokens=options.max_new_tokens, judge=judge)
+                    for name, served in models.items()},
+        "fluency_forget": {name: fluency_of(forget_results[name].answers, forget_questions, reference, tokenizer, fmt,
+                                            options.batch_size, judge)
+                           for name in models},
+    }
