@@ -23,7 +23,6 @@ PROBE_KINDS = ("direct", "paraphrased", "inverted")  # expunge_ml.pii's; checked
 # (w, erased identifiers stated, retained ratio) per candidate w
 Score = tuple[float, int, float]
 
-RULE = "relative"  # the rule's name in the selection record, so an audit reads min_retained as a share
 # A profile's `unlearning.weight_selection` block.
 SELECTION_KEYS = {"request_types", "candidates", "min_retained", "retained"}
 # Where the retained side is scored. held_out: corpus records neither erased, trained on nor evaluated (the
@@ -147,7 +146,7 @@ class WeightSelection:
     retained_probes: str = ""  # which records the retained side was scored on (the caller's name for them)
 
     def as_dict(self) -> dict:
-        return {"weight": self.weight, "default": self.default, "rule": RULE,
+        return {"weight": self.weight, "default": self.default,
                 "min_retained": self.min_retained, "scores": [list(s) for s in self.scores],
                 "n_erased_probes": self.n_erased_probes, "n_retained_probes": self.n_retained_probes,
                 "retained_probes": self.retained_probes}

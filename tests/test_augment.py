@@ -86,9 +86,9 @@ def test_fact_labels_mark_a_whole_answers_spans_and_a_bare_fact_pair_whole():
 def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augmentation():
     from expunge.report import _training_lines, _training_summary
 
-    corpus = _training_summary({"method": "uld", "forget_pairs": 24, "retain_pairs": 96,
+    corpus = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 24, "retain_pairs": 96,
                                 "config": {"augmentation": "corpus", "augment_paraphrased": True}})
-    generated = _training_summary({"method": "uld", "forget_pairs": 40, "retain_pairs": 96,
+    generated = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 40, "retain_pairs": 96,
                                    "config": {"augmentation": "generated", "augment_paraphrased": True}})
     baseline = _training_summary({"method": "npo", "forget_pairs": 12, "retain_pairs": 96, "config": {}})
     assert corpus["truth_ratio_texts_trained_on"] is True
@@ -98,12 +98,12 @@ def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augment
     assert not any("not independent" in line for line in _training_lines(generated))
     # no truth ratio computed (e.g. documents: no paraphrased / perturbed answers), so nothing to caveat,
     # in the JSON as in the Markdown
-    no_truth = _training_summary({"method": "uld", "forget_pairs": 24, "retain_pairs": 96,
+    no_truth = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 24, "retain_pairs": 96,
                                   "config": {"augmentation": "corpus", "augment_paraphrased": True}},
                                  truth_ratios_computed=False)
     assert no_truth["truth_ratio_texts_trained_on"] is False
     assert not any("not independent" in line for line in _training_lines(no_truth))
-    facts_only = _training_summary({"method": "uld", "forget_pairs": 40, "retain_pairs": 96, "config": {
+    facts_only = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 40, "retain_pairs": 96, "config": {
         "augmentation": "corpus", "fact_span_loss": True, "template_nll_weight": 0.7}})
     assert (facts_only["fact_span_loss"], facts_only["template_nll_weight"]) == (True, 0.7)
     assert "fact-only loss" in _training_lines(facts_only)[0] and "weight 0.7" in _training_lines(facts_only)[0]
@@ -113,14 +113,14 @@ def test_report_training_summary_flags_truth_ratio_texts_only_for_corpus_augment
 def test_report_says_which_w_is_served_and_how_it_was_chosen():
     from expunge.report import _training_lines, _training_summary
 
-    fixed = _training_summary({"method": "uld", "forget_pairs": 4, "retain_pairs": 8, "config": {},
+    fixed = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 4, "retain_pairs": 8, "config": {},
                                "weights": [-0.5, -0.5]})
     assert fixed["served_weight"] == -1.0 and "weight_selection" not in fixed
     assert "- Served at w = -1 (the profile's)" in _training_lines(fixed)
-    selection = {"weight": -1.4, "default": -1.0, "rule": "relative", "min_retained": 0.97,
+    selection = {"weight": -1.4, "default": -1.0, "min_retained": 0.97,
                  "scores": [[-1.0, 3, 0.98], [-1.4, 0, 0.962], [-1.8, 0, 0.9]],
                  "n_erased_probes": 6, "n_retained_probes": 30, "retained_probes": "held_out"}
-    chosen = _training_summary({"method": "uld", "forget_pairs": 4, "retain_pairs": 8, "config": {},
+    chosen = _training_summary({"method": "uld", "adapter_dirs": ["assistant"], "forget_pairs": 4, "retain_pairs": 8, "config": {},
                                 "weights": [-1.4], "weight_selection": selection})
     (line,) = [line for line in _training_lines(chosen) if line.startswith("- Served at")]
     assert "w = -1.4, chosen for this erasure by the `relative` rule (profile default -1" in line

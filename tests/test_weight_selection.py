@@ -97,7 +97,7 @@ def test_scores_count_erased_identifiers_stated_and_retained_recall_against_the_
                            max_new_tokens=64, batch_size=4)
     assert chosen.weight == -1.5  # -2.0 keeps 0.5 of the retained recall, under 0.97 × 1.0
     assert dataclasses.replace(chosen, retained_probes="training").as_dict() == {
-        "weight": -1.5, "default": -1.0, "rule": "relative", "min_retained": 0.97,
+        "weight": -1.5, "default": -1.0, "min_retained": 0.97,
         "scores": [[-1.0, 2, 1.0], [-1.5, 0, 1.0], [-2.0, 0, 0.5]], "n_erased_probes": 1, "n_retained_probes": 2,
         "retained_probes": "training"}
     with pytest.raises(ValueError, match="needs retained probes"):
