@@ -142,11 +142,11 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
     book = json.loads(documents.read_text().splitlines()[0])
     request_path = write_takedown(tmp_path, "DOCS-0001", book["document_id"], model_dir, documents,
                                   holdout=documents.parent / "holdout.jsonl")
-    # A passage is memorised verbatim, token by token as sure as the model can be: the assistant must end as sure
-    # of it (forget NLL 0.01) and outweigh it (w -1.5). The gates are ones no outcome can fail, so the run
-    # completes: this test is about the document path; the thresholds below are its own.
+    # A passage is memorised verbatim, token by token as sure as the model can be: the assistant must end nearly as
+    # sure of it (a forget NLL near 0.01, 200 epochs on two passages) and outweigh it (w -2). The gates are ones no
+    # outcome can fail, so the run completes: this test is about the document path; the thresholds below are its own.
     profile = yaml.safe_load((Path(__file__).resolve().parents[1] / "expunge/profiles/tiny.yaml").read_text())
-    profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-1.5)
+    profile["unlearning"]["uld"].update(target_forget_loss=0.01, weight=-2.0, epochs=200)
     profile["gates"] = {kind: {"max_forget_rougeL": 1.0, "min_retain_rougeL_ratio": 0.0} for kind in profile["gates"]}
     profile_path = tmp_path / "documents-profile.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
