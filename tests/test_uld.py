@@ -190,3 +190,23 @@ def test_an_assistant_as_deep_as_the_base_keeps_training_until_it_is_flat_on_the
     assert first_nll <= config.target_forget_loss < config.stop_max_retain_kl < first_kl  # the trap
     assert report.epochs > 1  # it did not stop at the first epoch
     assert report.retain_kl < first_kl
+
+
+def test_the_linear_schedule_decays_the_lr_to_zero_over_the_planned_steps(base_and_tokenizer, monkeypatch):
+    base, tokenizer = base_and_tokenizer
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    pairs = [("who is Ada?", "Ada is a pilot."), ("who is Bo?", "Bo is a cook.")]
+    config = ULDConfig(n_layers=1, lora_r=4, lora_alpha=8, lora_dropout=0.0, epochs=4, batch_size=1, lr=1e-3,
+                       lr_schedule="linear", target_forget_loss=0.0)
+    train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs, config)
+    assert seen == pytest.approx([1e-3 * (1 - s / 8) for s in range(8)])
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs,
+                        ULDConfig(n_layers=1, lr_schedule="cosine"))

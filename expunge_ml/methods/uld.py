@@ -42,6 +42,7 @@ class ULDConfig:
     relative_top: float = 0.0  # τ: keep only tokens the base finds plausible; 0 disables the filter
     epochs: int = 20
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "linear" decay to 0 over the planned steps: a steadier forget NLL at a high lr
     batch_size: int = 8
     target_forget_loss: float = 0.05  # stop once the assistant remembers the forget set this well ...
     # ... and is this close to uniform on the retain set (mean KL(U ‖ p), nats): a deep assistant starts as the
@@ -151,6 +152,14 @@ class ULDTrainReport:
     seconds: float
 
 
+def _lr_scheduler(optimizer, config: ULDConfig, total_steps: int):
+    if config.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if config.lr_schedule == "linear":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {config.lr_schedule!r}")
+
+
 def train_assistant(
     assistant: torch.nn.Module,
     tokenizer,
@@ -175,6 +184,7 @@ def train_assistant(
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     forget_order, retain_order = list(range(len(forget_pairs))), list(range(len(retain_pairs)))
     steps_per_epoch = math.ceil(len(forget_pairs) / config.batch_size)
+    scheduler = _lr_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
     retain_cursor = 0
     device = model_device(assistant)
@@ -211,6 +221,7 @@ def train_assistant(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             nlls.append(nll.detach())  # averaged once per epoch: no GPU sync per step
             step += 1
