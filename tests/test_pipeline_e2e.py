@@ -108,6 +108,24 @@ def test_registered_version_loads_by_alias_and_generates(tiny_settings, complete
     assert model_config["base_weights_sha256"] == champion.tags["expunge.weights_sha256"]
 
 
+def test_the_served_model_runs_on_the_pinned_base_with_each_assistants_w(tiny_home, completed):
+    """`expunge_ml.serving`, which the tasks and the registered version share: a base whose weights differ from the
+    pinned hash is refused; an assistant is served at its recorded w, or at its own where none is recorded."""
+    from expunge_ml.serving import Adapter, BaseWeightsMismatch, load_base, served_model
+
+    work = tiny_home / "work" / "DEMO-GDPR-0001"
+    target = json.loads((work / "target.json").read_text())
+    training = json.loads((work / "training.json").read_text())
+    with pytest.raises(BaseWeightsMismatch, match="pinned 000000000000"):
+        load_base(target["base_location"], "0" * 64)
+    base, _ = load_base(target["base_location"], target["base_weights_sha256"])
+    [adapter_dir] = training["adapter_dirs"]
+    assert served_model(base, [Adapter(adapter_dir)]).weights == [training["config"]["weight"]]
+    recorded = served_model(base, [Adapter(adapter_dir, -0.25)])
+    assert recorded.weights == [-0.25] and recorded.relative_top == training["config"]["relative_top"]
+    assert served_model(base).assistants == []
+
+
 def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_path):
     ok = cli(tiny_home, "audit", "verify")
     assert ok.exit_code == 0 and "audit chain OK" in ok.stdout
