@@ -36,13 +36,7 @@ class BenchmarkCommands(TyperGroup):
     def _benchmarks(self) -> click.Group:
         if BenchmarkCommands._loaded is None:
             from benchmarks.cli import benchmark_app
-            from benchmarks.pii import pii_command
-            from benchmarks.subjects import subjects_command
 
-            if not any(c.name == "pii" for c in benchmark_app.registered_commands):
-                benchmark_app.command("pii")(pii_command)
-            if not any(c.name == "subjects" for c in benchmark_app.registered_commands):
-                benchmark_app.command("subjects")(subjects_command)
             BenchmarkCommands._loaded = typer.main.get_group(benchmark_app)
         return BenchmarkCommands._loaded
 
