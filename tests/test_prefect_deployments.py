@@ -47,6 +47,19 @@ def _stop(process: subprocess.Popen, name: str) -> None:
     raise AssertionError(f"{name} ignored SIGINT twice")
 
 
+def _wait_until_healthy(port: int, server: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and server.poll() is None, "Prefect server did not start"
+        time.sleep(0.5)
+
+
 def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home, tmp_path):
     port = _free_port()
     env = {
@@ -84,16 +97,7 @@ def test_a_request_runs_through_the_deployments_on_a_server_and_worker(tiny_home
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     worker = None
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, "Prefect server did not start"
-            time.sleep(0.5)
+        _wait_until_healthy(port, server)
         prefect("work-pool", "create", "expunge", "--type", "process")
         deployed = prefect("--no-prompt", "deploy", "--all")
         assert "process_request/process-request" in deployed.stdout
