@@ -335,7 +335,7 @@ def demo() -> None:
     if row["status"] == "completed":
         from expunge_ml.gates import unsettled_gates
 
-        unsettled = [g["gate"] for g in unsettled_gates(None, metrics.get("gates", []))]
+        unsettled = [g["gate"] for g in unsettled_gates(metrics.get("gates", []))]
         out.print(f"next: a reviewer releases it with `expunge approve {row['ticket_id']} --reviewer NAME`"
                   + (f" (--accept-unsettled: {', '.join(unsettled)} passed within its interval; read the report)"
                      if unsettled else ""))

@@ -128,24 +128,12 @@ def threshold_inside(bounds: tuple[float, float] | list[float], threshold: float
     return bounds[0] <= threshold <= bounds[1]
 
 
-def unsettled_gates(evidence: Mapping[str, Any] | None, results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The gates (results as `GateResult.as_dict()`) whose threshold lies inside their interval: a reviewer
-    releasing the model should know that those passes are within noise. A result that carries `settled` is read
-    as stored; one without it is judged from `evidence` (None when it is not at hand: then it is not called
-    unsettled)."""
-    unsettled = []
-    for result in results:
-        if "settled" in result:
-            bounds = result["interval"] if result["settled"] is False else None
-        elif evidence is None or result.get("skipped"):
-            bounds = None
-        else:
-            bounds = worst_attack_interval(evidence, result["gate"])
-            bounds = bounds if bounds and threshold_inside(bounds, result["threshold"]) else None
-        if bounds:
-            unsettled.append({"gate": result["gate"], "value": result["value"], "threshold": result["threshold"],
-                              "interval": list(bounds), "passed": result["passed"]})
-    return unsettled
+def unsettled_gates(results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The gates (results as `GateResult.as_dict()`) whose threshold lies inside their stored interval: a reviewer
+    releasing the model should know that those passes are within noise."""
+    return [{"gate": r["gate"], "value": r["value"], "threshold": r["threshold"], "interval": list(r["interval"]),
+             "passed": r["passed"]}
+            for r in results if r.get("settled") is False and r.get("interval")]
 
 
 def _fluency(e):

@@ -88,7 +88,7 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
-        unsettled = unsettled_gates(None, gates)
+        unsettled = unsettled_gates(gates)
         if unsettled and not accept_unsettled:
             listed = "; ".join(f"{g['gate']} {g['value']} vs {g['threshold']} (90 % interval "
                                f"{g['interval'][0]:.3f}–{g['interval'][1]:.3f})" for g in unsettled)
