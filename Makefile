@@ -33,7 +33,8 @@ postgres:
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -m "not slow"
 
-# The unit tests: no sample world, Prefect flow, server or benchmark run (`pipeline`, set in tests/conftest.py).
+# The unit tests: leaves out the `pipeline` tests (sample world, Prefect flows, servers, benchmark runs, long
+# training), which tests/conftest.py marks.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not pipeline"
 

@@ -58,15 +58,24 @@ PIPELINE_FIXTURES = frozenset({"tiny_home", "tiny_settings", "prefect_harness", 
 # Parametrized fixtures that reach one of those through `request.getfixturevalue` for one value only,
 # which collection cannot see: (fixture, value).
 PIPELINE_PARAMS = frozenset({("url", "postgresql")})
-# Modules that are end-to-end runs as a whole (flows, deployments, benchmark runs on the real data).
+# Modules that are end-to-end runs as a whole, or that first train models to memorise or assistants to
+# convergence (minutes of CPU, which would take `make test-fast` over its two minutes).
 PIPELINE_MODULES = frozenset({
     "test_pipeline_e2e.py",
     "test_prefect_deployments.py",
+    "test_devices.py",
+    "test_eval_extras.py",
+    "test_paraphrase.py",
+    "test_uld.py",
 })
+# A benchmark's run inside a test: a smoke run on the real data, or a pre-trained model fine-tuned as its base.
+BENCHMARK_RUN_WORDS = ("smoke", "pretrained")
 
 
 def is_pipeline_test(item: pytest.Item) -> bool:
     if item.path.name in PIPELINE_MODULES:
+        return True
+    if any(word in getattr(item, "originalname", item.name) for word in BENCHMARK_RUN_WORDS):
         return True
     if PIPELINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
         return True
