@@ -55,17 +55,16 @@ def tiny_settings(tiny_home):
 # Fixtures that bootstrap the sample world, run Prefect flows or start a server: a test that uses one
 # (directly or through another fixture) exercises the whole pipeline and takes seconds to minutes.
 PIPELINE_FIXTURES = frozenset({"tiny_home", "tiny_settings", "prefect_harness", "postgres_url"})
+# Fixtures that first train a small model until it memorises its data: tens of seconds of CPU each, which
+# would take `make test-fast` over its two minutes.
+TRAINED_MODEL_FIXTURES = frozenset({"memorised", "memorised_cpu", "never_saw_pii", "lm_that_rewords"})
 # Parametrized fixtures that reach one of those through `request.getfixturevalue` for one value only,
 # which collection cannot see: (fixture, value).
 PIPELINE_PARAMS = frozenset({("url", "postgresql")})
-# Modules that are end-to-end runs as a whole, or that first train models to memorise or assistants to
-# convergence (minutes of CPU, which would take `make test-fast` over its two minutes).
+# Modules that are end-to-end runs as a whole, or whose tests train assistants to convergence.
 PIPELINE_MODULES = frozenset({
     "test_pipeline_e2e.py",
     "test_prefect_deployments.py",
-    "test_devices.py",
-    "test_eval_extras.py",
-    "test_paraphrase.py",
     "test_uld.py",
 })
 # A benchmark's run inside a test: a smoke run on the real data, or a pre-trained model fine-tuned as its base.
@@ -77,7 +76,7 @@ def is_pipeline_test(item: pytest.Item) -> bool:
         return True
     if any(word in getattr(item, "originalname", item.name) for word in BENCHMARK_RUN_WORDS):
         return True
-    if PIPELINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+    if (PIPELINE_FIXTURES | TRAINED_MODEL_FIXTURES).intersection(getattr(item, "fixturenames", ())):
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
     return any((name, value) in PIPELINE_PARAMS for name, value in params.items() if isinstance(value, str))
