@@ -126,7 +126,8 @@ def _uld_line(cfg: dict) -> str:
     return (f"- ULD: {assistants}K = {uld['n_layers']} layers + LoRA r {uld['lora_r']} α {uld['lora_alpha']} "
             f"dropout {uld['lora_dropout']}; w = {uld['weight']}, τ = {uld['relative_top']}; loss NLL(forget⁺) + "
             f"{uld['retain_weight']}·KL(U‖p)(retain⁺); {_uld_data_text(cfg)}; up to {uld['epochs']} epochs, "
-            f"lr {uld['lr']}, batch {uld['batch_size']}, stop at forget NLL ≤ {uld['target_forget_loss']}.")
+            f"lr {uld['lr']} ({uld.get('lr_schedule', 'constant')} schedule), batch {uld['batch_size']}, "
+            f"stop at forget NLL ≤ {uld['target_forget_loss']}.")
 
 
 def _results_lines(report: dict) -> list[str]:
