@@ -281,12 +281,13 @@ def test_the_command_line_runs_the_options_it_reads(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(run, "main", seen.append)
     config = tmp_path / "run.yaml"
-    config.write_text("uld:\n  assistants: 2\n")
+    config.write_text("uld:\n  assistants: 2\n  question_paraphrases: 0\n")  # no paraphraser LM needed
     result = CliRunner().invoke(pii_app, ["--config", str(config), "--splits", "forget5", "--methods", "uld",
                                           "--data-dir", str(DEFAULT_DATA_DIR), "--out-dir", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     (options,) = seen
-    assert (options.uld.assistants, options.splits, options.methods) == (2, ("forget5",), ("uld",))
+    assert (options.uld.assistants, options.uld.question_paraphrases) == (2, 0)
+    assert (options.splits, options.methods) == (("forget5",), ("uld",))
     assert options.out_dir == tmp_path / "out"
     result = CliRunner().invoke(pii_app, ["--preset", "gpt5"])
     assert result.exit_code == 2 and "unknown preset" in result.output
