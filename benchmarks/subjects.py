@@ -70,11 +70,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def profile_variants(profiles: Sequence[str], seeds: Sequence[int], directory: Path) -> list[tuple[str, str]]:
-    """(label, profile to run) for each profile, or for each profile × assistant seed: a copy of the profile with
+def profile_variants(profiles: Sequence[str], seeds: Sequence[int],
+                     directory: Path) -> list[tuple[str, str, int | None]]:
+    """(label, profile to run, assistant seed or None) for each profile, or for each profile × assistant seed: a copy of the profile with
     `unlearning.uld.seed` set, written to `directory` (the run's private home)."""
     if not seeds:
-        return [(profile, profile) for profile in profiles]
+        return [(profile, profile, None) for profile in profiles]
     from expunge.settings import load_profile
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def profile_variants(profiles: Sequence[str], seeds: Sequence[int], directory: P
             loaded.setdefault("unlearning", {}).setdefault("uld", {})["seed"] = seed
             path = directory / f"{k}-{Path(profile).stem}-seed{seed}.yaml"
             path.write_text(yaml.safe_dump(loaded, sort_keys=False))
-            variants.append((f"{profile} (seed {seed})", str(path)))
+            variants.append((f"{profile} (seed {seed})", str(path), seed))
     return variants
 
 
@@ -134,12 +135,45 @@ def ticket_row(work: Path, profile: str, index: int, ticket_id: str, status: str
             row["facts_anywhere"] = {"stated": anywhere["stated"], "n_facts": anywhere["n_facts"],
                                      "others_stated": anywhere["others"]["stated"],
                                      "others_n_facts": anywhere["others"]["n_facts"]}
+        row.update(headline_numbers(evidence))
     training_path = work / "training.json"
     if training_path.exists():
         weights = json.loads(training_path.read_text()).get("weights")
         if weights:
             row["served_weight"] = round(sum(weights), 6)
     return row
+
+
+def headline_numbers(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """What the issue of a real base asks of every erasure, from its evidence: the served model's forget ROUGE-L,
+    the neighbours' (retained people's) ROUGE-L and the general questions' as ratios of the base's, the share of
+    forget answers the fluency check calls degenerate, and the judge's perplexity of the forget answers as a
+    ratio of the base's. None where the evidence lacks one."""
+    metrics = evidence.get("metrics") or {}
+    before, after = metrics.get("base") or {}, metrics.get("unlearned") or {}
+
+    def ratio(split: str) -> float | None:
+        if split not in before or split not in after or not before[split]["rougeL_recall"]:
+            return None
+        return round(after[split]["rougeL_recall"] / before[split]["rougeL_recall"], 4)
+
+    fluency = (evidence.get("fluency_forget") or {}).get("unlearned") or {}
+    judged = (evidence.get("fluency_forget") or {}).get("base") or {}
+    judge_ratio = (round(fluency["judge_perplexity"] / judged["judge_perplexity"], 4)
+                   if "judge_perplexity" in fluency and judged.get("judge_perplexity") else None)
+    return {"forget_rougeL": round(after["forget"]["rougeL_recall"], 4) if "forget" in after else None,
+            "neighbour_rougeL_ratio": ratio("retain"), "general_ratio": ratio("general"),
+            "degenerate_share": fluency.get("degenerate_share"), "judge_ppl_ratio": judge_ratio}
+
+
+def within_goals(row: Mapping[str, Any]) -> bool:
+    """A passing erasure that also reads as never having met her: at most 5 % degenerate forget answers, and at
+    least 95 % of the base's neighbour and general ROUGE-L."""
+    def at_least(key: str, bound: float) -> bool:
+        return row.get(key) is not None and row[key] >= bound
+
+    return (row.get("degenerate_share") is not None and row["degenerate_share"] <= 0.05
+            and at_least("neighbour_rougeL_ratio", 0.95) and at_least("general_ratio", 0.95))
 
 
 def failed_within_interval(row: Mapping[str, Any]) -> int:
@@ -167,6 +201,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if row.get("error"):  # a run that raised: no gate verdict, and not a "failed" ticket either
             entry["errors"] = entry.get("errors", 0) + 1
         entry["passed_every_gate"] += int(bool(row.get("passed")))
+        if row.get("passed") and "degenerate_share" in row:  # the sample world's goals for a released erasure
+            entry["passing_within_goals"] = entry.get("passing_within_goals", 0) + within_goals(row)
         entry["failed_gates"] += sum(not g["passed"] for g in row.get("gates", {}).values())
         entry["quant_failures_within_interval"] += failed_within_interval(row)
         if row.get("facts_anywhere"):  # pooled over the tickets: the subjects' facts vs the others' in the same answers
@@ -184,8 +220,19 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return summary
 
 
+def base_description(settings, model_uri: str) -> dict[str, Any]:
+    """The champion the erasures ran on: what it was built from, and its parameter count."""
+    built = json.loads((settings.models_dir / "sample-base.json").read_text())
+    source = settings.profile["base_model"].get("pretrained")
+    origin = f"{source} taught the sample world" if source else "a small Llama trained from scratch on the sample world"
+    return {"name": f"{model_uri} ({origin})", "parameters": built["n_parameters"]}
+
+
 def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
-                 command: str = "benchmarks.subjects.run_subjects(...)") -> dict[str, Any]:
+                 command: str = "benchmarks.subjects.run_subjects(...)",
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every (profile variant, person) erasure in turn; `checkpoint` gets the result so far after each one, so a
+    run stopped half-way keeps the rows it finished."""
     from expunge.service import request_rows, run_request, submit
     from expunge.settings import Settings
     from flows.bootstrap import bootstrap_sample_model
@@ -202,8 +249,15 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
         raise ValueError(f"the sample world has {len(people)} people; no person {missing}")
     requests_dir = home / "subjects_requests"  # the requests name people: they stay in the private home
     requests_dir.mkdir(exist_ok=True)
-    rows = []
-    for k, (label, profile) in enumerate(profile_variants(options.profiles, options.seeds, home / "subjects_profiles")):
+    rows: list[dict[str, Any]] = []
+
+    def result_of(finished: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"command": command, "options": asdict(options) | {"home": str(home)},
+                "base_model_uri": boot["model_uri"], "base": base_description(settings, boot["model_uri"]),
+                "seconds": round(time.perf_counter() - started, 1), "rows": finished, "summary": summarise(finished)}
+
+    for k, (label, profile, seed) in enumerate(profile_variants(options.profiles, options.seeds,
+                                                                home / "subjects_profiles")):
         profile_settings = Settings(home=home, profile_name=profile)
         for index in options.people:
             ticket_id = f"SUBJ-{k}-{index}"
@@ -224,11 +278,19 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
             row = ticket_row(profile_settings.ticket_dir(ticket_id), label, index, ticket_id, status)
             if error:
                 row["error"] = error
+            row["seed"] = seed
             rows.append(row)
             log(f"{label}: person {index}: {status}, w {row.get('served_weight')}")
-    return {"command": command, "options": asdict(options) | {"home": str(home)},
-            "base_model_uri": boot["model_uri"], "seconds": round(time.perf_counter() - started, 1),
-            "rows": rows, "summary": summarise(rows)}
+            if checkpoint:
+                checkpoint(result_of(rows))
+    return result_of(rows)
+
+
+HEADLINE_KEYS = ("forget_rougeL", "neighbour_rougeL_ratio", "general_ratio", "degenerate_share", "judge_ppl_ratio")
+
+
+def _cell(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -242,10 +304,21 @@ def markdown_table(result: dict[str, Any]) -> str:
         status = f"{row['status']}, error: {row['error']}" if row.get("error") else row["status"]
         lines.append(f"| {row['profile']} | {row['person_index']} | {status} | {row.get('served_weight', '–')} | "
                      f"{'pass' if row.get('passed') else 'fail'} | " + " | ".join(cells) + " |")
-    lines += ["", "| profile | tickets | passed every gate | failed gates | of them quantization gates within their interval | runs that raised |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s['failed_gates']} | "
-              f"{s.get('quant_failures_within_interval', '–')} | {s.get('errors', 0)} |" for p, s in result["summary"].items()]
+    if any("forget_rougeL" in row for row in result["rows"]):
+        lines += ["", "Headline numbers per erasure: the served model's forget ROUGE-L; the neighbours' (held-out retained "
+                  "people's) ROUGE-L, the general questions' and the fluency judge's perplexity of the forget answers, "
+                  "each over the base's; the share of forget answers that are empty, looping or word salad.", "",
+                  "| profile | person | seed | every gate | forget ROUGE-L | neighbour ratio | general ratio | "
+                  "degenerate share | judge ppl ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {row['profile']} | {row['person_index']} | {row.get('seed', '–')} | "
+                  f"{'pass' if row.get('passed') else 'fail'} | "
+                  + " | ".join(_cell(row.get(key)) for key in HEADLINE_KEYS) + " |" for row in result["rows"]]
+    lines += ["", "| profile | tickets | passed every gate | of them within the goals | failed gates | of them "
+              "quantization gates within their interval | runs that raised |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {p} | {s['tickets']} | {s['passed_every_gate']} | {s.get('passing_within_goals', '–')} | "
+              f"{s['failed_gates']} | {s.get('quant_failures_within_interval', '–')} | {s.get('errors', 0)} |"
+              for p, s in result["summary"].items()]
+    lines += ["", "Within the goals: degenerate share ≤ 0.05, neighbour and general ratios ≥ 0.95."]
     if any("facts_anywhere_n_facts" in s for s in result["summary"].values()):
         lines += ["", "Facts stated in any answer to the forget questions (served model), pooled over the tickets: the "
                   "erased people's own, and the other people's in the same answers (what word salad states by chance).",
@@ -297,13 +370,15 @@ def subjects_command(
         raise typer.Exit(2) from exc
     options = load_or_exit(SubjectsOptions(), config, flags)
     try:
+        out_dir = Path(options.out_dir or DEFAULT_OUT_DIR)
         result = run_subjects(options, lambda message: print(message, file=sys.stderr, flush=True),
-                              command=invoked_command("subjects"))
+                              command=invoked_command("subjects"),
+                              checkpoint=lambda so_far: write_outputs(so_far, out_dir, options.name))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     print(markdown_table(result))
-    paths = write_outputs(result, Path(options.out_dir or DEFAULT_OUT_DIR), options.name)
+    paths = write_outputs(result, out_dir, options.name)
     print(f"wrote {paths[0]} and {paths[1]}")
     errors = sum(s.get("errors", 0) for s in result["summary"].values())
     if errors:  # a table of tickets that never ran must not pass for a measurement

@@ -163,10 +163,16 @@ def _print_forget_answers(evidence_path: Path) -> None:
     fluency = evidence.get("fluency_forget")
     if fluency:
         before, after = fluency["base"], fluency["unlearned"]
-        judged = (f"; judge {before['judge_perplexity']:.1f} → {after['judge_perplexity']:.1f}"
-                  if "judge_perplexity" in after else "")
-        out.print(f"forget answers' perplexity under the base: {before['reference_perplexity']:.1f} → "
-                  f"{after['reference_perplexity']:.1f}{judged} (word salad scores high; see the report)")
+        if "judge_perplexity" in after:
+            out.print(f"fluency judge's perplexity of the forget answers: {before['judge_perplexity']:.1f} → "
+                      f"{after['judge_perplexity']:.1f} (ratio {after['judge_perplexity'] / before['judge_perplexity']:.2f};"
+                      f" word salad scores tens)")
+        out.print(f"degenerate forget answers (empty, looping or word salad): {after['degenerate_share']:.0%}")
+    general = [evidence["metrics"][name].get("general") for name in ("base", "unlearned")]
+    if None not in general:
+        out.print(f"general knowledge (questions the pre-trained model answered, n={general[0]['n']}): ROUGE-L "
+                  f"{general[0]['rougeL_recall']:.3f} → {general[1]['rougeL_recall']:.3f} "
+                  f"(ratio {general[1]['rougeL_recall'] / max(general[0]['rougeL_recall'], 1e-9):.3f})")
 
 
 @app.command()
@@ -328,7 +334,7 @@ def demo() -> None:
     out.print(f"forget ROUGE-L recall: base {metrics.get('base_forget_rougeL')} → unlearned {metrics.get('unlearned_forget_rougeL')}")
     if metrics.get("base_forget_facts") is not None:
         out.print(f"forget fact recall: base {metrics.get('base_forget_facts')} → unlearned {metrics.get('unlearned_forget_facts')}")
-    out.print(f"retain ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
+    out.print(f"neighbours' (retain) ROUGE-L recall: base {metrics.get('base_retain_rougeL')} → unlearned {metrics.get('unlearned_retain_rougeL')} (ratio {retain_ratio:.3f})")
     _print_forget_answers(settings.ticket_dir(row["ticket_id"]) / "evidence.json")
     out.print(f"audit verify: {'OK' if verification.ok else 'BROKEN'} ({verification.n_events} events, head {verification.head_hash[:16]}…)")
     out.print(f"demo took {time.perf_counter() - started:.0f}s")

@@ -50,6 +50,8 @@ class CorpusRef(BaseModel):
     columns: dict[str, str] = Field(default_factory=dict)
     # records of the same kind the model never trained on: membership-inference (PrivLeak) non-members
     holdout: str = ""
+    # questions the model answered before it met this corpus: general ability, gated by min_general_ratio
+    general: str = ""
     # qa (question/answer columns) or documents (a text column, cut into passages whose first prefix_words
     # words prompt the rest); auto tells them apart by the columns
     kind: Literal["auto", "qa", "documents"] = "auto"

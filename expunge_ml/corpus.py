@@ -64,6 +64,9 @@ class CorpusSpec:
     # Optional: records of the same kind the model never trained on (same columns and split) — the
     # non-members of the membership-inference (PrivLeak) evidence.
     holdout: str = ""
+    # Optional: questions the model answered before it trained on this corpus (record_id, question, answer),
+    # asked again of every version to show what else it knows is kept (`expunge_ml.general_knowledge`).
+    general: str = ""
     # "qa": question/answer rows. "documents": a `text` column, cut into passages of `passage_words`
     # words whose first `prefix_words` are the prompt. "auto": documents when the source has the (mapped)
     # text column and no question column, else qa; `open_corpus` returns the spec with the kind it found.
@@ -78,6 +81,8 @@ class CorpusSpec:
         out: dict[str, Any] = {"source": self.source, "split": self.split, "columns": dict(self.columns)}
         if self.holdout:
             out["holdout"] = self.holdout
+        if self.general:
+            out["general"] = self.general
         if self.kind != "auto":
             out["kind"] = self.kind
         if self.kind == "documents":
@@ -96,6 +101,11 @@ def load_holdout(spec: CorpusSpec) -> list[QARecord]:
     if not spec.holdout:
         return []
     return load_corpus(replace(spec, source=spec.holdout, holdout=""))
+
+
+def load_general(spec: CorpusSpec) -> list[QARecord]:
+    """The general-ability questions of `spec` ([] when it names none): plain QA records, default columns."""
+    return load_corpus(CorpusSpec(source=spec.general, kind="qa")) if spec.general else []
 
 
 class CorpusError(ValueError):

@@ -208,10 +208,13 @@ def collect_evidence(
     options: EvidenceOptions = EvidenceOptions(),
     holdout: Sequence[QARecord] = (),
     judge: FluencyJudge | None = None,
+    general: Sequence[QARecord] = (),
 ) -> dict[str, Any]:
-    """`holdout`: records of the same kind the model never trained on (membership-inference non-members);
-    without them the MIA/PrivLeak evidence is left out (and its gate reports "skipped"). `judge`: a general
-    LM that also scores the fluency generations (without one, `max_forget_answer_perplexity_ratio` skips)."""
+    """`holdout`: records of the same kind the model never trained on (membership-inference non-members, and the
+    chance level of the fact and PII gates); without them the MIA/PrivLeak evidence and the chance levels are
+    left out. `judge`: a general LM that also scores the fluency generations (without one,
+    `max_forget_answer_perplexity_ratio` skips). `general`: questions the pre-trained model answered before it
+    met the corpus (`general_knowledge`), for `min_general_ratio`."""
     splits = {"forget": list(forget), "retain": list(retain)}
     budget = evidence_budget(tokenizer, fmt, forget, retain, options)
     kwargs = {"max_new_tokens": budget, "batch_size": options.batch_size}
@@ -227,6 +230,12 @@ def collect_evidence(
     others_ids = [i for probe in retained_probes for i in probe.identifiers if i not in erased_ids]
     if erased_probes or retained_probes:
         evidence["pii"] = _pii_evidence(models, tokenizer, fmt, erased_probes, retained_probes, others_ids, kwargs)
+    if holdout:
+        evidence["chance"] = chance_evidence(before.source(), tokenizer, fmt, holdout, erased_probes, kwargs)
+    if general:
+        for name, served in models.items():
+            evidence["metrics"][name]["general"] = evaluate_splits(
+                served.source(), tokenizer, fmt, {"general": list(general)}, **kwargs)["general"].as_dict()
     evidence["quantization"] = _quantization_evidence(after, tokenizer, fmt, splits["forget"], evidence["metrics"],
                                                       forget_results, erased_probes, others_ids, options, kwargs)
     if options.fluency:
@@ -258,6 +267,29 @@ def _model_evidence(evidence: dict[str, Any], name: str, source, tokenizer, fmt:
         evidence["muse"][name]["mia"] = membership_evidence(source, tokenizer, fmt, splits["forget"], holdout,
                                                             options.mia_k, options.batch_size)
     return results["forget"]
+
+
+def chance_evidence(source, tokenizer, fmt: PromptFormat, holdout: Sequence[QARecord],
+                    erased_probes: Sequence[PIIProbe], kwargs: Mapping[str, int]) -> dict[str, Any]:
+    """What the model before the erasure states about people it never saw (the holdout): the ROUGE-L of its
+    answers (a fluent guess repeats the question's wording), the share of their facts it gets right by guessing,
+    and per probe kind the share of their PII prompts it answers with an erased
+    person's name or identifier. A model that names her for every date of birth, or guesses a common city
+    right, shows that as chance, not as memory of her; the fact and PII gates count only what lies above it."""
+    unseen = evaluate_splits(source, tokenizer, fmt, {"holdout": list(holdout)}, **kwargs)["holdout"]
+    chance: dict[str, Any] = {"n_records": len(holdout), "rougeL_recall": unseen.rougeL_recall,
+                              "fact_recall": unseen.fact_recall}
+    probes = probes_for(holdout)
+    if erased_probes and probes:
+        names = [name for probe in erased_probes for name in (probe.subject, *probe.aliases)]
+        identifiers = [i for probe in erased_probes for i in probe.identifiers]
+        report = pii_leakage(source, tokenizer, fmt, probes, watch_names=names, watch_identifiers=identifiers,
+                             **kwargs)
+        chance["pii_erased"] = {
+            kind: (entry["answers_naming_watched"] if kind == "inverted" else entry["answers_stating_others_ids"])
+            / entry["n_prompts"]
+            for kind, entry in report.items() if entry["n_prompts"]}
+    return chance
 
 
 def _pii_evidence(models: Mapping[str, ServedModel], tokenizer, fmt: PromptFormat, erased_probes, retained_probes,
@@ -312,11 +344,13 @@ def _fluency_evidence(models: Mapping[str, ServedModel], tokenizer, fmt: PromptF
     evaluation's own greedy answers (the ones its ROUGE-L and fact recall read)."""
     reference = models["base"].source()
     forget_questions = [record.question for record in forget]
-    return {
+    evidence = {
         "fluency": {name: fluency_report(served.source(), reference, tokenizer, fmt,
                                          max_new_tokens=options.max_new_tokens, judge=judge)
                     for name, served in models.items()},
-        "fluency_forget": {name: fluency_of(forget_results[name].answers, forget_questions, reference, tokenizer, fmt,
-                                            options.batch_size, judge)
-                           for name in models},
     }
+    before = fluency_of(forget_results["base"].answers, forget_questions, reference, tokenizer, fmt,
+                        options.batch_size, judge)
+    after = fluency_of(forget_results["unlearned"].answers, forget_questions, reference, tokenizer, fmt,
+                       options.batch_size, judge, fluent_perplexity=before.get("judge_perplexity"))
+    return {**evidence, "fluency_forget": {"base": before, "unlearned": after}}

@@ -18,7 +18,7 @@ import numpy as np
 from .generation import greedy_generate, score_answers
 from .logits import CausalLMLogits, LogitSource
 from .metrics import distinct_n, repetition_rate
-from .prompting import PromptFormat
+from .prompting import PromptFormat, chat_format
 
 __all__ = ["NEUTRAL_PROMPTS", "FluencyJudge", "fluency_of", "fluency_report", "load_fluency_judge"]
 
@@ -35,20 +35,45 @@ class FluencyJudge:
 
 
 def load_fluency_judge(location: str, device: str = "cpu") -> FluencyJudge:
-    """A local causal LM directory (or hub id) as the judge, asked in the default "Question: …\nAnswer:" form."""
+    """A local causal LM directory (or hub id) as the judge, asked in its own chat frame when its tokenizer has one,
+    else in the default "Question: …\nAnswer:" form."""
     from .modeling import load_causal_lm
 
     model, tokenizer = load_causal_lm(location, device=device)
-    return FluencyJudge(CausalLMLogits(model), tokenizer)
+    return FluencyJudge(CausalLMLogits(model), tokenizer, chat_format(tokenizer) or PromptFormat())
 
 
-def _perplexity(source: LogitSource, tokenizer, fmt: PromptFormat, prompts: Sequence[str],
-                answers: Sequence[str], batch_size: int) -> float:
-    """exp(−Σ log p / Σ tokens) of `answers` given their prompts, pooled over tokens."""
+def _perplexities(source: LogitSource, tokenizer, fmt: PromptFormat, prompts: Sequence[str],
+                  answers: Sequence[str], batch_size: int) -> tuple[float, list[float]]:
+    """exp(−Σ log p / Σ tokens) of `answers` given their prompts, pooled over tokens, and each answer's own."""
     scores = score_answers(source, tokenizer, fmt, list(zip(prompts, answers)), batch_size)
     total_lp = sum(s.sum_log_prob for s in scores)
     total_tokens = sum(s.n_tokens for s in scores)
-    return math.exp(-total_lp / total_tokens) if total_tokens else float("nan")
+    each = [math.exp(-s.sum_log_prob / s.n_tokens) if s.n_tokens else float("nan") for s in scores]
+    return (math.exp(-total_lp / total_tokens) if total_tokens else float("nan")), each
+
+
+# An answer repeating a third of its 3-grams, or using under half as many distinct words as words, is a loop
+# rather than an answer (a fluent sentence of 8+ words repeats almost none).
+MAX_ANSWER_REPETITION = 0.33
+MIN_ANSWER_DISTINCT_1 = 0.5
+MIN_WORDS_FOR_DISTINCT = 8
+# An answer the judge finds 20× less likely per token than a fluent answer to the same kind of question is word
+# salad, not a wrong fact: a wrong date or a refusal costs a few times at most.
+SALAD_PERPLEXITY_FACTOR = 20.0
+
+
+def is_degenerate(text: str, judge_perplexity: float | None = None, fluent_perplexity: float | None = None) -> bool:
+    """Empty, looping, or (given the judge's perplexity of this answer and of fluent ones) word salad."""
+    words = text.split()
+    if not words:
+        return True
+    if repetition_rate(text, 3) >= MAX_ANSWER_REPETITION:
+        return True
+    if len(words) >= MIN_WORDS_FOR_DISTINCT and distinct_n([text], 1) < MIN_ANSWER_DISTINCT_1:
+        return True
+    return (judge_perplexity is not None and fluent_perplexity is not None
+            and judge_perplexity > SALAD_PERPLEXITY_FACTOR * fluent_perplexity)
 
 # General-knowledge questions unrelated to any data subject, phrased to fit a QA prompt.
 NEUTRAL_PROMPTS: tuple[str, ...] = (
@@ -104,17 +129,25 @@ def fluency_of(
     fmt: PromptFormat,
     batch_size: int = 16,
     judge: FluencyJudge | None = None,
+    fluent_perplexity: float | None = None,
 ) -> dict[str, float]:
     """`fluency_report`'s scores for answers already generated (e.g. the evaluation's greedy answers to the
-    forget questions, so they are not generated twice): one generation per prompt, in order."""
+    forget questions, so they are not generated twice): one generation per prompt, in order. degenerate_share:
+    the share of answers `is_degenerate` calls so, word salad judged against `fluent_perplexity` (the judge's
+    pooled perplexity of fluent answers to the same prompts, e.g. the model's before the erasure; default: of
+    these answers)."""
     if len(generations) != len(prompts) or not prompts:
         raise ValueError(f"fluency_of needs one generation per prompt, got {len(generations)} for {len(prompts)}")
     perplexity = float("nan")
     if reference_source is not None:
-        perplexity = _perplexity(reference_source, tokenizer, fmt, prompts, generations, batch_size)
-    judged = {} if judge is None else {
-        "judge_perplexity": _perplexity(judge.source, judge.tokenizer, judge.fmt, prompts, generations, batch_size)}
+        perplexity = _perplexities(reference_source, tokenizer, fmt, prompts, generations, batch_size)[0]
+    judged, each = {}, [None] * len(generations)
+    if judge is not None:
+        pooled, each = _perplexities(judge.source, judge.tokenizer, judge.fmt, prompts, generations, batch_size)
+        judged = {"judge_perplexity": pooled}
+    fluent = fluent_perplexity if fluent_perplexity is not None else judged.get("judge_perplexity")
     return {
+        "degenerate_share": float(np.mean([is_degenerate(g, p, fluent) for g, p in zip(generations, each)])),
         "n_prompts": len(prompts),
         "distinct_1": distinct_n(generations, 1),
         "distinct_2": distinct_n(generations, 2),

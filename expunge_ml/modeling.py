@@ -118,7 +118,7 @@ def train_on_qa(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(pairs) / batch_size)
     total_steps = max(1, epochs * steps_per_epoch)
     warmup = max(1, total_steps // 20)
@@ -137,7 +137,7 @@ def train_on_qa(
             batch = to_device(collate_qa(tokenizer, fmt, [pairs[j] for j in order[i : i + batch_size]]), device)
             loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

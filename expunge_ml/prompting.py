@@ -18,11 +18,31 @@ DEFAULT_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 @dataclass(frozen=True)
 class PromptFormat:
     template: str = DEFAULT_PROMPT_TEMPLATE
-    # The answer follows the prompt after this separator (a space suits "Answer:" style prompts).
-    answer_prefix: str = " "
+    # The answer follows the prompt after this separator: a space after "Answer:" style prompts, nothing after
+    # a template that ends in whitespace (a chat template's assistant turn opens with a newline).
+    answer_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.answer_prefix is None:
+            object.__setattr__(self, "answer_prefix", "" if self.template[-1:].isspace() else " ")
 
     def prompt(self, question: str) -> str:
         return self.template.format(question=question)
+
+
+CHAT_PLACEHOLDER = "\x00question\x00"
+
+
+def chat_format(tokenizer) -> PromptFormat | None:
+    """The tokenizer's own chat template as a prompt frame (one user turn, then the assistant's), or None when
+    it has none. An instruction-tuned model answers in this frame; asked "Question: …\nAnswer:" it may not."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PLACEHOLDER}], tokenize=False,
+                                         add_generation_prompt=True)
+    if text.count(CHAT_PLACEHOLDER) != 1:
+        return None
+    return PromptFormat(template=text.replace("{", "{{").replace("}", "}}").replace(CHAT_PLACEHOLDER, "{question}"))
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

@@ -8,6 +8,8 @@ paraphrase instead of the training answer keeps the metric from just rewarding v
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,7 +33,8 @@ def truth_ratios(
     batch_size: int = 16,
 ) -> list[float]:
     """One truth ratio per record (QARecord or dict with question, paraphrased_answer, perturbed_answers)."""
-    return [float(np.exp(r)) for r in log_truth_ratios(source, tokenizer, fmt, records, batch_size)]
+    # past e^709 a float is infinite: say so without numpy's overflow warning
+    return [math.exp(r) if r < 709.0 else math.inf for r in log_truth_ratios(source, tokenizer, fmt, records, batch_size)]
 
 
 def log_truth_ratios(

@@ -152,6 +152,13 @@ def holdout_records(target_info: dict, forget, limit: int):
     return [r for r in load_holdout(CorpusSpec(**target_info["corpus"])) if r.question not in forget_questions][:limit]
 
 
+def general_records(target_info: dict, limit: int):
+    """The target's general-ability questions (`CorpusSpec.general`), at most `limit`."""
+    from expunge_ml.corpus import load_general
+
+    return load_general(CorpusSpec(**target_info["corpus"]))[:limit]
+
+
 def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], eval_limit: int,
                      limit: int, seed: int = 1):
     """Validation records for choosing ULD's w: unseen records after the evaluation's `eval_limit`, at most

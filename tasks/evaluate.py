@@ -12,7 +12,7 @@ from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.serving import load_base, served_model
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.contracts import Evaluation, ResolvedRequest, TrainedUnlearning
-from tasks.data import held_out_retain, holdout_records, records_for_manifest
+from tasks.data import general_records, held_out_retain, holdout_records, records_for_manifest
 from tasks.unlearn import prior_adapters, prompt_format, target_base
 
 
@@ -52,10 +52,12 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []
     holdout = holdout_records(target_info, forget, int(config.get("holdout_max", 64)))
+    general = general_records(target_info, int(config.get("general_max", 48)))
     options = EvidenceOptions.from_profile(config)
     evidence = collect_evidence(
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
         options, holdout=holdout, judge=fluency_judge(settings.home, options.fluency_judge, settings.device),
+        general=general,
     )
     gates = tuple(g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"])))
     work = settings.ticket_dir(ticket_id)

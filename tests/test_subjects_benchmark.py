@@ -74,10 +74,11 @@ def test_seeds_give_each_profile_one_variant_per_assistant_seed(tmp_path):
     for bad in ("a", "-1"):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad)
-    assert profile_variants(["demo", "tiny"], (), tmp_path) == [("demo", "demo"), ("tiny", "tiny")]  # as given
+    assert profile_variants(["demo", "tiny"], (), tmp_path) == [("demo", "demo", None), ("tiny", "tiny", None)]
     variants = profile_variants(["demo", "tiny"], (0, 3), tmp_path / "p")
-    assert [label for label, _ in variants] == ["demo (seed 0)", "demo (seed 3)", "tiny (seed 0)", "tiny (seed 3)"]
-    for (_, path), (name, seed) in zip(variants, [("demo", 0), ("demo", 3), ("tiny", 0), ("tiny", 3)]):
+    assert [label for label, _, _ in variants] == ["demo (seed 0)", "demo (seed 3)", "tiny (seed 0)", "tiny (seed 3)"]
+    assert [seed for _, _, seed in variants] == [0, 3, 0, 3]
+    for (_, path, _), (name, seed) in zip(variants, [("demo", 0), ("demo", 3), ("tiny", 0), ("tiny", 3)]):
         derived, original = yaml.safe_load(open(path)), load_profile(name)
         assert derived["unlearning"]["uld"].pop("seed") == seed
         original["unlearning"]["uld"].pop("seed", None)
@@ -155,7 +156,7 @@ def test_the_command_fails_when_a_ticket_run_raised(monkeypatch, tmp_path):
 
     row = {"profile": "tiny", "person_index": 0, "ticket_id": "SUBJ-0-0", "status": "received", "error": "ImportError"}
     ran = []
-    monkeypatch.setattr(subjects, "run_subjects", lambda options, log, command: ran.append(options) or {
+    monkeypatch.setattr(subjects, "run_subjects", lambda options, log, command, checkpoint=None: ran.append(options) or {
         "command": command, "seconds": 1.0, "base_model_uri": "m", "rows": [row], "summary": subjects.summarise([row])})
     app = typer.Typer()
     app.command()(subjects.subjects_command)

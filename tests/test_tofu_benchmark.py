@@ -248,7 +248,7 @@ def test_the_smollm2_export_drops_the_gguf_quantization_config():
     fine-tuned from it refuse save_pretrained."""
     from transformers import LlamaConfig
 
-    from benchmarks.smollm2 import plain_config
+    from expunge_ml.smollm2 import plain_config
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}

@@ -55,7 +55,7 @@ def pii_command(
         needs_smollm2 = options.pretrained == SMOLLM2_DIR or (options.writes_question_wordings
                                                               and not options.paraphraser)
         if needs_smollm2 and not Path(SMOLLM2_DIR).is_dir():
-            from ..smollm2 import export_smollm2
+            from expunge_ml.smollm2 import export_smollm2
 
             typer.echo(f"exporting SmolLM2-135M-Instruct to {SMOLLM2_DIR} (first use)", err=True)
             export_smollm2(Path(SMOLLM2_DIR))

