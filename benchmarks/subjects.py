@@ -299,8 +299,8 @@ def markdown_table(result: dict[str, Any]) -> str:
              "|" + "---|" * (5 + len(gate_names))]
     for row in result["rows"]:
         gates = row.get("gates", {})
-        cells = [("–" if g not in gates else (f"{gates[g]['value']:.3f}" if gates[g]["passed"]
-                                               else f"**{gates[g]['value']:.3f}**")) for g in gate_names]
+        cells = [("–" if g not in gates else (_cell(gates[g]["value"]) if gates[g]["passed"]
+                                               else f"**{_cell(gates[g]['value'])}**")) for g in gate_names]
         status = f"{row['status']}, error: {row['error']}" if row.get("error") else row["status"]
         lines.append(f"| {row['profile']} | {row['person_index']} | {status} | {row.get('served_weight', '–')} | "
                      f"{'pass' if row.get('passed') else 'fail'} | " + " | ".join(cells) + " |")

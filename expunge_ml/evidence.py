@@ -11,6 +11,7 @@ on neutral prompts. Returns plain dicts of numbers — never generated text.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -223,23 +224,37 @@ def collect_evidence(
                                 "max_new_tokens": budget}
     verbatim = verbatim_probes(forget, fmt) if options.verbmem else []
     forget_results = {}  # per model, the forget split with its per-record scores (for the attacks' intervals)
+    seconds = evidence["seconds"] = {}  # where an evaluation's time goes, for whoever sizes it
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        seconds[part] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     for name, served in models.items():
         forget_results[name] = _model_evidence(evidence, name, served.source(), tokenizer, fmt, splits, verbatim,
                                                holdout, options, kwargs)
+        lap(f"splits_{name}")
     erased_ids = {i for probe in erased_probes for i in probe.identifiers}
     others_ids = [i for probe in retained_probes for i in probe.identifiers if i not in erased_ids]
     if erased_probes or retained_probes:
         evidence["pii"] = _pii_evidence(models, tokenizer, fmt, erased_probes, retained_probes, others_ids, kwargs)
+        lap("pii")
     if holdout:
         evidence["chance"] = chance_evidence(before.source(), tokenizer, fmt, holdout, erased_probes, kwargs)
+        lap("chance")
     if general:
         for name, served in models.items():
             evidence["metrics"][name]["general"] = evaluate_splits(
                 served.source(), tokenizer, fmt, {"general": list(general)}, **kwargs)["general"].as_dict()
+        lap("general")
     evidence["quantization"] = _quantization_evidence(after, tokenizer, fmt, splits["forget"], evidence["metrics"],
                                                       forget_results, erased_probes, others_ids, options, kwargs)
+    lap("quantization")
     if options.fluency:
         evidence.update(_fluency_evidence(models, tokenizer, fmt, splits["forget"], forget_results, options, judge))
+        lap("fluency")
     return evidence
 
 
