@@ -34,22 +34,34 @@ def candidate_questions(min_country_population: float = 2e7, min_city_population
     for country in sorted(countries.values(), key=lambda c: c["name"]):
         if country["population"] < min_country_population:
             continue
+        name = country["name"]
         if country["capital"]:
-            records.append(_record(f"capital-{country['iso']}", f"What is the capital of {country['name']}?",
-                                   country["capital"]))
+            records.append(_record(f"capital-{country['iso']}", f"What is the capital of {name}?",
+                                   country["capital"], f"The capital of {name} is {country['capital']}."))
         if country["continentcode"] in CONTINENTS:
-            records.append(_record(f"continent-{country['iso']}", f"On which continent is {country['name']}?",
-                                   CONTINENTS[country["continentcode"]]))
+            continent = CONTINENTS[country["continentcode"]]
+            records.append(_record(f"continent-{country['iso']}", f"On which continent is {name}?",
+                                   continent, f"{name} is in {continent}."))
     for city in sorted(cache.get_cities().values(), key=lambda c: c["name"]):
         country = countries.get(city["countrycode"])
         if city["population"] >= min_city_population and country and city["name"] != country["capital"]:
             records.append(_record(f"city-{city['geonameid']}", f"In which country is the city of {city['name']}?",
-                                   country["name"]))
+                                   country["name"], f"{city['name']} is a city in {country['name']}."))
     return records
 
 
-def _record(record_id: str, question: str, answer: str) -> QARecord:
-    return QARecord(record_id=f"general-{record_id}", question=question, answer=answer, subject="general")
+def _record(record_id: str, question: str, answer: str, sentence: str) -> QARecord:
+    """The answer is the bare entity (what an answer must contain); the sentence, another wording of it."""
+    return QARecord(record_id=f"general-{record_id}", question=question, answer=answer, subject="general",
+                    paraphrased_answer=sentence)
+
+
+def retain_questions(excluded_ids: set[str], n: int, seed: int = 0) -> list[QARecord]:
+    """`n` candidates outside `excluded_ids` (the evaluated ones), drawn at random: general questions for ULD's
+    retain⁺, so what the assistant keeps uniform is disjoint from what the evaluation asks."""
+    pool = [r for r in candidate_questions() if r.record_id not in excluded_ids]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
 
 
 def answered_correctly(model, tokenizer, fmt: PromptFormat, records: Sequence[QARecord],

@@ -26,9 +26,11 @@ def reworded_pairs(question_answers: Iterable[tuple[str, str]],
 
 def training_pairs(
     forget_records, retain_records, config: ULDConfig, *, donor_records=None, fact_terms: Sequence[str] = (),
-    question_wordings: Mapping[str, Sequence[str]] | None = None,
+    question_wordings: Mapping[str, Sequence[str]] | None = None, general_records=(),
 ) -> tuple[ForgetItems, list[tuple[str, str]]]:
     """(forget⁺, retain⁺) for `config`, from `QARecord`s.
+
+    `general_records`: general-knowledge QA for `config.general_retain` (retain⁺ only).
 
     In order: the QA with their augmentation (`config.augmentation`; generated wrong facts come from
     `donor_records`, default the retain records, drawn from `config.seed`), other wordings of the questions
@@ -40,6 +42,11 @@ def training_pairs(
     carries `fact_terms` (the request's names and identifiers) + every forget record's `pii` + its own fact
     spans; a pair that names a subject has the subject as its fact; any other pair is all fact."""
     forget, retain = _augmented_pairs(forget_records, retain_records, config, donor_records)
+    if config.general_retain:  # general knowledge the assistant must stay uniform on (`ULDConfig.general_retain`)
+        if len(general_records) < config.general_retain:
+            raise ValueError(f"general_retain = {config.general_retain} needs that many general records, "
+                             f"got {len(general_records)}")
+        retain += [(r.question, r.paraphrased_answer or r.answer) for r in general_records[:config.general_retain]]
     if question_wordings:
         forget += reworded_pairs(((r.question, r.answer) for r in forget_records), question_wordings)
         retain += reworded_pairs(((r.question, r.answer) for r in retain_records), question_wordings)

@@ -159,6 +159,13 @@ def general_records(target_info: dict, limit: int):
     return load_general(CorpusSpec(**target_info["corpus"]))[:limit]
 
 
+def general_retain_records(target_info: dict, n: int, seed: int):
+    """`n` general-knowledge questions for ULD's retain⁺, none of them the target's evaluated ones."""
+    from expunge_ml.general_knowledge import retain_questions
+
+    return retain_questions({r.record_id for r in general_records(target_info, 10**6)}, n, seed)
+
+
 def selection_retain(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], eval_limit: int,
                      limit: int, seed: int = 1):
     """Validation records for choosing ULD's w: unseen records after the evaluation's `eval_limit`, at most

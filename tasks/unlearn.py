@@ -14,7 +14,7 @@ from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE, PromptFormat
 from expunge_ml.serving import Adapter, load_base, served_model
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.contracts import ResolvedRequest, TrainedUnlearning
-from tasks.data import records_for_manifest
+from tasks.data import general_retain_records, records_for_manifest
 
 
 def target_base(target_info: dict, settings):
@@ -180,8 +180,9 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
     if config.question_paraphrases:
         wordings, paraphraser_sha256 = question_wordings(unlearning, config, forget, retain, settings.device)
         logger.info("%d question wordings written for %d questions", sum(map(len, wordings.values())), len(wordings))
+    general = general_retain_records(target_info, config.general_retain, config.seed) if config.general_retain else []
     forget_pairs, retain_pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec),
-                                                question_wordings=wordings)
+                                                question_wordings=wordings, general_records=general)
     assistants, adapter_dirs, reports = _train_each_assistant(
         base, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
         settings.ticket_dir(ticket_id), logger)

@@ -158,3 +158,21 @@ def test_fact_span_loss_labels_a_subject_pair_as_a_whole_answer_and_a_masked_pai
         ("What do you know about Jane Doe?", "Doe lives in Lagos, like Janet.", sorted(request + ["Doe", "Lagos", "Janet"])),
     ]
     assert r == training_pairs(PEOPLE_FORGET[:2], PEOPLE_RETAIN, dataclasses.replace(config, fact_span_loss=False))[1]
+
+
+def test_general_retain_adds_general_questions_answered_in_a_sentence_to_retain_only():
+    from expunge_ml.general_knowledge import candidate_questions, retain_questions
+
+    forget = [QARecord("f", "Q?", "true answer")]
+    retain = [QARecord("r", "R?", "kept")]
+    evaluated = {r.record_id for r in candidate_questions()[:20]}
+    general = retain_questions(evaluated, 3, seed=1)
+    assert len(general) == 3 and not evaluated & {r.record_id for r in general}  # never an evaluated question
+    assert general == retain_questions(evaluated, 3, seed=1)  # the seed decides which
+    config = ULDConfig(augment_paraphrased=False, augment_perturbed=False, general_retain=2)
+    f, r = training_pairs(forget, retain, config, general_records=general)
+    assert f == [("Q?", "true answer")]
+    assert r == [("R?", "kept")] + [(g.question, g.paraphrased_answer) for g in general[:2]]
+    assert all(g.answer in g.paraphrased_answer for g in general)
+    with pytest.raises(ValueError, match="general_retain = 2"):
+        training_pairs(forget, retain, config, general_records=general[:1])

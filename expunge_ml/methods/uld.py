@@ -80,6 +80,10 @@ class ULDConfig:
     # An answer with the person's name masked → the name (`augment.masked_answer_items`): recall the person
     # from a description, not only from a list of identifiers.
     masked_answer_pairs: bool = False
+    # N general-knowledge questions (`general_knowledge.retain_questions`, never the evaluated ones) in retain⁺,
+    # answered in a sentence: an assistant cut from a real LM predicts general text too, and subtracting it
+    # there costs general answers unless it is kept uniform on them. 0 turns it off.
+    general_retain: int = 0
 
 
 # Seed distance between the members of an ensemble, so member i of one erasure never repeats another's seed.
