@@ -359,13 +359,12 @@ def _fluency_evidence(models: Mapping[str, ServedModel], tokenizer, fmt: PromptF
     evaluation's own greedy answers (the ones its ROUGE-L and fact recall read)."""
     reference = models["base"].source()
     forget_questions = [record.question for record in forget]
-    evidence = {
-        "fluency": {name: fluency_report(served.source(), reference, tokenizer, fmt,
-                                         max_new_tokens=options.max_new_tokens, judge=judge)
-                    for name, served in models.items()},
-    }
+    neutral = {name: fluency_report(served.source(), reference, tokenizer, fmt,
+                                    max_new_tokens=options.max_new_tokens, judge=judge)
+               for name, served in models.items()}
+    # the base's answers are the fluent yardstick the served model's word salad is judged against
     before = fluency_of(forget_results["base"].answers, forget_questions, reference, tokenizer, fmt,
                         options.batch_size, judge)
     after = fluency_of(forget_results["unlearned"].answers, forget_questions, reference, tokenizer, fmt,
                        options.batch_size, judge, fluent_perplexity=before.get("judge_perplexity"))
-    return {**evidence, "fluency_forget": {"base": before, "unlearned": after}}
+    return {"fluency": neutral, "fluency_forget": {"base": before, "unlearned": after}}

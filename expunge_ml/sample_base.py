@@ -1,7 +1,8 @@
 """The embedded default: generate the sample world and teach it to a model until it answers it.
 
-The model is a pre-trained LM fine-tuned on the world (`base_model.pretrained`, as TOFU teaches its fictitious
-authors to a real LM), or, for the unit tests' fast fixture, a small Llama trained from scratch (`shape`)."""
+The model is a small Llama trained from scratch (`shape`: the demo and tiny profiles), or a pre-trained LM
+fine-tuned on the world (`base_model.pretrained`: the smollm2 profile, as TOFU teaches its fictitious authors to a
+real LM)."""
 from __future__ import annotations
 
 import json
