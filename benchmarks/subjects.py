@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import typer
 import yaml
 
-from expunge_ml.gates import FORGET_ANSWER_PERPLEXITY_GATE as JUDGE_GATE, QUANT_GATE_KEYS
+from expunge_ml.gates import FORGET_ANSWER_PERPLEXITY_GATE as JUDGE_GATE, GATES, QUANT_GATE_KEYS
 
 from .command_line import invoked_command, load_or_exit
 
@@ -148,22 +148,14 @@ def headline_numbers(evidence: Mapping[str, Any]) -> dict[str, Any]:
     """What the issue of a real base asks of every erasure, from its evidence: the served model's forget ROUGE-L,
     the neighbours' (retained people's) ROUGE-L and the general questions' as ratios of the base's, the share of
     forget answers the fluency check calls degenerate, and the judge's perplexity of the forget answers as a
-    ratio of the base's. None where the evidence lacks one."""
-    metrics = evidence.get("metrics") or {}
-    before, after = metrics.get("base") or {}, metrics.get("unlearned") or {}
+    ratio of the base's. Read by the gates' own readers (`expunge_ml.gates.GATES`); None where the evidence lacks one."""
+    def read(gate: str) -> float | None:
+        value = GATES[gate][0](evidence)
+        return None if value is None else round(value, 4)
 
-    def ratio(split: str) -> float | None:
-        if split not in before or split not in after or not before[split]["rougeL_recall"]:
-            return None
-        return round(after[split]["rougeL_recall"] / before[split]["rougeL_recall"], 4)
-
-    fluency = (evidence.get("fluency_forget") or {}).get("unlearned") or {}
-    judged = (evidence.get("fluency_forget") or {}).get("base") or {}
-    judge_ratio = (round(fluency["judge_perplexity"] / judged["judge_perplexity"], 4)
-                   if "judge_perplexity" in fluency and judged.get("judge_perplexity") else None)
-    return {"forget_rougeL": round(after["forget"]["rougeL_recall"], 4) if "forget" in after else None,
-            "neighbour_rougeL_ratio": ratio("retain"), "general_ratio": ratio("general"),
-            "degenerate_share": fluency.get("degenerate_share"), "judge_ppl_ratio": judge_ratio}
+    return {"forget_rougeL": read("max_forget_rougeL"), "neighbour_rougeL_ratio": read("min_retain_rougeL_ratio"),
+            "general_ratio": read("min_general_ratio"), "degenerate_share": read("max_degenerate_share"),
+            "judge_ppl_ratio": read(JUDGE_GATE)}
 
 
 def within_goals(row: Mapping[str, Any]) -> bool:
