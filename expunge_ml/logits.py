@@ -92,6 +92,35 @@ def combine_logits(
     return combined
 
 
+def end_of_answer_ids(model: torch.nn.Module) -> tuple[int, ...]:
+    """The token ids that end an answer for `model`: its config's and generation config's EOS ids."""
+    ids: set[int] = set()
+    for config in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        value = getattr(config, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else (value or []))
+    return tuple(sorted(ids))
+
+
+def keep_end_of_answer(combined: torch.Tensor, base_logits: torch.Tensor, end_ids: tuple[int, ...]) -> torch.Tensor:
+    """Raise each end-of-answer token's composite probability to at least the base's (in place).
+
+    The assistant remembers where forgotten answers end, so subtracting it would push the end token down and
+    the unlearned model would run on past its answer. With q_e the base's probability of end token e and Q
+    their sum, logit log q_e + logsumexp(other logits) − log(1 − Q) gives e exactly probability q_e."""
+    if not end_ids:
+        return combined
+    ids = torch.tensor(end_ids, device=combined.device)
+    end_logp = torch.log_softmax(base_logits.float(), dim=-1)[..., ids]
+    all_lse = torch.logsumexp(combined, dim=-1, keepdim=True)
+    end_lse = torch.logsumexp(combined[..., ids], dim=-1, keepdim=True)
+    share_of_ends = torch.exp(end_lse - all_lse).clamp(max=1.0 - 1e-6)
+    others_lse = all_lse + torch.log1p(-share_of_ends)
+    base_end_total = end_logp.exp().sum(dim=-1, keepdim=True).clamp(max=1.0 - 1e-6)
+    floor = end_logp + others_lse - torch.log1p(-base_end_total)
+    combined[..., ids] = torch.maximum(combined[..., ids], floor)
+    return combined
+
+
 @dataclass
 class CompositeLogits:
     """Logit difference of a base model and one or more ULD assistants (stacked erasures add up)."""
@@ -100,11 +129,15 @@ class CompositeLogits:
     assistants: list[torch.nn.Module]
     weights: list[float]
     relative_top: float = 0.0
+    # Tokens whose probability the composite never lowers below the base's; None: the base's end-of-answer ids.
+    end_ids: tuple[int, ...] | None = None
     _sources: list[CausalLMLogits] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.assistants) != len(self.weights):
             raise ValueError("one weight per assistant is required")
+        if self.end_ids is None:
+            self.end_ids = end_of_answer_ids(self.base)
         self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
 
     def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
@@ -114,5 +147,6 @@ class CompositeLogits:
             for source, cache in zip(self._sources, caches)
         ]
         logits = combine_logits(outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top)
+        logits = keep_end_of_answer(logits, outputs[0][0], self.end_ids)
         # Separate caches: base and assistant have different depths and must never share state.
         return logits, [o[1] for o in outputs]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from expunge_ml.generation import greedy_generate, score_answers
-from expunge_ml.logits import MASKED_LOGIT, CausalLMLogits, CompositeLogits, combine_logits
+from expunge_ml.logits import MASKED_LOGIT, CausalLMLogits, CompositeLogits, combine_logits, keep_end_of_answer
 from expunge_ml.modeling import SmallLlamaShape, build_small_llama, train_bpe_tokenizer, train_on_qa
 from expunge_ml.prompting import PromptFormat
 
@@ -39,6 +39,25 @@ def test_combine_logits_by_hand():
         shifted = combine_logits(base, [torch.full((1, 1, 3), 5.0)], [-0.8], relative_top=tau)
         reference = combine_logits(base, [torch.zeros((1, 1, 3))], [-0.8], relative_top=tau)
         assert torch.allclose(torch.softmax(shifted, -1), torch.softmax(reference, -1))
+
+
+def test_the_composite_never_lowers_the_end_of_answer_tokens_probability_below_the_bases():
+    base = torch.tensor([[[2.0, 1.0, 0.5, 0.0], [0.0, 0.0, 3.0, 0.0]]])
+    assistant = torch.tensor([[[0.0, 0.0, 4.0, 0.0], [0.0, 0.0, -2.0, 0.0]]])  # remembers where the answer ends
+    end_ids = (2,)
+    combined = keep_end_of_answer(combine_logits(base, [assistant], [-1.0]), base, end_ids)
+    base_p, composite_p = torch.softmax(base, -1), torch.softmax(combined, -1)
+    # First position: subtracting pushed the end token down, so it gets exactly the base's probability back ...
+    assert torch.allclose(composite_p[0, 0, 2], base_p[0, 0, 2], atol=1e-6)
+    # ... and the other tokens keep their composite proportions.
+    plain_p = torch.softmax(combine_logits(base, [assistant], [-1.0]), -1)
+    assert torch.allclose(composite_p[0, 0, [0, 1, 3]] / composite_p[0, 0, [0, 1, 3]].sum(),
+                          plain_p[0, 0, [0, 1, 3]] / plain_p[0, 0, [0, 1, 3]].sum(), atol=1e-6)
+    # Second position: the composite already ends more readily than the base; nothing changes.
+    assert torch.allclose(composite_p[0, 1], plain_p[0, 1], atol=1e-6)
+    # The relative-top filter cannot mask the end token away either.
+    filtered = keep_end_of_answer(combine_logits(base, [assistant], [-1.0], relative_top=0.5), base, end_ids)
+    assert torch.softmax(filtered, -1)[0, 0, 2] >= base_p[0, 0, 2] - 1e-6
 
 
 def test_an_ensemble_adds_each_assistants_weighted_logits():
