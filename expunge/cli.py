@@ -130,7 +130,10 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
 
 
 def _print_summary(summary: dict) -> None:
-    out.print(f"ticket {summary['ticket_id']}: {summary['status']}")
+    out.print(f"ticket {summary['ticket_id']}: {summary['status']}"
+              + (f" [{summary['reason_code']}]" if summary.get("reason_code") else ""))
+    for warning in summary.get("warnings", []):
+        err.print(f"warning: {warning}", markup=False)
     if "metrics" not in summary:
         return
     base, unlearned = summary["metrics"]["base"], summary["metrics"]["unlearned"]

@@ -37,6 +37,9 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
         transition(*ctx, "training")
         trained = unlearning_task(method)(*ctx, resolved, method)
         audit_event(*ctx, "unlearning_trained", trained.audit_payload())
+        if not trained.converged:  # a score of 0 from an assistant that learned nothing would look like erasure
+            transition(*ctx, "needs_review", reason_code="assistant_not_converged", detail=trained.convergence_detail())
+            return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "assistant_not_converged"}
 
         transition(*ctx, "evaluating")
         evaluated = evaluate_unlearning(*ctx, resolved, trained)
@@ -71,5 +74,5 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
     return {
         "ticket_id": ticket_id, "status": status, "model_uri": registered.model_uri,
         "aliases": list(registered.aliases), "metrics": evaluated.metrics, "gates": list(evaluated.gates),
-        "report": report["markdown"],
+        "report": report["markdown"], "warnings": trained.warnings(),
     }

@@ -65,6 +65,28 @@ class TrainedUnlearning:
     weight_selection: Mapping[str, Any] | None = None  # the served w and what it was chosen from: counts, ratios
     question_wordings: int | None = None  # how many question wordings a paraphraser wrote, and which one
     paraphraser_weights_sha256: str | None = None
+    # Per assistant, how far training got (`expunge_ml.methods.uld.convergence`): numbers against targets.
+    convergence: tuple[Mapping[str, Any], ...] = ()
+
+    @property
+    def converged(self) -> bool:
+        """False when an assistant learned too little of the forget set for its subtraction to mean anything."""
+        return all(c["converged"] for c in self.convergence)
+
+    def convergence_detail(self) -> str:
+        """The numbers behind `converged` / `warnings` for a status reason (no data, losses only)."""
+        return "; ".join(
+            f"assistant {i + 1}: " + ("diverged (a loss is not a number), " if c["diverged"] else "")
+            + f"forget NLL {c['forget_nll']} (target {c['target_forget_loss']}, uniform guess "
+            f"{c['uniform_nll']}), retain KL {c['retain_kl']} (target {c['stop_max_retain_kl']}) after "
+            f"{c['epochs']} of {c['max_epochs']} epochs"
+            for i, c in enumerate(self.convergence))
+
+    def warnings(self) -> list[str]:
+        """What the run should tell its user although it goes on to evaluation."""
+        if self.convergence and not all(c["reached_target"] for c in self.convergence):
+            return [f"assistant_above_target: {self.convergence_detail()}"]
+        return []
 
     def new_adapters(self) -> list[Adapter]:
         """This erasure's assistants as served: each adapter directory with its share of w."""
@@ -77,6 +99,8 @@ class TrainedUnlearning:
         payload = {"method": self.method, "config": dict(self.config), "report": dict(self.report)}
         if self.weight_selection:
             payload["weight_selection"] = dict(self.weight_selection)
+        if self.convergence:
+            payload["convergence"] = [dict(c) for c in self.convergence]
         return payload
 
 

@@ -163,7 +163,7 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
 def train_assistants(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest,
                      method: str) -> TrainedUnlearning:
     """A method that trains assistants to subtract from the target (ULD); the base's weights stay as they are."""
-    from expunge_ml.methods.uld import ensemble_weights
+    from expunge_ml.methods.uld import convergence, ensemble_weights
     from expunge_ml.uld_data import training_pairs
 
     settings = settings_for(home, profile)
@@ -192,6 +192,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
                                       forget, retain, wordings)
         logger.info("served w %g chosen for this erasure (default %g)", chosen.weight, config.weight)
     trainable = sum(p.numel() for p in assistants[0].parameters() if p.requires_grad)
+    vocab_size = base.get_output_embeddings().out_features
     trained = TrainedUnlearning(
         method=method, trains=ASSISTANT, config=asdict(config), report=asdict(reports[0]),
         forget_pairs=len(forget_pairs), retain_pairs=len(retain_pairs),
@@ -202,8 +203,11 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         weight_selection=chosen.as_dict() if chosen else None,
         question_wordings=sum(map(len, wordings.values())) if paraphraser_sha256 else None,
         paraphraser_weights_sha256=paraphraser_sha256,
+        convergence=tuple(convergence(report, config, vocab_size) for report in reports),
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
+    for warning in trained.warnings():
+        logger.warning("%s", warning)
     logger.info("%d assistant(s) trained in %.1fs (%d steps, %d trainable parameters each)", len(reports),
                 sum(r.seconds for r in reports), reports[0].steps, trainable)
     return trained

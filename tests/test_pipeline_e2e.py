@@ -236,6 +236,21 @@ def test_weak_unlearning_fails_its_gates_and_is_not_promoted(tiny_home, complete
     assert any(g["gate"] == "max_forget_rougeL" and g["margin"] < 0 for g in failed["failed_gates"])
 
 
+def test_an_assistant_that_did_not_converge_ends_in_review_with_its_numbers(tiny_home, completed, tmp_path):
+    """A diverged assistant (an lr far too high) learns nothing of the forget set: the run stops before
+    evaluation, in needs_review with reason assistant_not_converged and the losses that show it."""
+    profile = tiny_profile()
+    profile["unlearning"]["uld"].update(epochs=2, lr=50.0)
+    run_with_profile(tiny_home, tmp_path, profile, dict(completed, ticket_id="DIVERGED-0001"), exit_code=5)
+    row = next(r for r in json.loads(cli(tiny_home, "status", "--json").stdout) if r["ticket_id"] == "DIVERGED-0001")
+    assert row["status"] == "needs_review" and row["reason_code"] == "assistant_not_converged"
+    assert "forget NLL" in row["reason"] and "uniform guess" in row["reason"]
+    assert row["model_uri"] is None  # nothing was evaluated or registered
+    training = json.loads((tiny_home / "work" / "DIVERGED-0001" / "training.json").read_text())
+    (check,) = training["convergence"]
+    assert not check["converged"] and check["diverged"] and check["forget_nll"] is None
+
+
 def test_a_privacy_erasure_can_train_on_the_requests_facts_only(tiny_home, completed, tmp_path):
     """`uld_by_request_type.privacy_erasure.fact_span_loss`: the task labels the forget answers with the request's
     terms (in memory only); the training record and the report say so and hold none of them."""

@@ -210,3 +210,22 @@ def test_the_linear_schedule_decays_the_lr_to_zero_over_the_planned_steps(base_a
     with pytest.raises(ValueError, match="lr_schedule must be"):
         train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs,
                         ULDConfig(n_layers=1, lr_schedule="cosine"))
+
+
+def test_convergence_compares_the_final_losses_with_their_targets_and_a_uniform_guess():
+    from expunge_ml.methods.uld import ULDConfig, ULDTrainReport, convergence
+
+    config = ULDConfig(target_forget_loss=0.2, stop_max_retain_kl=1.0, epochs=30)
+    vocab = 49152  # a uniform guess costs ln V = 10.80 nats per token
+
+    def check(nll: float, kl: float) -> dict:
+        return convergence(ULDTrainReport(epochs=30, steps=90, forget_nll=nll, retain_kl=kl, seconds=1.0), config, vocab)
+
+    assert check(0.15, 0.5)["reached_target"] and check(0.15, 0.5)["converged"]
+    above_target = check(0.74, 1.6)  # learned most of the forget set, short of its targets: the gates decide
+    assert above_target["converged"] and not above_target["reached_target"]
+    learned_little = check(7.1, 2.4)  # two thirds of a uniform guess: subtracting it removes next to nothing
+    assert not learned_little["converged"] and not learned_little["diverged"]
+    assert learned_little["uniform_nll"] == 10.8027 and learned_little["max_epochs"] == 30
+    diverged = check(float("nan"), float("nan"))
+    assert not diverged["converged"] and diverged["diverged"] and diverged["forget_nll"] is None

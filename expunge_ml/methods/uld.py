@@ -156,6 +156,30 @@ class ULDTrainReport:
     seconds: float
 
 
+# An assistant whose forget NLL is still above this share of a uniform guess's (ln V) has learned less than half of
+# the way to the forget text: subtracting it would remove next to nothing, and a forget score of 0 would mislead.
+NOT_CONVERGED_SHARE_OF_UNIFORM = 0.5
+
+
+def convergence(report: ULDTrainReport, config: ULDConfig, vocab_size: int) -> dict:
+    """How far training got, against its targets and a uniform guess over the vocabulary (numbers only).
+
+    `converged` is False when the forget NLL stayed above half the uniform level: the run needs review, not an
+    evaluation. `reached_target` is False when it converged but stopped short of `target_forget_loss` or of
+    `stop_max_retain_kl`: the gates decide, and the evidence says so."""
+    uniform_nll = math.log(vocab_size)
+    finite = math.isfinite(report.forget_nll) and math.isfinite(report.retain_kl)  # a diverged run ends in NaN
+    return {
+        "converged": finite and report.forget_nll <= NOT_CONVERGED_SHARE_OF_UNIFORM * uniform_nll,
+        "reached_target": finite and report.forget_nll <= config.target_forget_loss
+        and report.retain_kl <= config.stop_max_retain_kl,
+        "diverged": not finite,
+        "forget_nll": round(report.forget_nll, 4) if finite else None, "target_forget_loss": config.target_forget_loss,
+        "retain_kl": round(report.retain_kl, 4) if finite else None, "stop_max_retain_kl": config.stop_max_retain_kl,
+        "uniform_nll": round(uniform_nll, 4), "epochs": report.epochs, "max_epochs": config.epochs,
+    }
+
+
 def _lr_scheduler(optimizer, config: ULDConfig, total_steps: int):
     if config.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
