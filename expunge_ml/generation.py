@@ -25,8 +25,14 @@ def greedy_generate(
     prompts: Sequence[str],
     max_new_tokens: int = 48,
     batch_size: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches, KV-cached), decoded without specials."""
+    """Continuations of `prompts` (left-padded batches, KV-cached), decoded without specials: greedy, or with
+    `temperature` > 0 sampled from the softened distribution (reproducible for a given `seed`)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     results: list[str] = []
     pad_id = pad_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -40,7 +46,7 @@ def greedy_generate(
         step_ids, step_positions = input_ids, positions
         for _ in range(max_new_tokens):
             logits, past = source.step(step_ids, mask, step_positions, past, last_only=True)
-            next_ids = logits[:, -1, :].argmax(dim=-1)
+            next_ids = pick_next(logits[:, -1, :], temperature, generator)
             if next_ids.device != generated.device:
                 # Keep the decoding state where the logits are (a GPU): one host sync per token is
                 # the `finished.all()` check below, not a copy of every tensor every step.
@@ -60,6 +66,14 @@ def greedy_generate(
                 row = row[: row.index(eos_id)]
             results.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return results
+
+
+def pick_next(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row: the most likely, or a draw at `temperature` (on the CPU, so a seed reproduces)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
+
 import mlflow.pyfunc
 from mlflow.models import set_model
 
@@ -18,9 +20,11 @@ class CausalLMModel(mlflow.pyfunc.PythonModel):
         self.source = served_model(base).source()
         config = context.model_config or {}
         self.fmt = PromptFormat(template=config.get("prompt_template") or PromptFormat().template)
-        self.max_new_tokens = int(config.get("max_new_tokens", 48))
+        from models_registry.predict_io import DEFAULT_MAX_NEW_TOKENS
 
-    def predict(self, context, model_input, params=None):
+        self.max_new_tokens = int(config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from models_registry.predict_io import generate_for_input
 
         return generate_for_input(self, model_input, params)

@@ -17,6 +17,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from models_registry.predict_io import DEFAULT_MAX_NEW_TOKENS, serving_signature
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = PACKAGE_DIR.parent
 EXPERIMENT = "expunge"
@@ -128,6 +130,21 @@ class ResolvedTarget:
     erased: dict[str, Any] | None = None
 
 
+def own_chat_template(location: str) -> str | None:
+    """The prompt frame of a model outside the registry: its tokenizer's chat template when it has one (an
+    instruction-tuned model answers in it), else None (the raw question/answer frame)."""
+    from transformers import AutoTokenizer
+
+    from expunge_ml.prompting import chat_format
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:  # no tokenizer files, or a hub id without network
+        raise ModelNotFound(f"cannot load the tokenizer of {location}: {type(exc).__name__}") from None
+    fmt = chat_format(tokenizer)
+    return fmt.template if fmt else None
+
+
 def resolve_target(uri: str) -> ResolvedTarget:
     """Resolve `models:/…`, a local model directory, or a hub id (only where the user has network)."""
     if not uri.startswith("models:/"):
@@ -139,9 +156,9 @@ def resolve_target(uri: str) -> ResolvedTarget:
 
             location = str(path.resolve())
             return ResolvedTarget(uri, None, None, "causal_lm", location, location,
-                                  weights_fingerprint(path), None, None)
+                                  weights_fingerprint(path), None, own_chat_template(location))
         if re.fullmatch(r"[\w.-]+/[\w.-]+", uri) and not path.exists():
-            return ResolvedTarget(uri, None, None, "causal_lm", uri, uri, None, None, None)
+            return ResolvedTarget(uri, None, None, "causal_lm", uri, uri, None, None, own_chat_template(uri))
         raise ModelNotFound(f"unknown model {uri!r}: not a registry URI, a model directory or a hub id")
     ref = pin(uri)
     tags = version_tags(ref)
@@ -180,6 +197,16 @@ def _log_pyfunc(code_file: str, artifacts: dict[str, str], model_config: dict, n
     """Log from code (no pickled model object) into the caller's active run, registering a version."""
     if mlflow.active_run() is None:
         raise RuntimeError("register_* must be called inside an active MLflow run")
+    import warnings
+
+    with warnings.catch_warnings():
+        # An input example would make MLflow load the model to run it at logging time; the signature says what
+        # it takes, and registration asks the loaded version a question anyway (tasks/register.py).
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*", category=UserWarning)
+        return _log_model(code_file, artifacts, model_config, name)
+
+
+def _log_model(code_file: str, artifacts: dict[str, str], model_config: dict, name: str) -> Any:
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(PACKAGE_DIR / code_file),
@@ -188,6 +215,7 @@ def _log_pyfunc(code_file: str, artifacts: dict[str, str], model_config: dict, n
         code_paths=[str(PROJECT_DIR / "expunge_ml"), str(PACKAGE_DIR)],
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=name,
+        signature=serving_signature(int(model_config.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))),
     )
 
 

@@ -1,6 +1,7 @@
 """Register the unlearned model as a new MLflow model version (alias `challenger` only if gates pass)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlflow
@@ -9,10 +10,22 @@ from prefect import get_run_logger, task
 from expunge_ml.corpus import erased_lineage
 from expunge_ml.prompting import DEFAULT_PROMPT_TEMPLATE
 from models_registry.registry import ResolvedTarget, aliases_of, register_causal_lm, register_uld_composite
-from tasks.context import read_json, settings_for, write_json
+from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.contracts import Evaluation, Registration, ResolvedRequest, TrainedUnlearning
 
-DEFAULT_REGISTERED_NAME = "expunge-unlearned"
+UNLEARNED_SUFFIX = "-unlearned"
+
+
+def unlearned_name(location: str) -> str:
+    """`<name>-unlearned` for a model outside the registry: its directory's or hub id's last part, in the
+    characters a registry name allows, so unrelated models' versions never interleave under one name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(location.rstrip("/")).name).strip("-._") or "model"
+    return stem[: 100 - len(UNLEARNED_SUFFIX)] + UNLEARNED_SUFFIX
+
+
+def registered_name_for(requested: str | None, target: ResolvedTarget) -> str:
+    """The request's `registered_name`, else the target's own registered name, else `unlearned_name`."""
+    return requested or target.registered_name or unlearned_name(target.requested_uri)
 
 
 def _flat_metrics(metrics: dict) -> dict[str, float]:
@@ -72,7 +85,7 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRe
     settings = settings_for(home, profile)
     target_info = read_json(resolved.target_path)
     target = _target(target_info)
-    name = target.registered_name or DEFAULT_REGISTERED_NAME
+    name = registered_name_for(request_spec(settings, ticket_id).registered_name, target)
     # The version remembers what it erased (keyed hashes), so an erasure built on it later leaves those out.
     erased = erased_lineage(target_info.get("erased_before"), read_json(resolved.forget_manifest),
                             settings.hmac_key())
@@ -97,7 +110,9 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRe
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.
     model = mlflow.pyfunc.load_model(ref.uri)
-    probe = model.predict(["What is the capital of nowhere?"])
+    import pandas as pd
+
+    probe = model.predict(pd.DataFrame({"question": ["What is the capital of nowhere?"]}))
     if not isinstance(probe, list) or len(probe) != 1:
         raise RuntimeError(f"{ref.uri} loaded but did not generate")
     registration = Registration(model_uri=ref.uri, name=ref.name, version=ref.version, mlflow_run_id=run_id,
