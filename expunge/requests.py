@@ -69,6 +69,9 @@ class RequestSpec(BaseModel):
     requested_by: str | None = None
     method: str = "uld"
     corpus: CorpusRef | None = None
+    # The registry name the unlearned versions go under; default: the target's own registered name, or
+    # `<model directory or hub name>-unlearned` for a model outside the registry.
+    registered_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     notes: str | None = None
 
     @model_validator(mode="after")

@@ -59,6 +59,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
         options, holdout=holdout, judge=fluency_judge(settings.home, options.fluency_judge, settings.device),
         general=general,
     )
+    evidence["prompt_template"] = prompt_format(target_info).template  # the frame every question was asked in
     gates = tuple(g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"])))
     work = settings.ticket_dir(ticket_id)
     evaluation = Evaluation(request_type=spec.type, metrics=evidence["metrics"], gates=gates,

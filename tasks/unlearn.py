@@ -68,6 +68,7 @@ def edit_model_weights(home: str, profile: str, ticket_id: str, resolved: Resolv
         method=method, trains=FULL_MODEL, config=asdict(config), report=asdict(report),
         forget_pairs=len(forget), retain_pairs=len(retain),
         model_dir=str(model_dir), weights_sha256=weights_fingerprint(model_dir),
+        prompt_template=prompt_format(target_info).template,
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
     logger.info("%s finished in %.1fs (%d steps)", method, report.seconds, report.steps)
@@ -204,6 +205,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         question_wordings=sum(map(len, wordings.values())) if paraphraser_sha256 else None,
         paraphraser_weights_sha256=paraphraser_sha256,
         convergence=tuple(convergence(report, config, vocab_size) for report in reports),
+        prompt_template=prompt_format(target_info).template,
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
     for warning in trained.warnings():

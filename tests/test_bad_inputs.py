@@ -126,7 +126,7 @@ def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(t
     result = submit_text(tiny_home, tmp_path, with_corpus)
     assert result.exit_code == 0, result.output
     assert "received: 10 matching records" in result.stdout
-    # and it runs end to end: no registry tags, default prompt format, version under a default name; under
+    # and it runs end to end: no registry tags, default prompt format, versions under the directory's name; under
     # gates no outcome can fail, so it completes and the version becomes the challenger
     profile = tmp_path / "passing.yaml"
     profile.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("tiny"))))
@@ -135,7 +135,7 @@ def test_a_local_model_directory_is_a_target_when_the_request_names_its_corpus(t
     rows = json.loads(cli(tiny_home, "status", "--json").stdout)
     row = next(r for r in rows if r["ticket_id"] == "LOCAL-OK")
     assert row["status"] == "completed"
-    assert row["model_uri"].startswith("models:/expunge-unlearned/")
+    assert row["model_uri"].startswith("models:/sample-base-unlearned/")
 
 
 def with_gates_every_run_passes(profile: dict) -> dict:

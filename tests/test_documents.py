@@ -131,7 +131,7 @@ def write_takedown(tmp_path: Path, ticket: str, document_id: str, model_dir: Pat
               **({"holdout": str(holdout)} if holdout else {})}
     request = {"ticket_id": ticket, "type": "copyright_takedown", "regulation": "DMCA",
                "requested_by": "legal@example.org", "subject": {"document_ids": [document_id]},
-               "target_model": str(model_dir), "corpus": corpus}
+               "target_model": str(model_dir), "corpus": corpus, "registered_name": "books-model-unlearned"}
     path = tmp_path / f"{ticket}.yaml"
     path.write_text(yaml.safe_dump(request))
     return path
@@ -168,7 +168,8 @@ def test_a_takedown_of_one_document_on_a_document_corpus(tiny_home, tiny_setting
 
     row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
                if r["ticket_id"] == "DOCS-0001")
-    assert row["status"] == "completed" and row["model_uri"].startswith("models:/expunge-unlearned/")
+    # the request named the registry name its versions go under
+    assert row["status"] == "completed" and row["model_uri"].startswith("models:/books-model-unlearned/")
     version = MlflowClient().get_model_version(*row["model_uri"].removeprefix("models:/").split("/"))
     assert "challenger" in version.aliases
     local = Path(mlflow.artifacts.download_artifacts(row["model_uri"]))

@@ -67,3 +67,19 @@ def test_redacting_the_subject_keeps_its_keyed_hashes():
     assert redact_subject(key, redacted) == redacted  # idempotent
     # a different key gives different hashes: they identify the subject only to the key holder
     assert subject_fingerprints(b"x" * 32, spec) != subject_fingerprints(key, spec)
+
+
+def test_a_model_outside_the_registry_gets_versions_under_its_own_name():
+    from models_registry.registry import ResolvedTarget
+    from tasks.register import registered_name_for, unlearned_name
+
+    assert unlearned_name("/srv/models/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct-unlearned"
+    assert unlearned_name("HuggingFaceTB/SmolLM2-135M") == "SmolLM2-135M-unlearned"
+    assert unlearned_name("/data/my model (v2)") == "my-model-v2-unlearned"
+    local = ResolvedTarget("/srv/models/llama", None, None, "causal_lm", "/srv/models/llama", "/srv/models/llama",
+                           None, None, None)
+    registered = ResolvedTarget("models:/support-bot@champion", "models:/support-bot/3", "support-bot", "causal_lm",
+                                "/x", "models:/support-bot/3", None, None, None)
+    assert registered_name_for(None, local) == "llama-unlearned"
+    assert registered_name_for(None, registered) == "support-bot"  # a registry model's versions stay under its name
+    assert registered_name_for("legal-hold-7", local) == "legal-hold-7"  # the request's own choice wins

@@ -1,0 +1,60 @@
+"""A user's own model with a chat template, outside the registry: it is prompted in its own chat frame in
+training, evaluation and the registered version, its versions go under its own name, and a caller's `params`
+reach generation."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlflow
+import pandas as pd
+import yaml
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+from expunge.cli import app
+from expunge.settings import load_profile
+from expunge_ml.prompting import chat_format
+from tests.test_pipeline_e2e import with_gates_every_run_passes
+
+runner = CliRunner()
+# A minimal template of the usual shape: a user turn, then the assistant's turn, each closed by a marker.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_a_chat_model_is_trained_evaluated_and_served_in_its_own_frame(tiny_home, tmp_path):
+    model_dir = tmp_path / "chatty-base"
+    shutil.copytree(tiny_home / "models" / "sample-base", model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    frame = chat_format(AutoTokenizer.from_pretrained(model_dir)).template
+    assert frame.startswith("<|user|>\n{question}<|end|>") and frame.endswith("<|assistant|>\n")
+
+    corpus = tiny_home / "sample_world" / "corpus.jsonl"
+    name = json.loads(corpus.read_text().splitlines()[0])["subject"]
+    request = {"ticket_id": "CHAT-0001", "type": "privacy_erasure", "regulation": "GDPR",
+               "subject": {"names": [name]}, "target_model": str(model_dir), "corpus": {"source": str(corpus)}}
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    profile = tmp_path / "passing.yaml"
+    profile.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("tiny"))))
+    args = ["--home", str(tiny_home), "--profile", str(profile)]
+    assert runner.invoke(app, [*args, "submit", str(tmp_path / "request.yaml")]).exit_code == 0
+    ran = runner.invoke(app, [*args, "run", "CHAT-0001"])
+    assert ran.exit_code == 0, ran.output
+
+    work = tiny_home / "work" / "CHAT-0001"
+    assert json.loads((work / "target.json").read_text())["prompt_template"] == frame
+    assert json.loads((work / "training.json").read_text())["prompt_template"] == frame
+    assert json.loads((work / "evidence.json").read_text())["prompt_template"] == frame
+    row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
+               if r["ticket_id"] == "CHAT-0001")
+    assert row["model_uri"].startswith("models:/chatty-base-unlearned/")  # its own name, not a shared one
+
+    served = mlflow.pyfunc.load_model(row["model_uri"])
+    assert served._model_impl.python_model.fmt.template == frame  # the version records and serves the frame
+    questions = pd.DataFrame({"question": ["Who is nobody?", "Where is nowhere?"]})
+    short = served.predict(questions, params={"max_new_tokens": 2})
+    assert all(len(tokenizer(a, add_special_tokens=False)["input_ids"]) <= 2 for a in short)
+    assert served.predict(questions, params={"max_new_tokens": 2}) == short
