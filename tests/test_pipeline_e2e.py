@@ -92,11 +92,25 @@ def test_registered_version_loads_by_alias_and_generates(tiny_settings, complete
     assert version.version != champion.version
     assert version.tags["expunge.ticket_id"] == "DEMO-GDPR-0001"
     assert version.tags["expunge.method"] == "uld" and len(version.tags["expunge.forget_fingerprint"]) == 64
-    model = mlflow.pyfunc.load_model("models:/expunge-sample-llm@challenger")
+    import warnings
+
     import pandas as pd
 
-    answers = model.predict(pd.DataFrame({"question": ["What is the weather like?", "Who are you?"]}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model("models:/expunge-sample-llm@challenger")
+    assert not [w for w in caught if "type hint" in str(w.message)]
+    questions = pd.DataFrame({"question": ["What is the weather like?", "Who are you?"]})
+    answers = model.predict(questions)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # The signature's params reach generation: one new token, or a seeded draw at a temperature.
+    params = model.metadata.get_params_schema()
+    assert {p.name for p in params.params} == {"max_new_tokens", "temperature", "seed"}
+    short = model.predict(questions, params={"max_new_tokens": 1})
+    assert all(len(model._model_impl.python_model.tokenizer(a, add_special_tokens=False)["input_ids"]) <= 1
+               for a in short) and short != answers
+    sampled = model.predict(questions, params={"temperature": 5.0, "seed": 3})
+    assert sampled == model.predict(questions, params={"temperature": 5.0, "seed": 3}) and sampled != answers
     # The version bundles only the adapter and references the base by pinned URI + weight hash.
     local = Path(mlflow.artifacts.download_artifacts(f"models:/expunge-sample-llm/{version.version}"))
     assert not list(local.rglob("model.safetensors"))
