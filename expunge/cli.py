@@ -143,12 +143,20 @@ def _print_summary(summary: dict) -> None:
             if base[split].get(metric) is not None:  # fact recall: only where the answers carry facts
                 table.add_row(split, metric, f"{base[split][metric]:.3f}", f"{unlearned[split][metric]:.3f}")
     out.print(table)
-    for gate in summary.get("gates", []):
-        mark = f"skipped ({gate['skipped']})" if gate.get("skipped") else ("pass" if gate["passed"] else "FAIL")
-        out.print(f"gate {gate['gate']}: {gate['value']} {gate['op']} {gate['threshold']} → {mark}")
+    _print_gates(summary.get("gates", []))
     out.print(f"model: {summary['model_uri']} aliases: {', '.join(summary['aliases']) or 'none'}")
     if summary.get("report"):
         out.print(f"evidence report: {summary['report']}")
+
+
+def _print_gates(gates: list[dict]) -> None:
+    """Every gate with its verdict; one that could not be evaluated says so and why, never `pass`."""
+    for gate in gates:
+        mark = f"NOT EVALUATED ({gate['skipped']})" if gate.get("skipped") else ("pass" if gate["passed"] else "FAIL")
+        out.print(f"gate {gate['gate']}: {gate['value']} {gate['op']} {gate['threshold']} → {mark}", markup=False)
+    unevaluated = [g["gate"] for g in gates if g.get("skipped")]
+    if unevaluated:
+        err.print(f"warning: {len(unevaluated)} gate(s) not evaluated: {', '.join(unevaluated)}", markup=False)
 
 
 def _print_forget_answers(evidence_path: Path) -> None:
@@ -210,6 +218,7 @@ def status(
     for key, value in sorted((row["metrics"] or {}).items()):
         if key != "gates":
             out.print(f"  {key}: {value}")
+    _print_gates((row["metrics"] or {}).get("gates", []))
 
 
 @app.command()

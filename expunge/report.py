@@ -202,7 +202,7 @@ def _header_lines(request: dict, manifests: dict, registration: dict | None, aud
 def _gate_lines(evaluation: dict, evidence: dict) -> list[str]:
     lines = ["## Gates", "", "| gate | value | rule | result |", "|---|---|---|---|"]
     for g in evaluation["gates"]:
-        result = "skipped: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
+        result = "**not evaluated**: " + g["skipped"] if g.get("skipped") else ("pass" if g["passed"] else f"**FAIL** (by {abs(g['margin']):.4f})")
         lines.append(f"| {g['gate']} | {_fmt(g['value'])} | {g['op']} {g['threshold']} | {result}"
                      f"{_worst_attack_interval(evidence, g)} |")
     return lines

@@ -284,6 +284,30 @@ def _model_evidence(evidence: dict[str, Any], name: str, source, tokenizer, fmt:
     return results["forget"]
 
 
+# How far above its level on people it never saw the model must state the forget set, for the erasure to have
+# something to remove: the same margin the fact and "above unseen" gates allow after an erasure.
+KNOWN_MARGIN = 0.1
+
+
+def prior_knowledge(source, tokenizer, fmt: PromptFormat, forget: Sequence[QARecord], holdout: Sequence[QARecord],
+                    max_new_tokens: int = 40, batch_size: int = 16) -> dict[str, Any]:
+    """How much of the forget set the model states before any training: its greedy answers' fact recall (or
+    ROUGE-L recall, where the answers carry no facts) on the forget questions against the same on the holdout
+    people's questions, whom it never saw. `known` is False when the margin is under KNOWN_MARGIN: there is
+    little or nothing to forget, and a forget score of 0 afterwards would prove nothing. Numbers only."""
+    splits = {"forget": list(forget), **({"holdout": list(holdout)} if holdout else {})}
+    scores = evaluate_splits(source, tokenizer, fmt, splits, max_new_tokens, batch_size)
+    facts = scores["forget"].fact_recall is not None and (not holdout or scores["holdout"].fact_recall is not None)
+    metric = "fact_recall" if facts else "rougeL_recall"
+    result: dict[str, Any] = {"metric": metric, "n_forget": len(forget), "n_holdout": len(holdout),
+                              "forget": round(getattr(scores["forget"], metric), 4), "min_margin": KNOWN_MARGIN}
+    if not holdout:  # nothing to compare with: measured, not judged
+        return {**result, "known": None}
+    result["holdout"] = round(getattr(scores["holdout"], metric), 4)
+    result["margin"] = round(result["forget"] - result["holdout"], 4)
+    return {**result, "known": result["margin"] >= KNOWN_MARGIN}
+
+
 def chance_evidence(source, tokenizer, fmt: PromptFormat, holdout: Sequence[QARecord],
                     erased_probes: Sequence[PIIProbe], kwargs: Mapping[str, int]) -> dict[str, Any]:
     """What the model before the erasure states about people it never saw (the holdout): the ROUGE-L of its

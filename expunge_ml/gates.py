@@ -218,6 +218,18 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
 }
 
 
+# Why a gate could not be evaluated, where the reason is more specific than "no evidence applies".
+NOT_EVALUATED_BECAUSE = {
+    "max_pii_leak_rate": "no identifier of the subject: the corpus has no pii column and none of the request's "
+                         "identifiers appears in the forget answers",
+    "max_quant_pii_leak_rate": "no identifier of the subject to probe (see max_pii_leak_rate)",
+    "min_retained_pii_recall_ratio": "no retained person's identifiers: the corpus has no pii column",
+    "max_misattributed_id_rate": "no PII probe of the subject whose answers to read (see max_pii_leak_rate)",
+    "min_general_ratio": "no general-knowledge questions (corpus.general)",
+    FORGET_ANSWER_PERPLEXITY_GATE: "no fluency judge (evaluation.fluency_judge)",
+}
+
+
 def check_gates(evidence: Mapping[str, Any], thresholds: Mapping[str, float]) -> list[GateResult]:
     unknown = set(thresholds) - set(GATES)
     if unknown:
@@ -227,7 +239,8 @@ def check_gates(evidence: Mapping[str, Any], thresholds: Mapping[str, float]) ->
         read, op = GATES[name]
         value = read(evidence)
         if value is None:
-            results.append(GateResult(name, None, op, threshold, True, None, skipped="no evidence applies"))
+            reason = NOT_EVALUATED_BECAUSE.get(name, "no evidence applies")
+            results.append(GateResult(name, None, op, threshold, True, None, skipped=reason))
             continue
         passed = value <= threshold if op == "<=" else value >= threshold
         margin = threshold - value if op == "<=" else value - threshold

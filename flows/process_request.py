@@ -6,11 +6,17 @@ from prefect import flow, get_run_logger
 from expunge.requests import RequestError
 from tasks.contracts import Evaluation, Registration
 from tasks.data import CorpusDrift, SubjectNotFound, resolve_forget_set
-from tasks.evaluate import evaluate_unlearning
+from tasks.evaluate import evaluate_unlearning, measure_prior_knowledge
 from tasks.lifecycle import audit_event, store_outcome, transition
 from tasks.register import register_model
 from tasks.report import evidence_report
 from tasks.unlearn import unlearning_task
+
+
+def nothing_to_forget(known: dict) -> str:
+    return (f"before unlearning, the target's {known['metric']} on the forget questions is {known['forget']}, "
+            f"{known['margin']} above its level on people it never saw (at least {known['min_margin']} expected): "
+            "little or nothing to forget")
 
 
 def _gated_status(ctx: tuple, evaluated: Evaluation, registered: Registration) -> str:
@@ -33,6 +39,11 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
         transition(*ctx, "resolving")
         resolved = resolve_forget_set(*ctx)
         audit_event(*ctx, "forget_set_resolved", resolved.audit_payload())
+        known = measure_prior_knowledge(*ctx, resolved)
+        audit_event(*ctx, "prior_knowledge_measured", known)
+        if known["known"] is False and known["action"] == "review":  # the profile asks a person to look first
+            transition(*ctx, "needs_review", reason_code="nothing_to_forget", detail=nothing_to_forget(known))
+            return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "nothing_to_forget"}
 
         transition(*ctx, "training")
         trained = unlearning_task(method)(*ctx, resolved, method)
@@ -74,5 +85,7 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
     return {
         "ticket_id": ticket_id, "status": status, "model_uri": registered.model_uri,
         "aliases": list(registered.aliases), "metrics": evaluated.metrics, "gates": list(evaluated.gates),
-        "report": report["markdown"], "warnings": trained.warnings(),
+        "report": report["markdown"],
+        "warnings": ([f"nothing_to_forget: {nothing_to_forget(known)}"] if known["known"] is False else [])
+        + trained.warnings(),
     }

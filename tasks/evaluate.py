@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from expunge_ml.evidence import EvidenceOptions, collect_evidence, probes_for
+from expunge_ml.evidence import EvidenceOptions, collect_evidence, prior_knowledge, probes_for
 from expunge_ml.fluency import FluencyJudge, load_fluency_judge
 from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.serving import load_base, served_model
@@ -35,6 +35,35 @@ def served_after(base, target_info: dict, trained: TrainedUnlearning, settings):
     return served_model(base, prior_adapters(target_info) + trained.new_adapters())
 
 
+NOTHING_TO_FORGET_ACTIONS = ("warn", "review")
+
+
+@task(name="measure-prior-knowledge")
+def measure_prior_knowledge(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest) -> dict:
+    """Before any training: does the target as served now state the forget set more readily than answers about
+    people it never saw (`expunge_ml.evidence.prior_knowledge`)? Written to prior_knowledge.json (numbers only),
+    with the profile's `unlearning.nothing_to_forget` action: warn (default) or review."""
+    settings = settings_for(home, profile)
+    action = settings.profile["unlearning"].get("nothing_to_forget", "warn")
+    if action not in NOTHING_TO_FORGET_ACTIONS:
+        raise ValueError(f"unlearning.nothing_to_forget must be one of {NOTHING_TO_FORGET_ACTIONS}, got {action!r}")
+    target_info = read_json(resolved.target_path)
+    forget = records_for_manifest(settings, target_info, resolved.forget_manifest)
+    base, tokenizer = target_base(target_info, settings)
+    holdout = holdout_records(target_info, forget, int(settings.profile["evaluation"].get("holdout_max", 64)))
+    evaluation = settings.profile["evaluation"]
+    known = prior_knowledge(served_model(base, prior_adapters(target_info)).source(), tokenizer,
+                            prompt_format(target_info), forget, holdout, int(evaluation["max_new_tokens"]),
+                            int(evaluation["batch_size"]))
+    known["action"] = action
+    write_json(settings.ticket_dir(ticket_id) / "prior_knowledge.json", known)
+    if known["known"] is False:
+        get_run_logger().warning("nothing_to_forget: the target's %s on the forget questions is only %.2f above "
+                                 "its level on people it never saw (at least %.2f expected)",
+                                 known["metric"], known["margin"], known["min_margin"])
+    return known
+
+
 @task(name="evaluate-unlearning")
 def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest,
                         trained: TrainedUnlearning) -> Evaluation:
@@ -60,6 +89,9 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
         general=general,
     )
     evidence["prompt_template"] = prompt_format(target_info).template  # the frame every question was asked in
+    prior = settings.ticket_dir(ticket_id) / "prior_knowledge.json"
+    if prior.exists():
+        evidence["prior_knowledge"] = read_json(prior)
     gates = tuple(g.as_dict() for g in check_gates(evidence, gates_for(spec.type, settings.profile["gates"])))
     work = settings.ticket_dir(ticket_id)
     evaluation = Evaluation(request_type=spec.type, metrics=evidence["metrics"], gates=gates,

@@ -58,3 +58,35 @@ def test_a_chat_model_is_trained_evaluated_and_served_in_its_own_frame(tiny_home
     short = served.predict(questions, params={"max_new_tokens": 2})
     assert all(len(tokenizer(a, add_special_tokens=False)["input_ids"]) <= 2 for a in short)
     assert served.predict(questions, params={"max_new_tokens": 2}) == short
+
+
+def test_erasing_someone_the_model_never_learned_is_flagged_before_training(tiny_home, tmp_path):
+    """A holdout person (never trained on) put into the corpus: the target states nothing of them, so there is
+    nothing to forget. With `unlearning.nothing_to_forget: review` the ticket stops before training."""
+    world = tiny_home / "sample_world"
+    holdout = [json.loads(line) for line in (world / "holdout.jsonl").read_text().splitlines()]
+    stranger = holdout[0]["subject"]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((world / "corpus.jsonl").read_text()
+                      + "".join(json.dumps(r) + "\n" for r in holdout if r["subject"] == stranger))
+    others = tmp_path / "holdout.jsonl"
+    others.write_text("".join(json.dumps(r) + "\n" for r in holdout if r["subject"] != stranger))
+    request = {"ticket_id": "STRANGER-0001", "type": "privacy_erasure", "regulation": "GDPR",
+               "subject": {"names": [stranger]}, "target_model": str(tiny_home / "models" / "sample-base"),
+               "corpus": {"source": str(corpus), "holdout": str(others)}}
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    profile = load_profile("tiny")
+    profile["unlearning"]["nothing_to_forget"] = "review"
+    (tmp_path / "review.yaml").write_text(yaml.safe_dump(profile))
+    args = ["--home", str(tiny_home), "--profile", str(tmp_path / "review.yaml")]
+    assert runner.invoke(app, [*args, "submit", str(tmp_path / "request.yaml")]).exit_code == 0
+    ran = runner.invoke(app, [*args, "run", "STRANGER-0001"])
+    assert ran.exit_code == 5 and "nothing_to_forget" in ran.output, ran.output
+    row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
+               if r["ticket_id"] == "STRANGER-0001")
+    assert row["status"] == "needs_review" and row["reason_code"] == "nothing_to_forget"
+    work = tiny_home / "work" / "STRANGER-0001"
+    known = json.loads((work / "prior_knowledge.json").read_text())
+    assert known["known"] is False and known["margin"] < known["min_margin"]
+    assert not (work / "training.json").exists()  # stopped before any training
+

@@ -48,6 +48,15 @@ def test_request_completes_with_forgetting_and_utility_kept(tiny_home, completed
     assert row["due_at"][:7] != row["received_at"][:7] or row["due_at"][:4] != row["received_at"][:4]
 
 
+def test_the_subject_was_known_before_training(tiny_home, completed):
+    """The sample person's facts are what the base states above its level on people it never saw: something to
+    forget, measured before training (the nothing-to-forget case: tests/test_own_model.py)."""
+    known = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "prior_knowledge.json").read_text())
+    assert known["known"] is True and known["metric"] == "fact_recall" and known["margin"] > 2 * known["min_margin"]
+    evidence = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json").read_text())
+    assert evidence["prior_knowledge"] == known
+
+
 def test_evidence_counts_the_subjects_facts_as_well_as_the_wording(tiny_home, completed):
     evidence = json.loads((tiny_home / "work" / "DEMO-GDPR-0001" / "evidence.json").read_text())
     base, unlearned = (evidence["metrics"][m]["forget"] for m in ("base", "unlearned"))
