@@ -71,7 +71,7 @@ def fail(message: str, code: int) -> None:
 @app.callback()
 def main(
     home: Optional[Path] = typer.Option(None, "--home", envvar="EXPUNGE_HOME", help="State directory (DB, MLflow store, models). Default: ./.expunge"),
-    profile: str = typer.Option("demo", "--profile", envvar="EXPUNGE_PROFILE", help="Profile name (demo, tiny) or a YAML path: sizes and hyper-parameters."),
+    profile: str = typer.Option("demo", "--profile", envvar="EXPUNGE_PROFILE", help="Profile name (demo, smollm2, tiny; auto for your own model) or a YAML path: sizes and hyper-parameters."),
 ) -> None:
     settings = Settings.from_env(home, profile)
     try:
@@ -82,11 +82,18 @@ def main(
     state.settings = settings
 
 
+def _needs_sample_world(command: str) -> None:
+    if "world" not in state.settings.profile or "base_model" not in state.settings.profile:
+        fail(f"profile {state.settings.profile_name!r} has no sample world to {command}: use --profile demo, "
+             "smollm2 or tiny", 2)
+
+
 @app.command()
 def bootstrap(force: bool = typer.Option(False, help="Retrain even if a matching champion exists.")) -> None:
     """Generate the sample world, train the small base model on it and register it as champion."""
     from flows.bootstrap import bootstrap_sample_model
 
+    _needs_sample_world("bootstrap")
     result = bootstrap_sample_model(home=str(state.settings.home), profile=state.settings.profile_name, force=force)
     verb = "reused" if result["reused"] else "registered"
     out.print(f"base model {verb}: {result['model_uri']} (alias champion)")
@@ -322,6 +329,7 @@ def demo() -> None:
     from expunge.service import request_rows, run_request, submit as do_submit, verify_audit
     from flows.bootstrap import bootstrap_sample_model
 
+    _needs_sample_world("demo")
     started = time.perf_counter()
     settings = state.settings
     boot = bootstrap_sample_model(home=str(settings.home), profile=settings.profile_name)

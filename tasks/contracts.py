@@ -65,6 +65,7 @@ class TrainedUnlearning:
     weight_selection: Mapping[str, Any] | None = None  # the served w and what it was chosen from: counts, ratios
     question_wordings: int | None = None  # how many question wordings a paraphraser wrote, and which one
     paraphraser_weights_sha256: str | None = None
+    auto_settings: Mapping[str, Any] | None = None  # values an `auto` profile derived from the target, and why
     prompt_template: str | None = None  # the frame the model was trained in (the target's: its chat template or QA)
     # Per assistant, how far training got (`expunge_ml.methods.uld.convergence`): numbers against targets.
     convergence: tuple[Mapping[str, Any], ...] = ()

@@ -164,6 +164,7 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
 def train_assistants(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest,
                      method: str) -> TrainedUnlearning:
     """A method that trains assistants to subtract from the target (ULD); the base's weights stay as they are."""
+    from expunge_ml.auto_settings import auto_unlearning, traits_of
     from expunge_ml.methods.uld import convergence, ensemble_weights
     from expunge_ml.uld_data import training_pairs
 
@@ -173,10 +174,12 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
     spec = request_spec(settings, ticket_id)
     forget = records_for_manifest(settings, target_info, resolved.forget_manifest)
     retain = records_for_manifest(settings, target_info, resolved.retain_manifest)
-    unlearning = settings.profile["unlearning"]
+    base, tokenizer = target_base(target_info, settings)
+    unlearning, derived = auto_unlearning(settings.profile["unlearning"], traits_of(base, tokenizer))
+    if derived:
+        logger.info("settings derived from the target: %s", derived["values"])
     config = config_for(method, unlearning, spec.type)
     selection = weight_selection_for(unlearning, spec.type, config)
-    base, tokenizer = target_base(target_info, settings)
     wordings, paraphraser_sha256 = ({}, None)
     if config.question_paraphrases:
         wordings, paraphraser_sha256 = question_wordings(unlearning, config, forget, retain, settings.device)
@@ -206,6 +209,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         paraphraser_weights_sha256=paraphraser_sha256,
         convergence=tuple(convergence(report, config, vocab_size) for report in reports),
         prompt_template=prompt_format(target_info).template,
+        auto_settings=derived or None,
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
     for warning in trained.warnings():

@@ -38,7 +38,7 @@ def test_a_chat_model_is_trained_evaluated_and_served_in_its_own_frame(tiny_home
                "subject": {"names": [name]}, "target_model": str(model_dir), "corpus": {"source": str(corpus)}}
     (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
     profile = tmp_path / "passing.yaml"
-    profile.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("tiny"))))
+    profile.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("auto"))))  # the profile users start from
     args = ["--home", str(tiny_home), "--profile", str(profile)]
     assert runner.invoke(app, [*args, "submit", str(tmp_path / "request.yaml")]).exit_code == 0
     ran = runner.invoke(app, [*args, "run", "CHAT-0001"])
@@ -46,7 +46,13 @@ def test_a_chat_model_is_trained_evaluated_and_served_in_its_own_frame(tiny_home
 
     work = tiny_home / "work" / "CHAT-0001"
     assert json.loads((work / "target.json").read_text())["prompt_template"] == frame
-    assert json.loads((work / "training.json").read_text())["prompt_template"] == frame
+    training = json.loads((work / "training.json").read_text())
+    assert training["prompt_template"] == frame
+    # `auto` settings were derived from this 2-layer model that memorised its corpus, and recorded
+    assert training["auto_settings"]["traits"]["n_layers"] == 2
+    assert training["auto_settings"]["values"] == {"n_layers": 2, "weight": -1.5, "relative_top": 0.0, "batch_size": 8,
+                                                   "general_retain": 0}
+    assert training["config"]["n_layers"] == 2 and training["config"]["weight"] == -1.5
     assert json.loads((work / "evidence.json").read_text())["prompt_template"] == frame
     row = next(r for r in json.loads(runner.invoke(app, [*args, "status", "--json"]).stdout)
                if r["ticket_id"] == "CHAT-0001")
@@ -90,3 +96,27 @@ def test_erasing_someone_the_model_never_learned_is_flagged_before_training(tiny
     assert known["known"] is False and known["margin"] < known["min_margin"]
     assert not (work / "training.json").exists()  # stopped before any training
 
+
+
+def test_auto_settings_follow_the_bases_depth_and_size():
+    import pytest
+
+    from expunge_ml.auto_settings import ModelTraits, auto_unlearning, resolve_auto
+
+    smollm2 = ModelTraits(n_layers=30, hidden_size=576, vocab_size=49152, n_parameters=134_515_008,
+                          has_chat_template=True)
+    resolved, derived = resolve_auto({"n_layers": "auto", "weight": "auto", "relative_top": "auto",
+                                      "batch_size": "auto", "general_retain": "auto", "lr": 0.005}, smollm2)
+    # the values of the smollm2 profile, which pass on that model
+    assert resolved == {"n_layers": 4, "weight": -0.5, "relative_top": 0.01, "batch_size": 8, "general_retain": 64,
+                        "lr": 0.005}
+    assert "lr" not in derived
+    big = ModelTraits(n_layers=32, hidden_size=4096, vocab_size=32000, n_parameters=6_700_000_000,
+                      has_chat_template=True)
+    assert resolve_auto({"n_layers": "auto", "batch_size": "auto"}, big)[0] == {"n_layers": 4, "batch_size": 2}
+    with pytest.raises(ValueError, match="'lr' cannot be 'auto'"):
+        resolve_auto({"lr": "auto"}, smollm2)
+    section, record = auto_unlearning({"uld": {"weight": "auto"}, "uld_by_request_type":
+                                       {"copyright_takedown": {"retain_weight": 20.0, "weight": "auto"}}}, smollm2)
+    assert section["uld_by_request_type"]["copyright_takedown"] == {"retain_weight": 20.0, "weight": -0.5}
+    assert record["values"] == {"weight": -0.5, "copyright_takedown.weight": -0.5}
