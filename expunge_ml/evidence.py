@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -210,8 +210,9 @@ def collect_evidence(
     holdout: Sequence[QARecord] = (),
     judge: FluencyJudge | None = None,
     general: Sequence[QARecord] = (),
+    progress: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """`holdout`: records of the same kind the model never trained on (membership-inference non-members, and the
+    """`progress(part, done, total, seconds)` hears of each part as it finishes. `holdout`: records of the same kind the model never trained on (membership-inference non-members, and the
     chance level of the fact and PII gates); without them the MIA/PrivLeak evidence and the chance levels are
     left out. `judge`: a general LM that also scores the fluency generations (without one,
     `max_forget_answer_perplexity_ratio` skips). `general`: questions the pre-trained model answered before it
@@ -227,10 +228,16 @@ def collect_evidence(
     seconds = evidence["seconds"] = {}  # where an evaluation's time goes, for whoever sizes it
     clock = time.perf_counter()
 
+    parts = ["splits_base", "splits_unlearned", *(["pii"] if erased_probes or retained_probes else []),
+             *(["chance"] if holdout else []), *(["general"] if general else []), "quantization",
+             *(["fluency"] if options.fluency else [])]
+
     def lap(part: str) -> None:
         nonlocal clock
         seconds[part] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
+        if progress:
+            progress(part, len(seconds), len(parts), seconds[part])
 
     for name, served in models.items():
         forget_results[name] = _model_evidence(evidence, name, served.source(), tokenizer, fmt, splits, verbatim,

@@ -222,6 +222,11 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
 NOT_EVALUATED_BECAUSE = {
     "max_pii_leak_rate": "no identifier of the subject: the corpus has no pii column and none of the request's "
                          "identifiers appears in the forget answers",
+    "max_quant_recovery": "the erasure lowered forget ROUGE-L by under 0.05 (fluent wrong answers keep the "
+                          "question's wording), so there is no share of it to recover; max_quant_fact_recovery "
+                          "reads the facts",
+    "max_quant_fact_recovery": "the erasure removed (almost) none of the subject's facts, so there is no share of "
+                               "them to recover",
     "max_quant_pii_leak_rate": "no identifier of the subject to probe (see max_pii_leak_rate)",
     "min_retained_pii_recall_ratio": "no retained person's identifiers: the corpus has no pii column",
     "max_misattributed_id_rate": "no PII probe of the subject whose answers to read (see max_pii_leak_rate)",

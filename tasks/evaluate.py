@@ -87,6 +87,8 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
         before, after, tokenizer, prompt_format(target_info), forget, retain, erased, retained,
         options, holdout=holdout, judge=fluency_judge(settings.home, options.fluency_judge, settings.device),
         general=general,
+        progress=lambda part, done, total, seconds: get_run_logger().info(
+            "evaluation %d/%d: %s in %.0fs", done, total, part, seconds),
     )
     evidence["prompt_template"] = prompt_format(target_info).template  # the frame every question was asked in
     prior = settings.ticket_dir(ticket_id) / "prior_knowledge.json"

@@ -2,6 +2,7 @@
 subtracts from the target (ULD), or an edited copy of the target's weights (the baselines)."""
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,14 +147,18 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
     from expunge_ml.methods.uld import build_assistant, ensemble_members, save_assistant, train_assistant
 
     assistants, adapter_dirs, reports = [], [], []
-    for index, member in enumerate(ensemble_members(config)):
+    members = ensemble_members(config)
+    for index, member in enumerate(members):
         assistant = build_assistant(base, member)
-        reports.append(train_assistant(
-            assistant, tokenizer, fmt, forget_pairs, retain_pairs, member,
-            progress=lambda epoch, nll, kl, index=index: logger.info(
-                "assistant %d, epoch %d: forget NLL %.4f, retain KL %.4f", index + 1, epoch, nll, kl)
-            if epoch % 10 == 0 else None,
-        ))
+        started = time.perf_counter()
+
+        def progress(epoch: int, nll: float, kl: float, index: int = index, started: float = started) -> None:
+            elapsed = time.perf_counter() - started
+            logger.info("assistant %d/%d, epoch %d/%d: forget NLL %.4f (target %g), retain KL %.4f; %.0fs, "
+                        "at most %.0fs left", index + 1, len(members), epoch, member.epochs, nll,
+                        member.target_forget_loss, kl, elapsed, elapsed / epoch * (member.epochs - epoch))
+
+        reports.append(train_assistant(assistant, tokenizer, fmt, forget_pairs, retain_pairs, member, progress))
         name = "assistant" if index == 0 else f"assistant_{index + 1}"
         adapter_dirs.append(str(save_assistant(assistant, member, out_dir / name)))
         assistants.append(assistant)
