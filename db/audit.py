@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from db.models import GENESIS_HASH, AuditEvent
+from db.models import ALLOWED_TRANSITIONS, GENESIS_HASH, AuditEvent
 
 __all__ = [
     "GENESIS_HASH",
@@ -152,6 +152,27 @@ def _content_problems(row) -> list[str]:
     return [f"event {row.seq}: hash mismatch (content edited)"] if recomputed != row.hash else []
 
 
+def _transition_problems(row, last_status: dict[str, str]) -> list[str]:
+    """A status change the lifecycle does not allow, or one that does not start where the ticket's previous
+    change ended (a forged or replayed event with a valid hash still breaks the ticket's own sequence)."""
+    if row.event_type != "status_changed" or row.ticket_id is None:
+        return []
+    try:
+        payload = json.loads(row.payload_json)
+        old, new = payload["from"], payload["to"]
+    except (TypeError, ValueError, KeyError):
+        return [f"event {row.seq}: a status change without from / to"]
+    problems = []
+    if row.ticket_id in last_status and old != last_status[row.ticket_id]:
+        problems.append(f"event {row.seq}: ticket {row.ticket_id!r} goes from {old} but its last status was "
+                        f"{last_status[row.ticket_id]}")
+    if new not in ALLOWED_TRANSITIONS.get(old, frozenset()):
+        problems.append(f"event {row.seq}: ticket {row.ticket_id!r} makes a transition the lifecycle does not "
+                        f"allow ({old} → {new})")
+    last_status[row.ticket_id] = new
+    return problems
+
+
 def verify_chain(session: Session, expected_head: str | None = None) -> ChainVerification:
     """Recompute the whole chain from the stored rows.
 
@@ -164,6 +185,7 @@ def verify_chain(session: Session, expected_head: str | None = None) -> ChainVer
     expected_seq = 1
     prev_stored_hash = GENESIS_HASH
     prev_seq: int | None = None
+    last_status: dict[str, str] = {}
 
     # Read columns (not ORM objects) in batches: the log can be large and we
     # want the raw stored values, untouched by the identity map.
@@ -184,6 +206,7 @@ def verify_chain(session: Session, expected_head: str | None = None) -> ChainVer
         n += 1
         gap = row.seq != expected_seq
         problems += _sequence_problems(row.seq, expected_seq) + _content_problems(row)
+        problems += _transition_problems(row, last_status)
         # After a gap the predecessor is gone, so a broken link is implied by
         # the gap message; only report links between adjacent survivors.
         if not gap and row.prev_hash != prev_stored_hash:

@@ -69,6 +69,41 @@ class RequestStatus(str, enum.Enum):
         return self.value
 
 
+_S = RequestStatus
+_IN_PROGRESS = (_S.resolving, _S.training, _S.evaluating, _S.registering)
+# Every transition a request may make, declared once: `set_status` refuses the rest and `audit verify` checks each
+# ticket's recorded sequence against it. None is intake. An in-progress ticket may fail, or go back to `received`
+# when its runner's lease expired or an operator requeues it; `failed` and `needs_review` tickets can be requeued.
+ALLOWED_TRANSITIONS: dict[str | None, frozenset[str]] = {
+    key.value if key else None: frozenset(s.value for s in targets) for key, targets in {
+        None: (_S.received, _S.rejected, _S.needs_review),
+        _S.received: (_S.resolving, _S.rejected, _S.failed),
+        _S.resolving: (_S.training, _S.needs_review, _S.rejected, _S.failed, _S.received),
+        _S.training: (_S.evaluating, _S.needs_review, _S.rejected, _S.failed, _S.received),
+        _S.evaluating: (_S.registering, _S.failed, _S.received),
+        _S.registering: (_S.completed, _S.failed_gates, _S.failed, _S.received),
+        _S.completed: (_S.released, _S.release_rejected),
+        _S.failed_gates: (_S.release_rejected,),
+        _S.needs_review: (_S.received, _S.release_rejected),
+        _S.failed: (_S.received,),
+        _S.rejected: (),
+        _S.released: (),
+        _S.release_rejected: (),
+    }.items()
+}
+IN_PROGRESS: frozenset[str] = frozenset(s.value for s in _IN_PROGRESS)
+
+
+class IllegalTransition(ValueError):
+    """A status change the lifecycle does not allow (e.g. completed → registering)."""
+
+
+def check_transition(old: str | None, new: str) -> None:
+    if new not in ALLOWED_TRANSITIONS.get(old, frozenset()):
+        allowed = ", ".join(sorted(ALLOWED_TRANSITIONS.get(old, ()))) or "none: it is final"
+        raise IllegalTransition(f"a request cannot go from {old or 'intake'} to {new} (from {old}: {allowed})")
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend.
 
@@ -124,6 +159,9 @@ class Request(Base):
     result_model_uri: Mapped[str | None] = mapped_column(Text)
     metrics_json: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    # The runner working on the ticket and until when its lease runs (renewed while it works); None when idle.
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     # selectin: history is small and is loaded eagerly, so it stays readable
     # after the session that loaded the request has closed.

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.audit import append_event, canonical_json
-from db.models import AuditEvent, Request, RequestStatus, StatusChange, utcnow
+from db.models import IN_PROGRESS, AuditEvent, Request, RequestStatus, StatusChange, check_transition, utcnow
 
 # Statuses under which a newly created request is logged as rejected.
 _REJECTED_ON_INTAKE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value})
@@ -57,6 +57,7 @@ def create_request(
     store a keyed hash instead of the default plain sha256 of the spec.
     """
     status_v = _status_value(status)
+    check_transition(None, status_v)
     spec_json = canonical_json(spec)
     now = utcnow()
     req = Request(
@@ -124,15 +125,24 @@ def set_status(
     reason_code: str | None = None,
     detail: str | None = None,
     audit_payload: dict[str, Any] | None = None,
+    runner: str | None = None,
 ) -> None:
-    """Move ``request`` to ``new_status``, recording history and an audit event.
+    """Move ``request`` to ``new_status``, recording history and an audit event. With ``runner``, only while
+    that runner still holds the ticket's claim (`claim`): a runner whose lease ran out cannot write over the run
+    that took the ticket up.
 
     ``reason_code``/``detail`` overwrite the request's current reason fields
     (None clears them), so they always describe the latest transition.
     """
     new_v = _status_value(new_status)
     old_v = request.status
+    if runner is not None and request.claimed_by != runner:
+        raise LeaseLost(f"ticket {request.ticket_id} is no longer held by this runner (its lease ran out and "
+                        "another run took it up)")
+    check_transition(old_v, new_v)
     now = utcnow()
+    if new_v not in IN_PROGRESS and new_v != RequestStatus.received.value:  # settled: nobody works on it now
+        request.claimed_by, request.lease_expires_at = None, None
 
     request.status = new_v
     request.reason_code = reason_code
@@ -154,6 +164,58 @@ def set_status(
     payload: dict[str, Any] = {"from": old_v, "to": new_v, "reason_code": reason_code}
     payload.update(audit_payload or {})
     append_event(session, "status_changed", payload, ticket_id=request.ticket_id)
+
+
+class LeaseLost(RuntimeError):
+    """The runner's claim on a ticket is gone: its lease ran out and another run took the ticket up."""
+
+
+def claim(session: Session, ticket_id: str, runner: str, lease_seconds: float) -> Request | None:
+    """Take ``ticket_id`` for ``runner`` with one compare-and-set, or None when another runner holds it or it is
+    not runnable. Claimable: a `received` ticket nobody holds (or whose holder's lease ran out), and an
+    in-progress one whose lease ran out: that one goes back to `received` (reason `lease_expired`, audited with
+    the step it was in) and starts again. Two runners racing for one ticket: exactly one gets it."""
+    now = utcnow()
+    expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
+    taken = session.execute(
+        update(Request)
+        .where(Request.ticket_id == ticket_id,
+               or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
+                   and_(Request.status.in_(IN_PROGRESS), expired)))
+        .values(claimed_by=runner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if taken != 1:
+        return None
+    request = get_request(session, ticket_id)
+    session.refresh(request)
+    if request.status != RequestStatus.received.value:
+        set_status(session, request, RequestStatus.received, reason_code="lease_expired",
+                   detail=f"the runner's lease ran out during {request.status}; taken up again",
+                   audit_payload={"interrupted_step": request.status})
+    return request
+
+
+def renew_lease(session: Session, ticket_id: str, runner: str, lease_seconds: float) -> bool:
+    """Extend ``runner``'s lease on ``ticket_id``; False when it no longer holds the ticket."""
+    return session.execute(
+        update(Request)
+        .where(Request.ticket_id == ticket_id, Request.claimed_by == runner)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
+def runnable(session: Session) -> list[str]:
+    """Tickets a run may claim now: received ones nobody holds and any whose lease ran out, earliest due first."""
+    now = utcnow()
+    expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
+    rows = session.scalars(
+        select(Request.ticket_id)
+        .where(or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
+                   and_(Request.status.in_(IN_PROGRESS), expired)))
+        .order_by(Request.due_at, Request.id))
+    return list(rows)
 
 
 def record_event(

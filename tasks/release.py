@@ -33,6 +33,10 @@ from tasks.context import settings_for
 DECISIONS = ("approve", "reject")
 
 
+# Tickets a reviewer may decline although nothing was released: closing them purges the subject from the row.
+CLOSABLE_UNRELEASED = ("failed_gates", "needs_review")
+
+
 def _refused(reason_code: str, message: str) -> dict:
     return {"refused": {"reason_code": reason_code, "message": message}}
 
@@ -73,10 +77,13 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refused("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         status, model_uri = request.status, request.result_model_uri
         gates = json.loads(request.metrics_json).get("gates", []) if request.metrics_json else []
+    if decision == "reject" and status in CLOSABLE_UNRELEASED:  # close it, so its subject is purged too
+        return {"model_uri": model_uri and pin(model_uri).uri, "unsettled_gates": []}
     if status != "completed":
         return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
                       f"ticket {ticket_id} is {status}: only a completed request (every gate passed) can be "
-                      f"{'approved' if decision == 'approve' else 'declined'}")
+                      + ("approved" if decision == "approve" else
+                         f"declined, or one that is {' or '.join(CLOSABLE_UNRELEASED)}"))
     ref = pin(model_uri)
     tags = version_tags(ref)
     if tags.get("expunge.gates") != "passed":
@@ -121,11 +128,14 @@ def purge_subject(home: str, profile: str, ticket_id: str) -> dict:
 
 
 @task(name="apply-release")
-def apply_release(home: str, profile: str, ticket_id: str, decision: str, model_uri: str, reviewer: str,
+def apply_release(home: str, profile: str, ticket_id: str, decision: str, model_uri: str | None, reviewer: str,
                   note_hmac: str | None = None) -> dict:
     """Move the aliases and tag the version; the caller records the status change. The reviewer's note is
     free text that may mention the subject, so only its keyed hash (made by the caller) gets this far."""
     settings_for(home, profile)
+    if model_uri is None:  # a ticket that ended in review before any version was registered
+        return {"decision": decision, "model_uri": None, "reviewer": reviewer, "note_hmac": note_hmac,
+                "previous_champion": None, "aliases": []}
     ref = pin(model_uri)
     tags = {f"expunge.release.{k}": v for k, v in (("decision", decision), ("reviewer", reviewer)) if v}
     previous = None

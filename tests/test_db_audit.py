@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from db.audit import (
     head_hash,
     verify_chain,
 )
-from db.models import AuditEvent, AuditLogImmutableError, Base, RequestStatus, StatusChange
+from db.models import AuditEvent, AuditLogImmutableError, Base, IllegalTransition, RequestStatus, StatusChange
 from db.session import (
     alembic_config,
     dispose_engines,
@@ -98,7 +99,7 @@ def test_migrations_create_tables_and_second_upgrade_is_noop(url: str) -> None:
     _append_n(url, 2)  # data must survive a second upgrade
     upgrade_database(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0001"
+        assert MigrationContext.configure(conn).get_current_revision() == "0002"
         assert conn.scalar(text("SELECT count(*) FROM audit_events")) == 2
 
 
@@ -351,7 +352,7 @@ def test_set_status_writes_history_and_audit_event(url: str) -> None:
             s, req, "failed", reason_code="forget_set_empty", detail="no matching docs",
             audit_payload={"n_docs": 0},
         )
-        requests_repo.set_status(s, req, RequestStatus.completed)
+        requests_repo.set_status(s, req, RequestStatus.received, reason_code="requeued")
 
     with session_scope(url) as s:
         req = requests_repo.get_request(s, "T-1")
@@ -364,11 +365,10 @@ def test_set_status_writes_history_and_audit_event(url: str) -> None:
         (None, "received", None),
         ("received", "resolving", None),
         ("resolving", "failed", "forget_set_empty"),
-        ("failed", "completed", None),
+        ("failed", "received", "requeued"),
     ]
     assert n_changes == 4
-    assert req.status == "completed"
-    assert req.completed_at is not None and req.completed_at.tzinfo is not None
+    assert req.status == "received"
     assert req.updated_at > before
     assert [e.event_type for e in events] == ["request_received"] + ["status_changed"] * 3
     assert events[2].payload_json == canonical_json(
@@ -376,6 +376,36 @@ def test_set_status_writes_history_and_audit_event(url: str) -> None:
     )
     assert all(e.ticket_id == "T-1" for e in events)
     assert v.ok and v.n_events == 4
+
+
+def test_the_lifecycle_refuses_a_transition_it_does_not_declare(url: str) -> None:
+    with session_scope(url) as s:
+        req = _new_request(s)
+        requests_repo.set_status(s, req, RequestStatus.resolving)
+    for illegal in ("completed", "released", "failed_gates"):
+        with pytest.raises(IllegalTransition, match=f"from resolving to {illegal}"):
+            with session_scope(url) as s:
+                requests_repo.set_status(s, requests_repo.get_request(s, "T-1"), illegal)
+    with session_scope(url) as s:  # nothing of the refused changes was written
+        assert requests_repo.get_request(s, "T-1").status == "resolving"
+        assert verify_chain(s).ok and verify_chain(s).n_events == 2
+
+
+def test_audit_verify_checks_each_tickets_sequence_of_transitions(url: str) -> None:
+    """Events appended with valid hashes (as a writer with DB access could) but a status sequence the lifecycle
+    never produces: a jump it does not allow, and a change that does not start where the last one ended."""
+    with session_scope(url) as s:
+        req = _new_request(s)
+        requests_repo.set_status(s, req, RequestStatus.resolving)
+        append_event(s, "status_changed", {"from": "resolving", "to": "completed", "reason_code": None},
+                     ticket_id="T-1")
+        append_event(s, "status_changed", {"from": "failed_gates", "to": "release_rejected", "reason_code": None},
+                     ticket_id="T-1")
+    with session_scope(url) as s:
+        v = verify_chain(s)
+    assert not v.ok
+    assert any("does not allow (resolving → completed)" in p for p in v.problems)
+    assert any("goes from failed_gates but its last status was completed" in p for p in v.problems)
 
 
 def test_set_status_rejects_unknown_status(url: str) -> None:
@@ -408,7 +438,7 @@ def test_session_scope_rolls_back_on_error(url: str) -> None:
     with pytest.raises(RuntimeError, match="boom"):
         with session_scope(url) as s:
             req = _new_request(s)
-            requests_repo.set_status(s, req, RequestStatus.training)
+            requests_repo.set_status(s, req, RequestStatus.resolving)
             raise RuntimeError("boom")
     with session_scope(url) as s:
         assert requests_repo.list_requests(s) == []
@@ -423,3 +453,64 @@ def test_datetimes_are_normalised_to_utc(url: str) -> None:
         got = requests_repo.get_request(s, "T-1")
     assert got.received_at == T0
     assert got.received_at.utcoffset() == timedelta(0)
+
+
+# --- claims and leases ---------------------------------------------------------
+
+
+def test_one_claim_wins_and_a_lost_lease_is_taken_up_again(url: str) -> None:
+    with session_scope(url) as s:
+        _new_request(s, "T-1", due_at=T0 + timedelta(days=30))
+        _new_request(s, "T-2", due_at=T0 + timedelta(days=3))  # more urgent: listed first
+    with session_scope(url) as s:
+        assert requests_repo.runnable(s) == ["T-2", "T-1"]
+        assert requests_repo.claim(s, "T-1", "runner-a", lease_seconds=60) is not None
+    with session_scope(url) as s:
+        assert requests_repo.claim(s, "T-1", "runner-b", lease_seconds=60) is None  # held: the second one loses
+        assert requests_repo.runnable(s) == ["T-2"]
+        requests_repo.set_status(s, requests_repo.get_request(s, "T-1"), "resolving", runner="runner-a")
+        requests_repo.set_status(s, requests_repo.get_request(s, "T-1"), "training", runner="runner-a")
+    # runner-a crashes; its lease runs out (moved into the past here instead of waiting)
+    _raw(url, "UPDATE requests SET lease_expires_at = :t WHERE ticket_id = 'T-1'", t=datetime(2020, 1, 1))
+    with session_scope(url) as s:
+        assert requests_repo.runnable(s) == ["T-2", "T-1"]
+        taken = requests_repo.claim(s, "T-1", "runner-b", lease_seconds=60)
+        assert taken is not None and taken.status == "received" and taken.claimed_by == "runner-b"
+        assert taken.reason_code == "lease_expired"
+    with session_scope(url) as s:
+        request = requests_repo.get_request(s, "T-1")
+        with pytest.raises(requests_repo.LeaseLost):  # runner-a wakes up: it can no longer write
+            requests_repo.set_status(s, request, "evaluating", runner="runner-a")
+    with session_scope(url) as s:
+        assert not requests_repo.renew_lease(s, "T-1", "runner-a", 60)
+        assert requests_repo.renew_lease(s, "T-1", "runner-b", 60)
+        request = requests_repo.get_request(s, "T-1")
+        requests_repo.set_status(s, request, "resolving", runner="runner-b")
+        requests_repo.set_status(s, request, "failed", reason_code="internal_error", runner="runner-b")
+        assert request.claimed_by is None and request.lease_expires_at is None  # settled: nobody holds it
+        v = verify_chain(s)
+        events = [json.loads(p) for p in s.scalars(select(AuditEvent.payload_json).where(AuditEvent.ticket_id == "T-1"))]
+    assert v.ok
+    assert {"from": "training", "to": "received", "reason_code": "lease_expired", "interrupted_step": "training"} in events
+
+
+def test_concurrent_claims_give_each_ticket_to_exactly_one_runner(url: str) -> None:
+    with session_scope(url) as s:
+        for i in range(6):
+            _new_request(s, f"T-{i}")
+    won: dict[str, list[str]] = {}
+    barrier = threading.Barrier(3)
+
+    def runner(name: str) -> None:
+        barrier.wait()
+        for i in range(6):
+            with session_scope(url) as s:
+                if requests_repo.claim(s, f"T-{i}", name, lease_seconds=60) is not None:
+                    won.setdefault(f"T-{i}", []).append(name)
+
+    threads = [threading.Thread(target=runner, args=(f"r{k}",)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(won) == [f"T-{i}" for i in range(6)] and all(len(v) == 1 for v in won.values())

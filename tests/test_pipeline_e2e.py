@@ -429,6 +429,17 @@ def test_release_needs_a_completed_ticket_and_a_reviewer(tiny_home, completed):
     assert cli(tiny_home, "approve", "DEMO-GDPR-0001").exit_code == 2  # --reviewer is required
 
 
+def test_a_failed_or_reviewed_ticket_can_be_declined_which_purges_its_subject(tiny_home, completed):
+    """Declining closes a failed_gates or needs_review ticket, so its subject does not stay in the row for good."""
+    for ticket, status in (("WEAK-0001", "failed_gates"), ("DIVERGED-0001", "needs_review")):
+        assert _row(tiny_home, ticket)["status"] == status
+        closed = cli(tiny_home, "reject", ticket, "--reviewer", "dpo@example.org")
+        assert closed.exit_code == 0, closed.output
+        assert _row(tiny_home, ticket)["status"] == "release_rejected"
+        assert any(event == "subject_purged" for event, _ in _audit(tiny_home, ticket))
+    assert cli(tiny_home, "reject", "WEAK-0001", "--reviewer", "dpo@example.org").exit_code == 2  # decided once
+
+
 def test_approval_makes_the_version_champion_and_is_audited(tiny_home, tiny_settings, completed):
     client = MlflowClient()
     before = client.get_model_version_by_alias("expunge-sample-llm", "champion")
