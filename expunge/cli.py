@@ -125,10 +125,16 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
         try:
             summary = run_request(state.settings, ticket)
         except RequestError as exc:
+            if ticket_id is None and exc.reason_code in ("held", "not_runnable"):  # another runner got there first
+                out.print(f"ticket {ticket}: skipped ({exc})")
+                continue
             fail(str(exc), 2)
         except Exception as exc:  # the flow already recorded `failed` in the DB and audit log
             err.print(f"error: ticket {ticket} failed: {type(exc).__name__}: {exc}", markup=False)
             worst = EXIT_RUN_FAILED
+            continue
+        if summary["status"] == "skipped":  # another runner claimed it first: not this run's failure
+            out.print(f"ticket {ticket}: skipped (another runner holds it)")
             continue
         _print_summary(summary)
         if summary["status"] != "completed":
@@ -191,6 +197,22 @@ def _print_forget_answers(evidence_path: Path) -> None:
         out.print(f"general knowledge (questions the pre-trained model answered, n={general[0]['n']}): ROUGE-L "
                   f"{general[0]['rougeL_recall']:.3f} → {general[1]['rougeL_recall']:.3f} "
                   f"(ratio {general[1]['rougeL_recall'] / max(general[0]['rougeL_recall'], 1e-9):.3f})")
+
+
+@app.command()
+def requeue(
+    ticket_id: str = typer.Argument(..., help="A failed or needs_review ticket to process again."),
+    reason: str = typer.Option(..., "--reason", help="Why (audited as a keyed hash: it may name the subject)."),
+    operator: str = typer.Option(..., "--operator", help="Who requeues it (audited)."),
+) -> None:
+    """Send a failed or needs_review ticket back to `received`, audited; the next `expunge run` takes it up."""
+    from expunge.service import requeue as do_requeue
+
+    try:
+        do_requeue(state.settings, ticket_id, reason, operator)
+    except RequestError as exc:
+        fail(f"{exc} [{exc.reason_code}]", 2)
+    out.print(f"ticket {ticket_id}: received again; `expunge run {ticket_id}` processes it")
 
 
 @app.command()

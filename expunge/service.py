@@ -129,23 +129,49 @@ def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetim
 
 
 def pending_tickets(settings: Settings) -> list[str]:
+    """Received tickets nobody holds, and any whose runner's lease ran out, earliest due date first."""
     with session_scope(settings.db_url) as session:
-        return [r.ticket_id for r in requests_repo.list_requests(session) if r.status == "received"]
+        return requests_repo.runnable(session)
 
 
 def run_request(settings: Settings, ticket_id: str) -> dict:
-    """Run the `process_request` flow for one received request (locally, Prefect ephemeral mode)."""
+    """Run the `process_request` flow for one received request (locally, Prefect ephemeral mode), or take up one
+    whose runner's lease ran out. The flow claims it first: status `skipped` when another runner got there."""
+    from db.models import IN_PROGRESS
+
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
-        if request.status != "received":
-            raise RequestError("not_runnable", f"ticket {ticket_id} is {request.status}, not received; nothing to run")
+        if request.status in IN_PROGRESS and ticket_id not in requests_repo.runnable(session):
+            raise RequestError("held", f"ticket {ticket_id} is {request.status}, held by runner "
+                               f"{request.claimed_by} until {request.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC")
+        if request.status != "received" and request.status not in IN_PROGRESS:
+            hint = " (`expunge requeue` takes it up again)" if request.status in REQUEUABLE else ""
+            raise RequestError("not_runnable", f"ticket {ticket_id} is {request.status}, not received; "
+                               f"nothing to run{hint}")
         method = RequestSpec.model_validate_json(request.spec_json).method
     settings.apply_environment()
     from flows.process_request import process_request
 
     return process_request(ticket_id=ticket_id, home=str(settings.home), profile=settings.profile_name, method=method)
+
+
+REQUEUABLE = ("failed", "needs_review")
+
+
+def requeue(settings: Settings, ticket_id: str, reason: str, operator: str) -> None:
+    """An operator sends a failed or needs_review ticket back to `received` (audited: who, and the reason's keyed
+    hash, since free text may name the subject)."""
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None:
+            raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
+        if request.status not in REQUEUABLE:
+            raise RequestError("not_requeueable", f"ticket {ticket_id} is {request.status}: only a "
+                               f"{' or '.join(REQUEUABLE)} ticket can be requeued")
+        requests_repo.set_status(session, request, "received", reason_code="requeued",
+                                 audit_payload={"operator": operator, "reason_hmac": _spec_hmac(settings, reason)})
 
 
 def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, note: str = "",

@@ -79,6 +79,15 @@ class Settings:
         return threads
 
     @property
+    def lease_seconds(self) -> float:
+        """How long a runner's claim on a ticket lasts without renewal (EXPUNGE_LEASE_SECONDS, default 300): a
+        runner renews it every third of that while it works, so a crashed one frees the ticket after this long."""
+        value = float(os.environ.get("EXPUNGE_LEASE_SECONDS") or 300)
+        if value <= 0:
+            raise ValueError(f"EXPUNGE_LEASE_SECONDS must be positive, got {value}")
+        return value
+
+    @property
     def dtype(self) -> str:
         """Precision the target base is loaded in: EXPUNGE_DTYPE, else runtime.dtype, else "float32"."""
         return os.environ.get("EXPUNGE_DTYPE") or str(self.profile.get("runtime", {}).get("dtype", "float32"))

@@ -7,7 +7,8 @@ from expunge.requests import RequestError
 from tasks.contracts import Evaluation, Registration
 from tasks.data import CorpusDrift, SubjectNotFound, resolve_forget_set
 from tasks.evaluate import evaluate_unlearning, measure_prior_knowledge
-from tasks.lifecycle import audit_event, store_outcome, transition
+from db.requests_repo import LeaseLost
+from tasks.lifecycle import audit_event, claim_ticket, lease_kept, new_runner_id, store_outcome, transition
 from tasks.register import register_model
 from tasks.report import evidence_report
 from tasks.unlearn import unlearning_task
@@ -19,65 +20,83 @@ def nothing_to_forget(known: dict) -> str:
             "little or nothing to forget")
 
 
-def _gated_status(ctx: tuple, evaluated: Evaluation, registered: Registration) -> str:
+def _gated_status(move, evaluated: Evaluation, registered: Registration) -> str:
     """completed when every gate passed, else failed_gates with the failing gates named (numbers only)."""
     if evaluated.passed:
-        transition(*ctx, "completed", audit_payload={"model_uri": registered.model_uri})
+        move("completed", audit_payload={"model_uri": registered.model_uri})
         return "completed"
     failed = evaluated.failed_gates()
     detail = ", ".join(f"{g['gate']} {g['value']} (limit {g['op']} {g['threshold']})" for g in failed)
-    transition(*ctx, "failed_gates", reason_code="gate_failed", detail=detail,
-               audit_payload={"model_uri": registered.model_uri, "failed_gates": failed})
+    move("failed_gates", reason_code="gate_failed", detail=detail,
+         audit_payload={"model_uri": registered.model_uri, "failed_gates": failed})
     return "failed_gates"
 
 
 @flow(name="process_request", flow_run_name="process-{ticket_id}")
 def process_request(ticket_id: str, home: str, profile: str = "demo", method: str = "uld") -> dict:
-    """`method` is the request's choice (ULD by default; baselines run the same path for comparison)."""
+    """`method` is the request's choice (ULD by default; baselines run the same path for comparison). The run
+    claims the ticket first and holds a lease while it works: a second runner skips it, and a ticket whose
+    runner crashed is taken up again once its lease runs out."""
     ctx = (home, profile, ticket_id)
+    runner = new_runner_id()
+    if not claim_ticket(*ctx, runner):
+        get_run_logger().info("ticket %s: held by another runner, or not runnable; skipped", ticket_id)
+        return {"ticket_id": ticket_id, "status": "skipped", "reason_code": "not_claimed"}
+    with lease_kept(*ctx, runner):
+        return _process(ctx, runner, method)
+
+
+def _process(ctx: tuple, runner: str, method: str) -> dict:
+    ticket_id = ctx[2]
+
+    def move(status: str, **details) -> str:  # every change under this run's claim
+        return transition(*ctx, status, runner=runner, **details)
+
     try:
-        transition(*ctx, "resolving")
+        move("resolving")
         resolved = resolve_forget_set(*ctx)
         audit_event(*ctx, "forget_set_resolved", resolved.audit_payload())
         known = measure_prior_knowledge(*ctx, resolved)
         audit_event(*ctx, "prior_knowledge_measured", known)
         if known["known"] is False and known["action"] == "review":  # the profile asks a person to look first
-            transition(*ctx, "needs_review", reason_code="nothing_to_forget", detail=nothing_to_forget(known))
+            move("needs_review", reason_code="nothing_to_forget", detail=nothing_to_forget(known))
             return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "nothing_to_forget"}
 
-        transition(*ctx, "training")
+        move("training")
         trained = unlearning_task(method)(*ctx, resolved, method)
         audit_event(*ctx, "unlearning_trained", trained.audit_payload())
         if not trained.converged:  # a score of 0 from an assistant that learned nothing would look like erasure
-            transition(*ctx, "needs_review", reason_code="assistant_not_converged", detail=trained.convergence_detail())
+            move("needs_review", reason_code="assistant_not_converged", detail=trained.convergence_detail())
             return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "assistant_not_converged"}
 
-        transition(*ctx, "evaluating")
+        move("evaluating")
         evaluated = evaluate_unlearning(*ctx, resolved, trained)
         audit_event(*ctx, "evaluated", {"metrics": evaluated.metrics, "gates": list(evaluated.gates)})
 
-        transition(*ctx, "registering")
+        move("registering")
         registered = register_model(*ctx, resolved, trained, evaluated)
         audit_event(*ctx, "model_registered", {
             "model_uri": registered.model_uri, "aliases": list(registered.aliases),
             "mlflow_run_id": registered.mlflow_run_id,
         })
     except SubjectNotFound as exc:
-        transition(*ctx, "needs_review", reason_code=exc.reason_code, detail=str(exc))
+        move("needs_review", reason_code=exc.reason_code, detail=str(exc))
         return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": exc.reason_code}
     except RequestError as exc:
-        transition(*ctx, "rejected", reason_code=exc.reason_code, detail=str(exc))
+        move("rejected", reason_code=exc.reason_code, detail=str(exc))
         return {"ticket_id": ticket_id, "status": "rejected", "reason_code": exc.reason_code}
     except CorpusDrift as exc:
-        transition(*ctx, "needs_review", reason_code="corpus_drift", detail=str(exc))
+        move("needs_review", reason_code="corpus_drift", detail=str(exc))
         return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "corpus_drift"}
+    except LeaseLost:  # another run has the ticket now: it records what happens next
+        raise
     except Exception as exc:
         # Unexpected: record it (type only — messages from deep in a library may quote data) and re-raise.
-        transition(*ctx, "failed", reason_code="internal_error", detail=type(exc).__name__)
+        move("failed", reason_code="internal_error", detail=type(exc).__name__)
         raise
 
     store_outcome(*ctx, registered.model_uri, evaluated.metrics, list(evaluated.gates))
-    status = _gated_status(ctx, evaluated, registered)
+    status = _gated_status(move, evaluated, registered)
     # After the final status, so the report shows it and the audit head it quotes covers it.
     report = evidence_report(*ctx, registered.mlflow_run_id)
     audit_event(*ctx, "evidence_reported", {"report_files": sorted(report)})

@@ -1,7 +1,12 @@
 """Status transitions and audit events for a request (each one a row in the hash-chained log)."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import socket
+import threading
+import uuid
+from typing import Any, Iterator
 
 from prefect import task
 
@@ -18,16 +23,55 @@ def transition(
     reason_code: str | None = None,
     detail: str | None = None,
     audit_payload: dict[str, Any] | None = None,
+    runner: str | None = None,
 ) -> str:
+    """`runner`: the claim this change is made under (refused once another run took the ticket up)."""
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise LookupError(f"no request with ticket id {ticket_id!r}")
-        requests_repo.set_status(
-            session, request, status, reason_code=reason_code, detail=detail, audit_payload=audit_payload
-        )
+        requests_repo.set_status(session, request, status, reason_code=reason_code, detail=detail,
+                                 audit_payload=audit_payload, runner=runner)
     return status
+
+
+def new_runner_id() -> str:
+    """Who holds a claim: host, process and a random part (two runs in one process differ too)."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@task(name="claim-ticket", retries=2, retry_delay_seconds=1)
+def claim_ticket(home: str, profile: str, ticket_id: str, runner: str) -> bool:
+    """Take the ticket for this run (`requests_repo.claim`); False when another runner holds it."""
+    settings = settings_for(home, profile)
+    with session_scope(settings.db_url) as session:
+        return requests_repo.claim(session, ticket_id, runner, settings.lease_seconds) is not None
+
+
+@contextlib.contextmanager
+def lease_kept(home: str, profile: str, ticket_id: str, runner: str) -> Iterator[None]:
+    """Renew the runner's lease every third of its length while the block runs (a daemon thread: a crashed
+    process stops renewing, and the ticket is free again one lease later)."""
+    settings = settings_for(home, profile)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(settings.lease_seconds / 3):
+            try:
+                with session_scope(settings.db_url) as session:
+                    if not requests_repo.renew_lease(session, ticket_id, runner, settings.lease_seconds):
+                        return  # taken up by another run: our next transition is refused
+            except Exception:  # a DB hiccup: try again at the next tick, the lease has time left
+                continue
+
+    thread = threading.Thread(target=renew, name=f"lease-{ticket_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 @task(name="audit-event", retries=2, retry_delay_seconds=1)
