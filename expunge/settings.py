@@ -122,14 +122,28 @@ class Settings:
             return from_env.encode()
         path = self.home / "secret.key"
         if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
-        return path.read_text().strip().encode()
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:  # created with its final mode, and only once: of two first uses, the second reads the first's key
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(descriptor, "w") as key_file:
+                    key_file.write(secrets.token_hex(32))
+        key = path.read_text().strip()
+        if not key:  # the other first use is still writing it
+            raise RuntimeError(f"{path} is empty: another process is creating it; try again")
+        return key.encode()
 
     def apply_environment(self) -> None:
-        """Environment for Prefect/MLflow: local, quiet, self-contained. Call before importing prefect."""
-        self.home.mkdir(parents=True, exist_ok=True)
+        """Environment for Prefect/MLflow: local, quiet, self-contained. Call before importing prefect.
+
+        Files this process creates are readable by its user only (umask 077): the audit DB, the requests and the
+        work directories hold subject data. The `datasets` cache, which holds copies of the corpus, lives under
+        the home instead of ~/.cache (set before `datasets` is first imported)."""
+        os.umask(0o077)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ.setdefault("HF_DATASETS_CACHE", str(self.home / "cache" / "datasets"))
         os.environ["EXPUNGE_HOME"] = str(self.home)
         os.environ["EXPUNGE_PROFILE"] = self.profile_name
         os.environ.setdefault("PREFECT_HOME", str(self.home / "prefect"))
@@ -149,8 +163,6 @@ def quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # MLflow suggests type hints on pyfunc.predict; ours accepts DataFrames, lists and strings on purpose.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc\.utils\.data_validation")
     try:
         import datasets
         import transformers
