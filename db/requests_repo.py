@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.audit import append_event, canonical_json
@@ -93,6 +93,12 @@ def create_request(
 
 def get_request(session: Session, ticket_id: str) -> Request | None:
     return session.scalar(select(Request).where(Request.ticket_id == ticket_id))
+
+
+def get_request_any_case(session: Session, ticket_id: str) -> Request | None:
+    """The request whose ticket id equals ``ticket_id`` ignoring case: `I-1` and `i-1` are one ticket."""
+    return session.scalars(
+        select(Request).where(func.lower(Request.ticket_id) == ticket_id.lower()).limit(1)).first()
 
 
 def list_requests(session: Session) -> list[Request]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import calendar
+import re
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -17,6 +18,16 @@ DEADLINES: dict[str, tuple[str, int]] = {
     "DMCA": ("days", 14),
 }
 DEFAULT_DEADLINE = ("days", 30)
+
+
+# Limits on what a request may hold, the same on every database: a ticket id of a documented safe alphabet, and
+# sizes far above any real request but small enough that nothing unbounded is written for good.
+TICKET_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_TERMS = 200  # names, aliases, identifiers or document ids in one subject
+MAX_TERM_CHARS = 256
+MAX_TEXT_CHARS = 4096  # free text: notes, a target or corpus location
+MAX_YAML_DEPTH = 20
 
 
 class RequestError(ValueError):
@@ -38,6 +49,10 @@ class Subject(BaseModel):
     @field_validator("names", "aliases", "identifiers", "document_ids")
     @classmethod
     def _strip(cls, values: list[str]) -> list[str]:
+        if len(values) > MAX_TERMS:
+            raise ValueError(f"at most {MAX_TERMS} entries")
+        if any(len(v) > MAX_TERM_CHARS for v in values):
+            raise ValueError(f"an entry is longer than {MAX_TERM_CHARS} characters")
         return [v.strip() for v in values if v and v.strip()]
 
 
@@ -61,18 +76,18 @@ class CorpusRef(BaseModel):
 
 class RequestSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ticket_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    ticket_id: str = Field(pattern=TICKET_ID_PATTERN)
     type: Literal["privacy_erasure", "copyright_takedown"]
-    regulation: str
+    regulation: str = Field(max_length=64)
     subject: Subject
-    target_model: str
-    requested_by: str | None = None
-    method: str = "uld"
+    target_model: str = Field(max_length=MAX_TEXT_CHARS)
+    requested_by: str | None = Field(default=None, max_length=MAX_TERM_CHARS)
+    method: str = Field(default="uld", max_length=64)
     corpus: CorpusRef | None = None
     # The registry name the unlearned versions go under; default: the target's own registered name, or
     # `<model directory or hub name>-unlearned` for a model outside the registry.
     registered_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    notes: str | None = None
+    notes: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
     @model_validator(mode="after")
     def _subject_is_specific(self) -> "RequestSpec":
@@ -98,18 +113,52 @@ def _first_error(exc: ValidationError) -> tuple[str, str]:
     return "invalid_field", f"invalid '{where}': {err['msg']}"
 
 
-def parse_request(text: str) -> RequestSpec:
-    """Parse request YAML; raise RequestError (with the ticket id when readable) on any problem."""
+def _depth(node: yaml.Node) -> int:
+    """Nesting depth of a composed YAML node, without recursion (a hostile file may nest thousands deep)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_YAML_DEPTH:
+            break
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in current.value)
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend((value, depth + 1) for _, value in current.value)
+    return deepest
+
+
+def decode_request(raw: bytes) -> str:
+    """The request file's text, or RequestError for a file too large or not text."""
+    if len(raw) > MAX_REQUEST_BYTES:
+        raise RequestError("request_too_large", f"request file is {len(raw)} bytes; at most {MAX_REQUEST_BYTES}")
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("not_text", "request file is not UTF-8 text") from None
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        raise RequestError("not_text", "request file holds control characters") from None
+    return text
+
+
+def parse_request(text: str) -> RequestSpec:
+    """Parse request YAML; raise RequestError (with the ticket id when readable and valid) on any problem."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _depth(node) > MAX_YAML_DEPTH:
+            raise RequestError("malformed_yaml", f"request nests deeper than {MAX_YAML_DEPTH} levels")
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RequestError("malformed_yaml", f"malformed YAML{where}") from None
+    except RecursionError:
+        raise RequestError("malformed_yaml", f"request nests deeper than {MAX_YAML_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise RequestError("malformed_yaml", "request file must be a YAML mapping of fields")
     ticket = data.get("ticket_id")
-    ticket = str(ticket) if isinstance(ticket, (str, int)) else None
+    # Only a valid id is kept with a rejection: anything else would be written for good as given.
+    ticket = str(ticket) if isinstance(ticket, (str, int)) and re.fullmatch(TICKET_ID_PATTERN, str(ticket)) else None
     try:
         return RequestSpec.model_validate(data)
     except ValidationError as exc:

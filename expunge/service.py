@@ -4,6 +4,7 @@ Functions here return plain results and raise `RequestError` for user errors; pr
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from dataclasses import dataclass, field
@@ -11,10 +12,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from db import requests_repo, session_scope, verify_chain
 from db.audit import canonical_json
 from expunge.intake import corpus_spec_for, load_records, match_subject, subject_fingerprints, target_for
-from expunge.requests import RequestError, RequestSpec, due_date, parse_request
+from expunge.requests import MAX_REQUEST_BYTES, RequestError, RequestSpec, decode_request, due_date, parse_request
 from expunge.settings import Settings
 
 def supported_methods() -> tuple[str, ...]:
@@ -50,23 +53,25 @@ def _configure_registry(settings: Settings) -> None:
 def submit(settings: Settings, path: Path) -> SubmitResult:
     """Validate and store a request. Invalid → `rejected`; no matching records → `needs_review`."""
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_REQUEST_BYTES + 1)
     except OSError as exc:
         return SubmitResult(None, "not_stored", "unreadable_file", f"cannot read {path}: {exc.strerror}", EXIT_INVALID)
     received_at = datetime.now(timezone.utc)
     try:
-        spec = parse_request(text)
+        spec = parse_request(decode_request(raw))
     except RequestError as exc:
         return _reject_unparsed(settings, exc, received_at)
     spec_json = canonical_json(spec.model_dump(mode="json"))
     with session_scope(settings.db_url) as session:
-        existing = requests_repo.get_request(session, spec.ticket_id)
+        existing = requests_repo.get_request_any_case(session, spec.ticket_id)
         if existing is not None:
             same = hmac.compare_digest(existing.spec_hash, _spec_hmac(settings, spec_json))
             message = (
-                f"ticket {spec.ticket_id} was already submitted (status {existing.status}); not queued again"
+                f"ticket {existing.ticket_id} was already submitted (status {existing.status}); not queued again"
                 if same else
-                f"ticket {spec.ticket_id} already exists with different content; use a new ticket id"
+                f"ticket {existing.ticket_id} already exists with different content (ticket ids are compared "
+                "without case); use a new ticket id"
             )
             return SubmitResult(spec.ticket_id, existing.status, "duplicate_ticket", message, EXIT_DUPLICATE)
 
@@ -98,13 +103,11 @@ def submit(settings: Settings, path: Path) -> SubmitResult:
         **({"forget_count": details["forget_count"]} if details else {}),
     }
     due = due_date(spec.regulation, received_at)
-    with session_scope(settings.db_url) as session:
-        requests_repo.create_request(
-            session, ticket_id=spec.ticket_id, request_type=spec.type, regulation=spec.regulation,
-            spec=json.loads(spec_json), target_model_uri=spec.target_model, received_at=received_at,
-            due_at=due, status=status, reason_code=reason_code, reason_detail=message or None,
-            audit_payload=audit_payload, spec_hash=_spec_hmac(settings, spec_json),
-        )
+    try:
+        _store(settings, spec, spec_json, received_at, due, status, reason_code, message, audit_payload)
+    except IntegrityError:  # submitted at the same moment by another process: the first one is stored
+        return SubmitResult(spec.ticket_id, "not_stored", "duplicate_ticket",
+                            f"ticket {spec.ticket_id} was submitted concurrently; not queued again", EXIT_DUPLICATE)
     if status == "received":
         message = f"ticket {spec.ticket_id} received: {details['forget_count']} matching records, due {due:%Y-%m-%d}"
         return SubmitResult(spec.ticket_id, status, None, message, EXIT_OK, details)
@@ -112,12 +115,23 @@ def submit(settings: Settings, path: Path) -> SubmitResult:
     return SubmitResult(spec.ticket_id, status, reason_code, f"ticket {spec.ticket_id} {status}: {message}", code, details)
 
 
+def _store(settings: Settings, spec: RequestSpec, spec_json: str, received_at: datetime, due: datetime, status: str,
+           reason_code: str | None, message: str, audit_payload: dict) -> None:
+    with session_scope(settings.db_url) as session:
+        requests_repo.create_request(
+            session, ticket_id=spec.ticket_id, request_type=spec.type, regulation=spec.regulation,
+            spec=json.loads(spec_json), target_model_uri=spec.target_model, received_at=received_at,
+            due_at=due, status=status, reason_code=reason_code, reason_detail=message or None,
+            audit_payload=audit_payload, spec_hash=_spec_hmac(settings, spec_json),
+        )
+
+
 def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetime) -> SubmitResult:
     """A request we cannot parse is still recorded as rejected when its ticket id is readable and new."""
     ticket = exc.ticket_id
     if ticket:
-        with session_scope(settings.db_url) as session:
-            if requests_repo.get_request(session, ticket) is None:
+        with contextlib.suppress(IntegrityError), session_scope(settings.db_url) as session:
+            if requests_repo.get_request_any_case(session, ticket) is None:
                 requests_repo.create_request(
                     session, ticket_id=ticket, request_type="unknown", regulation="unknown", spec={},
                     target_model_uri="", received_at=received_at, due_at=received_at, status="rejected",

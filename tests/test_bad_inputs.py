@@ -164,3 +164,56 @@ def test_a_profile_number_written_with_an_exponent_is_a_number(tmp_path):
     loaded = load_profile(str(path))
     assert loaded["unlearning"]["uld"] == {"relative_top": 1e-6, "lr": 0.003, "weight": -1.5, "epochs": 60}
     assert isinstance(loaded["unlearning"]["uld"]["epochs"], int) and loaded["name"] == "1e-6"
+
+
+def test_a_binary_a_huge_and_a_deeply_nested_file_each_get_one_line(tiny_home, tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    assert_one_clean_line(cli(tiny_home, "submit", str(binary)), 2, "not UTF-8 text")
+    assert_one_clean_line(submit_text(tiny_home, tmp_path, request_yaml("BIG-1", notes="x" * 70_000)), 2,
+                          "at most 65536")
+    nested = "ticket_id: DEEP-1\nsubject: " + "[" * 10_000 + "]" * 10_000 + "\n"
+    assert_one_clean_line(submit_text(tiny_home, tmp_path, nested), 2, "nests deeper than 20 levels")
+    control = request_yaml("CTRL-1", notes='"a\x1b[31mred"')
+    assert_one_clean_line(submit_text(tiny_home, tmp_path, control), 2, "control characters")
+
+
+def test_an_invalid_ticket_id_is_never_stored_and_case_does_not_make_a_new_ticket(tiny_home, tmp_path):
+    long_id = "A" * 1_000_000
+    result = submit_text(tiny_home, tmp_path, request_yaml(long_id, subject="{}"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        assert db.execute("SELECT max(length(ticket_id)) FROM requests").fetchone()[0] <= 64
+    newline = submit_text(tiny_home, tmp_path, request_yaml('"FAKE-1\\nFAKE-2"'))
+    assert_one_clean_line(newline, 2, "invalid 'ticket_id'")
+    assert db_row(tiny_home, "FAKE-1\nFAKE-2")[0] is None
+    first = submit_text(tiny_home, tmp_path, request_yaml("case-1", notes="first"))
+    assert first.exit_code in (0, 4), first.output  # stored (received or needs_review)
+    other_case = submit_text(tiny_home, tmp_path, request_yaml("CASE-1", notes="second"))
+    assert_one_clean_line(other_case, 3, "ticket case-1 already exists")
+    assert db_row(tiny_home, "CASE-1")[0] is None
+
+
+def test_concurrent_submits_of_one_ticket_store_it_once_without_a_traceback(tiny_home, tmp_path):
+    import threading
+
+    from expunge.service import submit
+    from expunge.settings import Settings
+
+    path = tmp_path / "same.yaml"
+    path.write_text(request_yaml("SAME-1"))
+    settings = Settings(home=tiny_home, profile_name="tiny")
+    results, barrier = [], threading.Barrier(3)
+
+    def go() -> None:
+        barrier.wait()
+        results.append(submit(settings, path))
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.reason_code or "stored" for r in results).count("duplicate_ticket") == 2
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        assert db.execute("SELECT count(*) FROM requests WHERE ticket_id = 'SAME-1'").fetchone() == (1,)
