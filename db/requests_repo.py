@@ -224,6 +224,15 @@ def runnable(session: Session) -> list[str]:
     return list(rows)
 
 
+def latest_event(session: Session, ticket_id: str, event_type: str) -> dict[str, Any] | None:
+    """The payload of the ticket's newest audit event of ``event_type``, or None."""
+    payload = session.scalars(
+        select(AuditEvent.payload_json)
+        .where(AuditEvent.ticket_id == ticket_id, AuditEvent.event_type == event_type)
+        .order_by(AuditEvent.seq.desc()).limit(1)).first()
+    return json.loads(payload) if payload is not None else None
+
+
 def record_event(
     session: Session, ticket_id: str | None, event_type: str, payload: dict[str, Any]
 ) -> AuditEvent:

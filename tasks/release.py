@@ -76,7 +76,12 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
         if request is None:
             return _refused("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         status, model_uri = request.status, request.result_model_uri
-        gates = json.loads(request.metrics_json).get("gates", []) if request.metrics_json else []
+        # The verdicts come from the hash-chained log, not from the row or the version's tags, which a writer
+        # with DB or registry access could edit.
+        evaluated = requests_repo.latest_event(session, ticket_id, "evaluated") or {}
+        registered = requests_repo.latest_event(session, ticket_id, "model_registered") or {}
+        gates = evaluated.get("gates", [])
+        row_gates = json.loads(request.metrics_json).get("gates", []) if request.metrics_json else []
     if decision == "reject" and status in CLOSABLE_UNRELEASED:  # close it, so its subject is purged too
         return {"model_uri": model_uri and pin(model_uri).uri, "unsettled_gates": []}
     if status != "completed":
@@ -86,16 +91,19 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
                          f"declined, or one that is {' or '.join(CLOSABLE_UNRELEASED)}"))
     ref = pin(model_uri)
     tags = version_tags(ref)
-    if tags.get("expunge.gates") != "passed":
+    audited_pass = bool(gates) and all(g["passed"] for g in gates) and registered.get("model_uri") == model_uri
+    if not audited_pass or tags.get("expunge.gates") != "passed":
         return _refuse(settings, ticket_id, decision, reviewer, "not_releasable",
-                      f"{model_uri} is not tagged as having passed its gates")
+                      f"{model_uri} did not pass its gates according to the audit log (or its tags disagree)")
     if decision == "approve":
         parent, champion = _parent_in_same_model(ref, tags), current_alias(ref.name, CHAMPION)
         if parent is not None and champion is not None and champion != parent:
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
+        # Either record saying a pass is unsettled is enough: an edit can only add caution, never remove it.
         unsettled = unsettled_gates(gates)
+        unsettled += [g for g in unsettled_gates(row_gates) if g["gate"] not in {u["gate"] for u in unsettled}]
         if unsettled and not accept_unsettled:
             listed = "; ".join(f"{g['gate']} {g['value']} vs {g['threshold']} (90 % interval "
                                f"{g['interval'][0]:.3f}–{g['interval'][1]:.3f})" for g in unsettled)

@@ -430,7 +430,20 @@ def test_release_needs_a_completed_ticket_and_a_reviewer(tiny_home, completed):
 
 
 def test_a_failed_or_reviewed_ticket_can_be_declined_which_purges_its_subject(tiny_home, completed):
-    """Declining closes a failed_gates or needs_review ticket, so its subject does not stay in the row for good."""
+    """Declining closes a failed_gates or needs_review ticket, so its subject does not stay in the row for good.
+    First, a forger with DB and registry access marks the failed version completed and passed: approval reads the
+    verdicts from the audit chain and refuses."""
+    row = _row(tiny_home, "WEAK-0001")
+    name, version = row["model_uri"].removeprefix("models:/").split("/")
+    with sqlite3.connect(tiny_home / "audit.db") as db:
+        db.execute("UPDATE requests SET status = 'completed' WHERE ticket_id = 'WEAK-0001'")
+    MlflowClient().set_model_version_tag(name, version, "expunge.gates", "passed")
+    forged = cli(tiny_home, "approve", "WEAK-0001", "--reviewer", "dpo@example.org")
+    assert forged.exit_code == 2 and "according to the audit log" in forged.stderr, forged.output
+    assert "champion" not in MlflowClient().get_model_version(name, version).aliases
+    with sqlite3.connect(tiny_home / "audit.db") as db:  # undo the forgery, so the ticket can be closed below
+        db.execute("UPDATE requests SET status = 'failed_gates' WHERE ticket_id = 'WEAK-0001'")
+    MlflowClient().set_model_version_tag(name, version, "expunge.gates", "failed")
     for ticket, status in (("WEAK-0001", "failed_gates"), ("DIVERGED-0001", "needs_review")):
         assert _row(tiny_home, ticket)["status"] == status
         closed = cli(tiny_home, "reject", ticket, "--reviewer", "dpo@example.org")
