@@ -115,6 +115,7 @@ def append_event(
     )
     session.add(ev)
     session.flush()
+    session.info["audit_head"] = (ev.seq, ev.hash)  # anchored outside the DB once this commits (db/session.py)
     return ev
 
 
@@ -173,7 +174,21 @@ def _transition_problems(row, last_status: dict[str, str]) -> list[str]:
     return problems
 
 
-def verify_chain(session: Session, expected_head: str | None = None) -> ChainVerification:
+def _anchor_problems(session: Session, anchor: tuple[int, str] | None) -> list[str]:
+    """The anchored event must still be there with the hash it had when it was written."""
+    if anchor is None:
+        return []
+    seq, digest = anchor
+    stored = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == seq))
+    if stored is None:
+        return [f"anchored event {seq} is missing (log truncated or replaced)"]
+    if stored != digest:
+        return [f"event {seq} differs from the anchored hash {digest[:16]}… (log rewritten)"]
+    return []
+
+
+def verify_chain(session: Session, expected_head: str | None = None,
+                 anchor: tuple[int, str] | None = None) -> ChainVerification:
     """Recompute the whole chain from the stored rows.
 
     Detects: edited rows (hash mismatch), deleted rows (seq gaps), reordered or
@@ -219,6 +234,7 @@ def verify_chain(session: Session, expected_head: str | None = None) -> ChainVer
         prev_seq = row.seq
         expected_seq = row.seq + 1
 
+    problems += _anchor_problems(session, anchor)
     if expected_head is not None and expected_head != prev_stored_hash:
         problems.append(
             f"head hash {prev_stored_hash[:16]}… does not match expected {expected_head[:16]}… "

@@ -17,6 +17,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from db.anchor import record_head
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
@@ -124,6 +126,18 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@event.listens_for(Session, "after_commit")
+def _anchor_audit_head(session: Session) -> None:
+    head = session.info.pop("audit_head", None)
+    if head is not None and session.bind is not None:
+        record_head(session.bind.url.render_as_string(hide_password=False), *head)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_audit_head(session: Session) -> None:
+    session.info.pop("audit_head", None)
 
 
 def dispose_engines() -> None:

@@ -342,7 +342,12 @@ def audit_verify(expected_head: Optional[str] = typer.Option(None, help="Head ha
         for problem in result.problems:
             err.print(f"audit: {problem}", markup=False)
         fail(f"audit chain BROKEN ({len(result.problems)} problem(s) in {result.n_events} events)", 1)
-    out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}")
+    from db.anchor import anchor_path
+
+    anchored = anchor_path(state.settings.db_url)
+    out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}"
+              + (f"; checked against the anchor {anchored}" if anchored and anchored.exists() else
+                 "; no anchor outside the database (set EXPUNGE_AUDIT_ANCHOR)"), markup=False)
 
 
 @app.command()

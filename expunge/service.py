@@ -227,5 +227,8 @@ def model_lineage(settings: Settings, uri: str) -> list[dict[str, Any]]:
 
 
 def verify_audit(settings: Settings, expected_head: str | None = None):
+    """The chain recomputed, and checked against the head anchored outside the database (`db/anchor.py`)."""
+    from db.anchor import read_anchor
+
     with session_scope(settings.db_url) as session:
-        return verify_chain(session, expected_head=expected_head)
+        return verify_chain(session, expected_head=expected_head, anchor=read_anchor(settings.db_url))

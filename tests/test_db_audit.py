@@ -54,8 +54,22 @@ def url(request, tmp_path) -> Iterator[str]:
     dispose_engines()
 
 
+def _drop_append_only_guards(url: str) -> None:
+    """What a forger with admin rights on the database does first: drop the triggers that keep the audit tables
+    append-only (db/migrations/versions/0003_append_only.py)."""
+    with make_engine(url).begin() as conn:
+        for table in ("audit_events", "status_changes"):
+            if url.startswith("postgresql"):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}"))
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}"))
+            else:
+                for action in ("update", "delete"):
+                    conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_{action}"))
+
+
 def _raw(url: str, sql: str, **params: object) -> None:
-    """Tamper with the DB behind the ORM's back (as an attacker with SQL access would)."""
+    """Tamper with the DB behind the ORM's back, as an attacker with SQL admin access would."""
+    _drop_append_only_guards(url)
     with make_engine(url).begin() as conn:
         conn.execute(text(sql), params)
 
@@ -99,7 +113,7 @@ def test_migrations_create_tables_and_second_upgrade_is_noop(url: str) -> None:
     _append_n(url, 2)  # data must survive a second upgrade
     upgrade_database(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0002"
+        assert MigrationContext.configure(conn).get_current_revision() == "0003"
         assert conn.scalar(text("SELECT count(*) FROM audit_events")) == 2
 
 
@@ -208,6 +222,7 @@ def test_tamper_swap_rows_is_detected(url: str) -> None:
     """Swap the full contents (everything but seq) of events 2 and 3."""
     _append_n(url, 4)
     cols = "ticket_id, event_type, payload_json, created_at, prev_hash, hash"
+    _drop_append_only_guards(url)
     with make_engine(url).begin() as conn:
         r2 = conn.execute(text(f"SELECT {cols} FROM audit_events WHERE seq = 2")).one()
         r3 = conn.execute(text(f"SELECT {cols} FROM audit_events WHERE seq = 3")).one()
@@ -239,6 +254,7 @@ def test_rechained_rewrite_is_caught_by_expected_head(url: str) -> None:
     """An attacker who edits a row AND recomputes every later hash passes the
     internal checks; the externally kept head hash still exposes it."""
     hashes = _append_n(url, 4)
+    _drop_append_only_guards(url)
     with make_engine(url).begin() as conn:
         rows = conn.execute(text("SELECT * FROM audit_events ORDER BY seq")).mappings().all()
         prev = rows[1]["hash"]
@@ -258,6 +274,26 @@ def test_rechained_rewrite_is_caught_by_expected_head(url: str) -> None:
     with session_scope(url) as s:
         assert verify_chain(s).ok
         assert not verify_chain(s, expected_head=hashes[-1]).ok
+
+
+def test_the_database_refuses_to_update_or_delete_audit_rows(url: str) -> None:
+    """Raw SQL past the ORM, as any client with write access to the tables: the triggers abort it."""
+    from sqlalchemy.exc import DatabaseError
+
+    _append_n(url, 2)
+    with session_scope(url) as s:
+        _new_request(s, "T-9")
+    for sql in ("UPDATE audit_events SET payload_json = '{}' WHERE seq = 1", "DELETE FROM audit_events WHERE seq = 2",
+                "UPDATE status_changes SET to_status = 'completed'", "DELETE FROM status_changes"):
+        with pytest.raises(DatabaseError, match="append-only"):
+            with make_engine(url).begin() as conn:
+                conn.execute(text(sql))
+    if url.startswith("postgresql"):
+        with pytest.raises(DatabaseError, match="append-only"):
+            with make_engine(url).begin() as conn:
+                conn.execute(text("TRUNCATE audit_events"))
+    with session_scope(url) as s:
+        assert verify_chain(s).ok and verify_chain(s).n_events == 3
 
 
 def test_orm_refuses_to_modify_audit_events(url: str) -> None:
@@ -514,3 +550,22 @@ def test_concurrent_claims_give_each_ticket_to_exactly_one_runner(url: str) -> N
     for t in threads:
         t.join()
     assert sorted(won) == [f"T-{i}" for i in range(6)] and all(len(v) == 1 for v in won.values())
+
+
+def test_the_head_is_anchored_outside_the_database_and_verify_checks_it(url: str, tmp_path, monkeypatch) -> None:
+    """A truncated tail and a log rewritten and re-chained end to end are each consistent in themselves; the
+    anchor written after every commit exposes both."""
+    from db.anchor import ANCHOR_ENV, read_anchor
+
+    monkeypatch.setenv(ANCHOR_ENV, str(tmp_path / "anchor" / "audit.head"))
+    hashes = _append_n(url, 4)
+    assert read_anchor(url) == (4, hashes[-1])
+    with session_scope(url) as s:
+        assert verify_chain(s, anchor=read_anchor(url)).ok
+    _raw(url, "DELETE FROM audit_events WHERE seq = 4")
+    with session_scope(url) as s:
+        truncated = verify_chain(s, anchor=read_anchor(url))
+    assert not truncated.ok and truncated.problems == ["anchored event 4 is missing (log truncated or replaced)"]
+    _raw(url, "UPDATE audit_events SET hash = :h WHERE seq = 3", h="f" * 64)
+    _append_n(url, 1)  # a later commit moves the anchor forward; an older one never moves it back
+    assert read_anchor(url)[0] == 4

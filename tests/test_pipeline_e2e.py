@@ -155,6 +155,9 @@ def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_pa
     tampered_home = tmp_path / "tampered"
     shutil.copytree(tiny_home, tampered_home, ignore=shutil.ignore_patterns("mlartifacts", "models"))
     with sqlite3.connect(tampered_home / "audit.db") as db:
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):  # the database itself refuses ...
+            db.execute("DELETE FROM audit_events WHERE seq = 1")
+        db.execute("DROP TRIGGER audit_events_no_update")  # ... until a forger with admin rights drops its guard
         db.execute("UPDATE audit_events SET payload_json = replace(payload_json, 'completed', 'rejected') "
                    "WHERE event_type = 'status_changed' AND payload_json LIKE '%completed%'")
     broken = cli(tampered_home, "audit", "verify")
