@@ -226,11 +226,17 @@ def runnable(session: Session) -> list[str]:
 
 def latest_event(session: Session, ticket_id: str, event_type: str) -> dict[str, Any] | None:
     """The payload of the ticket's newest audit event of ``event_type``, or None."""
-    payload = session.scalars(
-        select(AuditEvent.payload_json)
+    found = latest_event_with_seq(session, ticket_id, event_type)
+    return found[1] if found else None
+
+
+def latest_event_with_seq(session: Session, ticket_id: str, event_type: str) -> tuple[int, dict[str, Any]] | None:
+    """(seq, payload) of the ticket's newest audit event of ``event_type``, or None."""
+    row = session.execute(
+        select(AuditEvent.seq, AuditEvent.payload_json)
         .where(AuditEvent.ticket_id == ticket_id, AuditEvent.event_type == event_type)
         .order_by(AuditEvent.seq.desc()).limit(1)).first()
-    return json.loads(payload) if payload is not None else None
+    return (row.seq, json.loads(row.payload_json)) if row is not None else None
 
 
 def record_event(

@@ -275,6 +275,9 @@ def _release(ticket_id: str, decision: str, reviewer: str, note: str, accept_uns
         result = release(state.settings, ticket_id, decision, reviewer, note, accept_unsettled)
     except RequestError as exc:
         fail(f"{exc} [{exc.reason_code}]", 2)
+    except Exception as exc:  # noqa: BLE001 - the intent is recorded; the next decision command completes it
+        fail(f"ticket {ticket_id}: the decision was interrupted ({type(exc).__name__}); its intent is recorded and "
+             f"the next approve/reject of {ticket_id} completes it", 1)
     out.print(f"ticket {ticket_id}: {result['status']} by {result['reviewer']}")
     out.print(f"model: {result['model_uri']} aliases: {', '.join(result['aliases']) or 'none'}"
               + (f" (previous champion {result['previous_champion']} kept as previous-champion)"

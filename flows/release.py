@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.lifecycle import transition
-from tasks.release import apply_release, check_release, purge_subject
+from tasks.lifecycle import audit_event, transition
+from tasks.release import apply_release, check_release, interrupted_release, purge_subject
 
 
 @flow(name="release_decision", flow_run_name="release-{ticket_id}-{decision}")
@@ -12,20 +12,37 @@ def release_decision(ticket_id: str, home: str, profile: str, decision: str, rev
                      note_hmac: str | None = None, accept_unsettled: bool = False) -> dict:
     """`decision`: "approve" (→ `released`, version becomes `champion`) or "reject" (→ `release_rejected`).
     `note_hmac`: keyed hash of the reviewer's note (the text itself never becomes a flow parameter).
-    `accept_unsettled`: the reviewer approves knowing some gates passed within their interval (else refused)."""
+    `accept_unsettled`: the reviewer approves knowing some gates passed within their interval (else refused).
+
+    The intent is recorded before the aliases move and the status changes after: a decision interrupted in
+    between (a DB outage, a crash) is completed by the next decision command on the ticket, as it was decided."""
     ctx = (home, profile, ticket_id)
+    pending = interrupted_release(*ctx)
+    if pending is not None:
+        return _carry_out(ctx, pending)
     checked = check_release(*ctx, decision, reviewer, accept_unsettled)
     if "refused" in checked:
         return {"ticket_id": ticket_id, "status": "refused", **checked["refused"]}
-    result = apply_release(*ctx, decision, checked["model_uri"], reviewer, note_hmac)
+    intent = {"decision": decision, "model_uri": checked["model_uri"], "reviewer": reviewer, "note_hmac": note_hmac,
+              "unsettled_gates_accepted": checked["unsettled_gates"], "champion_before": checked.get("champion")}
+    audit_event(*ctx, "release_intent", intent)
+    return _carry_out(ctx, intent)
+
+
+def _carry_out(ctx: tuple, intent: dict) -> dict:
+    """Move the aliases (idempotent), record the status change, purge the subject."""
+    decision = intent["decision"]
+    result = apply_release(*ctx, decision, intent["model_uri"], intent["reviewer"], intent["note_hmac"])
+    if decision == "approve" and result["previous_champion"] is None:  # the aliases had moved before an interruption
+        result["previous_champion"] = intent.get("champion_before")
     audit = {k: result[k] for k in ("model_uri", "reviewer", "note_hmac", "previous_champion", "aliases")}
     if decision == "approve":
         # which gates the reviewer released within noise: names and numbers only, nothing about the subject
-        audit["unsettled_gates_accepted"] = checked["unsettled_gates"]
+        audit["unsettled_gates_accepted"] = intent["unsettled_gates_accepted"]
         transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
     else:
         transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
     # The request is decided: the row no longer needs to say who the subject was.
     purge_subject(*ctx)
-    return {"ticket_id": ticket_id, "status": "released" if decision == "approve" else "release_rejected", **result,
-            "unsettled_gates_accepted": checked["unsettled_gates"]}
+    return {"ticket_id": ctx[2], "status": "released" if decision == "approve" else "release_rejected", **result,
+            "unsettled_gates_accepted": intent["unsettled_gates_accepted"]}

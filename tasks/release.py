@@ -110,8 +110,24 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
             return _refuse(settings, ticket_id, decision, reviewer, "unsettled_gates",
                           f"{model_uri} passed gates whose threshold lies inside their interval, so the pass may be "
                           f"noise: {listed}. Read the evidence report; approve with --accept-unsettled to release anyway")
-        return {"model_uri": ref.uri, "unsettled_gates": unsettled}
+        return {"model_uri": ref.uri, "unsettled_gates": unsettled, "champion": champion.uri if champion else None}
     return {"model_uri": ref.uri, "unsettled_gates": []}
+
+
+@task(name="interrupted-release")
+def interrupted_release(home: str, profile: str, ticket_id: str) -> dict | None:
+    """The release intent a crashed or failed decision left behind: recorded (`release_intent`), perhaps with the
+    aliases moved, but with no status change after it. None when every intent has its outcome."""
+    settings = settings_for(home, profile)
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None or request.status not in ("completed", *CLOSABLE_UNRELEASED):
+            return None
+        intent = requests_repo.latest_event_with_seq(session, ticket_id, "release_intent")
+        changed = requests_repo.latest_event_with_seq(session, ticket_id, "status_changed")
+    if intent is None or (changed is not None and changed[0] > intent[0]):
+        return None
+    return intent[1]
 
 
 @task(name="purge-subject", retries=2, retry_delay_seconds=1)

@@ -120,3 +120,45 @@ def test_two_runners_started_together_process_each_ticket_once(tiny_home, tmp_pa
         assert _changes(home, ticket).count(("received", "resolving")) == 1, outputs  # processed once
     verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
     assert verified.exit_code == 0, verified.output
+
+
+def test_an_approval_interrupted_after_the_aliases_moved_is_completed_by_the_next_command(
+        tiny_home, tmp_path, monkeypatch):
+    """The DB write after the alias move fails (as in an outage): the version is champion but the ticket still
+    says completed. The next approve completes the recorded decision instead of refusing it as stale."""
+    import flows.release
+    from sqlalchemy.exc import OperationalError
+
+    from tests.test_pipeline_e2e import with_gates_every_run_passes
+
+    home = tmp_path / "home"
+    profile_path = tmp_path / "passing.yaml"
+    profile_path.write_text(yaml.safe_dump(with_gates_every_run_passes(load_profile("tiny"))))
+    args = ["--home", str(home), "--profile", str(profile_path)]
+    sample = yaml.safe_load((tiny_home / "sample_world" / "sample_request.yaml").read_text())
+    _submit(home, tmp_path, str(profile_path), {
+        **{k: sample[k] for k in ("type", "regulation", "subject")}, "ticket_id": "OUTAGE-0001",
+        "target_model": str(tiny_home / "models" / "sample-base"),
+        "corpus": {"source": str(tiny_home / "sample_world" / "corpus.jsonl")}})
+    assert runner.invoke(app, [*args, "run", "OUTAGE-0001"]).exit_code == 0
+    real_transition = flows.release.transition
+
+    def outage(*_args, **_kwargs):
+        raise OperationalError("UPDATE requests", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(flows.release, "transition", outage)
+    interrupted = runner.invoke(app, [*args, "approve", "OUTAGE-0001", "--reviewer", "dpo@example.org"])
+    assert interrupted.exit_code == 1 and "completes it" in interrupted.stderr, interrupted.output
+    assert _status(home, "OUTAGE-0001") == "completed"
+    version = MlflowClient().get_model_version_by_alias("sample-base-unlearned", "champion")  # aliases moved
+
+    monkeypatch.setattr(flows.release, "transition", real_transition)
+    again = runner.invoke(app, [*args, "approve", "OUTAGE-0001", "--reviewer", "dpo@example.org"])
+    assert again.exit_code == 0, again.output
+    assert _status(home, "OUTAGE-0001") == "released"
+    assert MlflowClient().get_model_version_by_alias("sample-base-unlearned", "champion").version == version.version
+    with sqlite3.connect(home / "audit.db") as db:
+        events = [e for (e,) in db.execute("SELECT event_type FROM audit_events WHERE ticket_id = 'OUTAGE-0001' "
+                                          "ORDER BY seq")]
+    assert events.count("release_intent") == 1 and events[-2:] == ["status_changed", "subject_purged"]
+    assert runner.invoke(app, [*args, "audit", "verify"]).exit_code == 0
