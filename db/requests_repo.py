@@ -212,6 +212,16 @@ def renew_lease(session: Session, ticket_id: str, runner: str, lease_seconds: fl
     ).rowcount == 1
 
 
+def end_lease(session: Session, ticket_id: str) -> bool:
+    """Let the ticket's lease run out now (its run crashed or was cancelled): the next run may take it up at once."""
+    return session.execute(
+        update(Request)
+        .where(Request.ticket_id == ticket_id, Request.claimed_by.is_not(None))
+        .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+
+
 def runnable(session: Session) -> list[str]:
     """Tickets a run may claim now: received ones nobody holds and any whose lease ran out, earliest due first."""
     now = utcnow()

@@ -8,8 +8,9 @@ from tasks.contracts import Evaluation, Registration
 from tasks.data import CorpusDrift, SubjectNotFound, resolve_forget_set
 from tasks.evaluate import evaluate_unlearning, measure_prior_knowledge
 from db.requests_repo import LeaseLost
-from tasks.lifecycle import audit_event, claim_ticket, lease_kept, new_runner_id, store_outcome, transition
-from tasks.register import register_model
+from tasks.lifecycle import (audit_event, claim_ticket, end_lease_now, lease_kept, new_runner_id, store_outcome,
+                             transition)
+from tasks.register import mark_orphans, register_model
 from tasks.report import evidence_report
 from tasks.unlearn import unlearning_task
 
@@ -32,16 +33,21 @@ def _gated_status(move, evaluated: Evaluation, registered: Registration) -> str:
     return "failed_gates"
 
 
-@flow(name="process_request", flow_run_name="process-{ticket_id}")
+@flow(name="process_request", flow_run_name="process-{ticket_id}", on_crashed=[end_lease_now],
+      on_cancellation=[end_lease_now])
 def process_request(ticket_id: str, home: str, profile: str = "demo", method: str = "uld") -> dict:
     """`method` is the request's choice (ULD by default; baselines run the same path for comparison). The run
     claims the ticket first and holds a lease while it works: a second runner skips it, and a ticket whose
     runner crashed is taken up again once its lease runs out."""
     ctx = (home, profile, ticket_id)
     runner = new_runner_id()
-    if not claim_ticket(*ctx, runner):
+    claimed = claim_ticket(*ctx, runner)
+    if claimed is None:
         get_run_logger().info("ticket %s: held by another runner, or not runnable; skipped", ticket_id)
         return {"ticket_id": ticket_id, "status": "skipped", "reason_code": "not_claimed"}
+    if claimed["interrupted_step"] == "registering":  # the lost run may have registered a version already
+        orphans = mark_orphans(*ctx)
+        audit_event(*ctx, "orphaned_versions_marked", {"model_uris": orphans})
     with lease_kept(*ctx, runner):
         return _process(ctx, runner, method)
 

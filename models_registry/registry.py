@@ -374,6 +374,25 @@ def promote_to_champion(ref: ModelRef, tags: dict[str, str]) -> ModelRef | None:
     return previous if previous != ref else None
 
 
+ORPHANED_TAG = "expunge.orphaned"
+
+
+def mark_orphaned_versions(ticket_id: str, reason: str) -> list[str]:
+    """Versions an interrupted run of `ticket_id` registered before it could record them: tagged orphaned and
+    stripped of `challenger`, so only the run that completes the ticket leaves a servable version. Their URIs."""
+    client = MlflowClient()
+    orphans = []
+    for version in client.search_model_versions(f"tags.`expunge.ticket_id` = '{ticket_id}'"):
+        if version.tags.get(ORPHANED_TAG):
+            continue
+        ref = ModelRef(version.name, str(version.version))
+        if current_alias(ref.name, CHALLENGER) == ref:
+            client.delete_registered_model_alias(ref.name, CHALLENGER)
+        client.set_model_version_tag(ref.name, ref.version, ORPHANED_TAG, reason)
+        orphans.append(ref.uri)
+    return orphans
+
+
 def withdraw_challenger(ref: ModelRef, tags: dict[str, str]) -> None:
     """A reviewer declined `ref`: it loses `challenger` (if it holds it) and records the decision."""
     if current_alias(ref.name, CHALLENGER) == ref:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from prefect import task
 
 from db import requests_repo, session_scope
+from db.models import IN_PROGRESS
 from tasks.context import settings_for
 
 
@@ -42,11 +43,27 @@ def new_runner_id() -> str:
 
 
 @task(name="claim-ticket", retries=2, retry_delay_seconds=1)
-def claim_ticket(home: str, profile: str, ticket_id: str, runner: str) -> bool:
-    """Take the ticket for this run (`requests_repo.claim`); False when another runner holds it."""
+def claim_ticket(home: str, profile: str, ticket_id: str, runner: str) -> dict | None:
+    """Take the ticket for this run (`requests_repo.claim`): {"interrupted_step": the step a lost run was in, or
+    None}; None when another runner holds it."""
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:
-        return requests_repo.claim(session, ticket_id, runner, settings.lease_seconds) is not None
+        before = requests_repo.get_request(session, ticket_id)
+        step = before.status if before is not None and before.status in IN_PROGRESS else None
+        if requests_repo.claim(session, ticket_id, runner, settings.lease_seconds) is None:
+            return None
+    return {"interrupted_step": step}
+
+
+def end_lease_now(flow, flow_run, state) -> None:
+    """Prefect on_crashed / on_cancellation hook of `process_request`: the run will not renew its lease, so let it
+    run out now and record why (a `kill -9` runs no hook: the lease runs out by itself)."""
+    params = flow_run.parameters
+    settings = settings_for(params["home"], params.get("profile", "demo"))
+    with session_scope(settings.db_url) as session:
+        if requests_repo.end_lease(session, params["ticket_id"]):
+            requests_repo.record_event(session, params["ticket_id"], "run_interrupted",
+                                       {"state": state.type.value, "flow_run_id": str(flow_run.id)})
 
 
 @contextlib.contextmanager

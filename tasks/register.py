@@ -79,6 +79,15 @@ def _log_run(settings, ticket_id: str, resolved: ResolvedRequest, trained: Train
     mlflow.log_artifact(str(settings.ticket_dir(ticket_id) / "training.json"), artifact_path="evidence")
 
 
+@task(name="mark-orphaned-versions")
+def mark_orphans(home: str, profile: str, ticket_id: str) -> list[str]:
+    """After a run lost during registering: the versions it left are tagged orphaned (`registry.mark_orphaned_versions`)."""
+    from models_registry.registry import mark_orphaned_versions
+
+    settings_for(home, profile)
+    return mark_orphaned_versions(ticket_id, "lease_expired")
+
+
 @task(name="register-model", retries=1, retry_delay_seconds=2)
 def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest, trained: TrainedUnlearning,
                    evaluated: Evaluation) -> Registration:

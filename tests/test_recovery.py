@@ -88,6 +88,16 @@ def test_a_run_killed_during_training_is_taken_up_when_its_lease_runs_out(tiny_h
     verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
     assert verified.exit_code == 0, verified.output
 
+    # Had the run been lost during registering, its version would be an orphan: what the next run does to it.
+    from models_registry.registry import mark_orphaned_versions
+
+    (version,) = versions
+    assert "challenger" in MlflowClient().get_model_version(version.name, version.version).aliases
+    assert mark_orphaned_versions("CRASH-0001", "lease_expired") == [f"models:/{version.name}/{version.version}"]
+    marked = MlflowClient().get_model_version(version.name, version.version)
+    assert "challenger" not in marked.aliases and marked.tags["expunge.orphaned"] == "lease_expired"
+    assert mark_orphaned_versions("CRASH-0001", "lease_expired") == []  # once
+
 
 def test_two_runners_started_together_process_each_ticket_once(tiny_home, tmp_path):
     """Four erasures of a person the model never learned, under a profile that stops them at `needs_review`
