@@ -87,7 +87,7 @@ class TrainedUnlearning:
     def warnings(self) -> list[str]:
         """What the run should tell its user although it goes on to evaluation."""
         if self.convergence and not all(c["reached_target"] for c in self.convergence):
-            return [f"assistant_above_target: {self.convergence_detail()}"]
+            return [f"assistant_above_target: {self.convergence_detail()}; evaluated anyway, the gates decide"]
         return []
 
     def new_adapters(self) -> list[Adapter]:

@@ -141,6 +141,9 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
     return dataclasses.replace(chosen, retained_probes=selection["retained"])
 
 
+PROGRESS_EVERY_SECONDS = 10
+
+
 def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, retain_pairs, config: ULDConfig,
                           out_dir: Path, logger) -> tuple[list, list[str], list]:
     """One assistant per member of `config.assistants` (seeds differ): (assistants, adapter dirs, reports)."""
@@ -150,10 +153,14 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
     members = ensemble_members(config)
     for index, member in enumerate(members):
         assistant = build_assistant(base, member)
-        started = time.perf_counter()
+        started, last_line = time.perf_counter(), [0.0]
 
-        def progress(epoch: int, nll: float, kl: float, index: int = index, started: float = started) -> None:
+        def progress(epoch: int, nll: float, kl: float, index: int = index, started: float = started,
+                     last_line: list = last_line) -> None:
             elapsed = time.perf_counter() - started
+            if epoch not in (1, member.epochs) and elapsed - last_line[0] < PROGRESS_EVERY_SECONDS:
+                return  # a line every few seconds, however fast the epochs
+            last_line[0] = elapsed
             logger.info("assistant %d/%d, epoch %d/%d: forget NLL %.4f (target %g), retain KL %.4f; %.0fs, "
                         "at most %.0fs left", index + 1, len(members), epoch, member.epochs, nll,
                         member.target_forget_loss, kl, elapsed, elapsed / epoch * (member.epochs - epoch))
