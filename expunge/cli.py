@@ -113,7 +113,7 @@ def submit(request_file: Path = typer.Argument(..., help="Request YAML (ticket_i
 
 @app.command()
 def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process; default: every received request.")) -> None:
-    """Run the `process_request` flow (locally) for received requests."""
+    """Run the `process_request` flow (locally) for received requests, and any whose runner's lease ran out."""
     from expunge.service import EXIT_RUN_FAILED, pending_tickets, run_request
 
     tickets = [ticket_id] if ticket_id else pending_tickets(state.settings)
