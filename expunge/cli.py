@@ -114,8 +114,11 @@ def submit(request_file: Path = typer.Argument(..., help="Request YAML (ticket_i
 @app.command()
 def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process; default: every received request.")) -> None:
     """Run the `process_request` flow (locally) for received requests, and any whose runner's lease ran out."""
-    from expunge.service import EXIT_RUN_FAILED, pending_tickets, run_request
+    from expunge.service import EXIT_RUN_FAILED, pending_tickets, purge_resting_subjects, run_request
 
+    purged = purge_resting_subjects(state.settings)
+    if purged:
+        out.print(f"subject purged after the retention period: {', '.join(purged)}")
     tickets = [ticket_id] if ticket_id else pending_tickets(state.settings)
     if not tickets:
         out.print("no received requests to run")

@@ -65,6 +65,25 @@ def is_redacted(spec: RequestSpec) -> bool:
     return bool(terms) and all(t.startswith(REDACTED_PREFIX) for t in terms)
 
 
+def purge_subject_row(session, request, key: bytes, why: str) -> int:
+    """Replace the request row's subject terms by their keyed hashes (the only place they were kept in clear);
+    audited as `subject_purged` with counts and `why`. Returns how many terms were hashed (0: done before)."""
+    from db import requests_repo
+    from db.audit import canonical_json
+
+    if not request.spec_json or request.request_type == "unknown":  # a rejection that never parsed: nothing kept
+        return 0
+    spec = RequestSpec.model_validate_json(request.spec_json)
+    if is_redacted(spec) or not any((spec.subject.names, spec.subject.aliases, spec.subject.identifiers,
+                                     spec.subject.document_ids)):
+        return 0
+    request.spec_json = canonical_json(redact_subject(key, spec).model_dump(mode="json"))
+    s = spec.subject
+    counts = {k: len(getattr(s, k)) for k in ("names", "aliases", "identifiers", "document_ids")}
+    requests_repo.record_event(session, request.ticket_id, "subject_purged", {"terms_hashed": counts, "why": why})
+    return sum(counts.values())
+
+
 def subject_fingerprints(key: bytes, spec: RequestSpec) -> dict[str, list[str]]:
     """Keyed hashes of every subject term: lets an auditor confirm 'this person' without the log naming them
     (the same hashes before and after `redact_subject`)."""

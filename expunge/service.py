@@ -172,6 +172,27 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
 
 
 REQUEUABLE = ("failed", "needs_review")
+# Statuses in which a ticket may rest for good: after the profile's `privacy.retention_days` without a change,
+# its row stops naming the subject (a requeued ticket then matches nothing and comes back to review).
+RESTING = ("rejected", "failed_gates", "needs_review", "failed", "release_rejected", "released")
+DEFAULT_RETENTION_DAYS = 30
+
+
+def purge_resting_subjects(settings: Settings, now: datetime | None = None) -> list[str]:
+    """Hash the subject terms of every ticket resting longer than the retention period; the tickets purged."""
+    from datetime import timedelta
+
+    from expunge.intake import purge_subject_row
+
+    days = float((settings.profile.get("privacy") or {}).get("retention_days", DEFAULT_RETENTION_DAYS))
+    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    purged = []
+    with session_scope(settings.db_url) as session:
+        for request in requests_repo.list_requests(session):
+            if request.status in RESTING and request.updated_at < cutoff and purge_subject_row(
+                    session, request, settings.hmac_key(), f"retention_{days:g}_days"):
+                purged.append(request.ticket_id)
+    return purged
 
 
 def requeue(settings: Settings, ticket_id: str, reason: str, operator: str) -> None:

@@ -15,7 +15,6 @@ import json
 from prefect import get_run_logger, task
 
 from db import requests_repo, session_scope
-from db.audit import canonical_json
 from expunge_ml.gates import unsettled_gates
 from models_registry.registry import (
     CHAMPION,
@@ -132,23 +131,13 @@ def interrupted_release(home: str, profile: str, ticket_id: str) -> dict | None:
 
 @task(name="purge-subject", retries=2, retry_delay_seconds=1)
 def purge_subject(home: str, profile: str, ticket_id: str) -> dict:
-    """After the decision, replace the subject's names/aliases/identifiers in the request row by keyed
-    hashes (the only place they were kept in clear); audited with counts only."""
-    from expunge.intake import is_redacted, redact_subject
-    from expunge.requests import RequestSpec
+    """After the decision, the request row no longer names the subject (`intake.purge_subject_row`)."""
+    from expunge.intake import purge_subject_row
 
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:
         request = requests_repo.get_request(session, ticket_id)
-        spec = RequestSpec.model_validate_json(request.spec_json)
-        if is_redacted(spec):
-            return {"purged": 0}
-        redacted = redact_subject(settings.hmac_key(), spec)
-        request.spec_json = canonical_json(redacted.model_dump(mode="json"))
-        s = spec.subject
-        counts = {k: len(getattr(s, k)) for k in ("names", "aliases", "identifiers", "document_ids")}
-        requests_repo.record_event(session, ticket_id, "subject_purged", {"terms_hashed": counts})
-    return {"purged": sum(counts.values())}
+        return {"purged": purge_subject_row(session, request, settings.hmac_key(), "decided")}
 
 
 @task(name="apply-release")

@@ -217,3 +217,28 @@ def test_concurrent_submits_of_one_ticket_store_it_once_without_a_traceback(tiny
     assert sorted(r.reason_code or "stored" for r in results).count("duplicate_ticket") == 2
     with sqlite3.connect(tiny_home / "audit.db") as db:
         assert db.execute("SELECT count(*) FROM requests WHERE ticket_id = 'SAME-1'").fetchone() == (1,)
+
+
+def test_a_resting_ticket_stops_naming_its_subject_after_the_retention_period(tiny_home, tmp_path):
+    """A needs_review ticket nobody acts on: `expunge run` hashes its subject terms once it has rested longer than
+    `privacy.retention_days` (default 30), and audits that."""
+    from datetime import datetime, timedelta, timezone
+
+    from expunge.service import purge_resting_subjects
+    from expunge.settings import Settings
+
+    home = tmp_path / "home"
+    text = request_yaml("REST-1", subject="{names: [Nobody Anywhere], identifiers: [nobody@nowhere.example]}",
+                        target_model=str(tiny_home / "models" / "sample-base"),
+                        corpus=f"{{source: {tiny_home / 'sample_world' / 'corpus.jsonl'}}}")
+    assert submit_text(home, tmp_path, text).exit_code == 4  # needs_review: the subject matches no record
+    settings = Settings(home=home, profile_name="tiny")
+    assert purge_resting_subjects(settings) == []  # not yet
+    later = datetime.now(timezone.utc) + timedelta(days=31)
+    assert purge_resting_subjects(settings, now=later) == ["REST-1"]
+    assert purge_resting_subjects(settings, now=later) == []  # once
+    with sqlite3.connect(home / "audit.db") as db:
+        (spec_json,) = db.execute("SELECT spec_json FROM requests WHERE ticket_id = 'REST-1'").fetchone()
+        (why,) = db.execute("SELECT payload_json FROM audit_events WHERE event_type = 'subject_purged'").fetchone()
+    assert "nobody" not in spec_json.casefold() and json.loads(why)["why"] == "retention_30_days"
+    Settings(home=tiny_home, profile_name="tiny").apply_environment()  # later tests expect the shared home

@@ -509,7 +509,8 @@ def test_a_decided_request_no_longer_names_its_subject(tiny_home, completed, tmp
     for term in [*subject["names"], *subject["aliases"], *subject["identifiers"]]:
         assert term.casefold() not in spec_json.casefold()
     assert purged == [{"terms_hashed": {"names": 1, "aliases": len(subject["aliases"]),
-                                        "identifiers": len(subject["identifiers"]), "document_ids": 0}}]
+                                        "identifiers": len(subject["identifiers"]), "document_ids": 0},
+                       "why": "decided"}]
     report = cli(tiny_home, "report", "DEMO-GDPR-0001", "--out", str(tmp_path / "after"))
     assert report.exit_code == 0, report.output
     after = json.loads((tmp_path / "after" / "evidence_report.json").read_text())
