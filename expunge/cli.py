@@ -222,12 +222,16 @@ def requeue(
 def status(
     ticket_id: Optional[str] = typer.Argument(None, help="One ticket's status history and key numbers."),
     as_json: bool = typer.Option(False, "--json", help="Every request (or the one given) as JSON, for scripts."),
+    overdue: bool = typer.Option(False, "--overdue", help="Only open tickets past their due date."),
+    due_within: Optional[str] = typer.Option(None, "--due-within", help="Only open tickets due within a span: 7d, 36h."),
 ) -> None:
     """Show requests: status, reason, due date, model URI, key metrics."""
-    from expunge.service import request_rows
+    from expunge.service import due_rows, parse_span, request_rows
 
     try:
         rows = request_rows(state.settings, ticket_id)
+        if overdue or due_within:
+            rows = due_rows(rows, overdue, parse_span(due_within) if due_within else None)
     except RequestError as exc:
         fail(str(exc), 2)
     if as_json:

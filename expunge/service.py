@@ -226,6 +226,28 @@ def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, no
     return result
 
 
+CLOSED = ("released", "rejected", "release_rejected")  # no obligation left open (the erasure is served, or refused)
+
+
+def parse_span(text: str) -> float:
+    """"7d", "36h" or "90m" → days."""
+    units = {"d": 1.0, "h": 1 / 24, "m": 1 / 1440}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].replace(".", "", 1).isdigit():
+        raise RequestError("bad_span", f"expected a span like 7d, 36h or 90m, got {text!r}")
+    return float(text[:-1]) * units[text[-1]]
+
+
+def due_rows(rows: list[dict[str, Any]], overdue: bool, within_days: float | None,
+             now: datetime | None = None) -> list[dict[str, Any]]:
+    """Open tickets past their due date (`overdue`) or due within `within_days`, most urgent first."""
+    from datetime import timedelta
+
+    now = now or datetime.now(timezone.utc)
+    limit = now if overdue else now + timedelta(days=within_days or 0)
+    chosen = [r for r in rows if r["status"] not in CLOSED and datetime.fromisoformat(r["due_at"]) <= limit]
+    return sorted(chosen, key=lambda r: r["due_at"])
+
+
 def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[str, Any]]:
     with session_scope(settings.db_url) as session:
         requests = requests_repo.list_requests(session)

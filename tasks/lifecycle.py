@@ -37,6 +37,23 @@ def transition(
     return status
 
 
+@task(name="runnable-tickets")
+def runnable_tickets(home: str, profile: str) -> list[dict]:
+    """Tickets a run may take now (received and unheld, or with an expired lease), earliest due date first: id,
+    method, due date and days left (no subject data)."""
+    from datetime import datetime, timezone
+
+    from expunge.requests import RequestSpec
+
+    settings = settings_for(home, profile)
+    now = datetime.now(timezone.utc)
+    with session_scope(settings.db_url) as session:
+        rows = [requests_repo.get_request(session, t) for t in requests_repo.runnable(session)]
+        return [{"ticket_id": r.ticket_id, "method": RequestSpec.model_validate_json(r.spec_json).method,
+                 "due_at": r.due_at.isoformat(), "days_left": round((r.due_at - now).total_seconds() / 86400, 1)}
+                for r in rows]
+
+
 def new_runner_id() -> str:
     """Who holds a claim: host, process and a random part (two runs in one process differ too)."""
     return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

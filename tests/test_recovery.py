@@ -172,3 +172,32 @@ def test_an_approval_interrupted_after_the_aliases_moved_is_completed_by_the_nex
                                           "ORDER BY seq")]
     assert events.count("release_intent") == 1 and events[-2:] == ["status_changed", "subject_purged"]
     assert runner.invoke(app, [*args, "audit", "verify"]).exit_code == 0
+
+
+def test_the_scheduled_drain_takes_every_waiting_ticket_once_most_urgent_first(tiny_home, tmp_path, prefect_harness):
+    """`drain_requests` (the cron deployment in prefect.yaml): the due-soon ticket first, each resolved once."""
+    from flows.drain import drain_requests
+
+    world = tiny_home / "sample_world"
+    holdout = [json.loads(line) for line in (world / "holdout.jsonl").read_text().splitlines()]
+    stranger = sorted({r["subject"] for r in holdout})[0]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((world / "corpus.jsonl").read_text()
+                      + "".join(json.dumps(r) + "\n" for r in holdout if r["subject"] == stranger))
+    others = tmp_path / "holdout.jsonl"
+    others.write_text("".join(json.dumps(r) + "\n" for r in holdout if r["subject"] != stranger))
+    profile = load_profile("tiny")
+    profile["unlearning"]["nothing_to_forget"] = "review"  # each stops before training: this is about the drain
+    profile_path = tmp_path / "review.yaml"
+    profile_path.write_text(yaml.safe_dump(profile))
+    home = tmp_path / "home"
+    for ticket, regulation in (("LATER-1", "GDPR"), ("SOONER-1", "DMCA")):  # DMCA: due in 14 days, GDPR a month
+        _submit(home, tmp_path, str(profile_path), {
+            "ticket_id": ticket, "type": "privacy_erasure", "regulation": regulation,
+            "subject": {"names": [stranger]}, "target_model": str(tiny_home / "models" / "sample-base"),
+            "corpus": {"source": str(corpus), "holdout": str(others)}})
+    outcomes = drain_requests(home=str(home), profile=str(profile_path))
+    assert list(outcomes) == ["SOONER-1", "LATER-1"] and set(outcomes.values()) == {"needs_review"}
+    assert drain_requests(home=str(home), profile=str(profile_path)) == {}  # nothing left waiting
+    for ticket in outcomes:
+        assert _changes(home, ticket).count(("received", "resolving")) == 1

@@ -83,3 +83,20 @@ def test_a_model_outside_the_registry_gets_versions_under_its_own_name():
     assert registered_name_for(None, local) == "llama-unlearned"
     assert registered_name_for(None, registered) == "support-bot"  # a registry model's versions stay under its name
     assert registered_name_for("legal-hold-7", local) == "legal-hold-7"  # the request's own choice wins
+
+
+def test_overdue_and_due_within_pick_open_tickets_most_urgent_first():
+    import pytest
+
+    from expunge.service import due_rows, parse_span
+
+    now = datetime(2026, 12, 5, tzinfo=timezone.utc)
+    rows = [{"ticket_id": "A", "status": "received", "due_at": "2026-12-20T00:00:00+00:00"},
+            {"ticket_id": "B", "status": "training", "due_at": "2026-12-01T00:00:00+00:00"},
+            {"ticket_id": "C", "status": "released", "due_at": "2026-11-01T00:00:00+00:00"},  # done: not listed
+            {"ticket_id": "D", "status": "failed_gates", "due_at": "2026-12-08T00:00:00+00:00"}]
+    assert [r["ticket_id"] for r in due_rows(rows, overdue=True, within_days=None, now=now)] == ["B"]
+    assert [r["ticket_id"] for r in due_rows(rows, False, parse_span("7d"), now=now)] == ["B", "D"]
+    assert [r["ticket_id"] for r in due_rows(rows, False, parse_span("36h"), now=now)] == ["B"]
+    with pytest.raises(RequestError, match="a span like 7d"):
+        parse_span("soon")
