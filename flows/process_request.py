@@ -7,9 +7,8 @@ from expunge.requests import RequestError
 from tasks.contracts import Evaluation, Registration
 from tasks.data import CorpusDrift, SubjectNotFound, resolve_forget_set
 from tasks.evaluate import evaluate_unlearning, measure_prior_knowledge
-from db.requests_repo import LeaseLost
-from tasks.lifecycle import (audit_event, claim_ticket, end_lease_now, lease_kept, new_runner_id, store_outcome,
-                             transition)
+from tasks.lifecycle import (LeaseLost, audit_event, claim_ticket, end_lease_now, lease_kept, new_runner_id,
+                             store_outcome, transition)
 from tasks.register import mark_orphans, register_model
 from tasks.report import evidence_report
 from tasks.unlearn import unlearning_task

@@ -12,6 +12,7 @@ from prefect import task
 
 from db import requests_repo, session_scope
 from db.models import IN_PROGRESS
+from db.requests_repo import LeaseLost  # noqa: F401 - the flow catches it: a run that lost its claim stops
 from tasks.context import settings_for
 
 
