@@ -116,6 +116,7 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
     """Run the `process_request` flow (locally) for received requests, and any whose runner's lease ran out."""
     from expunge.service import EXIT_RUN_FAILED, pending_tickets, purge_resting_subjects, run_request
 
+    _take_inbox()
     purged = purge_resting_subjects(state.settings)
     if purged:
         out.print(f"subject purged after the retention period: {', '.join(purged)}")
@@ -200,6 +201,22 @@ def _print_forget_answers(evidence_path: Path) -> None:
         out.print(f"general knowledge (questions the pre-trained model answered, n={general[0]['n']}): ROUGE-L "
                   f"{general[0]['rougeL_recall']:.3f} → {general[1]['rougeL_recall']:.3f} "
                   f"(ratio {general[1]['rougeL_recall'] / max(general[0]['rougeL_recall'], 1e-9):.3f})")
+
+
+def _take_inbox() -> None:
+    from expunge.inbox import take_inbox
+
+    for outcome in take_inbox(state.settings):
+        out.print(f"inbox {outcome.file}: {outcome.result.message} → {outcome.moved_to}", markup=False)
+
+
+@app.command()
+def inbox() -> None:
+    """Submit every request file in <home>/inbox/: each moves to inbox/accepted/ or inbox/rejected/ (with a reason)."""
+    from expunge.inbox import inbox_dir
+
+    inbox_dir(state.settings).mkdir(mode=0o700, parents=True, exist_ok=True)
+    _take_inbox()
 
 
 @app.command()

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from expunge.cli import app
-from expunge.settings import load_profile
+from expunge.settings import Settings, load_profile
 
 runner = CliRunner()
 
@@ -198,7 +198,6 @@ def test_concurrent_submits_of_one_ticket_store_it_once_without_a_traceback(tiny
     import threading
 
     from expunge.service import submit
-    from expunge.settings import Settings
 
     path = tmp_path / "same.yaml"
     path.write_text(request_yaml("SAME-1"))
@@ -225,7 +224,6 @@ def test_a_resting_ticket_stops_naming_its_subject_after_the_retention_period(ti
     from datetime import datetime, timedelta, timezone
 
     from expunge.service import purge_resting_subjects
-    from expunge.settings import Settings
 
     home = tmp_path / "home"
     text = request_yaml("REST-1", subject="{names: [Nobody Anywhere], identifiers: [nobody@nowhere.example]}",
@@ -241,4 +239,30 @@ def test_a_resting_ticket_stops_naming_its_subject_after_the_retention_period(ti
         (spec_json,) = db.execute("SELECT spec_json FROM requests WHERE ticket_id = 'REST-1'").fetchone()
         (why,) = db.execute("SELECT payload_json FROM audit_events WHERE event_type = 'subject_purged'").fetchone()
     assert "nobody" not in spec_json.casefold() and json.loads(why)["why"] == "retention_30_days"
+    Settings(home=tiny_home, profile_name="tiny").apply_environment()  # later tests expect the shared home
+
+
+def test_request_files_dropped_in_the_inbox_are_submitted_and_filed_by_outcome(tiny_home, tmp_path):
+    home = tmp_path / "home"
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True)
+    target = str(tiny_home / "models" / "sample-base")
+    corpus = f"{{source: {tiny_home / 'sample_world' / 'corpus.jsonl'}}}"
+    name = json.loads((tiny_home / "sample_world" / "corpus.jsonl").read_text().splitlines()[0])["subject"]
+    (inbox / "good.yaml").write_text(request_yaml("INBOX-1", subject=f"{{names: [{name}]}}", target_model=target,
+                                                  corpus=corpus))
+    (inbox / "bad.yaml").write_text(request_yaml("INBOX-2", type="forget_everything"))
+    (inbox / "binary.yml").write_bytes(bytes(range(256)))
+    (inbox / "notes.txt").write_text("not a request")  # left alone
+    result = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "inbox"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (inbox / "accepted").iterdir()) == ["good.yaml"]
+    rejected = sorted(p.name for p in (inbox / "rejected").iterdir())
+    assert rejected == ["bad.yaml", "bad.yaml.reason.txt", "binary.yml", "binary.yml.reason.txt"]
+    assert (inbox / "rejected" / "bad.yaml.reason.txt").read_text().startswith("unknown_request_type:")
+    assert sorted(p.name for p in inbox.iterdir() if p.is_file()) == ["notes.txt"]
+    assert db_row(home, "INBOX-1")[0] == ("received", None)
+    (inbox / "good.yaml").write_text((inbox / "accepted" / "good.yaml").read_text())  # dropped twice
+    runner.invoke(app, ["--home", str(home), "--profile", "tiny", "inbox"])
+    assert len(list((inbox / "rejected").glob("good*.yaml"))) == 1  # a duplicate, filed with its reason
     Settings(home=tiny_home, profile_name="tiny").apply_environment()  # later tests expect the shared home
