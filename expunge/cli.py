@@ -204,10 +204,13 @@ def _print_forget_answers(evidence_path: Path) -> None:
 
 
 def _take_inbox() -> None:
-    from expunge.inbox import take_inbox
+    from expunge.inbox import expire_filed_requests, take_inbox
 
     for outcome in take_inbox(state.settings):
         out.print(f"inbox {outcome.file}: {outcome.result.message} → {outcome.moved_to}", markup=False)
+    expired = expire_filed_requests(state.settings)
+    if expired:
+        out.print(f"inbox: {len(expired)} filed request file(s) deleted after the retention period")
 
 
 @app.command()

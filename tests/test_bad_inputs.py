@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 import pytest
 import yaml
@@ -265,4 +266,11 @@ def test_request_files_dropped_in_the_inbox_are_submitted_and_filed_by_outcome(t
     (inbox / "good.yaml").write_text((inbox / "accepted" / "good.yaml").read_text())  # dropped twice
     runner.invoke(app, ["--home", str(home), "--profile", "tiny", "inbox"])
     assert len(list((inbox / "rejected").glob("good*.yaml"))) == 1  # a duplicate, filed with its reason
+    from expunge.inbox import expire_filed_requests
+
+    settings = Settings(home=home, profile_name="tiny")
+    assert expire_filed_requests(settings) == []  # within the retention period
+    later = time.time() + 31 * 86400
+    assert "accepted/good.yaml" in expire_filed_requests(settings, now=later)  # they name the subject in clear
+    assert not any(p.is_file() for p in (inbox / "accepted").iterdir())
     Settings(home=tiny_home, profile_name="tiny").apply_environment()  # later tests expect the shared home
