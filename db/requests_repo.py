@@ -182,12 +182,9 @@ def claim(session: Session, ticket_id: str, runner: str, lease_seconds: float) -
     in-progress one whose lease ran out: that one goes back to `received` (reason `lease_expired`, audited with
     the step it was in) and starts again. Two runners racing for one ticket: exactly one gets it."""
     now = utcnow()
-    expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
     taken = session.execute(
         update(Request)
-        .where(Request.ticket_id == ticket_id,
-               or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
-                   and_(Request.status.in_(IN_PROGRESS), expired)))
+        .where(Request.ticket_id == ticket_id, _claimable(now))
         .values(claimed_by=runner, lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -222,16 +219,27 @@ def end_lease(session: Session, ticket_id: str) -> bool:
     ).rowcount == 1
 
 
-def runnable(session: Session) -> list[str]:
-    """Tickets a run may claim now: received ones nobody holds and any whose lease ran out, earliest due first."""
-    now = utcnow()
+def _claimable(now: datetime):
+    """The condition `claim` sets its compare on: a `received` ticket nobody holds (or whose holder's lease ran
+    out), or an in-progress one whose lease ran out."""
     expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
-    rows = session.scalars(
-        select(Request.ticket_id)
-        .where(or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
-                   and_(Request.status.in_(IN_PROGRESS), expired)))
-        .order_by(Request.due_at, Request.id))
-    return list(rows)
+    return or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
+               and_(Request.status.in_(IN_PROGRESS), expired))
+
+
+def runnable_requests(session: Session) -> list[Request]:
+    """Tickets a run may claim now, earliest due first."""
+    return list(session.scalars(select(Request).where(_claimable(utcnow())).order_by(Request.due_at, Request.id)))
+
+
+def runnable(session: Session) -> list[str]:
+    """The ids of `runnable_requests`."""
+    return [request.ticket_id for request in runnable_requests(session)]
+
+
+def is_runnable(session: Session, ticket_id: str) -> bool:
+    """Whether a run may claim ``ticket_id`` now."""
+    return session.scalar(select(Request.id).where(Request.ticket_id == ticket_id, _claimable(utcnow()))) is not None
 
 
 def latest_event(session: Session, ticket_id: str, event_type: str) -> dict[str, Any] | None:

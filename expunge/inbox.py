@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from expunge.service import DEFAULT_RETENTION_DAYS, EXIT_NEEDS_REVIEW, EXIT_OK, SubmitResult, submit
+from expunge.service import EXIT_NEEDS_REVIEW, EXIT_OK, SubmitResult, submit
 from expunge.settings import Settings
 
 REQUEST_SUFFIXES = (".yaml", ".yml")
@@ -55,8 +55,7 @@ def take_inbox(settings: Settings) -> list[InboxOutcome]:
 def expire_filed_requests(settings: Settings, now: float | None = None) -> list[str]:
     """Delete filed request files (accepted or rejected) older than `privacy.retention_days`: they hold the
     subject in clear, and the database has what the pipeline needs. The names deleted."""
-    days = float((settings.profile.get("privacy") or {}).get("retention_days", DEFAULT_RETENTION_DAYS))
-    cutoff = (now or time.time()) - days * 86400
+    cutoff = (now or time.time()) - settings.retention_days * 86400
     deleted = []
     for folder in ("accepted", "rejected"):
         for path in sorted((inbox_dir(settings) / folder).glob("*")):

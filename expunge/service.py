@@ -157,7 +157,7 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
-        if request.status in IN_PROGRESS and ticket_id not in requests_repo.runnable(session):
+        if request.status in IN_PROGRESS and not requests_repo.is_runnable(session, ticket_id):
             raise RequestError("held", f"ticket {ticket_id} is {request.status}, held by runner "
                                f"{request.claimed_by} until {request.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC")
         if request.status != "received" and request.status not in IN_PROGRESS:
@@ -175,7 +175,6 @@ REQUEUABLE = ("failed", "needs_review")
 # Statuses in which a ticket may rest for good: after the profile's `privacy.retention_days` without a change,
 # its row stops naming the subject (a requeued ticket then matches nothing and comes back to review).
 RESTING = ("rejected", "failed_gates", "needs_review", "failed", "release_rejected", "released")
-DEFAULT_RETENTION_DAYS = 30
 
 
 def purge_resting_subjects(settings: Settings, now: datetime | None = None) -> list[str]:
@@ -184,7 +183,7 @@ def purge_resting_subjects(settings: Settings, now: datetime | None = None) -> l
 
     from expunge.intake import purge_subject_row
 
-    days = float((settings.profile.get("privacy") or {}).get("retention_days", DEFAULT_RETENTION_DAYS))
+    days = settings.retention_days
     cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
     purged = []
     with session_scope(settings.db_url) as session:

@@ -88,6 +88,12 @@ class Settings:
         return value
 
     @property
+    def retention_days(self) -> float:
+        """Days a ticket may rest in a final or review status, or a request file in the inbox's folders, before the
+        subject they name is purged: the profile's `privacy.retention_days`, default 30."""
+        return float((self.profile.get("privacy") or {}).get("retention_days", 30))
+
+    @property
     def dtype(self) -> str:
         """Precision the target base is loaded in: EXPUNGE_DTYPE, else runtime.dtype, else "float32"."""
         return os.environ.get("EXPUNGE_DTYPE") or str(self.profile.get("runtime", {}).get("dtype", "float32"))

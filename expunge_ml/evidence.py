@@ -212,8 +212,8 @@ def collect_evidence(
     general: Sequence[QARecord] = (),
     progress: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """`progress(part, done, total, seconds)` hears of each part as it finishes. `holdout`: records of the same kind the model never trained on (membership-inference non-members, and the
-    chance level of the fact and PII gates); without them the MIA/PrivLeak evidence and the chance levels are
+    """`progress(part, done, total, seconds)` hears of each part as it finishes. `holdout`: records of the same
+    kind the model never trained on (membership-inference non-members, and the chance level of the fact and PII gates); without them the MIA/PrivLeak evidence and the chance levels are
     left out. `judge`: a general LM that also scores the fluency generations (without one,
     `max_forget_answer_perplexity_ratio` skips). `general`: questions the pre-trained model answered before it
     met the corpus (`general_knowledge`), for `min_general_ratio`."""

@@ -50,8 +50,8 @@ def measure_prior_knowledge(home: str, profile: str, ticket_id: str, resolved: R
     target_info = read_json(resolved.target_path)
     forget = records_for_manifest(settings, target_info, resolved.forget_manifest)
     base, tokenizer = target_base(target_info, settings)
-    holdout = holdout_records(target_info, forget, int(settings.profile["evaluation"].get("holdout_max", 64)))
     evaluation = settings.profile["evaluation"]
+    holdout = holdout_records(target_info, forget, int(evaluation.get("holdout_max", 64)))
     known = prior_knowledge(served_model(base, prior_adapters(target_info)).source(), tokenizer,
                             prompt_format(target_info), forget, holdout, int(evaluation["max_new_tokens"]),
                             int(evaluation["batch_size"]))

@@ -49,7 +49,7 @@ def runnable_tickets(home: str, profile: str) -> list[dict]:
     settings = settings_for(home, profile)
     now = datetime.now(timezone.utc)
     with session_scope(settings.db_url) as session:
-        rows = [requests_repo.get_request(session, t) for t in requests_repo.runnable(session)]
+        rows = requests_repo.runnable_requests(session)
         return [{"ticket_id": r.ticket_id, "method": RequestSpec.model_validate_json(r.spec_json).method,
                  "due_at": r.due_at.isoformat(), "days_left": round((r.due_at - now).total_seconds() / 86400, 1)}
                 for r in rows]

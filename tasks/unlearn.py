@@ -144,6 +144,24 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
 PROGRESS_EVERY_SECONDS = 10
 
 
+def epoch_progress(logger, index: int, n_members: int, member: ULDConfig):
+    """A progress callback for `train_assistant`: a line every PROGRESS_EVERY_SECONDS (and at the first and last
+    epoch), however fast the epochs, with the forget NLL against its target and the time left at this pace."""
+    started, last_line = time.perf_counter(), 0.0
+
+    def report(epoch: int, nll: float, kl: float) -> None:
+        nonlocal last_line
+        elapsed = time.perf_counter() - started
+        if epoch not in (1, member.epochs) and elapsed - last_line < PROGRESS_EVERY_SECONDS:
+            return
+        last_line = elapsed
+        logger.info("assistant %d/%d, epoch %d/%d: forget NLL %.4f (target %g), retain KL %.4f; %.0fs, "
+                    "at most %.0fs left", index + 1, n_members, epoch, member.epochs, nll,
+                    member.target_forget_loss, kl, elapsed, elapsed / epoch * (member.epochs - epoch))
+
+    return report
+
+
 def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, retain_pairs, config: ULDConfig,
                           out_dir: Path, logger) -> tuple[list, list[str], list]:
     """One assistant per member of `config.assistants` (seeds differ): (assistants, adapter dirs, reports)."""
@@ -153,18 +171,7 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
     members = ensemble_members(config)
     for index, member in enumerate(members):
         assistant = build_assistant(base, member)
-        started, last_line = time.perf_counter(), [0.0]
-
-        def progress(epoch: int, nll: float, kl: float, index: int = index, started: float = started,
-                     last_line: list = last_line) -> None:
-            elapsed = time.perf_counter() - started
-            if epoch not in (1, member.epochs) and elapsed - last_line[0] < PROGRESS_EVERY_SECONDS:
-                return  # a line every few seconds, however fast the epochs
-            last_line[0] = elapsed
-            logger.info("assistant %d/%d, epoch %d/%d: forget NLL %.4f (target %g), retain KL %.4f; %.0fs, "
-                        "at most %.0fs left", index + 1, len(members), epoch, member.epochs, nll,
-                        member.target_forget_loss, kl, elapsed, elapsed / epoch * (member.epochs - epoch))
-
+        progress = epoch_progress(logger, index, len(members), member)
         reports.append(train_assistant(assistant, tokenizer, fmt, forget_pairs, retain_pairs, member, progress))
         name = "assistant" if index == 0 else f"assistant_{index + 1}"
         adapter_dirs.append(str(save_assistant(assistant, member, out_dir / name)))
