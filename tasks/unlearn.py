@@ -144,20 +144,22 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
 PROGRESS_EVERY_SECONDS = 10
 
 
-def epoch_progress(logger, index: int, n_members: int, member: ULDConfig):
+def epoch_progress(logger, index: int, n_members: int, member: ULDConfig, n_forget: int):
     """A progress callback for `train_assistant`: a line every PROGRESS_EVERY_SECONDS (and at the first and last
     epoch), however fast the epochs, with the forget NLL against its target and the time left at this pace."""
-    started, last_line = time.perf_counter(), 0.0
+    from expunge_ml.methods.uld import planned_epochs
+
+    started, last_line, epochs = time.perf_counter(), 0.0, planned_epochs(member, n_forget)
 
     def report(epoch: int, nll: float, kl: float) -> None:
         nonlocal last_line
         elapsed = time.perf_counter() - started
-        if epoch not in (1, member.epochs) and elapsed - last_line < PROGRESS_EVERY_SECONDS:
+        if epoch not in (1, epochs) and elapsed - last_line < PROGRESS_EVERY_SECONDS:
             return
         last_line = elapsed
         logger.info("assistant %d/%d, epoch %d/%d: forget NLL %.4f (target %g), retain KL %.4f; %.0fs, "
-                    "at most %.0fs left", index + 1, n_members, epoch, member.epochs, nll,
-                    member.target_forget_loss, kl, elapsed, elapsed / epoch * (member.epochs - epoch))
+                    "at most %.0fs left", index + 1, n_members, epoch, epochs, nll,
+                    member.target_forget_loss, kl, elapsed, elapsed / epoch * (epochs - epoch))
 
     return report
 
@@ -171,7 +173,7 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
     members = ensemble_members(config)
     for index, member in enumerate(members):
         assistant = build_assistant(base, member)
-        progress = epoch_progress(logger, index, len(members), member)
+        progress = epoch_progress(logger, index, len(members), member, len(forget_pairs))
         reports.append(train_assistant(assistant, tokenizer, fmt, forget_pairs, retain_pairs, member, progress))
         name = "assistant" if index == 0 else f"assistant_{index + 1}"
         adapter_dirs.append(str(save_assistant(assistant, member, out_dir / name)))
@@ -226,7 +228,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         weight_selection=chosen.as_dict() if chosen else None,
         question_wordings=sum(map(len, wordings.values())) if paraphraser_sha256 else None,
         paraphraser_weights_sha256=paraphraser_sha256,
-        convergence=tuple(convergence(report, config, vocab_size) for report in reports),
+        convergence=tuple(convergence(report, config, vocab_size, len(forget_pairs)) for report in reports),
         prompt_template=prompt_format(target_info).template,
         auto_settings=derived or None,
     )

@@ -145,14 +145,23 @@ def test_whp_anchored_replacement():
 # ------------------------------------------------------------------ model paths
 
 
-def test_answer_nll_matches_token_nll(tiny_lm):
-    model, tokenizer, fmt, forget, _ = tiny_lm
+def test_answer_position_logits_match_the_full_forward(tiny_lm):
+    """The losses read the head only at answer positions; they must equal the full forward's values."""
+    model, tokenizer, fmt, forget, retain = tiny_lm
+    from expunge_ml.methods.losses import answer_kl_to_uniform
+    from expunge_ml.metrics import kl_uniform_to_model, shift_for_next_token
     from expunge_ml.prompting import collate_qa
 
-    batch = collate_qa(tokenizer, fmt, [r.pair for r in forget])
+    batch = collate_qa(tokenizer, fmt, [r.pair for r in forget + retain])
     with torch.no_grad():
-        logits, labels = answer_logits(model, batch)
-        assert float(answer_nll(model, batch)) == pytest.approx(float(token_nll(logits, labels)), rel=1e-5)
+        full = model(**batch)
+        shifted, labels = shift_for_next_token(full.logits, batch["labels"])
+        assert float(answer_nll(model, batch)) == pytest.approx(float(full.loss), rel=1e-5)
+        assert float(answer_kl_to_uniform(model, batch)) == pytest.approx(
+            float(kl_uniform_to_model(shifted, labels != IGNORE_INDEX)), rel=1e-5)
+        kept, kept_labels = answer_logits(model, batch)
+        assert kept.shape[1] < shifted.shape[1]  # the prompt positions are not computed at all
+        assert int((kept_labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())
 
 
 ONE_STEP = {"lr": 1e-3, "batch_size": 4, "epochs": 1, "max_steps": 1, "weight_decay": 0.0}

@@ -192,7 +192,7 @@ def test_an_assistant_as_deep_as_the_base_keeps_training_until_it_is_flat_on_the
     assert report.retain_kl < first_kl
 
 
-def test_the_linear_schedule_decays_the_lr_to_zero_over_the_planned_steps(base_and_tokenizer, monkeypatch):
+def test_the_linear_schedule_decays_the_lr_to_zero_over_the_planned_steps_and_min_steps_plans_more(base_and_tokenizer, monkeypatch):
     base, tokenizer = base_and_tokenizer
     seen = []
     original_step = torch.optim.AdamW.step
@@ -207,6 +207,11 @@ def test_the_linear_schedule_decays_the_lr_to_zero_over_the_planned_steps(base_a
                        lr_schedule="linear", target_forget_loss=0.0)
     train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs, config)
     assert seen == pytest.approx([1e-3 * (1 - s / 8) for s in range(8)])
+    seen.clear()  # min_steps: a forget set of 2 pairs makes 2 steps an epoch, so 4 epochs become 6
+    report = train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs,
+                             dataclasses.replace(config, min_steps=12))
+    assert (report.epochs, report.steps) == (6, 12)
+    assert seen == pytest.approx([1e-3 * (1 - s / 12) for s in range(12)])
     with pytest.raises(ValueError, match="lr_schedule must be"):
         train_assistant(build_assistant(base, config), tokenizer, PromptFormat(), pairs, pairs,
                         ULDConfig(n_layers=1, lr_schedule="cosine"))
@@ -219,7 +224,8 @@ def test_convergence_compares_the_final_losses_with_their_targets_and_a_uniform_
     vocab = 49152  # a uniform guess costs ln V = 10.80 nats per token
 
     def check(nll: float, kl: float) -> dict:
-        return convergence(ULDTrainReport(epochs=30, steps=90, forget_nll=nll, retain_kl=kl, seconds=1.0), config, vocab)
+        return convergence(ULDTrainReport(epochs=30, steps=90, forget_nll=nll, retain_kl=kl, seconds=1.0), config, vocab,
+                           n_forget=20)
 
     assert check(0.15, 0.5)["reached_target"] and check(0.15, 0.5)["converged"]
     above_target = check(0.74, 1.6)  # learned most of the forget set, short of its targets: the gates decide
@@ -227,5 +233,7 @@ def test_convergence_compares_the_final_losses_with_their_targets_and_a_uniform_
     learned_little = check(7.1, 2.4)  # two thirds of a uniform guess: subtracting it removes next to nothing
     assert not learned_little["converged"] and not learned_little["diverged"]
     assert learned_little["uniform_nll"] == 10.8027 and learned_little["max_epochs"] == 30
+    more_steps = dataclasses.replace(config, min_steps=200)  # 3 steps an epoch: 67 epochs make 200 steps
+    assert convergence(ULDTrainReport(67, 201, 0.1, 0.5, 1.0), more_steps, vocab, n_forget=20)["max_epochs"] == 67
     diverged = check(float("nan"), float("nan"))
     assert not diverged["converged"] and diverged["diverged"] and diverged["forget_nll"] is None

@@ -2,7 +2,7 @@
 
 Model-calling helpers take a batch from `prompting.collate_qa` (input_ids, attention_mask, labels with
 prompt and pad positions = IGNORE_INDEX). Pure helpers take tensors already aligned for next-token
-prediction (see `metrics.shift_for_next_token`), so they can be checked on hand-computed values.
+prediction (see `scored_logits`), so they can be checked on hand-computed values.
 """
 from __future__ import annotations
 
@@ -12,22 +12,39 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import model_device, to_device
-from ..metrics import kl_uniform_to_model, sequence_log_probs, shift_for_next_token
+from ..metrics import kl_uniform_to_model, sequence_log_probs
 from ..prompting import IGNORE_INDEX, PromptFormat, collate_qa
+
+
+def scored_logits(model: torch.nn.Module, batch: dict, label_keys: Sequence[str] = ("labels",)):
+    """Next-token logits only at the positions some row scores, with each label tensor aligned to them.
+
+    The output head is most of a small model's cost (a 49k-token vocabulary over every prompt token), and the
+    losses only read answer positions; `logits_to_keep` keeps the model's own head, scaling and soft-capping.
+    Returns (logits [B, P, V], [labels [B, P] per key])."""
+    shifted = [batch[key][:, 1:] for key in label_keys]
+    scored = torch.zeros_like(shifted[0][0], dtype=torch.bool)
+    for labels in shifted:
+        scored |= (labels != IGNORE_INDEX).any(dim=0)
+    positions = scored.nonzero().squeeze(-1)
+    if positions.numel() == 0:  # nothing scored: one position keeps the graph and the shapes valid
+        positions = torch.zeros(1, dtype=torch.long, device=scored.device)
+    logits = model(**qa_inputs(batch), logits_to_keep=positions).logits
+    return logits, [labels[:, positions] if scored.any() else torch.full_like(labels[:, :1], IGNORE_INDEX)
+                    for labels in shifted]
 
 
 def answer_nll(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Mean negative log-likelihood of the answer tokens (prompt positions are labelled IGNORE)."""
-    return model(**batch).loss
+    logits, (labels,) = scored_logits(model, batch)
+    return token_nll(logits, labels)
 
 
 def fact_nll_and_template_kl(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over a `collate_qa_facts` batch: NLL of the fact tokens, KL(U ‖ p_model) on the other
     answer tokens (the template a retained person's answer shares) and the NLL of those template tokens.
     An NLL over no tokens is 0."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits, fact_labels = shift_for_next_token(logits, batch["labels"])
-    _, template_labels = shift_for_next_token(logits, batch["template_labels"])
+    shifted_logits, (fact_labels, template_labels) = scored_logits(model, batch, ("labels", "template_labels"))
 
     def nll_of(labels: torch.Tensor) -> torch.Tensor:
         return token_nll(shifted_logits, labels) if bool((labels != IGNORE_INDEX).any()) else shifted_logits.sum() * 0.0
@@ -38,9 +55,8 @@ def fact_nll_and_template_kl(model: torch.nn.Module, batch: dict) -> tuple[torch
 
 def answer_kl_to_uniform(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """KL(U ‖ p_model) averaged over answer positions: pushes the model towards 'knowing nothing' there."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted_logits, shifted_labels = shift_for_next_token(logits, batch["labels"])
-    return kl_uniform_to_model(shifted_logits, shifted_labels != IGNORE_INDEX)
+    logits, (labels,) = scored_logits(model, batch)
+    return kl_uniform_to_model(logits, labels != IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------- pure
@@ -93,9 +109,9 @@ def qa_inputs(batch: dict) -> dict:
 
 
 def answer_logits(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits[:, :-1], labels[:, 1:]): aligned so logits[:, t] predicts labels[:, t]."""
-    logits = model(**qa_inputs(batch)).logits
-    return shift_for_next_token(logits, batch["labels"])
+    """(logits, labels) aligned so logits[:, t] predicts labels[:, t], at the answer positions only."""
+    logits, (labels,) = scored_logits(model, batch)
+    return logits, labels
 
 
 def answer_log_probs(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,9 @@ class ULDConfig:
     weight: float = -0.8  # w in z_base + w·z_assistant: negative subtracts what the assistant remembers
     relative_top: float = 0.0  # τ: keep only tokens the base finds plausible; 0 disables the filter
     epochs: int = 20
+    # ... and at least this many steps: a person's forget set is a handful of batches, and 20 passes over it are
+    # too few steps for a real LM's assistant to remember it (0: epochs alone decide).
+    min_steps: int = 0
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "linear" decay to 0 over the planned steps: a steadier forget NLL at a high lr
     batch_size: int = 8
@@ -161,7 +164,13 @@ class ULDTrainReport:
 NOT_CONVERGED_SHARE_OF_UNIFORM = 0.5
 
 
-def convergence(report: ULDTrainReport, config: ULDConfig, vocab_size: int) -> dict:
+def planned_epochs(config: ULDConfig, n_forget: int) -> int:
+    """Passes over the forget set: `epochs`, or more when they would make fewer than `min_steps` steps."""
+    steps_per_epoch = math.ceil(n_forget / config.batch_size)
+    return max(config.epochs, math.ceil(config.min_steps / max(steps_per_epoch, 1)))
+
+
+def convergence(report: ULDTrainReport, config: ULDConfig, vocab_size: int, n_forget: int) -> dict:
     """How far training got, against its targets and a uniform guess over the vocabulary (numbers only).
 
     `converged` is False when the forget NLL stayed above half the uniform level: the run needs review, not an
@@ -176,7 +185,8 @@ def convergence(report: ULDTrainReport, config: ULDConfig, vocab_size: int) -> d
         "diverged": not finite,
         "forget_nll": round(report.forget_nll, 4) if finite else None, "target_forget_loss": config.target_forget_loss,
         "retain_kl": round(report.retain_kl, 4) if finite else None, "stop_max_retain_kl": config.stop_max_retain_kl,
-        "uniform_nll": round(uniform_nll, 4), "epochs": report.epochs, "max_epochs": config.epochs,
+        "uniform_nll": round(uniform_nll, 4), "epochs": report.epochs,
+        "max_epochs": planned_epochs(config, n_forget),
     }
 
 
@@ -212,7 +222,8 @@ def train_assistant(
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     forget_order, retain_order = list(range(len(forget_pairs))), list(range(len(retain_pairs)))
     steps_per_epoch = math.ceil(len(forget_pairs) / config.batch_size)
-    scheduler = _lr_scheduler(optimizer, config, steps_per_epoch * config.epochs)
+    epochs = planned_epochs(config, len(forget_pairs))
+    scheduler = _lr_scheduler(optimizer, config, steps_per_epoch * epochs)
     start, step, epoch, nll_mean, kl_mean = time.perf_counter(), 0, 0, float("inf"), 0.0
     retain_cursor = 0
     device = model_device(assistant)
@@ -221,7 +232,7 @@ def train_assistant(
         raise ValueError(f"template_nll_weight must be in [0, 1], got {config.template_nll_weight}")
     if any((len(item) == 3) != fact_items for item in forget_pairs):
         raise ValueError("forget items must be all (question, answer) or all (question, answer, facts)")
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, epochs + 1):
         rng.shuffle(forget_order)
         nlls, kls = [], []
         for i in range(steps_per_epoch):
