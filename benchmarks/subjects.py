@@ -90,6 +90,16 @@ def profile_variants(profiles: Sequence[str], seeds: Sequence[int],
     return variants
 
 
+def settings_digest(profile: str) -> str:
+    """8 hex digits naming a profile's settings: a rerun in the same home takes up its own finished tickets, and a
+    profile that differs in any setting runs afresh instead of reporting another profile's ticket."""
+    import hashlib
+
+    from expunge.settings import load_profile
+
+    return hashlib.sha256(json.dumps(load_profile(profile), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def check_profiles_share_a_base(profiles: Sequence[str]) -> None:
     """Profiles compared on one champion must build the same world and base (else the first one's is used)."""
     from expunge.settings import load_profile
@@ -248,11 +258,10 @@ def run_subjects(options: SubjectsOptions, log: Callable[[str], None],
                 "base_model_uri": boot["model_uri"], "base": base_description(settings, boot["model_uri"]),
                 "seconds": round(time.perf_counter() - started, 1), "rows": finished, "summary": summarise(finished)}
 
-    for k, (label, profile, seed) in enumerate(profile_variants(options.profiles, options.seeds,
-                                                                home / "subjects_profiles")):
+    for label, profile, seed in profile_variants(options.profiles, options.seeds, home / "subjects_profiles"):
         profile_settings = Settings(home=home, profile_name=profile)
         for index in options.people:
-            ticket_id = f"SUBJ-{k}-{index}"
+            ticket_id = f"SUBJ-{settings_digest(profile)}-{index}"
             path = requests_dir / f"{ticket_id}.json"
             path.write_text(json.dumps(person_request(people[index], ticket_id)))  # JSON is YAML
             submitted = submit(profile_settings, path)
