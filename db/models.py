@@ -73,7 +73,8 @@ _S = RequestStatus
 _IN_PROGRESS = (_S.resolving, _S.training, _S.evaluating, _S.registering)
 # Every transition a request may make, declared once: `set_status` refuses the rest and `audit verify` checks each
 # ticket's recorded sequence against it. None is intake. An in-progress ticket may fail, or go back to `received`
-# when its runner's lease expired or an operator requeues it; `failed` and `needs_review` tickets can be requeued.
+# when its runner's lease expired or an operator requeues it; `failed` and `needs_review` tickets can be requeued;
+# a `rejected` or `needs_review` one can be revised (the corrected request is validated again).
 ALLOWED_TRANSITIONS: dict[str | None, frozenset[str]] = {
     key.value if key else None: frozenset(s.value for s in targets) for key, targets in {
         None: (_S.received, _S.rejected, _S.needs_review),
@@ -84,9 +85,9 @@ ALLOWED_TRANSITIONS: dict[str | None, frozenset[str]] = {
         _S.registering: (_S.completed, _S.failed_gates, _S.failed, _S.received),
         _S.completed: (_S.released, _S.release_rejected),
         _S.failed_gates: (_S.release_rejected,),
-        _S.needs_review: (_S.received, _S.release_rejected),
+        _S.needs_review: (_S.received, _S.release_rejected, _S.rejected, _S.needs_review),
         _S.failed: (_S.received,),
-        _S.rejected: (),
+        _S.rejected: (_S.received, _S.rejected, _S.needs_review),  # a revision: the corrected request
         _S.released: (),
         _S.release_rejected: (),
     }.items()
@@ -162,6 +163,9 @@ class Request(Base):
     # The runner working on the ticket and until when its lease runs (renewed while it works); None when idle.
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # 1, then +1 each time a rejected ticket is corrected under its own id (`expunge submit --revise`, PUT)
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    callback_url: Mapped[str | None] = mapped_column(Text)  # receives a signed POST on every status change
 
     # selectin: history is small and is loaded eagerly, so it stays readable
     # after the session that loaded the request has closed.
@@ -216,6 +220,30 @@ class AuditEvent(Base):
 
     def __repr__(self) -> str:
         return f"<AuditEvent #{self.seq} {self.event_type} {self.hash[:12]}>"
+
+
+class CallbackDelivery(Base):
+    """One status change to report to a request's `callback_url` (an outbox row, written with the change)."""
+
+    __tablename__ = "callback_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    ticket_id: Mapped[str] = mapped_column(String(128), index=True)
+    payload_json: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    given_up_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(200))
+
+
+class WebhookReceipt(Base):
+    """A signed intake body already accepted: the same signature is refused as a replay."""
+
+    __tablename__ = "webhook_receipts"
+
+    signature_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 # --- ORM-level immutability guard ------------------------------------------

@@ -17,7 +17,9 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.audit import append_event, canonical_json
-from db.models import IN_PROGRESS, AuditEvent, Request, RequestStatus, StatusChange, check_transition, utcnow
+from db.models import (
+    IN_PROGRESS, AuditEvent, CallbackDelivery, Request, RequestStatus, StatusChange, check_transition, utcnow,
+)
 
 # Statuses under which a newly created request is logged as rejected.
 _REJECTED_ON_INTAKE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value})
@@ -49,6 +51,7 @@ def create_request(
     reason_detail: str | None = None,
     audit_payload: dict[str, Any],
     spec_hash: str | None = None,
+    callback_url: str | None = None,
 ) -> Request:
     """Insert a request with its initial history row and intake audit event.
 
@@ -73,6 +76,7 @@ def create_request(
         received_at=received_at,
         due_at=due_at,
         updated_at=now,
+        callback_url=callback_url,
     )
     req.status_history.append(
         StatusChange(
@@ -88,7 +92,49 @@ def create_request(
 
     event_type = "request_rejected" if status_v in _REJECTED_ON_INTAKE else "request_received"
     append_event(session, event_type, dict(audit_payload), ticket_id=ticket_id)
+    enqueue_callback(session, req, now)
     return req
+
+
+# A ticket whose request was never processed, and so can be corrected under its own id.
+REVISABLE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value})
+
+
+def revise_request(
+    session: Session, request: Request, *, request_type: str, regulation: str, spec: dict[str, Any],
+    target_model_uri: str, spec_hash: str, status: str, reason_code: str | None, reason_detail: str | None,
+    callback_url: str | None, audit_payload: dict[str, Any],
+) -> Request:
+    """Replace a rejected (or never processed needs_review) ticket's request by its corrected revision: the
+    status change and a `request_revised` event are audited, the due date stays the first receipt's."""
+    if request.status not in REVISABLE:
+        raise IllegalRevision(f"ticket {request.ticket_id} is {request.status}: only a rejected or needs_review "
+                              "ticket can be revised")
+    request.request_type, request.regulation = request_type, regulation
+    request.spec_json, request.spec_hash = canonical_json(spec), spec_hash
+    request.target_model_uri, request.callback_url = target_model_uri, callback_url
+    request.revision += 1
+    append_event(session, "request_revised", {**audit_payload, "revision": request.revision}, ticket_id=request.ticket_id)
+    set_status(session, request, status, reason_code=reason_code, detail=reason_detail)
+    return request
+
+
+class IllegalRevision(ValueError):
+    """A revision of a ticket that was processed (or is being processed): its request stays as it was."""
+
+
+def callback_payload(request: Request, at: datetime) -> dict[str, Any]:
+    """What a request's callback receives on a status change: ids, status, dates and model URI, no subject text."""
+    return {"ticket_id": request.ticket_id, "revision": request.revision, "status": request.status,
+            "reason_code": request.reason_code, "due_at": request.due_at.isoformat(),
+            "model_uri": request.result_model_uri, "at": at.isoformat()}
+
+
+def enqueue_callback(session: Session, request: Request, at: datetime) -> None:
+    """Write the status change's callback in the same transaction as the change (delivered by `expunge.callbacks`)."""
+    if request.callback_url:
+        session.add(CallbackDelivery(ticket_id=request.ticket_id, payload_json=canonical_json(
+            callback_payload(request, at)), attempts=0, next_attempt_at=at))
 
 
 def get_request(session: Session, ticket_id: str) -> Request | None:
@@ -170,6 +216,7 @@ def set_status(
     payload: dict[str, Any] = {"from": old_v, "to": new_v, "reason_code": reason_code}
     payload.update(audit_payload or {})
     append_event(session, "status_changed", payload, ticket_id=request.ticket_id)
+    enqueue_callback(session, request, now)
 
 
 class LeaseLost(RuntimeError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,11 +102,15 @@ def bootstrap(force: bool = typer.Option(False, help="Retrain even if a matching
 
 
 @app.command()
-def submit(request_file: Path = typer.Argument(..., help="Request YAML (ticket_id, type, regulation, subject, target_model).")) -> None:
+def submit(
+    request_file: Path = typer.Argument(..., help="Request YAML (ticket_id, type, regulation, subject, target_model)."),
+    revise: bool = typer.Option(False, "--revise", help="Correct a rejected (or never processed needs_review) "
+                                "ticket of the same id: a new revision, audited; its due date stays."),
+) -> None:
     """Validate and store a request; it is then `received` (or `rejected` / `needs_review`, with a reason)."""
     from expunge.service import submit as do_submit
 
-    result = do_submit(state.settings, request_file)
+    result = do_submit(state.settings, request_file, revise)
     if result.exit_code:
         fail(result.message, result.exit_code)
     out.print(result.message)
@@ -143,7 +148,41 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
         _print_summary(summary)
         if summary["status"] != "completed":
             worst = EXIT_RUN_FAILED
+    _deliver_callbacks()
     raise typer.Exit(worst)
+
+
+def _deliver_callbacks() -> None:
+    from expunge.callbacks import deliver_due
+
+    counts = deliver_due(state.settings)
+    if any(counts.values()):
+        out.print(f"callbacks: {counts['delivered']} delivered, {counts['failed']} to retry, "
+                  f"{counts['given_up']} given up")
+
+
+@app.command()
+def callbacks() -> None:
+    """Send the status callbacks that are due (retried with backoff; `expunge run` and `serve` send them too)."""
+    _deliver_callbacks()
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; put a TLS proxy in front to expose it."),
+    port: int = typer.Option(8787, help="Port to listen on."),
+) -> None:
+    """Serve the HTTP intake: POST/PUT/GET /v1/requests, signed with the webhook secret (schema: /openapi.json)."""
+    import uvicorn
+
+    from expunge.api import create_app
+
+    secret_source = ("EXPUNGE_WEBHOOK_SECRET" if os.environ.get("EXPUNGE_WEBHOOK_SECRET")
+                     else str(state.settings.home / "webhook.key"))
+    state.settings.webhook_secret()  # created now, so the operator can hand it to the ticketing system
+    out.print(f"expunge intake on http://{host}:{port}/v1/requests (schema /openapi.json); requests are signed "
+              f"with the secret in {secret_source}")
+    uvicorn.run(create_app(state.settings), host=host, port=port, log_level="warning")
 
 
 def _print_summary(summary: dict) -> None:

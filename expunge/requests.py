@@ -88,6 +88,8 @@ class RequestSpec(BaseModel):
     # `<model directory or hub name>-unlearned` for a model outside the registry.
     registered_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     notes: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # Receives a signed POST (the intake's shared secret) on every status change of the ticket
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s]+$")
 
     @model_validator(mode="after")
     def _subject_is_specific(self) -> "RequestSpec":

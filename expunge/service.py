@@ -50,46 +50,35 @@ def _configure_registry(settings: Settings) -> None:
     configure(settings.mlflow_uri, settings.artifact_root)
 
 
-def submit(settings: Settings, path: Path) -> SubmitResult:
-    """Validate and store a request. Invalid → `rejected`; no matching records → `needs_review`."""
+def submit(settings: Settings, path: Path, revise: bool = False) -> SubmitResult:
+    """Validate and store a request file. Invalid → `rejected`; no matching records → `needs_review`."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_REQUEST_BYTES + 1)
     except OSError as exc:
         return SubmitResult(None, "not_stored", "unreadable_file", f"cannot read {path}: {exc.strerror}", EXIT_INVALID)
+    return submit_bytes(settings, raw, revise)
+
+
+def submit_bytes(settings: Settings, raw: bytes, revise: bool = False) -> SubmitResult:
+    """Validate and store a request (YAML or JSON). With `revise`, it corrects a rejected or needs_review ticket of
+    the same id (a new revision, audited; the due date stays the first receipt's); a processed ticket stays as it
+    was. The same request twice is a duplicate, never queued again."""
     received_at = datetime.now(timezone.utc)
     try:
         spec = parse_request(decode_request(raw))
     except RequestError as exc:
+        if revise:  # the ticket keeps its last revision
+            return SubmitResult(exc.ticket_id, "not_stored", exc.reason_code, f"revision rejected: {exc}", EXIT_INVALID)
         return _reject_unparsed(settings, exc, received_at)
     spec_json = canonical_json(spec.model_dump(mode="json"))
     with session_scope(settings.db_url) as session:
         existing = requests_repo.get_request_any_case(session, spec.ticket_id)
-        if existing is not None:
-            same = hmac.compare_digest(existing.spec_hash, _spec_hmac(settings, spec_json))
-            message = (
-                f"ticket {existing.ticket_id} was already submitted (status {existing.status}); not queued again"
-                if same else
-                f"ticket {existing.ticket_id} already exists with different content (ticket ids are compared "
-                "without case); use a new ticket id"
-            )
-            return SubmitResult(spec.ticket_id, existing.status, "duplicate_ticket", message, EXIT_DUPLICATE)
-
-    status, reason_code, message, details = "received", None, "", {}
-    try:
-        if spec.method not in supported_methods():
-            raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(supported_methods())})")
-        _configure_registry(settings)
-        target = target_for(spec)
-        records, _ = load_records(corpus_spec_for(spec, target), spec.ticket_id)
-        match = match_subject(spec, records)
-        details = {"forget_count": len(match.forget_ids), "matched_by": match.matched_by}
-        if not match.forget_ids:
-            status, reason_code = "needs_review", "subject_not_found"
-            message = "the subject matches no training record (check names/aliases/identifiers)"
-    except RequestError as exc:
-        status, reason_code, message = "rejected", exc.reason_code, str(exc)
-
+        refusal = _refuse_existing(settings, spec, spec_json, existing, revise)
+        if refusal is not None:
+            return refusal
+        due = existing.due_at if revise else due_date(spec.regulation, received_at)
+    status, reason_code, message, details = _validate(settings, spec)
     audit_payload = {
         "ticket_id": spec.ticket_id,
         "type": spec.type,
@@ -102,28 +91,79 @@ def submit(settings: Settings, path: Path) -> SubmitResult:
         "subject_hmacs": subject_fingerprints(settings.hmac_key(), spec),
         **({"forget_count": details["forget_count"]} if details else {}),
     }
-    due = due_date(spec.regulation, received_at)
     try:
-        _store(settings, spec, spec_json, received_at, due, status, reason_code, message, audit_payload)
+        _store(settings, spec, spec_json, received_at, due, status, reason_code, message, audit_payload, revise)
     except IntegrityError:  # submitted at the same moment by another process: the first one is stored
         return SubmitResult(spec.ticket_id, "not_stored", "duplicate_ticket",
                             f"ticket {spec.ticket_id} was submitted concurrently; not queued again", EXIT_DUPLICATE)
+    except requests_repo.IllegalRevision as exc:  # processed by another runner between the check and the write
+        return SubmitResult(spec.ticket_id, "not_stored", "not_revisable", str(exc), EXIT_DUPLICATE)
+    revised = " (revised)" if revise else ""
     if status == "received":
-        message = f"ticket {spec.ticket_id} received: {details['forget_count']} matching records, due {due:%Y-%m-%d}"
+        message = (f"ticket {spec.ticket_id} received{revised}: {details['forget_count']} matching records, "
+                   f"due {due:%Y-%m-%d}")
         return SubmitResult(spec.ticket_id, status, None, message, EXIT_OK, details)
     code = EXIT_NEEDS_REVIEW if status == "needs_review" else EXIT_INVALID
-    return SubmitResult(spec.ticket_id, status, reason_code, f"ticket {spec.ticket_id} {status}: {message}", code, details)
+    return SubmitResult(spec.ticket_id, status, reason_code, f"ticket {spec.ticket_id} {status}{revised}: {message}",
+                        code, details)
+
+
+def _refuse_existing(settings: Settings, spec: RequestSpec, spec_json: str, existing, revise: bool) -> SubmitResult | None:
+    """Why this request cannot be stored given the ticket already there (None: it can)."""
+    same = existing is not None and hmac.compare_digest(existing.spec_hash, _spec_hmac(settings, spec_json))
+    if revise:
+        if existing is None:
+            return SubmitResult(spec.ticket_id, "not_stored", "unknown_ticket",
+                                f"no ticket {spec.ticket_id} to revise; submit it without --revise", EXIT_INVALID)
+        if existing.status not in requests_repo.REVISABLE:
+            return SubmitResult(existing.ticket_id, existing.status, "not_revisable",
+                                f"ticket {existing.ticket_id} is {existing.status}: only a rejected or needs_review "
+                                "ticket can be revised; file a new ticket", EXIT_DUPLICATE)
+        if not same:
+            return None
+    if existing is None:
+        return None
+    message = (
+        f"ticket {existing.ticket_id} was already submitted (status {existing.status}); not queued again"
+        if same else
+        f"ticket {existing.ticket_id} already exists with different content (ticket ids are compared "
+        "without case); use a new ticket id, or --revise a rejected one"
+    )
+    return SubmitResult(spec.ticket_id, existing.status, "duplicate_ticket", message, EXIT_DUPLICATE,
+                        {"same_content": same})
+
+
+def _validate(settings: Settings, spec: RequestSpec) -> tuple[str, str | None, str, dict]:
+    """(status, reason code, message, details) of a parsed request: its method, model, corpus and subject."""
+    try:
+        if spec.method not in supported_methods():
+            raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(supported_methods())})")
+        _configure_registry(settings)
+        target = target_for(spec)
+        records, _ = load_records(corpus_spec_for(spec, target), spec.ticket_id)
+        match = match_subject(spec, records)
+    except RequestError as exc:
+        return "rejected", exc.reason_code, str(exc), {}
+    details = {"forget_count": len(match.forget_ids), "matched_by": match.matched_by}
+    if not match.forget_ids:
+        return ("needs_review", "subject_not_found",
+                "the subject matches no training record (check names/aliases/identifiers)", details)
+    return "received", None, "", details
 
 
 def _store(settings: Settings, spec: RequestSpec, spec_json: str, received_at: datetime, due: datetime, status: str,
-           reason_code: str | None, message: str, audit_payload: dict) -> None:
+           reason_code: str | None, message: str, audit_payload: dict, revise: bool = False) -> None:
+    fields = dict(request_type=spec.type, regulation=spec.regulation, spec=json.loads(spec_json),
+                  target_model_uri=spec.target_model, spec_hash=_spec_hmac(settings, spec_json), status=status,
+                  reason_code=reason_code, reason_detail=message or None, callback_url=spec.callback_url,
+                  audit_payload=audit_payload)
     with session_scope(settings.db_url) as session:
-        requests_repo.create_request(
-            session, ticket_id=spec.ticket_id, request_type=spec.type, regulation=spec.regulation,
-            spec=json.loads(spec_json), target_model_uri=spec.target_model, received_at=received_at,
-            due_at=due, status=status, reason_code=reason_code, reason_detail=message or None,
-            audit_payload=audit_payload, spec_hash=_spec_hmac(settings, spec_json),
-        )
+        if revise:
+            existing = requests_repo.get_request_any_case(session, spec.ticket_id)
+            requests_repo.revise_request(session, existing, **fields)
+        else:
+            requests_repo.create_request(session, ticket_id=spec.ticket_id, received_at=received_at, due_at=due,
+                                         **fields)
 
 
 def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetime) -> SubmitResult:

@@ -123,10 +123,15 @@ class Settings:
 
     def hmac_key(self) -> bytes:
         """Key for hashing identifiers and forget-set text; created once per deployment, never logged."""
-        from_env = os.environ.get("EXPUNGE_HMAC_KEY")
-        if from_env:
-            return from_env.encode()
-        path = self.home / "secret.key"
+        return os.environ.get("EXPUNGE_HMAC_KEY", "").encode() or self._secret_file("secret.key")
+
+    def webhook_secret(self) -> bytes:
+        """Shared secret that signs intake requests (`expunge serve`) and the callbacks sent back; give it to
+        the ticketing system. EXPUNGE_WEBHOOK_SECRET, else `<home>/webhook.key`, created on first use."""
+        return os.environ.get("EXPUNGE_WEBHOOK_SECRET", "").encode() or self._secret_file("webhook.key")
+
+    def _secret_file(self, name: str) -> bytes:
+        path = self.home / name
         if not path.exists():
             self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
             try:  # created with its final mode, and only once: of two first uses, the second reads the first's key

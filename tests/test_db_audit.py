@@ -47,7 +47,8 @@ def url(request, tmp_path) -> Iterator[str]:
         PG_URL = request.getfixturevalue("postgres_url")
         with make_engine(PG_URL).begin() as conn:
             conn.execute(text(
-                "DROP TABLE IF EXISTS status_changes, requests, audit_events, alembic_version"
+                "DROP TABLE IF EXISTS status_changes, requests, audit_events, callback_deliveries, webhook_receipts, "
+                "alembic_version"
             ))
         dispose_engines()  # forget "already upgraded"
         yield PG_URL
@@ -113,7 +114,7 @@ def test_migrations_create_tables_and_second_upgrade_is_noop(url: str) -> None:
     _append_n(url, 2)  # data must survive a second upgrade
     upgrade_database(url)
     with engine.connect() as conn:
-        assert MigrationContext.configure(conn).get_current_revision() == "0003"
+        assert MigrationContext.configure(conn).get_current_revision() == "0004"
         assert conn.scalar(text("SELECT count(*) FROM audit_events")) == 2
 
 
