@@ -63,6 +63,7 @@ class RequestStatus(str, enum.Enum):
     failed_gates = "failed_gates"  # evaluated, but the evidence did not clear a promotion gate
     released = "released"  # a reviewer approved it: the version is now the `champion`
     release_rejected = "release_rejected"  # a reviewer declined the release; the version stays unserved
+    reopened = "reopened"  # the champion was rolled back past its erasure: the obligation is open again
     failed = "failed"
 
     def __str__(self) -> str:  # str(RequestStatus.x) == "x", not "RequestStatus.x"
@@ -74,7 +75,8 @@ _IN_PROGRESS = (_S.resolving, _S.training, _S.evaluating, _S.registering)
 # Every transition a request may make, declared once: `set_status` refuses the rest and `audit verify` checks each
 # ticket's recorded sequence against it. None is intake. An in-progress ticket may fail, or go back to `received`
 # when its runner's lease expired or an operator requeues it; `failed` and `needs_review` tickets can be requeued;
-# a `rejected` or `needs_review` one can be revised (the corrected request is validated again).
+# a `rejected` or `needs_review` one can be revised (the corrected request is validated again); a `released` one is
+# reopened when the champion is rolled back past it, and re-filed as a revision.
 ALLOWED_TRANSITIONS: dict[str | None, frozenset[str]] = {
     key.value if key else None: frozenset(s.value for s in targets) for key, targets in {
         None: (_S.received, _S.rejected, _S.needs_review),
@@ -88,7 +90,8 @@ ALLOWED_TRANSITIONS: dict[str | None, frozenset[str]] = {
         _S.needs_review: (_S.received, _S.release_rejected, _S.rejected, _S.needs_review),
         _S.failed: (_S.received,),
         _S.rejected: (_S.received, _S.rejected, _S.needs_review),  # a revision: the corrected request
-        _S.released: (),
+        _S.released: (_S.reopened,),
+        _S.reopened: (_S.received, _S.rejected, _S.needs_review),  # re-filed (a revision: the subject was purged)
         _S.release_rejected: (),
     }.items()
 }

@@ -96,8 +96,9 @@ def create_request(
     return req
 
 
-# A ticket whose request was never processed, and so can be corrected under its own id.
-REVISABLE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value})
+# A ticket whose request was never processed, and so can be corrected under its own id; or whose erasure a rollback
+# undid, re-filed under its own id (the row no longer names the subject).
+REVISABLE = frozenset({RequestStatus.rejected.value, RequestStatus.needs_review.value, RequestStatus.reopened.value})
 
 
 def revise_request(
@@ -108,8 +109,8 @@ def revise_request(
     """Replace a rejected (or never processed needs_review) ticket's request by its corrected revision: the
     status change and a `request_revised` event are audited, the due date stays the first receipt's."""
     if request.status not in REVISABLE:
-        raise IllegalRevision(f"ticket {request.ticket_id} is {request.status}: only a rejected or needs_review "
-                              "ticket can be revised")
+        raise IllegalRevision(f"ticket {request.ticket_id} is {request.status}: only a rejected, needs_review or "
+                              "reopened ticket can be revised")
     request.request_type, request.regulation = request_type, regulation
     request.spec_json, request.spec_hash = canonical_json(spec), spec_hash
     request.target_model_uri, request.callback_url = target_model_uri, callback_url
@@ -213,8 +214,8 @@ def set_status(
     )
     session.flush()
 
-    payload: dict[str, Any] = {"from": old_v, "to": new_v, "reason_code": reason_code}
-    payload.update(audit_payload or {})
+    # the transition's own keys last: a caller's payload cannot make the log tell another transition
+    payload: dict[str, Any] = {**(audit_payload or {}), "from": old_v, "to": new_v, "reason_code": reason_code}
     append_event(session, "status_changed", payload, ticket_id=request.ticket_id)
     enqueue_callback(session, request, now)
 
@@ -302,6 +303,13 @@ def latest_event_with_seq(session: Session, ticket_id: str, event_type: str) -> 
         .where(AuditEvent.ticket_id == ticket_id, AuditEvent.event_type == event_type)
         .order_by(AuditEvent.seq.desc()).limit(1)).first()
     return (row.seq, json.loads(row.payload_json)) if row is not None else None
+
+
+def events_of(session: Session, ticket_id: str, event_type: str) -> list[dict[str, Any]]:
+    """Every payload of one event type for a ticket, oldest first."""
+    rows = session.scalars(select(AuditEvent).where(
+        AuditEvent.ticket_id == ticket_id, AuditEvent.event_type == event_type).order_by(AuditEvent.seq))
+    return [json.loads(row.payload_json) for row in rows]
 
 
 def record_event(

@@ -8,11 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -20,6 +16,9 @@ from sqlalchemy.pool import StaticPool
 from db.anchor import record_head
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# The newest migration (a test checks it against db/migrations): a database already there is used without loading
+# Alembic, which would cost every short command (`expunge status`) half a second.
+HEAD_REVISION = "0004"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 _lock = threading.RLock()
@@ -68,8 +67,10 @@ def make_engine(url: str) -> Engine:
         return engine
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str):
     """Alembic config pointing at db/migrations, independent of the CWD and of any ini file."""
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # ConfigParser interpolation: a literal '%' in a URL (e.g. an encoded password) must be doubled.
@@ -79,17 +80,32 @@ def alembic_config(url: str) -> Config:
 
 def upgrade_database(url: str) -> None:
     """Bring the database at `url` to the latest Alembic revision. Idempotent."""
-    cfg = alembic_config(url)
     engine = make_engine(url)
+    with engine.begin() as conn:
+        if _current_revision(conn) == HEAD_REVISION:  # already there: skip Alembic altogether
+            return
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    cfg = alembic_config(url)
     head = ScriptDirectory.from_config(cfg).get_current_head()
     with engine.begin() as conn:
-        # Fast path: already at head, skip running the migration environment.
         if MigrationContext.configure(conn).get_current_revision() == head:
             return
         # Hand our connection to env.py (it checks config.attributes) so that
         # in-memory SQLite and engine settings are shared with the app.
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _current_revision(conn) -> str | None:
+    """The database's Alembic revision, or None for a database Alembic never touched."""
+    try:
+        with conn.begin_nested():
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except Exception:  # no such table: a new database
+        return None
 
 
 def _sessionmaker(url: str) -> sessionmaker[Session]:

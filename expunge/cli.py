@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+exclusions_app = typer.Typer(help="The records a base retrained from scratch must leave out.", no_args_is_help=True)
+app.add_typer(exclusions_app, name="exclusions")
 
 
 class BenchmarkCommands(TyperGroup):
@@ -275,6 +277,64 @@ def requeue(
     except RequestError as exc:
         fail(f"{exc} [{exc.reason_code}]", 2)
     out.print(f"ticket {ticket_id}: received again; `expunge run {ticket_id}` processes it")
+
+
+@app.command()
+def extend(
+    ticket_id: str = typer.Argument(..., help="An open ticket."),
+    by: int = typer.Option(..., "--by", help="How much longer, in the regulation's unit: months (GDPR, at most 2 "
+                           "in all) or days (CCPA, at most 45)."),
+    reason: str = typer.Option(..., "--reason", help="Why (audited as a keyed hash; tell the requester too)."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who grants it (audited)."),
+) -> None:
+    """Extend a ticket's due date as its regulation allows (GDPR Art. 12(3), CCPA), audited."""
+    from expunge.service import extend_due_date
+
+    try:
+        result = extend_due_date(state.settings, ticket_id, by, reason, reviewer)
+    except RequestError as exc:
+        fail(f"{exc} [{exc.reason_code}]", 2)
+    out.print(f"ticket {result['ticket_id']}: due {result['from']:%Y-%m-%d} → {result['to']:%Y-%m-%d} "
+              f"({result['total']} of {result['allowed']} {result['unit']} of extension used)")
+
+
+@exclusions_app.command("export")
+def exclusions_export(
+    out_file: Path = typer.Option(..., "--out", help="JSON Lines file to write (one record per line)."),
+) -> None:
+    """Every released (or reopened) erasure's record ids and keyed content hashes, for retraining the base."""
+    from expunge.service import exclusion_rows
+
+    rows = exclusion_rows(state.settings)
+    out_file.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    missing = sorted({r["ticket_id"] for r in rows if r["record_id"] is None})
+    out.print(f"{len(rows) - len(missing)} records of {len({r['ticket_id'] for r in rows})} erasures → {out_file}")
+    if missing:
+        err.print(f"warning: no forget manifest for {', '.join(missing)}: listed without record ids", markup=False)
+
+
+@app.command()
+def rollback(
+    model_name: Optional[str] = typer.Argument(None, help="Registered model; default: the profile's sample model."),
+    to: Optional[str] = typer.Option(None, "--to", help="Version to serve again (one the champion was built on); "
+                                     "default: the champion's parent."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who decides the rollback (audited)."),
+    reason: str = typer.Option(..., "--reason", help="Why (audited as a keyed hash: it may name the subject)."),
+) -> None:
+    """Move `champion` back to an earlier version; each erasure released after it is reopened (due date kept)."""
+    from expunge.service import rollback as do_rollback
+
+    name = model_name or state.settings.profile.get("base_model", {}).get("registered_name")
+    if not name:
+        fail("name the registered model to roll back", 2)
+    try:
+        result = do_rollback(state.settings, name, reviewer, reason, to)
+    except RequestError as exc:
+        fail(f"{exc} [{exc.reason_code}]", 2)
+    out.print(f"champion: {result['from']} → {result['to']}")
+    for ticket in result["reopened"]:
+        out.print(f"ticket {ticket}: reopened (its erasure is no longer served; file it again with "
+                  f"`expunge submit --revise`)")
 
 
 @app.command()

@@ -18,6 +18,13 @@ DEADLINES: dict[str, tuple[str, int]] = {
     "DMCA": ("days", 14),
 }
 DEFAULT_DEADLINE = ("days", 30)
+# How much longer a regulation lets a controller take, with a reason given to the requester: GDPR Art. 12(3) two
+# further months where requests are complex or numerous; CCPA § 1798.130(a)(2) 45 more days.
+EXTENSIONS: dict[str, tuple[str, int]] = {
+    "GDPR": ("months", 2),
+    "UK-GDPR": ("months", 2),
+    "CCPA": ("days", 45),
+}
 
 
 # Limits on what a request may hold, the same on every database: a ticket id of a documented safe alphabet, and
@@ -175,6 +182,8 @@ def add_months(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=day)
 
 
-def due_date(regulation: str, received_at: datetime) -> datetime:
+def due_date(regulation: str, received_at: datetime, extension: int = 0) -> datetime:
+    """The statutory due date, pushed back by `extension` units of the regulation's extension (`EXTENSIONS`)."""
     unit, amount = DEADLINES.get(regulation.upper(), DEFAULT_DEADLINE)
+    amount += extension
     return add_months(received_at, amount) if unit == "months" else received_at + timedelta(days=amount)

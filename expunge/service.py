@@ -16,7 +16,6 @@ from sqlalchemy.exc import IntegrityError
 
 from db import requests_repo, session_scope, verify_chain
 from db.audit import canonical_json
-from expunge.intake import corpus_spec_for, load_records, match_subject, subject_fingerprints, target_for
 from expunge.requests import MAX_REQUEST_BYTES, RequestError, RequestSpec, decode_request, due_date, parse_request
 from expunge.settings import Settings
 
@@ -88,7 +87,7 @@ def submit_bytes(settings: Settings, raw: bytes, revise: bool = False) -> Submit
         "status": status,
         "reason_code": reason_code,
         "spec_hmac": _spec_hmac(settings, spec_json),
-        "subject_hmacs": subject_fingerprints(settings.hmac_key(), spec),
+        "subject_hmacs": _subject_fingerprints(settings, spec),
         **({"forget_count": details["forget_count"]} if details else {}),
     }
     try:
@@ -117,9 +116,9 @@ def _refuse_existing(settings: Settings, spec: RequestSpec, spec_json: str, exis
                                 f"no ticket {spec.ticket_id} to revise; submit it without --revise", EXIT_INVALID)
         if existing.status not in requests_repo.REVISABLE:
             return SubmitResult(existing.ticket_id, existing.status, "not_revisable",
-                                f"ticket {existing.ticket_id} is {existing.status}: only a rejected or needs_review "
-                                "ticket can be revised; file a new ticket", EXIT_DUPLICATE)
-        if not same:
+                                f"ticket {existing.ticket_id} is {existing.status}: only a rejected, needs_review or "
+                                "reopened ticket can be revised; file a new ticket", EXIT_DUPLICATE)
+        if not same or existing.status == "reopened":  # a reopened erasure is filed again as it was
             return None
     if existing is None:
         return None
@@ -133,8 +132,17 @@ def _refuse_existing(settings: Settings, spec: RequestSpec, spec_json: str, exis
                         {"same_content": same})
 
 
+def _subject_fingerprints(settings: Settings, spec: RequestSpec) -> dict[str, list[str]]:
+    from expunge.intake import subject_fingerprints
+
+    return subject_fingerprints(settings.hmac_key(), spec)
+
+
 def _validate(settings: Settings, spec: RequestSpec) -> tuple[str, str | None, str, dict]:
-    """(status, reason code, message, details) of a parsed request: its method, model, corpus and subject."""
+    """(status, reason code, message, details) of a parsed request: its method, model, corpus and subject.
+    The registry and the corpus reader load here, not with the module: `expunge status` needs neither."""
+    from expunge.intake import corpus_spec_for, load_records, match_subject, target_for
+
     try:
         if spec.method not in supported_methods():
             raise RequestError("unknown_method", f"unknown method {spec.method!r} (supported: {', '.join(supported_methods())})")
@@ -248,6 +256,34 @@ def requeue(settings: Settings, ticket_id: str, reason: str, operator: str) -> N
                                  audit_payload={"operator": operator, "reason_hmac": _spec_hmac(settings, reason)})
 
 
+def extend_due_date(settings: Settings, ticket_id: str, amount: int, reason: str, reviewer: str) -> dict[str, Any]:
+    """Push an open ticket's due date back by `amount` units of its regulation's extension (GDPR: months, CCPA:
+    days), within the total the regulation allows; audited with the reviewer and the reason's keyed hash."""
+    from expunge.requests import EXTENSIONS
+
+    if not reviewer.strip():
+        raise RequestError("no_reviewer", "an extension needs the reviewer's name (--reviewer)")
+    with session_scope(settings.db_url) as session:
+        request = requests_repo.get_request_any_case(session, ticket_id)
+        if request is None:
+            raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
+        if request.status in CLOSED:
+            raise RequestError("closed_ticket", f"ticket {request.ticket_id} is {request.status}: nothing is due")
+        unit, allowed = EXTENSIONS.get(request.regulation.upper(), (None, 0))
+        if unit is None:
+            raise RequestError("no_extension", f"{request.regulation} provides no extension of the due date")
+        before = sum(e["amount"] for e in requests_repo.events_of(session, request.ticket_id, "due_date_extended"))
+        if amount < 1 or before + amount > allowed:
+            raise RequestError("extension_exceeded", f"{request.regulation} allows {allowed} {unit} in all; "
+                               f"{before} already granted, {amount} asked")
+        old_due, request.due_at = request.due_at, due_date(request.regulation, request.received_at, before + amount)
+        requests_repo.record_event(session, request.ticket_id, "due_date_extended", {
+            "amount": amount, "unit": unit, "total": before + amount, "from": old_due.isoformat(),
+            "to": request.due_at.isoformat(), "reviewer": reviewer, "reason_hmac": _spec_hmac(settings, reason)})
+        return {"ticket_id": request.ticket_id, "from": old_due, "to": request.due_at, "unit": unit,
+                "total": before + amount, "allowed": allowed}
+
+
 def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, note: str = "",
             accept_unsettled: bool = False) -> dict:
     """A reviewer's decision on a completed request: "approve" makes its version the `champion`,
@@ -263,6 +299,42 @@ def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, no
     if result["status"] == "refused":
         raise RequestError(result["reason_code"], result["message"], ticket_id)
     return result
+
+
+def rollback(settings: Settings, model_name: str, reviewer: str, reason: str, to_version: str | None = None) -> dict:
+    """Serve an earlier version of `model_name` as `champion` again; every erasure released after it is reopened.
+    Raises RequestError when it cannot apply (no champion, a version that is not an ancestor)."""
+    if not reviewer.strip():
+        raise RequestError("no_reviewer", "a rollback needs the reviewer's name (--reviewer)")
+    _configure_registry(settings)
+    from flows.release import rollback_champion
+
+    result = rollback_champion(model_name=model_name, home=str(settings.home), profile=settings.profile_name,
+                               reviewer=reviewer, reason_hmac=_spec_hmac(settings, reason), to_version=to_version)
+    if result["status"] == "refused":
+        raise RequestError(result["reason_code"], result["message"])
+    return result
+
+
+# Erasures the next base trained from scratch must leave out: served ones, and those a rollback reopened.
+EXCLUDED_STATUSES = ("released", "reopened")
+
+
+def exclusion_rows(settings: Settings) -> list[dict[str, Any]]:
+    """One row per record of every released (or reopened) erasure: ticket, record id and the record's keyed content
+    hash (`forget_manifest.json`), for the team that trains the next base. A ticket whose manifest is missing is
+    listed with `record_id` None, so the gap is visible."""
+    with session_scope(settings.db_url) as session:
+        tickets = [(r.ticket_id, r.status, r.regulation, r.target_model_uri)
+                   for r in requests_repo.list_requests(session) if r.status in EXCLUDED_STATUSES]
+    rows = []
+    for ticket, status, regulation, target in tickets:
+        manifest = settings.ticket_dir(ticket) / "forget_manifest.json"
+        common = {"ticket_id": ticket, "status": status, "regulation": regulation, "target_model": target}
+        records = json.loads(manifest.read_text())["records"] if manifest.exists() else [None]
+        rows += [{**common, "record_id": r and r["record_id"], "content_hmac": r and r["content_hmac"]}
+                 for r in records]
+    return rows
 
 
 CLOSED = ("released", "rejected", "release_rejected")  # no obligation left open (the erasure is served, or refused)

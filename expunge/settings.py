@@ -170,16 +170,11 @@ class Settings:
 
 
 def quiet_libraries() -> None:
-    """Progress bars and advisory warnings from the libraries drown the lifecycle log; keep it readable."""
+    """Progress bars and advisory warnings from the libraries drown the lifecycle log; keep it readable. Set
+    through their environment variables, read when they load: importing them here would cost a command that
+    never needs them (`expunge status`) seconds."""
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are hard dependencies
-        pass
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its progress bars follow HF_HUB_DISABLE_PROGRESS_BARS

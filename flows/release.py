@@ -1,10 +1,11 @@
-"""After the gates: a human reviewer approves a version as `champion`, or declines it."""
+"""After the gates: a human reviewer approves a version as `champion`, or declines it; or rolls `champion` back."""
 from __future__ import annotations
 
 from prefect import flow
 
 from tasks.lifecycle import audit_event, transition
 from tasks.release import apply_release, check_release, interrupted_release, purge_subject
+from tasks.rollback import interrupted_rollback, move_champion_back, plan_rollback, reopen_ticket
 
 
 @flow(name="release_decision", flow_run_name="release-{ticket_id}-{decision}")
@@ -46,3 +47,31 @@ def _carry_out(ctx: tuple, intent: dict) -> dict:
     purge_subject(*ctx)
     return {"ticket_id": ctx[2], "status": "released" if decision == "approve" else "release_rejected", **result,
             "unsettled_gates_accepted": intent["unsettled_gates_accepted"]}
+
+
+@flow(name="rollback_champion", flow_run_name="rollback-{model_name}")
+def rollback_champion(model_name: str, home: str, profile: str, reviewer: str, reason_hmac: str,
+                      to_version: str | None = None) -> dict:
+    """Serve an earlier version of `model_name` again and reopen every erasure made after it.
+
+    The intent is audited first, then the alias moves, then each ticket is reopened, then `rolled_back` closes it:
+    a rollback interrupted in between is completed by the next rollback command."""
+    pending = interrupted_rollback(home, profile)
+    if pending is not None:
+        done = _roll_back(home, profile, pending)
+        return {**done, "status": "completed_interrupted"}
+    plan = plan_rollback(home, profile, model_name, to_version)
+    if "refused" in plan:
+        return {"status": "refused", **plan["refused"]}
+    intent = {**plan, "reviewer": reviewer, "reason_hmac": reason_hmac}
+    audit_event(home, profile, None, "rollback_intent", intent)
+    return {**_roll_back(home, profile, intent), "status": "rolled_back"}
+
+
+def _roll_back(home: str, profile: str, intent: dict) -> dict:
+    move_champion_back(home, profile, intent, intent["reviewer"])
+    audit = {"event": "champion_rolled_back", "champion_from": intent["from"], "champion_to": intent["to"],
+             "reviewer": intent["reviewer"], "reason_hmac": intent["reason_hmac"]}
+    reopened = [t for t in intent["reopen"] if reopen_ticket(home, profile, t, audit)]
+    audit_event(home, profile, None, "rolled_back", {**audit, "reopened": intent["reopen"]})
+    return {"from": intent["from"], "to": intent["to"], "reopened": intent["reopen"], "reopened_now": reopened}

@@ -398,3 +398,18 @@ def withdraw_challenger(ref: ModelRef, tags: dict[str, str]) -> None:
     if current_alias(ref.name, CHALLENGER) == ref:
         MlflowClient().delete_registered_model_alias(ref.name, CHALLENGER)
     _tag_and_alias(ref, tags, None)
+
+
+def roll_back_champion(name: str, to: ModelRef, tags: dict[str, str]) -> ModelRef | None:
+    """Move `champion` of `name` back to `to`; the version it leaves is tagged with `tags` (who, why) and keeps
+    no alias but `previous-champion`. Idempotent: returns the version it left, None when `to` already serves."""
+    client = MlflowClient()
+    current = current_alias(name, CHAMPION)
+    if current == to:
+        return None
+    client.set_registered_model_alias(name, CHAMPION, to.version)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, current.version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, current.version, key, value)
+    return current

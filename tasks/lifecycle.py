@@ -110,7 +110,7 @@ def lease_kept(home: str, profile: str, ticket_id: str, runner: str) -> Iterator
 
 
 @task(name="audit-event", retries=2, retry_delay_seconds=1)
-def audit_event(home: str, profile: str, ticket_id: str, event_type: str, payload: dict[str, Any]) -> None:
+def audit_event(home: str, profile: str, ticket_id: str | None, event_type: str, payload: dict[str, Any]) -> None:
     settings = settings_for(home, profile)
     with session_scope(settings.db_url) as session:
         requests_repo.record_event(session, ticket_id, event_type, payload)

@@ -100,3 +100,38 @@ def test_overdue_and_due_within_pick_open_tickets_most_urgent_first():
     assert [r["ticket_id"] for r in due_rows(rows, False, parse_span("36h"), now=now)] == ["B"]
     with pytest.raises(RequestError, match="a span like 7d"):
         parse_span("soon")
+
+
+def test_a_due_date_is_extended_as_far_as_the_regulation_allows_and_audited(tmp_path):
+    from db import requests_repo, session_scope
+    from expunge.service import extend_due_date
+    from expunge.settings import Settings
+
+    settings = Settings(home=tmp_path, profile_name="tiny")
+    received = datetime(2026, 1, 31, tzinfo=timezone.utc)
+    with session_scope(settings.db_url) as session:
+        for ticket, regulation, status in (("G-1", "GDPR", "received"), ("C-1", "CCPA", "training"),
+                                           ("D-1", "DMCA", "received"), ("R-1", "GDPR", "released")):
+            request = requests_repo.create_request(
+                session, ticket_id=ticket, request_type="privacy_erasure", regulation=regulation, spec={},
+                target_model_uri="m", received_at=received, due_at=due_date(regulation, received),
+                audit_payload={})
+            request.status = status
+    first = extend_due_date(settings, "g-1", 1, "many requests this month", "dpo@example.org")
+    assert (first["from"].date().isoformat(), first["to"].date().isoformat()) == ("2026-02-28", "2026-03-31")
+    second = extend_due_date(settings, "G-1", 1, "still many", "dpo@example.org")
+    assert second["to"].date().isoformat() == "2026-04-30" and second["total"] == 2  # 3 months from receipt in all
+    ccpa = extend_due_date(settings, "C-1", 45, "complex", "dpo@example.org")
+    assert (ccpa["to"] - received).days == 90
+    refusals = {("G-1", 1): "extension_exceeded", ("C-1", 1): "extension_exceeded", ("D-1", 1): "no_extension",
+                ("R-1", 1): "closed_ticket", ("NONE", 1): "unknown_ticket"}
+    for (ticket, amount), code in refusals.items():
+        with pytest.raises(RequestError) as refused:
+            extend_due_date(settings, ticket, amount, "why", "dpo@example.org")
+        assert refused.value.reason_code == code
+    with session_scope(settings.db_url) as session:
+        events = requests_repo.events_of(session, "G-1", "due_date_extended")
+        assert [(e["amount"], e["total"], e["reviewer"]) for e in events] == [(1, 1, "dpo@example.org"),
+                                                                               (1, 2, "dpo@example.org")]
+        assert "many" not in str(events)  # the reason is kept as a keyed hash only
+        assert requests_repo.get_request(session, "G-1").due_at.date().isoformat() == "2026-04-30"
