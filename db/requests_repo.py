@@ -13,8 +13,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased
 
 from db.audit import append_event, canonical_json
 from db.models import (
@@ -230,6 +230,9 @@ def claim(session: Session, ticket_id: str, runner: str, lease_seconds: float) -
     in-progress one whose lease ran out: that one goes back to `received` (reason `lease_expired`, audited with
     the step it was in) and starts again. Two runners racing for one ticket: exactly one gets it."""
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":  # claims on one target are serialised, as SQLite's writes are
+        target = session.scalar(select(Request.target_model_uri).where(Request.ticket_id == ticket_id))
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:target))"), {"target": target or ""})
     taken = session.execute(
         update(Request)
         .where(Request.ticket_id == ticket_id, _claimable(now))
@@ -269,10 +272,24 @@ def end_lease(session: Session, ticket_id: str) -> bool:
 
 def _claimable(now: datetime):
     """The condition `claim` sets its compare on: a `received` ticket nobody holds (or whose holder's lease ran
-    out), or an in-progress one whose lease ran out."""
+    out), or an in-progress one whose lease ran out; and no other ticket on the same target model held now, so two
+    erasures never train against one champion at once (the second would be built on a stale base)."""
     expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
-    return or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
-               and_(Request.status.in_(IN_PROGRESS), expired))
+    other = aliased(Request)
+    target_busy = exists().where(other.target_model_uri == Request.target_model_uri, other.id != Request.id,
+                                 other.claimed_by.is_not(None), other.lease_expires_at >= now)
+    return and_(or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
+                    and_(Request.status.in_(IN_PROGRESS), expired)),
+                ~target_busy)
+
+
+def target_busy(session: Session, ticket_id: str) -> bool:
+    """Whether another ticket on this ticket's target model is held by a runner now."""
+    request = get_request(session, ticket_id)
+    other = aliased(Request)
+    return request is not None and session.scalar(select(other.id).where(
+        other.target_model_uri == request.target_model_uri, other.id != request.id,
+        other.claimed_by.is_not(None), other.lease_expires_at >= utcnow()).limit(1)) is not None
 
 
 def runnable_requests(session: Session) -> list[Request]:

@@ -136,7 +136,7 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
         try:
             summary = run_request(state.settings, ticket)
         except RequestError as exc:
-            if ticket_id is None and exc.reason_code in ("held", "not_runnable"):  # another runner got there first
+            if ticket_id is None and exc.reason_code in ("held", "not_runnable", "target_busy"):  # another runner got there first
                 out.print(f"ticket {ticket}: skipped ({exc})")
                 continue
             fail(str(exc), 2)

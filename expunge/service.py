@@ -208,6 +208,9 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
         if request.status in IN_PROGRESS and not requests_repo.is_runnable(session, ticket_id):
             raise RequestError("held", f"ticket {ticket_id} is {request.status}, held by runner "
                                f"{request.claimed_by} until {request.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC")
+        if request.status == "received" and requests_repo.target_busy(session, ticket_id):
+            raise RequestError("target_busy", f"another erasure on {request.target_model_uri} is running; ticket "
+                               f"{ticket_id} waits for it (the next run takes it up)")
         if request.status != "received" and request.status not in IN_PROGRESS:
             hint = " (`expunge requeue` takes it up again)" if request.status in REQUEUABLE else ""
             raise RequestError("not_runnable", f"ticket {ticket_id} is {request.status}, not received; "

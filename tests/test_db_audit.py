@@ -502,7 +502,7 @@ def test_datetimes_are_normalised_to_utc(url: str) -> None:
 def test_one_claim_wins_and_a_lost_lease_is_taken_up_again(url: str) -> None:
     with session_scope(url) as s:
         _new_request(s, "T-1", due_at=T0 + timedelta(days=30))
-        _new_request(s, "T-2", due_at=T0 + timedelta(days=3))  # more urgent: listed first
+        _new_request(s, "T-2", due_at=T0 + timedelta(days=3), target_model_uri="hf://org/other")  # more urgent
     with session_scope(url) as s:
         assert requests_repo.runnable(s) == ["T-2", "T-1"]
         assert requests_repo.claim(s, "T-1", "runner-a", lease_seconds=60) is not None
@@ -538,7 +538,7 @@ def test_one_claim_wins_and_a_lost_lease_is_taken_up_again(url: str) -> None:
 def test_concurrent_claims_give_each_ticket_to_exactly_one_runner(url: str) -> None:
     with session_scope(url) as s:
         for i in range(6):
-            _new_request(s, f"T-{i}")
+            _new_request(s, f"T-{i}", target_model_uri=f"hf://org/model-{i}")
     won: dict[str, list[str]] = {}
     barrier = threading.Barrier(3)
 
@@ -555,6 +555,37 @@ def test_concurrent_claims_give_each_ticket_to_exactly_one_runner(url: str) -> N
     for t in threads:
         t.join()
     assert sorted(won) == [f"T-{i}" for i in range(6)] and all(len(v) == 1 for v in won.values())
+
+
+def test_two_erasures_never_train_against_one_target_at_once(url: str) -> None:
+    """Racing runners get one ticket per target model; the next one on that target waits for the lease to end."""
+    with session_scope(url) as s:
+        for i in range(4):
+            _new_request(s, f"T-{i}", target_model_uri="models:/m@champion")
+        _new_request(s, "OTHER", target_model_uri="models:/n@champion")
+    won: list[str] = []
+    barrier = threading.Barrier(3)
+
+    def runner(name: str) -> None:
+        barrier.wait()
+        for ticket in ("T-0", "T-1", "T-2", "T-3", "OTHER"):
+            with session_scope(url) as s:
+                if requests_repo.claim(s, ticket, name, lease_seconds=60) is not None:
+                    won.append(ticket)
+
+    threads = [threading.Thread(target=runner, args=(f"r{k}",)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 2 and "OTHER" in won  # one per target
+    held = next(t for t in won if t != "OTHER")
+    with session_scope(url) as s:
+        assert requests_repo.runnable(s) == []
+        assert requests_repo.target_busy(s, "T-3") == (held != "T-3")
+        requests_repo.end_lease(s, held)
+    with session_scope(url) as s:
+        assert len(requests_repo.runnable(s)) == 4  # the target is free: any of its tickets may be taken
 
 
 def test_the_head_is_anchored_outside_the_database_and_verify_checks_it(url: str, tmp_path, monkeypatch) -> None:
