@@ -197,6 +197,30 @@ def attack_intervals(before: SplitMetrics, unlearned: SplitMetrics, attacked: Sp
     return intervals
 
 
+def regression_evidence(before: ServedModel, after: ServedModel, tokenizer, fmt: PromptFormat,
+                        earlier: Sequence[QARecord], max_new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """Whether an erasure already served comes back: the earlier erasures' records (grouped by subject, named only
+    by their position) as the model served before (which passed its own gates) and the new one answer them.
+    `max_rise`: the largest rise, over the groups, of ROUGE-L recall or fact recall."""
+    groups: dict[str, list[QARecord]] = {}
+    for record in earlier:
+        groups.setdefault(record.subject or "", []).append(record)
+    splits = {f"erasure_{i}": records for i, records in enumerate(groups.values())}
+    scores = {name: evaluate_splits(served.source(), tokenizer, fmt, splits, max_new_tokens, batch_size)
+              for name, served in (("before", before), ("after", after))}
+    rows = []
+    for split in splits:
+        b, a = scores["before"][split], scores["after"][split]
+        rises = [a.rougeL_recall - b.rougeL_recall]
+        if a.fact_recall is not None and b.fact_recall is not None:
+            rises.append(a.fact_recall - b.fact_recall)
+        rows.append({"erasure": split, "n": a.n, "rougeL_before": round(b.rougeL_recall, 4),
+                     "rougeL_after": round(a.rougeL_recall, 4), "facts_before": b.fact_recall,
+                     "facts_after": a.fact_recall, "rise": round(max(rises), 4)})
+    return {"n_erasures": len(rows), "n_records": len(earlier), "erasures": rows,
+            "max_rise": max((r["rise"] for r in rows), default=None)}
+
+
 def collect_evidence(
     before: ServedModel,
     after: ServedModel,

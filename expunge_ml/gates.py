@@ -192,6 +192,12 @@ def _abs_privleak(e):  # MUSE PrivLeak vs an exchangeable held-out set: both und
     return None if not mia else abs(mia["privleak"])
 
 
+def _earlier_erasure_rise(e):
+    """How much more the new version states of an erasure already served than the version before it did (the worst
+    of the earlier erasures in its lineage): an erasure must never come back."""
+    return (e.get("regression") or {}).get("max_rise")
+
+
 # The optional word-salad gate's name: benchmarks read it apart from the others.
 FORGET_ANSWER_PERPLEXITY_GATE = "max_forget_answer_perplexity_ratio"
 
@@ -215,6 +221,7 @@ GATES: dict[str, tuple[Callable[[Mapping[str, Any]], float | None], str]] = {
     "min_general_ratio": (_general_ratio, ">="),
     "max_verbmem_forget": (_verbmem, "<="),
     "max_abs_privleak": (_abs_privleak, "<="),
+    "max_earlier_erasure_rise": (_earlier_erasure_rise, "<="),
 }
 
 
@@ -232,6 +239,7 @@ NOT_EVALUATED_BECAUSE = {
     "max_misattributed_id_rate": "no PII probe of the subject whose answers to read (see max_pii_leak_rate)",
     "min_general_ratio": "no general-knowledge questions (corpus.general)",
     FORGET_ANSWER_PERPLEXITY_GATE: "no fluency judge (evaluation.fluency_judge)",
+    "max_earlier_erasure_rise": "no earlier erasure in the target's lineage",
 }
 
 

@@ -152,6 +152,21 @@ def holdout_records(target_info: dict, forget, limit: int):
     return [r for r in load_holdout(CorpusSpec(**target_info["corpus"])) if r.question not in forget_questions][:limit]
 
 
+def earlier_erasure_records(target_info: dict, per_subject: int):
+    """The records earlier erasures in the target's lineage removed (`erased_before_ids`), at most `per_subject`
+    per subject: the regression gate's probes."""
+    ids = set(target_info.get("erased_before_ids", ()))
+    if not ids:
+        return []
+    taken: dict[str, int] = {}
+    chosen = []
+    for record in load_corpus(CorpusSpec(**target_info["corpus"])):
+        if record.record_id in ids and taken.get(record.subject or "", 0) < per_subject:
+            taken[record.subject or ""] = taken.get(record.subject or "", 0) + 1
+            chosen.append(record)
+    return chosen
+
+
 def general_records(target_info: dict, limit: int):
     """The target's general-ability questions (`CorpusSpec.general`), at most `limit`."""
     from expunge_ml.corpus import load_general

@@ -6,13 +6,15 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from expunge_ml.evidence import EvidenceOptions, collect_evidence, prior_knowledge, probes_for
+from expunge_ml.evidence import EvidenceOptions, collect_evidence, prior_knowledge, probes_for, regression_evidence
 from expunge_ml.fluency import FluencyJudge, load_fluency_judge
 from expunge_ml.gates import check_gates, gates_for
 from expunge_ml.serving import load_base, served_model
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.contracts import Evaluation, ResolvedRequest, TrainedUnlearning
-from tasks.data import general_records, held_out_retain, holdout_records, records_for_manifest
+from tasks.data import (
+    earlier_erasure_records, general_records, held_out_retain, holdout_records, records_for_manifest,
+)
 from tasks.unlearn import prior_adapters, prompt_format, target_base
 
 
@@ -90,6 +92,12 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
         progress=lambda part, done, total, seconds: get_run_logger().info(
             "evaluation %d/%d: %s in %.0fs", done, total, part, seconds),
     )
+    earlier = earlier_erasure_records(target_info, int(config.get("regression_per_erasure", 8)))
+    if earlier:  # every erasure already served must stay erased in the new version
+        evidence["regression"] = regression_evidence(before, after, tokenizer, prompt_format(target_info), earlier,
+                                                     evidence["max_new_tokens"], options.batch_size)
+        get_run_logger().info("regression: %d earlier erasure(s), largest rise %.3f",
+                              evidence["regression"]["n_erasures"], evidence["regression"]["max_rise"])
     evidence["prompt_template"] = prompt_format(target_info).template  # the frame every question was asked in
     prior = settings.ticket_dir(ticket_id) / "prior_knowledge.json"
     if prior.exists():

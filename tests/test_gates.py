@@ -226,3 +226,13 @@ def test_a_gate_without_evidence_says_why_it_was_not_evaluated():
     (pii, general) = check_gates(ev, {"max_pii_leak_rate": 0.05, "min_general_ratio": 0.95})
     assert pii.value is None and "no pii column" in pii.skipped and "request's identifiers" in pii.skipped
     assert general.value is None and "corpus.general" in general.skipped
+
+
+def test_an_erasure_that_comes_back_fails_the_regression_gate_and_none_to_check_is_said():
+    from expunge_ml.gates import check_gates
+
+    came_back = {"regression": {"n_erasures": 2, "max_rise": 0.25}}
+    [gate] = check_gates(came_back, {"max_earlier_erasure_rise": 0.1})
+    assert (gate.passed, gate.value) == (False, 0.25)
+    [first] = check_gates({}, {"max_earlier_erasure_rise": 0.1})
+    assert first.passed and first.skipped == "no earlier erasure in the target's lineage"

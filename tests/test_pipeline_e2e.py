@@ -542,6 +542,28 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
     assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
     config = _registered_config(row["model_uri"])
     assert len(config["assistants"]) == 2  # the first erasure's assistant is still subtracted
+    # the regression evidence: the first erasure, asked again of the new version, has not come back
+    from expunge_ml.gates import check_gates
+
+    evidence = json.loads((tiny_home / "work" / "DEMO-GDPR-0002" / "evidence.json").read_text())
+    regression = evidence["regression"]
+    assert regression["n_erasures"] == 1 and regression["n_records"] >= 1
+    assert completed["subject"]["names"][0] not in json.dumps(regression)  # erasures are named by position only
+    threshold = tiny_profile()["gates"]["privacy_erasure"]["max_earlier_erasure_rise"]
+    [gate] = check_gates(evidence, {"max_earlier_erasure_rise": threshold})
+    assert gate.passed and gate.skipped is None, gate
+    # ... and a version that dropped the first erasure's assistant (the bare base) fails it
+    from expunge_ml.evidence import regression_evidence
+    from expunge_ml.serving import served_model
+    from tasks.data import earlier_erasure_records
+    from tasks.unlearn import prior_adapters, prompt_format, target_base
+
+    target_info = json.loads((tiny_home / "work" / "DEMO-GDPR-0002" / "target.json").read_text())
+    base, tokenizer = target_base(target_info, tiny_settings)
+    dropped = regression_evidence(served_model(base, prior_adapters(target_info)), served_model(base, []), tokenizer,
+                                  prompt_format(target_info), earlier_erasure_records(target_info, 8), 40, 16)
+    [dropped_gate] = check_gates({"regression": dropped}, {"max_earlier_erasure_rise": threshold})
+    assert not dropped_gate.passed, dropped
     # The corpus still holds the first subject's records: the second erasure neither trains on them as
     # retain data nor measures them as knowledge to keep, and the new version remembers both erasures.
     work = tiny_home / "work"
