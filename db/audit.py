@@ -27,8 +27,10 @@ __all__ = [
     "append_event",
     "canonical_json",
     "compute_hash",
+    "export_rows",
     "head_hash",
     "verify_chain",
+    "verify_rows",
 ]
 
 
@@ -187,13 +189,41 @@ def _anchor_problems(session: Session, anchor: tuple[int, str] | None) -> list[s
     return []
 
 
+EXPORT_FIELDS = ("seq", "ticket_id", "event_type", "payload_json", "created_at", "prev_hash", "hash")
+
+
+def _stored_rows(session: Session):
+    # Read columns (not ORM objects) in batches: the log can be large and we
+    # want the raw stored values, untouched by the identity map.
+    return session.execute(
+        select(*(getattr(AuditEvent, name) for name in EXPORT_FIELDS))
+        .order_by(AuditEvent.seq)
+        .execution_options(yield_per=1000)
+    )
+
+
+def export_rows(session: Session):
+    """The log as stored, one dict per event, for an auditor's copy (`verify_rows` checks it without the DB)."""
+    for row in _stored_rows(session):
+        yield {name: getattr(row, name) for name in EXPORT_FIELDS}
+
+
 def verify_chain(session: Session, expected_head: str | None = None,
                  anchor: tuple[int, str] | None = None) -> ChainVerification:
-    """Recompute the whole chain from the stored rows.
+    """Recompute the whole chain from the stored rows (`verify_rows`), and check its head against the anchor
+    kept outside the database."""
+    result = verify_rows(_stored_rows(session), expected_head)
+    problems = result.problems + _anchor_problems(session, anchor)
+    return ChainVerification(ok=not problems, n_events=result.n_events, head_hash=result.head_hash,
+                             problems=problems)
+
+
+def verify_rows(rows, expected_head: str | None = None) -> ChainVerification:
+    """Recompute a chain from its rows (objects with the `EXPORT_FIELDS` attributes), in `seq` order.
 
     Detects: edited rows (hash mismatch), deleted rows (seq gaps), reordered or
-    re-chained rows (prev_hash not equal to the predecessor's hash) and, when
-    ``expected_head`` is given, a truncated tail or a wholesale rewrite.
+    re-chained rows (prev_hash not equal to the predecessor's hash), transitions the
+    lifecycle does not allow and, when ``expected_head`` is given, a truncated tail or a wholesale rewrite.
     """
     problems: list[str] = []
     n = 0
@@ -201,22 +231,6 @@ def verify_chain(session: Session, expected_head: str | None = None,
     prev_stored_hash = GENESIS_HASH
     prev_seq: int | None = None
     last_status: dict[str, str] = {}
-
-    # Read columns (not ORM objects) in batches: the log can be large and we
-    # want the raw stored values, untouched by the identity map.
-    rows = session.execute(
-        select(
-            AuditEvent.seq,
-            AuditEvent.ticket_id,
-            AuditEvent.event_type,
-            AuditEvent.payload_json,
-            AuditEvent.created_at,
-            AuditEvent.prev_hash,
-            AuditEvent.hash,
-        )
-        .order_by(AuditEvent.seq)
-        .execution_options(yield_per=1000)
-    )
     for row in rows:
         n += 1
         gap = row.seq != expected_seq
@@ -234,7 +248,6 @@ def verify_chain(session: Session, expected_head: str | None = None,
         prev_seq = row.seq
         expected_seq = row.seq + 1
 
-    problems += _anchor_problems(session, anchor)
     if expected_head is not None and expected_head != prev_stored_hash:
         problems.append(
             f"head hash {prev_stored_hash[:16]}… does not match expected {expected_head[:16]}… "

@@ -462,21 +462,58 @@ def lineage(
 
 
 @audit_app.command("verify")
-def audit_verify(expected_head: Optional[str] = typer.Option(None, help="Head hash recorded elsewhere (detects a truncated tail).")) -> None:
+def audit_verify(
+    expected_head: Optional[str] = typer.Option(None, help="Head hash recorded elsewhere (detects a truncated tail)."),
+    from_file: Optional[Path] = typer.Option(None, "--file", help="Check an exported copy (`audit export`) instead of "
+                                             "the database: no access to the deployment needed."),
+) -> None:
     """Recompute every hash of the audit chain; exit 1 and name each broken event if tampered."""
-    from expunge.service import verify_audit
+    if from_file is not None:
+        from types import SimpleNamespace
 
-    result = verify_audit(state.settings, expected_head)
+        from db.audit import verify_rows
+
+        try:
+            rows = [SimpleNamespace(**json.loads(line)) for line in from_file.read_text().splitlines() if line]
+        except (OSError, ValueError, TypeError) as exc:
+            fail(f"cannot read the exported log {from_file}: {exc}", 2)
+        result = verify_rows(rows, expected_head)
+    else:
+        from expunge.service import verify_audit
+
+        result = verify_audit(state.settings, expected_head)
     if not result.ok:
         for problem in result.problems:
             err.print(f"audit: {problem}", markup=False)
         fail(f"audit chain BROKEN ({len(result.problems)} problem(s) in {result.n_events} events)", 1)
+    if from_file is not None:
+        out.print(f"audit chain OK: {result.n_events} events in {from_file}, head {result.head_hash}"
+                  + ("" if expected_head else "; compare the head with the one the deployment anchored"))
+        return
     from db.anchor import anchor_path
 
     anchored = anchor_path(state.settings.db_url)
     out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}"
               + (f"; checked against the anchor {anchored}" if anchored and anchored.exists() else
                  "; no anchor outside the database (set EXPUNGE_AUDIT_ANCHOR)"), markup=False)
+
+
+@audit_app.command("export")
+def audit_export(out_file: Path = typer.Option(..., "--out", help="JSON Lines file to write.")) -> None:
+    """Write the audit log as stored (ids, counts and keyed hashes only) for an auditor, who checks it with
+    `expunge audit verify --file` and the head hash."""
+    from db import session_scope
+    from db.audit import export_rows, verify_rows
+    from types import SimpleNamespace
+
+    with session_scope(state.settings.db_url) as session, out_file.open("w") as handle:
+        rows = []
+        for row in export_rows(session):
+            handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+            rows.append(SimpleNamespace(**row))
+    result = verify_rows(rows)
+    out.print(f"{result.n_events} events → {out_file}; head {result.head_hash}"
+              + ("" if result.ok else f" (the log has {len(result.problems)} problem(s): run `expunge audit verify`)"))
 
 
 @app.command()

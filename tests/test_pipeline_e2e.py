@@ -165,6 +165,25 @@ def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_pa
     assert "hash mismatch" in broken.stderr and "Traceback" not in broken.output
 
 
+def test_an_exported_audit_log_is_checked_offline_and_an_edited_copy_fails(tiny_home, completed, tmp_path):
+    exported = cli(tiny_home, "audit", "export", "--out", str(tmp_path / "audit.jsonl"))
+    assert exported.exit_code == 0, exported.output
+    head = exported.stdout.split("head ")[1].split()[0]
+    checked = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "audit.jsonl"), "--expected-head", head)
+    assert checked.exit_code == 0 and "audit chain OK" in checked.stdout, checked.output
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert completed["subject"]["names"][0] not in "".join(lines)  # keyed hashes only
+    edited = [json.dumps({**row, "payload_json": row["payload_json"].replace('"completed"', '"rejected"')})
+              for row in map(json.loads, lines)]
+    assert edited != lines
+    (tmp_path / "edited.jsonl").write_text("\n".join(edited) + "\n")
+    broken = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "edited.jsonl"))
+    assert broken.exit_code == 1 and "hash mismatch" in broken.stderr
+    (tmp_path / "short.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # a truncated copy fails against the head
+    truncated = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "short.jsonl"), "--expected-head", head)
+    assert truncated.exit_code == 1
+
+
 def test_no_subject_identifier_or_forget_text_leaves_the_operational_db(tiny_home, tiny_settings, completed):
     """Audit log, MLflow params/tags/artifacts and work manifests hold ids, counts and keyed hashes only."""
     subject = completed["subject"]
