@@ -337,6 +337,16 @@ def rollback(
                   f"`expunge submit --revise`)")
 
 
+def printable(text: str) -> str:
+    """`text` with every control or other unprintable character shown escaped: a stored value (written before
+    intake refused them, or by another writer) cannot forge a line or recolour the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _printable_row(row: dict) -> dict:
+    return {key: printable(value) if isinstance(value, str) else value for key, value in row.items()}
+
+
 @app.command()
 def status(
     ticket_id: Optional[str] = typer.Argument(None, help="One ticket's status history and key numbers."),
@@ -356,6 +366,7 @@ def status(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
+    rows = [_printable_row(row) for row in rows]
     if ticket_id is None:
         table = Table("ticket", "type", "status", "reason", "due", "model")
         for row in rows:

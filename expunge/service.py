@@ -364,9 +364,10 @@ def due_rows(rows: list[dict[str, Any]], overdue: bool, within_days: float | Non
 
 def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[str, Any]]:
     with session_scope(settings.db_url) as session:
-        requests = requests_repo.list_requests(session)
-        if ticket_id is not None:
-            requests = [r for r in requests if r.ticket_id == ticket_id]
+        if ticket_id is None:
+            requests = requests_repo.list_requests(session)
+        else:
+            requests = [r for r in (requests_repo.get_request(session, ticket_id),) if r is not None]
             if not requests:
                 raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
         return [requests_repo.request_row(r) for r in requests]

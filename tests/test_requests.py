@@ -135,3 +135,27 @@ def test_a_due_date_is_extended_as_far_as_the_regulation_allows_and_audited(tmp_
                                                                                (1, 2, "dpo@example.org")]
         assert "many" not in str(events)  # the reason is kept as a keyed hash only
         assert requests_repo.get_request(session, "G-1").due_at.date().isoformat() == "2026-04-30"
+
+
+def test_stored_control_characters_print_escaped_in_status(tmp_path):
+    """A row stored before intake refused control characters (or by another writer) cannot forge a status line."""
+    from typer.testing import CliRunner
+
+    from db import requests_repo, session_scope
+    from expunge.cli import app
+    from expunge.settings import Settings
+
+    settings = Settings(home=tmp_path, profile_name="tiny")
+    with session_scope(settings.db_url) as session:
+        requests_repo.create_request(
+            session, ticket_id="OLD-1", request_type="privacy_erasure\nFAKE-9  privacy_erasure  released",
+            regulation="GDPR\x1b[31m", spec={}, target_model_uri="m", received_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+            due_at=datetime(2026, 2, 1, tzinfo=timezone.utc), status="rejected", reason_code="x",
+            reason_detail="bad\rline", audit_payload={})
+    runner = CliRunner()
+    for args in (["status"], ["status", "OLD-1"]):
+        shown = runner.invoke(app, ["--home", str(tmp_path), "--profile", "tiny", *args])
+        assert shown.exit_code == 0, shown.output
+        assert "\x1b" not in shown.stdout and "\r" not in shown.stdout
+        assert not any(line.lstrip("│ ").startswith("FAKE-9") for line in shown.stdout.splitlines())
+    assert "\\x1b[31m" in shown.stdout and "bad\\rline" in shown.stdout
