@@ -182,3 +182,29 @@ def export_smollm2_command(
 
 if __name__ == "__main__":  # python -m benchmarks.cli tofu ...
     benchmark_app()
+
+
+@benchmark_app.command("perf")
+def perf(
+    home: Path = typer.Option(..., help="a deployment home with a finished ULD ticket (its base, assistant, timings)"),
+    profile: str = typer.Option("smollm2", help="the profile that home runs"),
+    ticket: Optional[str] = typer.Option(None, help="the ticket to measure (default: the newest with an assistant)"),
+    repeats: int = typer.Option(3, help="timings per figure; the median is reported"),
+    stacked: str = typer.Option("1,5,20", help="numbers of stacked assistants for P6"),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="where NAME.json and NAME.md go"),
+    name: str = typer.Option("perf", help="output file stem"),
+) -> None:
+    """The cost of forgetting: composite serving ÷ base, stacked assistants, batched scoring, request overhead,
+    `expunge status` time (benchmarks/results/perf.json + perf.md)."""
+    from .perf import PerfOptions, run_perf, write_perf
+
+    options = PerfOptions(home=str(home), profile=profile, ticket=ticket, repeats=repeats,
+                          stacked=tuple(int(n) for n in _csv(stacked)), out_dir=str(out_dir), name=name)
+    try:
+        result = run_perf(options, log=lambda line: typer.echo(line, err=True), command=invoked_command("perf"))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    json_path, md_path = write_perf(result, out_dir, name)
+    typer.echo(md_path.read_text())
+    typer.echo(f"wrote {json_path} and {md_path}")

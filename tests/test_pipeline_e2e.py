@@ -694,3 +694,24 @@ def test_a_rollback_serves_the_earlier_champion_and_reopens_the_erasures_it_undo
     refiled = cli(tiny_home, "submit", "--revise", str(path))
     assert refiled.exit_code == 0 and "received (revised)" in refiled.stdout, refiled.output
     assert _row(tiny_home, "DEMO-GDPR-0002")["due_at"] == second["due_at"]
+
+
+def test_the_perf_benchmark_reads_a_finished_ticket_and_writes_its_figures(tiny_home, completed, tmp_path):
+    """The figures' shape and bookkeeping, not their values (timings belong to the benchmark's own run)."""
+    from benchmarks.perf import PerfOptions, goal_of, run_perf, write_perf
+
+    options = PerfOptions(home=str(tiny_home), profile="tiny", ticket="DEMO-GDPR-0001", repeats=1, new_tokens=2,
+                          stacked=(1, 2))
+    result = run_perf(options, log=lambda line: None)
+    values = result["values"]
+    assert set(values) == {"P1", "P2_batch1", "P2_batch8", "P3", "P4", "P5", "P6_n1", "P6_n2", "P7"}
+    assert (goal_of("P2_batch8"), goal_of("P6_n20"), goal_of("P6_n2")) == (("<=", 1.3), ("<=", 2.0), ("<=", None))
+    for key, entry in values.items():
+        assert entry["goal"] == goal_of(key)[1]
+        if entry["value"] is None:
+            assert entry["met"] is None and entry["why"]
+        else:
+            assert entry["value"] > 0 and entry["met"] in (True, False, None)
+    assert 0 < values["P3"]["value"] < 1 and values["P3"]["training_s"] > 0
+    json_path, md_path = write_perf(result, tmp_path, "perf")
+    assert json.loads(json_path.read_text())["ticket"] == "DEMO-GDPR-0001" and "| P7 |" in md_path.read_text()
