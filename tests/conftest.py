@@ -41,6 +41,25 @@ def tiny_home(tmp_path_factory, prefect_harness) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def completed(tiny_home):
+    """The generated sample request submitted and run once on the tiny deployment; tests inspect the outcome."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from expunge.cli import app
+
+    def cli(*args: str):
+        return CliRunner().invoke(app, ["--home", str(tiny_home), "--profile", "tiny", *args])
+
+    request = tiny_home / "sample_world" / "sample_request.yaml"
+    submitted = cli("submit", str(request))
+    assert submitted.exit_code == 0, submitted.output
+    ran = cli("run", "DEMO-GDPR-0001")
+    assert ran.exit_code == 0, ran.output
+    return yaml.safe_load(request.read_text())
+
+
 @pytest.fixture()
 def tiny_settings(tiny_home):
     from expunge.settings import Settings

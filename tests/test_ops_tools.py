@@ -1,0 +1,52 @@
+"""Operator and auditor tools on a finished tiny erasure: the exported audit log, the perf benchmark."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from expunge.cli import app
+
+
+def cli(home, *args: str):
+    return CliRunner().invoke(app, ["--home", str(home), "--profile", "tiny", *args])
+
+
+def test_an_exported_audit_log_is_checked_offline_and_an_edited_copy_fails(tiny_home, completed, tmp_path):
+    exported = cli(tiny_home, "audit", "export", "--out", str(tmp_path / "audit.jsonl"))
+    assert exported.exit_code == 0, exported.output
+    head = exported.stdout.split("head ")[1].split()[0]
+    checked = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "audit.jsonl"), "--expected-head", head)
+    assert checked.exit_code == 0 and "audit chain OK" in checked.stdout, checked.output
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert completed["subject"]["names"][0] not in "".join(lines)  # keyed hashes only
+    edited = [json.dumps({**row, "payload_json": row["payload_json"].replace('"completed"', '"rejected"')})
+              for row in map(json.loads, lines)]
+    assert edited != lines
+    (tmp_path / "edited.jsonl").write_text("\n".join(edited) + "\n")
+    broken = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "edited.jsonl"))
+    assert broken.exit_code == 1 and "hash mismatch" in broken.stderr
+    (tmp_path / "short.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # a truncated copy fails against the head
+    truncated = cli(tiny_home, "audit", "verify", "--file", str(tmp_path / "short.jsonl"), "--expected-head", head)
+    assert truncated.exit_code == 1
+
+
+def test_the_perf_benchmark_reads_a_finished_ticket_and_writes_its_figures(tiny_home, completed, tmp_path):
+    """The figures' shape and bookkeeping, not their values (timings belong to the benchmark's own run)."""
+    from benchmarks.perf import PerfOptions, goal_of, run_perf, write_perf
+
+    options = PerfOptions(home=str(tiny_home), profile="tiny", ticket="DEMO-GDPR-0001", repeats=1, new_tokens=2,
+                          stacked=(1, 2))
+    result = run_perf(options, log=lambda line: None)
+    values = result["values"]
+    assert set(values) == {"P1", "P2_batch1", "P2_batch8", "P3", "P4", "P5", "P6_n1", "P6_n2", "P7"}
+    assert (goal_of("P2_batch8"), goal_of("P6_n20"), goal_of("P6_n2")) == (("<=", 1.3), ("<=", 2.0), ("<=", None))
+    for key, entry in values.items():
+        assert entry["goal"] == goal_of(key)[1]
+        if entry["value"] is None:
+            assert entry["met"] is None and entry["why"]
+        else:
+            assert entry["value"] > 0 and entry["met"] in (True, False, None)
+    assert 0 < values["P3"]["value"] < 1 and values["P3"]["training_s"] > 0
+    json_path, md_path = write_perf(result, tmp_path, "perf")
+    assert json.loads(json_path.read_text())["ticket"] == "DEMO-GDPR-0001" and "| P7 |" in md_path.read_text()
