@@ -275,21 +275,23 @@ def _claimable(now: datetime):
     out), or an in-progress one whose lease ran out; and no other ticket on the same target model held now, so two
     erasures never train against one champion at once (the second would be built on a stale base)."""
     expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
-    other = aliased(Request)
-    target_busy = exists().where(other.target_model_uri == Request.target_model_uri, other.id != Request.id,
-                                 other.claimed_by.is_not(None), other.lease_expires_at >= now)
     return and_(or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
                     and_(Request.status.in_(IN_PROGRESS), expired)),
-                ~target_busy)
+                ~_another_held_on(Request.target_model_uri, Request.id, now))
+
+
+def _another_held_on(target, request_id, now: datetime):
+    """EXISTS a ticket other than `request_id` on `target` that a runner holds now (columns, or plain values)."""
+    other = aliased(Request)
+    return exists().where(other.target_model_uri == target, other.id != request_id,
+                          other.claimed_by.is_not(None), other.lease_expires_at >= now)
 
 
 def target_busy(session: Session, ticket_id: str) -> bool:
     """Whether another ticket on this ticket's target model is held by a runner now."""
     request = get_request(session, ticket_id)
-    other = aliased(Request)
-    return request is not None and session.scalar(select(other.id).where(
-        other.target_model_uri == request.target_model_uri, other.id != request.id,
-        other.claimed_by.is_not(None), other.lease_expires_at >= utcnow()).limit(1)) is not None
+    return request is not None and bool(session.scalar(
+        select(_another_held_on(request.target_model_uri, request.id, utcnow()))))
 
 
 def runnable_requests(session: Session) -> list[Request]:

@@ -41,18 +41,20 @@ def _post(client, url: str, body: bytes, secret: bytes) -> tuple[int | None, str
 
 def deliver_due(settings: Settings, now: datetime | None = None, client=None) -> dict[str, int]:
     """Send every callback that is due; returns counts of delivered, failed (to retry) and given up."""
-    import httpx
-
     now = now or datetime.now(timezone.utc)
     counts = {"delivered": 0, "failed": 0, "given_up": 0}
-    secret = settings.webhook_secret()
-    own_client = client is None
-    client = client or httpx.Client()
-    try:
-        with session_scope(settings.db_url) as session:
-            pending = session.scalars(select(CallbackDelivery).where(
-                CallbackDelivery.delivered_at.is_(None), CallbackDelivery.given_up_at.is_(None),
-            ).order_by(CallbackDelivery.id)).all()
+    with session_scope(settings.db_url) as session:
+        pending = session.scalars(select(CallbackDelivery).where(
+            CallbackDelivery.delivered_at.is_(None), CallbackDelivery.given_up_at.is_(None),
+        ).order_by(CallbackDelivery.id)).all()
+        if not pending:  # every `expunge run` asks: no secret file created, no HTTP client, when nothing waits
+            return counts
+        import httpx
+
+        secret = settings.webhook_secret()
+        own_client = client is None
+        client = client or httpx.Client()
+        try:
             blocked: set[str] = set()  # a ticket's later changes wait for its earlier ones: receivers see them in order
             for delivery in pending:
                 if delivery.ticket_id in blocked or delivery.next_attempt_at > now:
@@ -62,9 +64,9 @@ def deliver_due(settings: Settings, now: datetime | None = None, client=None) ->
                 counts[outcome] += 1
                 if outcome != "delivered":
                     blocked.add(delivery.ticket_id)
-    finally:
-        if own_client:
-            client.close()
+        finally:
+            if own_client:
+                client.close()
     return counts
 
 

@@ -13,7 +13,9 @@ from sqlalchemy import select
 
 from db import requests_repo, session_scope
 from db.models import AuditEvent
-from models_registry.registry import CHAMPION, ModelNotFound, ModelRef, current_alias, lineage, roll_back_champion
+from models_registry.registry import (
+    CHAMPION, ModelNotFound, ModelRef, current_alias, lineage, parse_model_uri, roll_back_champion,
+)
 from tasks.context import settings_for
 
 ROLLBACK_EVENTS = ("rollback_intent", "rolled_back")
@@ -67,7 +69,8 @@ def interrupted_rollback(home: str, profile: str) -> dict | None:
 @task(name="move-champion-back")
 def move_champion_back(home: str, profile: str, plan: dict, reviewer: str) -> None:
     settings_for(home, profile)
-    to = ModelRef(*plan["to"].removeprefix("models:/").split("/"))
+    name, _, version = parse_model_uri(plan["to"])
+    to = ModelRef(name, version)
     left = roll_back_champion(to.name, to, {"expunge.rolled_back": "true", "expunge.rolled_back_by": reviewer})
     get_run_logger().info("champion of %s: %s → %s", to.name, left.uri if left else plan["from"], to.uri)
 

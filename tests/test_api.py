@@ -182,3 +182,10 @@ def test_status_changes_reach_the_callback_signed_and_in_order_with_retries(inta
     with session_scope(settings.db_url) as session:
         rows = session.scalars(select(CallbackDelivery).where(CallbackDelivery.ticket_id == "API-6")).all()
         assert all(r.delivered_at is not None for r in rows)
+
+
+def test_with_no_callback_waiting_nothing_is_created_or_sent(tmp_path, monkeypatch):
+    monkeypatch.delenv("EXPUNGE_WEBHOOK_SECRET", raising=False)
+    settings = Settings(home=tmp_path, profile_name="tiny")
+    assert deliver_due(settings) == {"delivered": 0, "failed": 0, "given_up": 0}
+    assert not (tmp_path / "webhook.key").exists()  # `expunge run` asks every time: no secret made for nothing
