@@ -83,9 +83,9 @@ def pick_ticket(home: Path, ticket: str | None) -> Path:
 def request_overhead(settings, ticket_dir: Path) -> dict[str, Any]:
     """P3: the share of the ticket's wall time (first step to its settled status) spent outside training and
     evaluation: Prefect, MLflow, the DB, data building, loading models."""
-    from db import requests_repo, session_scope
+    from db import requests_repo
 
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_dir.name)
         history = [(h.to_status, h.at) for h in request.status_history]
     started = next(at for status, at in history if status == "resolving")
@@ -125,7 +125,8 @@ def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: 
     prompts = [fmt.prompt(r.question) for r in forget]
     values: dict[str, Any] = {}
 
-    assistant, config = load_assistant(base, Path(training["adapter_dirs"][0]))
+    key = settings.adapter_seal_key()
+    assistant, config = load_assistant(base, Path(training["adapter_dirs"][0]), key)
     base_source = CausalLMLogits(base)
     for batch in (1, 8):
         chosen = (prompts * 8)[:batch]
@@ -139,7 +140,7 @@ def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: 
     stack: list = [assistant]
     for n in options.stacked:
         while len(stack) < n:  # the same adapter n times costs what n different erasures cost
-            stack.append(load_assistant(base, Path(training["adapter_dirs"][0]))[0])
+            stack.append(load_assistant(base, Path(training["adapter_dirs"][0]), key)[0])
         composite = CompositeLogits(base, stack[:n], [config.weight / n] * n, config.relative_top)
         seconds = _median_seconds(lambda: decode(composite, tokenizer, prompts[:1], options.new_tokens),
                                   options.repeats)

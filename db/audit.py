@@ -6,11 +6,17 @@ deleting or reordering any row therefore breaks the chain from that row on;
 truncating the tail is only detectable against a head hash kept elsewhere
 (``verify_chain(expected_head=...)``), e.g. one published or stored with the
 released model.
+
+Anyone can recompute that chain, so anyone who can write to the database could
+also append a forged event with a correct hash. Each event therefore also carries
+a *seal*, ``HMAC-SHA256(seal_key, hash)`` under a key derived from the deployment
+secret: verifying with the key rejects any event its writer could not seal.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +33,7 @@ __all__ = [
     "append_event",
     "canonical_json",
     "compute_hash",
+    "compute_seal",
     "export_rows",
     "head_hash",
     "verify_chain",
@@ -56,6 +63,10 @@ def compute_hash(
         "created_at": created_at,
     }
     return hashlib.sha256((prev_hash + canonical_json(body)).encode("utf-8")).hexdigest()
+
+
+def compute_seal(seal_key: bytes, event_hash: str) -> str:
+    return hmac.new(seal_key, event_hash.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def _lock_for_append(session: Session) -> None:
@@ -98,7 +109,9 @@ def append_event(
     payload_json = canonical_json(payload)
     normalized = json.loads(payload_json)
     created_at = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
+    event_hash = compute_hash(prev_hash, seq=seq, ticket_id=ticket_id, event_type=event_type, payload=normalized,
+                              created_at=created_at)
+    seal_key = session.info.get("audit_seal_key")  # set by `db.session.session_scope(url, seal_key=…)`
     ev = AuditEvent(
         seq=seq,
         ticket_id=ticket_id,
@@ -106,14 +119,8 @@ def append_event(
         payload_json=payload_json,
         created_at=created_at,
         prev_hash=prev_hash,
-        hash=compute_hash(
-            prev_hash,
-            seq=seq,
-            ticket_id=ticket_id,
-            event_type=event_type,
-            payload=normalized,
-            created_at=created_at,
-        ),
+        hash=event_hash,
+        seal=compute_seal(seal_key, event_hash) if seal_key else None,
     )
     session.add(ev)
     session.flush()
@@ -133,6 +140,8 @@ class ChainVerification:
     n_events: int
     head_hash: str
     problems: list[str] = field(default_factory=list)
+    sealed: int | None = None  # events whose seal was checked; None: verified without the deployment key
+    unsealed_before: int = 0  # events written before the log was sealed (older deployments)
 
 
 def _sequence_problems(seq: int, expected_seq: int) -> list[str]:
@@ -189,7 +198,7 @@ def _anchor_problems(session: Session, anchor: tuple[int, str] | None) -> list[s
     return []
 
 
-EXPORT_FIELDS = ("seq", "ticket_id", "event_type", "payload_json", "created_at", "prev_hash", "hash")
+EXPORT_FIELDS = ("seq", "ticket_id", "event_type", "payload_json", "created_at", "prev_hash", "hash", "seal")
 
 
 def _stored_rows(session: Session):
@@ -209,22 +218,45 @@ def export_rows(session: Session):
 
 
 def verify_chain(session: Session, expected_head: str | None = None,
-                 anchor: tuple[int, str] | None = None) -> ChainVerification:
+                 anchor: tuple[int, str] | None = None, seal_key: bytes | None = None) -> ChainVerification:
     """Recompute the whole chain from the stored rows (`verify_rows`), and check its head against the anchor
     kept outside the database."""
-    result = verify_rows(_stored_rows(session), expected_head)
-    problems = result.problems + _anchor_problems(session, anchor)
-    return ChainVerification(ok=not problems, n_events=result.n_events, head_hash=result.head_hash,
-                             problems=problems)
+    result = verify_rows(_stored_rows(session), expected_head, seal_key)
+    result.problems += _anchor_problems(session, anchor)
+    result.ok = not result.problems
+    return result
 
 
-def verify_rows(rows, expected_head: str | None = None) -> ChainVerification:
+class _SealCheck:
+    """Seals, in `seq` order: once the log is sealed every later event must carry a seal the key reproduces. The
+    events before the first seal were written by a deployment that did not seal yet (or by a forger who rewrote
+    the whole log, which the anchor catches)."""
+
+    def __init__(self, seal_key: bytes):
+        self.key, self.sealed, self.unsealed_before = seal_key, 0, 0
+
+    def problems(self, row) -> list[str]:
+        seal = getattr(row, "seal", None)
+        if seal is None:
+            if self.sealed:
+                return [f"event {row.seq}: not sealed (written without the deployment key)"]
+            self.unsealed_before += 1
+            return []
+        self.sealed += 1
+        if not hmac.compare_digest(seal, compute_seal(self.key, row.hash)):
+            return [f"event {row.seq}: seal does not match (written without the deployment key)"]
+        return []
+
+
+def verify_rows(rows, expected_head: str | None = None, seal_key: bytes | None = None) -> ChainVerification:
     """Recompute a chain from its rows (objects with the `EXPORT_FIELDS` attributes), in `seq` order.
 
     Detects: edited rows (hash mismatch), deleted rows (seq gaps), reordered or
     re-chained rows (prev_hash not equal to the predecessor's hash), transitions the
-    lifecycle does not allow and, when ``expected_head`` is given, a truncated tail or a wholesale rewrite.
+    lifecycle does not allow, with ``seal_key`` an event its writer could not seal (appended with a recomputed
+    hash) and, when ``expected_head`` is given, a truncated tail or a wholesale rewrite.
     """
+    seals = _SealCheck(seal_key) if seal_key else None
     problems: list[str] = []
     n = 0
     expected_seq = 1
@@ -236,6 +268,8 @@ def verify_rows(rows, expected_head: str | None = None) -> ChainVerification:
         gap = row.seq != expected_seq
         problems += _sequence_problems(row.seq, expected_seq) + _content_problems(row)
         problems += _transition_problems(row, last_status)
+        if seals is not None:
+            problems += seals.problems(row)
         # After a gap the predecessor is gone, so a broken link is implied by
         # the gap message; only report links between adjacent survivors.
         if not gap and row.prev_hash != prev_stored_hash:
@@ -255,5 +289,6 @@ def verify_rows(rows, expected_head: str | None = None) -> ChainVerification:
         )
 
     return ChainVerification(
-        ok=not problems, n_events=n, head_hash=prev_stored_hash, problems=problems
+        ok=not problems, n_events=n, head_hash=prev_stored_hash, problems=problems,
+        sealed=None if seals is None else seals.sealed, unsealed_before=0 if seals is None else seals.unsealed_before,
     )

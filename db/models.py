@@ -220,6 +220,8 @@ class AuditEvent(Base):
     created_at: Mapped[str] = mapped_column(String(40))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    # HMAC-SHA256(seal key, hash): only a writer holding the deployment key can add an event `audit verify` accepts.
+    seal: Mapped[str | None] = mapped_column(String(64))
 
     def __repr__(self) -> str:
         return f"<AuditEvent #{self.seq} {self.event_type} {self.hash[:12]}>"

@@ -18,7 +18,7 @@ from db.anchor import record_head
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # The newest migration (a test checks it against db/migrations): a database already there is used without loading
 # Alembic, which would cost every short command (`expunge status`) half a second.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 _lock = threading.RLock()
@@ -130,10 +130,13 @@ def ensure_database(url: str) -> None:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """Transactional scope: commit on success, roll back on any exception."""
+def session_scope(url: str, seal_key: bytes | None = None) -> Iterator[Session]:
+    """Transactional scope: commit on success, roll back on any exception. `seal_key` seals the audit events
+    appended in it (`db.audit.compute_seal`); the application always passes its deployment's."""
     ensure_database(url)
     session = _sessionmaker(url)()
+    if seal_key:
+        session.info["audit_seal_key"] = seal_key
     try:
         yield session
         session.commit()

@@ -23,7 +23,7 @@ from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from db.models import WebhookReceipt
 from expunge import service
 from expunge.requests import MAX_REQUEST_BYTES
@@ -69,7 +69,7 @@ class ApiError(Exception):
 
 
 def ticket_view(settings: Settings, ticket_id: str) -> Ticket | None:
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request_any_case(session, ticket_id)
         if request is None:
             return None
@@ -85,11 +85,11 @@ def ticket_view(settings: Settings, ticket_id: str) -> Ticket | None:
 def _accept_once(settings: Settings, message_key: str) -> None:
     """The replay guard: a signed call seen within the tolerance window is refused."""
     now = datetime.now(timezone.utc)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         session.execute(delete(WebhookReceipt).where(
             WebhookReceipt.received_at < now - timedelta(seconds=2 * TOLERANCE_SECONDS)))
     try:
-        with session_scope(settings.db_url) as session:
+        with settings.db_session() as session:
             session.add(WebhookReceipt(signature_sha256=hashlib.sha256(message_key.encode()).hexdigest(),
                                        received_at=now))
     except IntegrityError:

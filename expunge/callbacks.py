@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from db.models import CallbackDelivery, Request
 from expunge.settings import Settings
 from expunge.webhooks import signed_headers
@@ -43,7 +43,7 @@ def deliver_due(settings: Settings, now: datetime | None = None, client=None) ->
     """Send every callback that is due; returns counts of delivered, failed (to retry) and given up."""
     now = now or datetime.now(timezone.utc)
     counts = {"delivered": 0, "failed": 0, "given_up": 0}
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         pending = session.scalars(select(CallbackDelivery).where(
             CallbackDelivery.delivered_at.is_(None), CallbackDelivery.given_up_at.is_(None),
         ).order_by(CallbackDelivery.id)).all()

@@ -478,7 +478,8 @@ def audit_verify(
     from_file: Optional[Path] = typer.Option(None, "--file", help="Check an exported copy (`audit export`) instead of "
                                              "the database: no access to the deployment needed."),
 ) -> None:
-    """Recompute every hash of the audit chain; exit 1 and name each broken event if tampered."""
+    """Recompute every hash of the audit chain and check each event's seal with the deployment key (an auditor
+    given EXPUNGE_HMAC_KEY checks an export's seals too); exit 1 and name each broken event if tampered."""
     if from_file is not None:
         from types import SimpleNamespace
 
@@ -488,7 +489,7 @@ def audit_verify(
             rows = [SimpleNamespace(**json.loads(line)) for line in from_file.read_text().splitlines() if line]
         except (OSError, ValueError, TypeError) as exc:
             fail(f"cannot read the exported log {from_file}: {exc}", 2)
-        result = verify_rows(rows, expected_head)
+        result = verify_rows(rows, expected_head, state.settings.audit_seal_key(create=False))
     else:
         from expunge.service import verify_audit
 
@@ -498,26 +499,32 @@ def audit_verify(
             err.print(f"audit: {problem}", markup=False)
         fail(f"audit chain BROKEN ({len(result.problems)} problem(s) in {result.n_events} events)", 1)
     if from_file is not None:
-        out.print(f"audit chain OK: {result.n_events} events in {from_file}, head {result.head_hash}"
-                  + ("" if expected_head else "; compare the head with the one the deployment anchored"))
+        out.print(f"audit chain OK: {result.n_events} events in {from_file}, head {result.head_hash}{_seals(result)}"
+                  + ("" if expected_head else "; compare the head with the one the deployment anchored"), markup=False)
         return
     from db.anchor import anchor_path
 
     anchored = anchor_path(state.settings.db_url)
-    out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}"
+    out.print(f"audit chain OK: {result.n_events} events, head {result.head_hash}{_seals(result)}"
               + (f"; checked against the anchor {anchored}" if anchored and anchored.exists() else
                  "; no anchor outside the database (set EXPUNGE_AUDIT_ANCHOR)"), markup=False)
+
+
+def _seals(result) -> str:
+    if result.sealed is None:
+        return "; seals not checked (no deployment key here: EXPUNGE_HMAC_KEY)"
+    older = f", {result.unsealed_before} written before sealing" if result.unsealed_before else ""
+    return f"; {result.sealed} seals checked{older}"
 
 
 @audit_app.command("export")
 def audit_export(out_file: Path = typer.Option(..., "--out", help="JSON Lines file to write.")) -> None:
     """Write the audit log as stored (ids, counts and keyed hashes only) for an auditor, who checks it with
     `expunge audit verify --file` and the head hash."""
-    from db import session_scope
     from db.audit import export_rows, verify_rows
     from types import SimpleNamespace
 
-    with session_scope(state.settings.db_url) as session, out_file.open("w") as handle:
+    with state.settings.db_session() as session, out_file.open("w") as handle:
         rows = []
         for row in export_rows(session):
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")

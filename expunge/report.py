@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by workers and CI, never shown on a screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from db import head_hash, requests_repo, session_scope  # noqa: E402
+from db import head_hash, requests_repo  # noqa: E402
 from expunge.intake import subject_fingerprints  # noqa: E402
 from expunge.requests import RequestError, RequestSpec  # noqa: E402
 from expunge.settings import Settings  # noqa: E402
@@ -364,7 +364,7 @@ def render_report(settings: Settings, ticket_id: str, out_dir: Path | None = Non
     work = settings.ticket_dir(ticket_id)
     needed = [work / name for name in ("resolved.json", "metrics.json", "evidence.json")]
     missing = [p.name for p in needed if not p.exists()]
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from db import requests_repo, session_scope, verify_chain
+from db import requests_repo, verify_chain
 from db.audit import canonical_json
 from expunge.requests import MAX_REQUEST_BYTES, RequestError, RequestSpec, decode_request, due_date, parse_request
 from expunge.settings import Settings
@@ -46,7 +46,7 @@ def _configure_registry(settings: Settings) -> None:
     from models_registry.registry import configure
 
     settings.apply_environment()
-    configure(settings.mlflow_uri, settings.artifact_root)
+    configure(settings.mlflow_uri, settings.artifact_root, settings.adapter_seal_key())
 
 
 def submit(settings: Settings, path: Path, revise: bool = False) -> SubmitResult:
@@ -71,7 +71,7 @@ def submit_bytes(settings: Settings, raw: bytes, revise: bool = False) -> Submit
             return SubmitResult(exc.ticket_id, "not_stored", exc.reason_code, f"revision rejected: {exc}", EXIT_INVALID)
         return _reject_unparsed(settings, exc, received_at)
     spec_json = canonical_json(spec.model_dump(mode="json"))
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         existing = requests_repo.get_request_any_case(session, spec.ticket_id)
         refusal = _refuse_existing(settings, spec, spec_json, existing, revise)
         if refusal is not None:
@@ -165,7 +165,7 @@ def _store(settings: Settings, spec: RequestSpec, spec_json: str, received_at: d
                   target_model_uri=spec.target_model, spec_hash=_spec_hmac(settings, spec_json), status=status,
                   reason_code=reason_code, reason_detail=message or None, callback_url=spec.callback_url,
                   audit_payload=audit_payload)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         if revise:
             existing = requests_repo.get_request_any_case(session, spec.ticket_id)
             requests_repo.revise_request(session, existing, **fields)
@@ -178,7 +178,7 @@ def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetim
     """A request we cannot parse is still recorded as rejected when its ticket id is readable and new."""
     ticket = exc.ticket_id
     if ticket:
-        with contextlib.suppress(IntegrityError), session_scope(settings.db_url) as session:
+        with contextlib.suppress(IntegrityError), settings.db_session() as session:
             if requests_repo.get_request_any_case(session, ticket) is None:
                 requests_repo.create_request(
                     session, ticket_id=ticket, request_type="unknown", regulation="unknown", spec={},
@@ -192,7 +192,7 @@ def _reject_unparsed(settings: Settings, exc: RequestError, received_at: datetim
 
 def pending_tickets(settings: Settings) -> list[str]:
     """Received tickets nobody holds, and any whose runner's lease ran out, earliest due date first."""
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         return requests_repo.runnable(session)
 
 
@@ -201,7 +201,7 @@ def run_request(settings: Settings, ticket_id: str) -> dict:
     whose runner's lease ran out. The flow claims it first: status `skipped` when another runner got there."""
     from db.models import IN_PROGRESS
 
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
@@ -237,7 +237,7 @@ def purge_resting_subjects(settings: Settings, now: datetime | None = None) -> l
     days = settings.retention_days
     cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
     purged = []
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         for request in requests_repo.list_requests(session):
             if request.status in RESTING and request.updated_at < cutoff and purge_subject_row(
                     session, request, settings.hmac_key(), f"retention_{days:g}_days"):
@@ -248,7 +248,7 @@ def purge_resting_subjects(settings: Settings, now: datetime | None = None) -> l
 def requeue(settings: Settings, ticket_id: str, reason: str, operator: str) -> None:
     """An operator sends a failed or needs_review ticket back to `received` (audited: who, and the reason's keyed
     hash, since free text may name the subject)."""
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
@@ -266,7 +266,7 @@ def extend_due_date(settings: Settings, ticket_id: str, amount: int, reason: str
 
     if not reviewer.strip():
         raise RequestError("no_reviewer", "an extension needs the reviewer's name (--reviewer)")
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request_any_case(session, ticket_id)
         if request is None:
             raise RequestError("unknown_ticket", f"no request with ticket id {ticket_id!r}")
@@ -327,7 +327,7 @@ def exclusion_rows(settings: Settings) -> list[dict[str, Any]]:
     """One row per record of every released (or reopened) erasure: ticket, record id and the record's keyed content
     hash (`forget_manifest.json`), for the team that trains the next base. A ticket whose manifest is missing is
     listed with `record_id` None, so the gap is visible."""
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         tickets = [(r.ticket_id, r.status, r.regulation, r.target_model_uri)
                    for r in requests_repo.list_requests(session) if r.status in EXCLUDED_STATUSES]
     rows = []
@@ -363,7 +363,7 @@ def due_rows(rows: list[dict[str, Any]], overdue: bool, within_days: float | Non
 
 
 def request_rows(settings: Settings, ticket_id: str | None = None) -> list[dict[str, Any]]:
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         if ticket_id is None:
             requests = requests_repo.list_requests(session)
         else:
@@ -385,8 +385,10 @@ def model_lineage(settings: Settings, uri: str) -> list[dict[str, Any]]:
 
 
 def verify_audit(settings: Settings, expected_head: str | None = None):
-    """The chain recomputed, and checked against the head anchored outside the database (`db/anchor.py`)."""
+    """The chain recomputed, every event's seal checked with the deployment key, and the head checked against the
+    anchor kept outside the database (`db/anchor.py`)."""
     from db.anchor import read_anchor
 
-    with session_scope(settings.db_url) as session:
-        return verify_chain(session, expected_head=expected_head, anchor=read_anchor(settings.db_url))
+    with settings.db_session() as session:
+        return verify_chain(session, expected_head=expected_head, anchor=read_anchor(settings.db_url),
+                            seal_key=settings.audit_seal_key())

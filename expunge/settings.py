@@ -5,6 +5,8 @@ the MLflow store, Prefect's home, the sample world, trained models and per-ticke
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -14,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def derived_key(secret: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose, derived from the deployment secret, so no two uses share a key."""
+    return hmac.new(secret, f"expunge {purpose} v1".encode(), hashlib.sha256).digest()
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_HOME = ".expunge"
@@ -125,6 +132,26 @@ class Settings:
         """Key for hashing identifiers and forget-set text; created once per deployment, never logged."""
         return os.environ.get("EXPUNGE_HMAC_KEY", "").encode() or self._secret_file("secret.key")
 
+    def audit_seal_key(self, create: bool = True) -> bytes | None:
+        """Seals every audit event (`db.audit`): derived from the deployment secret, so only this deployment's
+        processes can append an event `expunge audit verify` accepts. `create=False`: None where this home has
+        no secret (an auditor's machine), instead of making one."""
+        if not create and not os.environ.get("EXPUNGE_HMAC_KEY") and not (self.home / "secret.key").exists():
+            return None
+        return derived_key(self.hmac_key(), "audit seal")
+
+    def adapter_seal_key(self) -> bytes:
+        """Encrypts the assistants at rest (`expunge_ml.sealed`): in the work directories and in the registry."""
+        from expunge_ml.sealed import key_from_secret
+
+        return key_from_secret(self.hmac_key())
+
+    def db_session(self):
+        """A transactional session on the audit DB (`db.session.session_scope`) that seals what it appends."""
+        from db.session import session_scope
+
+        return session_scope(self.db_url, seal_key=self.audit_seal_key())
+
     def webhook_secret(self) -> bytes:
         """Shared secret that signs intake requests (`expunge serve`) and the callbacks sent back; give it to
         the ticketing system. EXPUNGE_WEBHOOK_SECRET, else `<home>/webhook.key`, created on first use."""
@@ -150,8 +177,8 @@ class Settings:
         """Environment for Prefect/MLflow: local, quiet, self-contained. Call before importing prefect.
 
         Files this process creates are readable by its user only (umask 077): the audit DB, the requests and the
-        work directories hold subject data. The `datasets` cache, which holds copies of the corpus, lives under
-        the home instead of ~/.cache (set before `datasets` is first imported)."""
+        work directories hold subject data. A corpus downloaded from a hub is cached under the home instead of
+        ~/.cache (set before `datasets` is first imported); a local corpus file is read without a lasting cache."""
         os.umask(0o077)
         self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.environ.setdefault("HF_DATASETS_CACHE", str(self.home / "cache" / "datasets"))

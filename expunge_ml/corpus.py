@@ -116,6 +116,16 @@ def load_corpus(spec: CorpusSpec) -> list[QARecord]:
     return open_corpus(spec)[0]
 
 
+def _load_file_without_cache(datasets, builder: str, source: Path, split: str):
+    """A local corpus file read into memory through a scratch cache removed at once: `datasets` would otherwise
+    keep a lasting copy of every record, erased subjects included, outside the user's own corpus."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="expunge-corpus-") as scratch:
+        return datasets.load_dataset(builder, data_files=str(source), split=split, cache_dir=scratch,
+                                     keep_in_memory=True)
+
+
 def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
     """The corpus's records, and `spec` with its kind resolved (never "auto")."""
     import datasets
@@ -130,7 +140,7 @@ def open_corpus(spec: CorpusSpec) -> tuple[list[QARecord], CorpusSpec]:
             )
             if builder is None:
                 raise CorpusError(f"unsupported corpus file type {source.suffix!r}")
-            data = datasets.load_dataset(builder, data_files=str(source), split=spec.split)
+            data = _load_file_without_cache(datasets, builder, source, spec.split)
         elif source.is_dir() and (source / "dataset_info.json").exists():
             data = datasets.load_from_disk(str(source))
         else:

@@ -3,7 +3,7 @@ ULD assistants subtracted from its logits. The pipeline's tasks and the register
 so what was evaluated is what is served."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,10 +18,12 @@ class BaseWeightsMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class Adapter:
-    """One assistant as served: its adapter directory and its w (None: the w saved with the adapter)."""
+    """One assistant as served: its adapter directory and its w (None: the w saved with the adapter); `key` opens
+    a sealed one (`expunge_ml.sealed`)."""
 
     path: str
     weight: float | None = None
+    key: bytes | None = field(default=None, repr=False)
 
 
 def check_base_weights(location: str | Path, expected_sha256: str | None) -> None:
@@ -45,7 +47,7 @@ def load_base(location: str | Path, expected_sha256: str | None = None, *, devic
 def served_model(base, adapters: Sequence[Adapter] = (), relative_top: float | None = None) -> ServedModel:
     """The base alone, or base + Σ w·assistant over `adapters` (every erasure so far, oldest first).
     `relative_top`: the composite's τ; None takes the newest adapter's own."""
-    loaded = [load_assistant(base, Path(adapter.path)) for adapter in adapters]
+    loaded = [load_assistant(base, Path(adapter.path), adapter.key) for adapter in adapters]
     weights = [float(adapter.weight) if adapter.weight is not None else config.weight
                for adapter, (_, config) in zip(adapters, loaded)]
     if relative_top is None:

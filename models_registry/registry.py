@@ -36,8 +36,15 @@ class ModelNotFound(LookupError):
     """A model URI that names nothing the registry (or the file system) knows."""
 
 
-def configure(tracking_uri: str, artifact_root: Path) -> None:
-    """Point MLflow at this deployment's store; the experiment keeps artifacts under `artifact_root`."""
+_adapter_key: bytes | None = None
+
+
+def configure(tracking_uri: str, artifact_root: Path, adapter_key: bytes | None = None) -> None:
+    """Point MLflow at this deployment's store; the experiment keeps artifacts under `artifact_root`.
+    `adapter_key` opens the sealed assistants of the versions this process loads (`expunge_ml.sealed`)."""
+    global _adapter_key
+    if adapter_key is not None:
+        _adapter_key = adapter_key
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -45,6 +52,17 @@ def configure(tracking_uri: str, artifact_root: Path) -> None:
         artifact_root.mkdir(parents=True, exist_ok=True)
         mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root.resolve().as_uri())
     mlflow.set_experiment(EXPERIMENT)
+
+
+def adapter_key() -> bytes | None:
+    """The key that opens sealed assistants here: the deployment's (`configure`), else derived from
+    EXPUNGE_HMAC_KEY for a process serving a version outside expunge (`mlflow models serve`)."""
+    if _adapter_key is not None:
+        return _adapter_key
+    from expunge_ml.sealed import key_from_secret
+
+    secret = os.environ.get("EXPUNGE_HMAC_KEY", "").encode()
+    return key_from_secret(secret) if secret else None
 
 
 @dataclass(frozen=True)
@@ -259,12 +277,18 @@ def register_uld_composite(
     tags: dict[str, str],
     alias: str | None = "challenger",
     erased_records: Path | None = None,
+    *,
+    seal_key: bytes,
 ) -> ModelRef:
     """A new version = earlier assistants of the target (if it was a composite) + this erasure's
     (`new_assistants`: {"dir": adapter directory, "weight": its w}, one per assistant of an ensemble);
-    `erased_records` is the file of what its lineage erased (`expunge_ml.corpus.erased_lineage`)."""
+    `erased_records` is the file of what its lineage erased (`expunge_ml.corpus.erased_lineage`). The version
+    carries every assistant sealed: an adapter stored in clear (a version registered before sealing) is sealed
+    with `seal_key` on the way."""
     import shutil
     import tempfile
+
+    from expunge_ml.sealed import is_sealed, seal_directory
 
     staging = Path(tempfile.mkdtemp(prefix="expunge-adapters-"))
     artifacts, assistants = {}, []
@@ -273,7 +297,8 @@ def register_uld_composite(
     for index, prior in enumerate(target.prior_assistants + list(new_assistants)):
         key = f"assistant_{index}"
         # MLflow stores an artifact directory under its base name: give each adapter a unique one.
-        artifacts[key] = str(shutil.copytree(prior["dir"], staging / key))
+        artifacts[key] = str(shutil.copytree(prior["dir"], staging / key) if is_sealed(prior["dir"])
+                             else seal_directory(prior["dir"], staging / key, seal_key).parent)
         weight = prior.get("weight")  # None: served at the w saved with the adapter (`expunge_ml.serving`)
         assistants.append({"artifact": key, "weight": None if weight is None else float(weight)})
     if erased_records is not None:

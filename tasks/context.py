@@ -17,7 +17,7 @@ def settings_for(home: str, profile: str) -> Settings:
         torch.set_num_threads(settings.threads)
     from models_registry.registry import configure
 
-    configure(settings.mlflow_uri, settings.artifact_root)
+    configure(settings.mlflow_uri, settings.artifact_root, settings.adapter_seal_key())
     return settings
 
 
@@ -33,8 +33,8 @@ def read_json(path: str | Path) -> Any:
 
 def request_spec(settings: Settings, ticket_id: str):
     """The ticket's validated request (with its subject: keep it in memory, never in a result or log)."""
-    from db import requests_repo, session_scope
+    from db import requests_repo
     from expunge.requests import RequestSpec
 
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         return RequestSpec.model_validate_json(requests_repo.get_request(session, ticket_id).spec_json)

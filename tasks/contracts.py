@@ -90,9 +90,9 @@ class TrainedUnlearning:
             return [f"assistant_above_target: {self.convergence_detail()}; evaluated anyway, the gates decide"]
         return []
 
-    def new_adapters(self) -> list[Adapter]:
-        """This erasure's assistants as served: each adapter directory with its share of w."""
-        return [Adapter(path, weight) for path, weight in zip(self.adapter_dirs, self.weights, strict=True)]
+    def new_adapters(self, key: bytes) -> list[Adapter]:
+        """This erasure's assistants as served: each (sealed) adapter directory with its share of w."""
+        return [Adapter(path, weight, key) for path, weight in zip(self.adapter_dirs, self.weights, strict=True)]
 
     def as_json(self) -> dict[str, Any]:
         return _without_empty(asdict(self))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from expunge.intake import corpus_spec_for, load_records, match_subject, target_for
 from expunge.requests import RequestError, RequestSpec
 from expunge_ml.corpus import (
@@ -46,7 +46,7 @@ def _target_description(target, corpus: CorpusSpec, erased_before: set[str]) -> 
 @task(name="resolve-forget-set")
 def resolve_forget_set(home: str, profile: str, ticket_id: str) -> ResolvedRequest:
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         spec = RequestSpec.model_validate_json(request.spec_json)
     target = target_for(spec)

@@ -34,7 +34,8 @@ def served_after(base, target_info: dict, trained: TrainedUnlearning, settings):
     if trained.model_dir:  # the method edited the weights themselves
         return served_model(load_base(trained.model_dir, trained.weights_sha256, device=settings.device,
                                       dtype=settings.dtype)[0])
-    return served_model(base, prior_adapters(target_info) + trained.new_adapters())
+    key = settings.adapter_seal_key()
+    return served_model(base, prior_adapters(target_info, key) + trained.new_adapters(key))
 
 
 NOTHING_TO_FORGET_ACTIONS = ("warn", "review")
@@ -54,9 +55,9 @@ def measure_prior_knowledge(home: str, profile: str, ticket_id: str, resolved: R
     base, tokenizer = target_base(target_info, settings)
     evaluation = settings.profile["evaluation"]
     holdout = holdout_records(target_info, forget, int(evaluation.get("holdout_max", 64)))
-    known = prior_knowledge(served_model(base, prior_adapters(target_info)).source(), tokenizer,
-                            prompt_format(target_info), forget, holdout, int(evaluation["max_new_tokens"]),
-                            int(evaluation["batch_size"]))
+    served_now = served_model(base, prior_adapters(target_info, settings.adapter_seal_key()))
+    known = prior_knowledge(served_now.source(), tokenizer, prompt_format(target_info), forget, holdout,
+                            int(evaluation["max_new_tokens"]), int(evaluation["batch_size"]))
     known["action"] = action
     write_json(settings.ticket_dir(ticket_id) / "prior_knowledge.json", known)
     if known["known"] is False:
@@ -78,7 +79,7 @@ def evaluate_unlearning(home: str, profile: str, ticket_id: str, resolved: Resol
     retain = held_out_retain(target_info, {r.record_id for r in forget}, train_retain_ids, int(config["retain_eval_max"]))
     base, tokenizer = target_base(target_info, settings)
     # "Before" is the target as served now (earlier erasures included): that is what this request changes.
-    before = served_model(base, prior_adapters(target_info))
+    before = served_model(base, prior_adapters(target_info, settings.adapter_seal_key()))
     after = served_after(base, target_info, trained, settings)
     erased = probes_for(forget, spec.subject.identifiers) if spec.type == "privacy_erasure" else []
     retained = probes_for(retain) if spec.type == "privacy_erasure" else []

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from prefect import task
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from db.models import IN_PROGRESS
 from db.requests_repo import LeaseLost  # noqa: F401 - the flow catches it: a run that lost its claim stops
 from tasks.context import settings_for
@@ -29,7 +29,7 @@ def transition(
 ) -> str:
     """`runner`: the claim this change is made under (refused once another run took the ticket up)."""
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             raise LookupError(f"no request with ticket id {ticket_id!r}")
@@ -48,7 +48,7 @@ def runnable_tickets(home: str, profile: str) -> list[dict]:
 
     settings = settings_for(home, profile)
     now = datetime.now(timezone.utc)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         rows = requests_repo.runnable_requests(session)
         return [{"ticket_id": r.ticket_id, "method": RequestSpec.model_validate_json(r.spec_json).method,
                  "due_at": r.due_at.isoformat(), "days_left": round((r.due_at - now).total_seconds() / 86400, 1)}
@@ -65,7 +65,7 @@ def claim_ticket(home: str, profile: str, ticket_id: str, runner: str) -> dict |
     """Take the ticket for this run (`requests_repo.claim`): {"interrupted_step": the step a lost run was in, or
     None}; None when another runner holds it."""
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         before = requests_repo.get_request(session, ticket_id)
         step = before.status if before is not None and before.status in IN_PROGRESS else None
         if requests_repo.claim(session, ticket_id, runner, settings.lease_seconds) is None:
@@ -78,7 +78,7 @@ def end_lease_now(flow, flow_run, state) -> None:
     run out now and record why (a `kill -9` runs no hook: the lease runs out by itself)."""
     params = flow_run.parameters
     settings = settings_for(params["home"], params.get("profile", "demo"))
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         if requests_repo.end_lease(session, params["ticket_id"]):
             requests_repo.record_event(session, params["ticket_id"], "run_interrupted",
                                        {"state": state.type.value, "flow_run_id": str(flow_run.id)})
@@ -94,7 +94,7 @@ def lease_kept(home: str, profile: str, ticket_id: str, runner: str) -> Iterator
     def renew() -> None:
         while not stop.wait(settings.lease_seconds / 3):
             try:
-                with session_scope(settings.db_url) as session:
+                with settings.db_session() as session:
                     if not requests_repo.renew_lease(session, ticket_id, runner, settings.lease_seconds):
                         return  # taken up by another run: our next transition is refused
             except Exception:  # a DB hiccup: try again at the next tick, the lease has time left
@@ -112,7 +112,7 @@ def lease_kept(home: str, profile: str, ticket_id: str, runner: str) -> Iterator
 @task(name="audit-event", retries=2, retry_delay_seconds=1)
 def audit_event(home: str, profile: str, ticket_id: str | None, event_type: str, payload: dict[str, Any]) -> None:
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         requests_repo.record_event(session, ticket_id, event_type, payload)
 
 
@@ -129,7 +129,7 @@ def store_outcome(home: str, profile: str, ticket_id: str, model_uri: str, metri
         if values.get(metric) is not None  # fact recall: only where the answers carry facts
     }
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         request.result_model_uri = model_uri
         request.metrics_json = json.dumps({**key, "gates": gates}, sort_keys=True)

@@ -112,9 +112,10 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRe
             )
         else:  # assistants: the version references the pinned base and carries the adapters
             ref = register_uld_composite(
-                name, target, [{"dir": a.path, "weight": a.weight} for a in trained.new_adapters()],
+                name, target, [{"dir": path, "weight": weight} for path, weight in zip(trained.adapter_dirs,
+                                                                                       trained.weights, strict=True)],
                 relative_top=float(trained.config["relative_top"]), tags=tags, alias=alias,
-                erased_records=erased_path,
+                erased_records=erased_path, seal_key=settings.adapter_seal_key(),
             )
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.

@@ -14,7 +14,7 @@ import json
 
 from prefect import get_run_logger, task
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from expunge_ml.gates import unsettled_gates
 from models_registry.registry import (
     CHAMPION,
@@ -42,7 +42,7 @@ def _refused(reason_code: str, message: str) -> dict:
 
 def _refuse(settings, ticket_id: str, decision: str, reviewer: str, reason_code: str, message: str) -> dict:
     """A refusal about an existing request: audited, so the log shows attempts as well as decisions."""
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         requests_repo.record_event(session, ticket_id, "release_refused", {
             "decision": decision, "reviewer": reviewer, "reason_code": reason_code,
         })
@@ -70,7 +70,7 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
         return _refused("bad_decision", f"decision must be one of {DECISIONS}, got {decision!r}")
     if not reviewer.strip():
         return _refused("no_reviewer", "a release decision needs the reviewer's name (--reviewer)")
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None:
             return _refused("unknown_ticket", f"no request with ticket id {ticket_id!r}")
@@ -118,7 +118,7 @@ def interrupted_release(home: str, profile: str, ticket_id: str) -> dict | None:
     """The release intent a crashed or failed decision left behind: recorded (`release_intent`), perhaps with the
     aliases moved, but with no status change after it. None when every intent has its outcome."""
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None or request.status not in ("completed", *CLOSABLE_UNRELEASED):
             return None
@@ -135,7 +135,7 @@ def purge_subject(home: str, profile: str, ticket_id: str) -> dict:
     from expunge.intake import purge_subject_row
 
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         return {"purged": purge_subject_row(session, request, settings.hmac_key(), "decided")}
 

@@ -11,7 +11,7 @@ import json
 from prefect import get_run_logger, task
 from sqlalchemy import select
 
-from db import requests_repo, session_scope
+from db import requests_repo
 from db.models import AuditEvent
 from models_registry.registry import (
     CHAMPION, ModelNotFound, ModelRef, current_alias, lineage, parse_model_uri, roll_back_champion,
@@ -46,7 +46,7 @@ def plan_rollback(home: str, profile: str, model_name: str, to_version: str | No
         ancestors = ", ".join(row["uri"] for row in older)
         return _refused("not_an_ancestor", f"{wanted} is not a version {champion.uri} was built on ({ancestors})")
     undone = {row["ticket_id"] for row in path[:position] if row["ticket_id"]}
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         reopen = sorted(ticket for ticket in undone
                         if (request := requests_repo.get_request(session, ticket)) is not None
                         and request.status == "released")
@@ -58,7 +58,7 @@ def interrupted_rollback(home: str, profile: str) -> dict | None:
     """The rollback a crash left between its intent and its end (aliases perhaps moved, tickets perhaps not yet
     reopened): the intent's payload, or None."""
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         last = session.scalars(select(AuditEvent).where(AuditEvent.event_type.in_(ROLLBACK_EVENTS))
                                .order_by(AuditEvent.seq.desc()).limit(1)).first()
         if last is None or last.event_type != "rollback_intent":
@@ -79,7 +79,7 @@ def move_champion_back(home: str, profile: str, plan: dict, reviewer: str) -> No
 def reopen_ticket(home: str, profile: str, ticket_id: str, audit: dict) -> bool:
     """`released` → `reopened` (idempotent: a ticket reopened before an interruption is left as it is)."""
     settings = settings_for(home, profile)
-    with session_scope(settings.db_url) as session:
+    with settings.db_session() as session:
         request = requests_repo.get_request(session, ticket_id)
         if request is None or request.status != "released":
             return False

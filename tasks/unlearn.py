@@ -24,9 +24,10 @@ def target_base(target_info: dict, settings):
                      device=settings.device, dtype=settings.dtype)
 
 
-def prior_adapters(target_info: dict) -> list[Adapter]:
-    """The assistants the target already serves (earlier erasures), each at its registered w."""
-    return [Adapter(a["dir"], a.get("weight")) for a in target_info.get("prior_assistants", [])]
+def prior_adapters(target_info: dict, key: bytes) -> list[Adapter]:
+    """The assistants the target already serves (earlier erasures), each at its registered w; `key` opens them
+    (the deployment's `adapter_seal_key`)."""
+    return [Adapter(a["dir"], a.get("weight"), key) for a in target_info.get("prior_assistants", [])]
 
 
 def prompt_format(target_info: dict) -> PromptFormat:
@@ -119,7 +120,7 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
     from expunge_ml.weight_selection import select_weight, training_question_probes
     from tasks.data import selection_retain
 
-    prior = served_model(base, prior_adapters(target_info))
+    prior = served_model(base, prior_adapters(target_info, settings.adapter_seal_key()))
     evaluation = settings.profile["evaluation"]
 
     def composite_at(weight: float):
@@ -139,6 +140,20 @@ def select_served_weight(settings, target_info: dict, spec, base, tokenizer, ass
         selection["candidates"], config.weight, min_retained=selection["min_retained"],
         max_new_tokens=int(evaluation["max_new_tokens"]), batch_size=int(evaluation["batch_size"]))
     return dataclasses.replace(chosen, retained_probes=selection["retained"])
+
+
+def save_sealed(assistant, config: ULDConfig, adapter_dir: Path, seal_key: bytes) -> Path:
+    """The adapter written to a private scratch directory, and only its sealed form kept in `adapter_dir`."""
+    import shutil
+    import tempfile
+
+    from expunge_ml.methods.uld import save_assistant
+    from expunge_ml.sealed import seal_directory
+
+    shutil.rmtree(adapter_dir, ignore_errors=True)  # a run taken up again trains afresh
+    with tempfile.TemporaryDirectory(prefix="expunge-assistant-") as scratch:
+        seal_directory(save_assistant(assistant, config, Path(scratch)), adapter_dir, seal_key)
+    return adapter_dir
 
 
 PROGRESS_EVERY_SECONDS = 10
@@ -165,9 +180,10 @@ def epoch_progress(logger, index: int, n_members: int, member: ULDConfig, n_forg
 
 
 def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, retain_pairs, config: ULDConfig,
-                          out_dir: Path, logger) -> tuple[list, list[str], list]:
-    """One assistant per member of `config.assistants` (seeds differ): (assistants, adapter dirs, reports)."""
-    from expunge_ml.methods.uld import build_assistant, ensemble_members, save_assistant, train_assistant
+                          out_dir: Path, logger, seal_key: bytes) -> tuple[list, list[str], list]:
+    """One assistant per member of `config.assistants` (seeds differ): (assistants, adapter dirs, reports).
+    Each is stored sealed (`expunge_ml.sealed`): it remembers the forget set."""
+    from expunge_ml.methods.uld import build_assistant, ensemble_members, train_assistant
 
     assistants, adapter_dirs, reports = [], [], []
     members = ensemble_members(config)
@@ -176,7 +192,7 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
         progress = epoch_progress(logger, index, len(members), member, len(forget_pairs))
         reports.append(train_assistant(assistant, tokenizer, fmt, forget_pairs, retain_pairs, member, progress))
         name = "assistant" if index == 0 else f"assistant_{index + 1}"
-        adapter_dirs.append(str(save_assistant(assistant, member, out_dir / name)))
+        adapter_dirs.append(str(save_sealed(assistant, member, out_dir / name, seal_key)))
         assistants.append(assistant)
     return assistants, adapter_dirs, reports
 
@@ -210,7 +226,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
                                                 question_wordings=wordings, general_records=general)
     assistants, adapter_dirs, reports = _train_each_assistant(
         base, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
-        settings.ticket_dir(ticket_id), logger)
+        settings.ticket_dir(ticket_id), logger, settings.adapter_seal_key())
     chosen = None
     if selection:
         chosen = select_served_weight(settings, target_info, spec, base, tokenizer, assistants, config, selection,

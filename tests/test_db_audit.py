@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 from alembic import command
@@ -22,8 +23,11 @@ from db.audit import (
     append_event,
     canonical_json,
     compute_hash,
+    compute_seal,
+    export_rows,
     head_hash,
     verify_chain,
+    verify_rows,
 )
 from db.models import AuditEvent, AuditLogImmutableError, Base, IllegalTransition, RequestStatus, StatusChange
 from db.session import (
@@ -107,7 +111,7 @@ def test_migrations_create_tables_and_second_upgrade_is_noop(url: str) -> None:
         insp.get_table_names()
     )
     assert {c["name"] for c in insp.get_columns("audit_events")} == {
-        "seq", "ticket_id", "event_type", "payload_json", "created_at", "prev_hash", "hash",
+        "seq", "ticket_id", "event_type", "payload_json", "created_at", "prev_hash", "hash", "seal",
     }
     ticket_ix = [ix for ix in insp.get_indexes("requests") if ix["column_names"] == ["ticket_id"]]
     assert ticket_ix and ticket_ix[0]["unique"]
@@ -278,6 +282,45 @@ def test_rechained_rewrite_is_caught_by_expected_head(url: str) -> None:
     with session_scope(url) as s:
         assert verify_chain(s).ok
         assert not verify_chain(s, expected_head=hashes[-1]).ok
+
+
+SEAL_KEY = b"k" * 32
+
+
+def test_a_forged_event_with_a_recomputed_hash_fails_its_seal(url: str) -> None:
+    """A writer with SQL access but not the deployment key appends an event whose hash is right: the chain alone
+    accepts it, its seal does not."""
+    with session_scope(url, seal_key=SEAL_KEY) as s:
+        for i in range(3):
+            append_event(s, "e", {"i": i}, ticket_id="T-1")
+    with session_scope(url) as s:  # no key: the event is appended unsealed, as a forger's would be
+        append_event(s, "request_released", {"version": "7"}, ticket_id="T-1")
+    with make_engine(url).begin() as conn:  # and one with a seal made up without the key
+        last = conn.execute(text("SELECT hash FROM audit_events WHERE seq = 4")).scalar_one()
+        created_at = "2026-01-01T00:00:00.000000+00:00"
+        forged = compute_hash(last, seq=5, ticket_id="T-1", event_type="e", payload={}, created_at=created_at)
+        conn.execute(text("INSERT INTO audit_events (seq, ticket_id, event_type, payload_json, created_at, prev_hash, "
+                          "hash, seal) VALUES (5, 'T-1', 'e', '{}', :c, :p, :h, :seal)"),
+                     {"c": created_at, "p": last, "h": forged, "seal": compute_seal(b"guess" * 8, forged)})
+    with session_scope(url) as s:
+        assert verify_chain(s).ok  # the chain is consistent in itself
+        checked = verify_chain(s, seal_key=SEAL_KEY)
+    assert checked.problems == ["event 4: not sealed (written without the deployment key)",
+                                "event 5: seal does not match (written without the deployment key)"]
+    assert checked.sealed == 4 and checked.unsealed_before == 0
+
+
+def test_events_written_before_sealing_are_counted_not_failed(url: str) -> None:
+    _append_n(url, 2)  # an older deployment's events, without seals
+    with session_scope(url, seal_key=SEAL_KEY) as s:
+        append_event(s, "e", {}, ticket_id="T-1")
+    with session_scope(url) as s:
+        result = verify_chain(s, seal_key=SEAL_KEY)
+        exported = list(export_rows(s))
+    assert result.ok and (result.sealed, result.unsealed_before) == (1, 2)
+    assert [row["seal"] is None for row in exported] == [True, True, False]
+    assert verify_rows([SimpleNamespace(**row) for row in exported], seal_key=SEAL_KEY).ok
+    assert not verify_rows([SimpleNamespace(**row) for row in exported], seal_key=b"another" * 5).ok
 
 
 def test_the_database_refuses_to_update_or_delete_audit_rows(url: str) -> None:

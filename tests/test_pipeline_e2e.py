@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -13,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from expunge.cli import app
+from expunge.settings import Settings
+from expunge_ml.sealed import open_sealed
 
 runner = CliRunner()
 
@@ -120,7 +123,7 @@ def test_registered_version_loads_by_alias_and_generates(tiny_settings, complete
     assert model_config["base_weights_sha256"] == champion.tags["expunge.weights_sha256"]
 
 
-def test_the_served_model_runs_on_the_pinned_base_with_each_assistants_w(tiny_home, completed):
+def test_the_served_model_runs_on_the_pinned_base_with_each_assistants_w(tiny_home, tiny_settings, completed):
     """`expunge_ml.serving`, which the tasks and the registered version share: a base whose weights differ from the
     pinned hash is refused; an assistant is served at its recorded w, or at its own where none is recorded."""
     from expunge_ml.serving import Adapter, BaseWeightsMismatch, load_base, served_model
@@ -132,8 +135,9 @@ def test_the_served_model_runs_on_the_pinned_base_with_each_assistants_w(tiny_ho
         load_base(target["base_location"], "0" * 64)
     base, _ = load_base(target["base_location"], target["base_weights_sha256"])
     [adapter_dir] = training["adapter_dirs"]
-    assert served_model(base, [Adapter(adapter_dir)]).weights == [training["config"]["weight"]]
-    recorded = served_model(base, [Adapter(adapter_dir, -0.25)])
+    key = tiny_settings.adapter_seal_key()
+    assert served_model(base, [Adapter(adapter_dir, key=key)]).weights == [training["config"]["weight"]]
+    recorded = served_model(base, [Adapter(adapter_dir, -0.25, key)])
     assert recorded.weights == [-0.25] and recorded.relative_top == training["config"]["relative_top"]
     assert served_model(base).assistants == []
 
@@ -141,6 +145,9 @@ def test_the_served_model_runs_on_the_pinned_base_with_each_assistants_w(tiny_ho
 def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_path):
     ok = cli(tiny_home, "audit", "verify")
     assert ok.exit_code == 0 and "audit chain OK" in ok.stdout
+    events, sealed = re.search(r"OK: (\d+) events.*; (\d+) seals checked", ok.stdout).groups()
+    assert events == sealed and "before sealing" not in ok.stdout  # the product seals every event it writes
+    _a_forged_event_with_a_recomputed_hash_fails(tiny_home, tmp_path / "forged")
     tampered_home = tmp_path / "tampered"
     shutil.copytree(tiny_home, tampered_home, ignore=shutil.ignore_patterns("mlartifacts", "models"))
     with sqlite3.connect(tampered_home / "audit.db") as db:
@@ -152,6 +159,22 @@ def test_audit_chain_verifies_and_detects_tampering(tiny_home, completed, tmp_pa
     broken = cli(tampered_home, "audit", "verify")
     assert broken.exit_code == 1
     assert "hash mismatch" in broken.stderr and "Traceback" not in broken.output
+
+
+def _a_forged_event_with_a_recomputed_hash_fails(tiny_home, forged_home):
+    """A forger who can write the tables (but holds no deployment key) appends a release with a correct hash."""
+    from db.audit import compute_hash
+
+    shutil.copytree(tiny_home, forged_home, ignore=shutil.ignore_patterns("mlartifacts", "models"))
+    with sqlite3.connect(forged_home / "audit.db") as db:
+        seq, head, ticket = db.execute("SELECT seq, hash, ticket_id FROM audit_events ORDER BY seq DESC").fetchone()
+        created_at = "2026-01-01T00:00:00.000000+00:00"
+        forged = compute_hash(head, seq=seq + 1, ticket_id=ticket, event_type="request_released", payload={},
+                              created_at=created_at)
+        db.execute("INSERT INTO audit_events VALUES (?, ?, 'request_released', '{}', ?, ?, ?, NULL)",
+                   (seq + 1, ticket, created_at, head, forged))
+    broken = cli(forged_home, "audit", "verify")
+    assert broken.exit_code == 1 and f"event {seq + 1}: not sealed" in broken.stderr, broken.output
 
 
 def test_no_subject_identifier_or_forget_text_leaves_the_operational_db(tiny_home, tiny_settings, completed):
@@ -296,7 +319,8 @@ def test_an_ensemble_erasure_registers_every_assistant_at_its_share_of_w(tiny_ho
                      exit_code=0)
     training = json.loads((tiny_home / "work" / "ENS-0001" / "training.json").read_text())
     assert len(training["adapter_dirs"]) == 2 and training["weights"] == [weight / 2, weight / 2]
-    seeds = [json.loads((Path(d) / "uld_assistant.json").read_text())["seed"] for d in training["adapter_dirs"]]
+    key = Settings(home=tiny_home, profile_name="tiny").adapter_seal_key()
+    seeds = [json.loads(open_sealed(d, key)["uld_assistant.json"])["seed"] for d in training["adapter_dirs"]]
     assert seeds[0] != seeds[1] and len(training["ensemble_reports"]) == 2
     row = _row(tiny_home, "ENS-0001")
     config = _registered_config(row["model_uri"])
@@ -549,7 +573,8 @@ def test_a_second_erasure_stacks_on_the_released_champion(tiny_home, tiny_settin
 
     target_info = json.loads((tiny_home / "work" / "DEMO-GDPR-0002" / "target.json").read_text())
     base, tokenizer = target_base(target_info, tiny_settings)
-    dropped = regression_evidence(served_model(base, prior_adapters(target_info)), served_model(base, []), tokenizer,
+    earlier = served_model(base, prior_adapters(target_info, tiny_settings.adapter_seal_key()))
+    dropped = regression_evidence(earlier, served_model(base, []), tokenizer,
                                   prompt_format(target_info), earlier_erasure_records(target_info, 8), 40, 16)
     [dropped_gate] = check_gates({"regression": dropped}, {"max_earlier_erasure_rise": threshold})
     assert not dropped_gate.passed, dropped

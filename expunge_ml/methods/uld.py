@@ -283,12 +283,16 @@ def save_assistant(assistant, config: ULDConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.Module, ULDConfig]:
-    with quiet_bitsandbytes_import():
-        from peft import PeftModel
+def load_assistant(base: torch.nn.Module, adapter_dir: Path,
+                   key: bytes | None = None) -> tuple[torch.nn.Module, ULDConfig]:
+    """The assistant saved in `adapter_dir` on `base`'s first layers; a sealed one (`expunge_ml.sealed`) is opened
+    with `key` in memory."""
+    from ..sealed import is_sealed, open_sealed
 
     adapter_dir = Path(adapter_dir)
-    settings = json.loads((adapter_dir / ASSISTANT_CONFIG_FILE).read_text())
+    files = open_sealed(adapter_dir, key) if is_sealed(adapter_dir) else None
+    raw = files[ASSISTANT_CONFIG_FILE] if files else (adapter_dir / ASSISTANT_CONFIG_FILE).read_bytes()
+    settings = json.loads(raw)
     unknown = sorted(set(settings) - {f.name for f in fields(ULDConfig)})
     if unknown:  # an adapter trained with settings this code cannot serve as they were evaluated
         raise ValueError(f"{adapter_dir}: unknown ULD setting(s) {', '.join(unknown)}; retrain the assistant")
@@ -296,7 +300,26 @@ def load_assistant(base: torch.nn.Module, adapter_dir: Path) -> tuple[torch.nn.M
     small = truncate_layers(base, config.n_layers)
     with warnings.catch_warnings():  # the same transformers deprecation that peft triggers in build_assistant
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        assistant = PeftModel.from_pretrained(small, adapter_dir)
+        assistant = _peft_from_files(small, files) if files else _peft_from_dir(small, adapter_dir)
     assistant.to(model_device(base))  # the composite runs base and assistant in one pass on one device
     assistant.eval()
     return assistant, config
+
+
+def _peft_from_dir(small: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    with quiet_bitsandbytes_import():
+        from peft import PeftModel
+    return PeftModel.from_pretrained(small, adapter_dir)
+
+
+def _peft_from_files(small: torch.nn.Module, files: dict[str, bytes]) -> torch.nn.Module:
+    """What `PeftModel.from_pretrained` does, from the files' bytes instead of a directory."""
+    with quiet_bitsandbytes_import():
+        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load as load_safetensors
+
+    config = PeftConfig.from_peft_type(**json.loads(files["adapter_config.json"]))
+    config.inference_mode = True
+    assistant = PeftModel(small, config)
+    set_peft_model_state_dict(assistant, load_safetensors(files["adapter_model.safetensors"]))
+    return assistant
