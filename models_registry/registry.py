@@ -404,18 +404,32 @@ ORPHANED_TAG = "expunge.orphaned"
 
 def mark_orphaned_versions(ticket_id: str, reason: str) -> list[str]:
     """Versions an interrupted run of `ticket_id` registered before it could record them: tagged orphaned and
-    stripped of `challenger`, so only the run that completes the ticket leaves a servable version. Their URIs."""
+    stripped of `challenger`, so only the run that completes the ticket leaves a servable version. Their URIs.
+    Found by their own tag and by their MLflow run's: a run lost between `log_model` and the tagging leaves a
+    version with no tags at all."""
     client = MlflowClient()
     orphans = []
-    for version in client.search_model_versions(f"tags.`expunge.ticket_id` = '{ticket_id}'"):
+    for version in _versions_of_ticket(client, ticket_id):
         if version.tags.get(ORPHANED_TAG):
             continue
         ref = ModelRef(version.name, str(version.version))
         if current_alias(ref.name, CHALLENGER) == ref:
             client.delete_registered_model_alias(ref.name, CHALLENGER)
+        client.set_model_version_tag(ref.name, ref.version, "expunge.ticket_id", ticket_id)
         client.set_model_version_tag(ref.name, ref.version, ORPHANED_TAG, reason)
         orphans.append(ref.uri)
     return orphans
+
+
+def _versions_of_ticket(client: MlflowClient, ticket_id: str) -> list:
+    """Versions tagged with `ticket_id`, and those registered from an MLflow run tagged with it."""
+    found = {(v.name, v.version): v for v in client.search_model_versions(f"tags.`expunge.ticket_id` = '{ticket_id}'")}
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is not None:
+        for run in client.search_runs([experiment.experiment_id], f"tags.`expunge.ticket_id` = '{ticket_id}'"):
+            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+                found.setdefault((version.name, version.version), version)
+    return sorted(found.values(), key=lambda v: (v.name, int(v.version)))
 
 
 def withdraw_challenger(ref: ModelRef, tags: dict[str, str]) -> None:

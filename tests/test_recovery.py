@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,20 @@ def _changes(home: Path, ticket: str) -> list[tuple[str, str]]:
         return list(db.execute(
             "SELECT s.from_status, s.to_status FROM status_changes s JOIN requests r ON r.id = s.request_id "
             "WHERE r.ticket_id = ? ORDER BY s.id", (ticket,)))
+
+
+def _lease(home: Path, ticket: str) -> tuple[str | None, datetime | None]:
+    """Who holds the ticket and until when (UTC)."""
+    with sqlite3.connect(home / "audit.db") as db:
+        holder, until = db.execute("SELECT claimed_by, lease_expires_at FROM requests WHERE ticket_id = ?",
+                                   (ticket,)).fetchone()
+    return holder, datetime.fromisoformat(until).replace(tzinfo=timezone.utc) if until else None
+
+
+def _events(home: Path, ticket: str) -> list[tuple[str, dict]]:
+    with sqlite3.connect(home / "audit.db") as db:
+        return [(e, json.loads(p)) for e, p in db.execute(
+            "SELECT event_type, payload_json FROM audit_events WHERE ticket_id = ? ORDER BY seq", (ticket,))]
 
 
 def _submit(home: Path, tmp_path: Path, profile: str, request: dict) -> None:
@@ -99,8 +114,185 @@ def test_a_run_killed_during_training_is_taken_up_when_its_lease_runs_out(tiny_h
     assert mark_orphaned_versions("CRASH-0001", "lease_expired") == []  # once
 
 
+# Runs `expunge run TICKET` with a pause at one point of the pipeline: there it writes argv[1] (a marker) and waits
+# for argv[2] to exist. Prefect runs the tasks in this process, so the patches below reach them.
+PAUSED_RUN = r"""
+import sys, time
+from pathlib import Path
+
+import db.session
+import flows.process_request
+import models_registry.registry as registry
+
+marker, go, where, ticket = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+
+def pause(note):
+    marker.write_text(note)
+    while not go.exists():
+        time.sleep(0.1)
+
+
+if where == "version_created":  # MLflow made the version; nothing tagged it yet
+    created = registry._registered_version
+
+    def _registered_version(info, name):
+        ref = created(info, name)
+        pause(ref.uri)
+        return ref
+
+    registry._registered_version = _registered_version
+elif where == "before_registering":  # evaluated; the move to `registering` waits (a DB outage begins meanwhile)
+    db.session.SQLITE_BUSY_TIMEOUT_S = 1.0  # before any engine is made: a locked DB fails fast
+    move = flows.process_request.transition
+
+    def transition(*args, **kwargs):
+        if args[3] == "registering":
+            pause("")
+        return move(*args, **kwargs)
+
+    flows.process_request.transition = transition
+else:
+    raise SystemExit(f"unknown pause point {where}")
+
+from expunge.cli import app
+
+app(["run", ticket], prog_name="expunge")
+"""
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _paused_run(home: Path, tmp_path: Path, ticket: str, where: str, lease_seconds: int,
+                profile: str = "tiny") -> tuple[subprocess.Popen, Path, Path, Path]:
+    """`expunge run ticket` in its own process group, pausing at `where`: (process, marker, go file, its output)."""
+    marker, go, output = tmp_path / f"{where}.reached", tmp_path / f"{where}.go", tmp_path / f"{where}.out"
+    with output.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, str(marker), str(go), where, ticket],
+                                   cwd=ROOT, env=_env(home, profile, lease_seconds), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return process, marker, go, output
+
+
+def _wait_for(marker: Path, process: subprocess.Popen, output: Path, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the run never reached the pause point:\n{output.read_text()[-4000:]}")
+        time.sleep(0.2)
+    time.sleep(0.2)  # the note is written
+    return marker.read_text()
+
+
+def _sample_request(tiny_home: Path, ticket: str) -> dict:
+    sample = yaml.safe_load((tiny_home / "sample_world" / "sample_request.yaml").read_text())
+    return {**{k: sample[k] for k in ("type", "regulation", "subject")}, "ticket_id": ticket,
+            "target_model": str(tiny_home / "models" / "sample-base"),
+            "corpus": {"source": str(tiny_home / "sample_world" / "corpus.jsonl"),
+                       "holdout": str(tiny_home / "sample_world" / "holdout.jsonl")}}
+
+
+def _completing_run(home: Path, lease_seconds: int) -> subprocess.CompletedProcess:
+    """The scheduled-run form (`expunge run`), in a process of its own: torch here is not held to one thread,
+    which on a busy machine slows training a hundredfold."""
+    return subprocess.run([*EXPUNGE, "run"], env=_env(home, "tiny", lease_seconds), capture_output=True, text=True,
+                          timeout=600)
+
+
+def _one_live_version(home: Path, ticket: str, orphans: list[str]):
+    """Every version of the ticket's registered name: `orphans` tagged orphaned without `challenger`, exactly one
+    other (the completing run's) holding `challenger`. By name, not tag: an untagged stray counts too."""
+    from tasks.context import settings_for
+
+    settings_for(str(home), "tiny")  # MLflow: this home's store
+    client = MlflowClient()
+    (ours,) = {v.name for v in client.search_model_versions(f"tags.`expunge.ticket_id` = '{ticket}'")}
+    versions = client.search_model_versions(f"name = '{ours}'")
+    for uri in orphans:
+        _, name, number = uri.rsplit("/", 2)
+        orphan = client.get_model_version(name, number)
+        assert orphan.tags.get("expunge.orphaned") == "lease_expired", (uri, orphan.tags)
+        assert "challenger" not in orphan.aliases
+    live = [v for v in versions if "expunge.orphaned" not in v.tags]
+    assert len(live) == 1, [(v.version, v.tags) for v in versions]
+    (live,) = live
+    assert live.tags["expunge.ticket_id"] == ticket and f"models:/{live.name}/{live.version}" not in orphans
+    assert "challenger" in client.get_model_version(live.name, live.version).aliases  # search leaves aliases out
+    return live
+
+
+def test_a_run_killed_during_registering_leaves_an_orphan_the_next_run_marks(tiny_home, tmp_path):
+    """kill -9 after MLflow made the version, before anything tagged it: the next run (once the lease ran out)
+    finds it through its MLflow run, tags it orphaned, and completes the ticket with a version of its own. (A
+    tagged version holding `challenger` is marked the same way: test_a_run_killed_during_training_….)"""
+    home, ticket, where = tmp_path / "home", "REGCRASH-0001", "version_created"
+    _submit(home, tmp_path, "tiny", _sample_request(tiny_home, ticket))
+    lease = 6
+    crashed, marker, _, output = _paused_run(home, tmp_path, ticket, where, lease)
+    orphan = _wait_for(marker, crashed, output)
+    os.killpg(crashed.pid, signal.SIGKILL)  # kill -9: no hook runs, the lease is left to run out
+    crashed.wait()
+    assert orphan.startswith("models:/") and _status(home, ticket) == "registering"
+
+    held = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "run", ticket])
+    assert held.exit_code == 2 and "held by runner" in held.output + held.stderr
+    time.sleep(lease + 1)
+    again = _completing_run(home, lease)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert _status(home, ticket) == "completed"
+    assert ("registering", "received") in _changes(home, ticket)  # lease_expired, audited
+    marked = [p for e, p in _events(home, ticket) if e == "orphaned_versions_marked"]
+    assert [p["model_uris"] for p in marked] == [[orphan]]
+    _one_live_version(home, ticket, [orphan])
+    verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_run_that_loses_its_database_mid_run_is_repaired_by_the_next_run(tiny_home, tmp_path):
+    """The audit DB is locked by another writer past the busy timeout just as the run moves to `registering`: the
+    move fails, and so does recording `failed`. The ticket is stranded in progress under the dead run's lease
+    (no model registered); once that lease runs out the next `expunge run` takes it up and completes it."""
+    home, ticket = tmp_path / "home", "DBDOWN-0001"
+    _submit(home, tmp_path, "tiny", _sample_request(tiny_home, ticket))
+    lease = 40  # outlasts the failing run's retries, so the stranded lease is still held when the DB is back
+    stranded, marker, go, output = _paused_run(home, tmp_path, ticket, "before_registering", lease)
+    _wait_for(marker, stranded, output)
+    assert _status(home, ticket) == "evaluating"
+    outage = sqlite3.connect(home / "audit.db", isolation_level=None)
+    try:
+        outage.execute("BEGIN EXCLUSIVE")  # readers and writers alike get "database is locked"
+        go.touch()
+        stranded.wait(timeout=300)
+    finally:
+        outage.rollback()
+        outage.close()
+    log = output.read_text()
+    assert stranded.returncode != 0 and "database is locked" in log, log[-4000:]
+
+    assert _status(home, ticket) == "evaluating"  # left in progress: neither `registering` nor `failed` was written
+    holder, until = _lease(home, ticket)
+    assert holder is not None and until > datetime.now(timezone.utc), (holder, until)
+    held = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "run", ticket])
+    assert held.exit_code == 2 and "held by runner" in held.output + held.stderr
+    from tasks.context import settings_for
+
+    settings_for(str(home), "tiny")  # MLflow: this home's store, where nothing was registered
+    assert MlflowClient().search_model_versions(f"tags.`expunge.ticket_id` = '{ticket}'") == []
+
+    time.sleep(max(0.0, (until - datetime.now(timezone.utc)).total_seconds()) + 1)
+    again = _completing_run(home, lease)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert _status(home, ticket) == "completed"
+    assert ("evaluating", "received") in _changes(home, ticket)  # lease_expired, audited
+    assert _lease(home, ticket) == (None, None)
+    _one_live_version(home, ticket, [])
+    verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
+    assert verified.exit_code == 0, verified.output
+
+
 def test_two_runners_started_together_process_each_ticket_once(tiny_home, tmp_path):
-    """Four erasures of a person the model never learned, under a profile that stops them at `needs_review`
+    """Five erasures of a person the model never learned, under a profile that stops them at `needs_review`
     before training (so the test is about claiming, not training): each is resolved by exactly one runner."""
     world = tiny_home / "sample_world"
     holdout = [json.loads(line) for line in (world / "holdout.jsonl").read_text().splitlines()]
@@ -115,7 +307,7 @@ def test_two_runners_started_together_process_each_ticket_once(tiny_home, tmp_pa
     profile_path = tmp_path / "review.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     home = tmp_path / "home"
-    tickets = [f"RACE-{i}" for i in range(4)]
+    tickets = [f"RACE-{i}" for i in range(5)]
     for i, ticket in enumerate(tickets):
         _submit(home, tmp_path, str(profile_path), {
             "ticket_id": ticket, "type": "privacy_erasure", "regulation": "GDPR",
