@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 
 from .logits import LogitSource
-from .metrics import sequence_log_probs, shift_for_next_token
+from .metrics import sequence_log_probs
 from .prompting import (
+    IGNORE_INDEX,
     PromptFormat,
     collate_qa,
     encode_prompt,
@@ -94,13 +95,24 @@ def score_answers(
     pairs: Sequence[tuple[str, str]],
     batch_size: int = 16,
 ) -> list[AnswerScore]:
-    """Teacher-forced log-probability of each answer given its question, one forward pass per batch."""
+    """Teacher-forced log-probability of each answer given its question, one forward pass per batch, in the order
+    of `pairs`. Batches hold pairs of similar length (less padding to run through the model), and logits are
+    computed only at the positions some row's answer is scored at, not over prompts and padding."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    by_length = [pairs[i] for i in order]
     scores: list[AnswerScore] = []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_qa(tokenizer, fmt, pairs[start : start + batch_size])
+    for start in range(0, len(by_length), batch_size):
+        batch = collate_qa(tokenizer, fmt, by_length[start : start + batch_size])
         positions = position_ids_from_mask(batch["attention_mask"])
-        logits, _ = source.step(batch["input_ids"], batch["attention_mask"], positions)
-        shifted_logits, shifted_labels = shift_for_next_token(logits, batch["labels"].to(logits.device))
-        sums, counts = sequence_log_probs(shifted_logits, shifted_labels)
+        labels = batch["labels"][:, 1:]  # the logit at position t predicts the label at t + 1
+        scored = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+        if scored.numel() == 0:  # no answer tokens at all: every score is an empty sum
+            scores.extend(AnswerScore(0.0, 0) for _ in range(labels.shape[0]))
+            continue
+        logits, _ = source.step(batch["input_ids"], batch["attention_mask"], positions, keep=scored)
+        sums, counts = sequence_log_probs(logits, labels[:, scored].to(logits.device))
         scores.extend(AnswerScore(float(s), int(c)) for s, c in zip(sums, counts))
-    return scores
+    in_order: list[AnswerScore] = [None] * len(pairs)  # type: ignore[list-item]
+    for position, score in zip(order, scores):
+        in_order[position] = score
+    return in_order

@@ -30,8 +30,10 @@ class LogitSource(Protocol):
         position_ids: torch.Tensor,
         past: Any = None,
         last_only: bool = False,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """Logits for every position of `input_ids` (or only the last one), and the updated cache."""
+        """Logits for every position of `input_ids` (or only the last one, or only the positions `keep` lists),
+        and the updated cache."""
         ...
 
 
@@ -41,9 +43,10 @@ class CausalLMLogits:
 
     model: torch.nn.Module
 
-    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
-        kwargs = {"logits_to_keep": 1} if last_only else {}
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False, keep=None):
         device = model_device(self.model)
+        # The output head over a large vocabulary is most of a small model's cost: compute it where it is read.
+        kwargs = {"logits_to_keep": 1} if last_only else {} if keep is None else {"logits_to_keep": keep.to(device)}
         cache_name = cache_argument(self.model)
         out = self.model(
             input_ids=input_ids.to(device),
@@ -140,10 +143,10 @@ class CompositeLogits:
             self.end_ids = end_of_answer_ids(self.base)
         self._sources = [CausalLMLogits(self.base)] + [CausalLMLogits(a) for a in self.assistants]
 
-    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False, keep=None):
         caches = past if past is not None else [None] * len(self._sources)
         outputs = [
-            source.step(input_ids, attention_mask, position_ids, cache, last_only)
+            source.step(input_ids, attention_mask, position_ids, cache, last_only, keep)
             for source, cache in zip(self._sources, caches)
         ]
         logits = combine_logits(outputs[0][0], [o[0] for o in outputs[1:]], self.weights, self.relative_top)

@@ -73,9 +73,9 @@ class ScriptedSource:
     def __init__(self, script: list[int], vocab_size: int, eos_id: int):
         self.script, self.vocab_size, self.eos_id = script, vocab_size, eos_id
 
-    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False, keep=None):
         t = 0 if past is None else past
-        width = 1 if last_only else input_ids.shape[1]
+        width = 1 if last_only else input_ids.shape[1] if keep is None else len(keep)
         logits = torch.full((input_ids.shape[0], width, self.vocab_size), -1e4)
         logits[:, -1, self.script[t] if t < len(self.script) else self.eos_id] = 0.0
         return logits, t + 1
@@ -221,11 +221,11 @@ def test_mia_scores_through_a_source_by_hand(tokenizer):
     other = (ids[1] + 1) % len(tokenizer)
 
     class Fixed:
-        def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+        def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False, keep=None):
             logits = torch.full((*input_ids.shape, len(tokenizer)), -1e4)
             logits[..., other] = 0.0
             logits[..., ids[1]] = math.log(3.0)
-            return logits, None
+            return (logits if keep is None else logits[:, keep]), None
 
     assert token_log_probs(Fixed(), tokenizer, [text]) == [[pytest.approx(math.log(0.75), abs=1e-5)]]
     assert mia_scores(Fixed(), tokenizer, [text], "min_k_pp", k=1.0) == [pytest.approx(1 / math.sqrt(3), abs=1e-4)]

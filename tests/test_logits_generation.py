@@ -101,6 +101,24 @@ def test_teacher_forced_scores_match_a_manual_forward_pass(memorised):
     assert math.isclose(scores[2].sum_log_prob, manual, rel_tol=1e-4, abs_tol=1e-4)
 
 
+def test_scores_from_the_kept_answer_positions_equal_those_from_every_position(memorised):
+    """score_answers computes logits only where an answer is scored; a composite (relative top, end-of-answer
+    floor) must give the same scores as from its logits at every position."""
+    from expunge_ml.metrics import sequence_log_probs, shift_for_next_token
+    from expunge_ml.prompting import collate_qa, position_ids_from_mask
+
+    model, tokenizer, fmt = memorised
+    composite = CompositeLogits(model, [model], [-0.5], relative_top=0.1)
+    kept = score_answers(composite, tokenizer, fmt, PAIRS, batch_size=4)
+    batch = collate_qa(tokenizer, fmt, PAIRS)
+    with torch.no_grad():
+        logits, _ = composite.step(batch["input_ids"], batch["attention_mask"],
+                                   position_ids_from_mask(batch["attention_mask"]))
+    sums, counts = sequence_log_probs(*shift_for_next_token(logits, batch["labels"]))
+    assert [s.n_tokens for s in kept] == counts.tolist()
+    assert [s.sum_log_prob for s in kept] == pytest.approx(sums.tolist(), rel=1e-4, abs=1e-4)
+
+
 def test_composite_with_zero_weight_is_the_base_and_negative_weight_changes_answers(memorised):
     model, tokenizer, fmt = memorised
     prompts = [fmt.prompt(q) for q, _ in PAIRS]

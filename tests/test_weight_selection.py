@@ -67,9 +67,10 @@ class _Says:
         self.script = tokenizer(text, add_special_tokens=False)["input_ids"]
         self.vocab, self.eos = len(tokenizer), tokenizer.eos_token_id
 
-    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False):
+    def step(self, input_ids, attention_mask, position_ids, past=None, last_only=False, keep=None):
         t = 0 if past is None else past
-        logits = torch.full((input_ids.shape[0], 1 if last_only else input_ids.shape[1], self.vocab), -1e4)
+        width = 1 if last_only else input_ids.shape[1] if keep is None else len(keep)
+        logits = torch.full((input_ids.shape[0], width, self.vocab), -1e4)
         logits[:, -1, self.script[t] if t < len(self.script) else self.eos] = 0.0
         return logits, t + 1
 
