@@ -5,6 +5,7 @@ from prefect import flow, get_run_logger
 
 from expunge.settings import Settings
 from flows.process_request import process_request
+from tasks.callbacks import send_status_callbacks
 from tasks.lifecycle import runnable_tickets
 
 # A ticket due within this many days is logged as at risk when a drain takes it up.
@@ -14,7 +15,8 @@ AT_RISK_DAYS = 7
 @flow(name="drain_requests", flow_run_name="drain")
 def drain_requests(home: str | None = None, profile: str = "demo") -> dict:
     """Every `received` ticket, and every one whose runner's lease ran out, earliest due date first, each in its
-    own `process_request` run. Each run claims its ticket, so two drains at once never process one twice.
+    own `process_request` run, then the status callbacks they wrote are sent. Each run claims its ticket, so two
+    drains at once never process one twice.
     `home`: default EXPUNGE_HOME (a scheduled run takes the worker's)."""
     home = str(Settings.from_env(home, profile).home)
     logger = get_run_logger()
@@ -31,4 +33,5 @@ def drain_requests(home: str | None = None, profile: str = "demo") -> dict:
             logger.error("ticket %s: %s", ticket["ticket_id"], type(exc).__name__)
             outcomes[ticket["ticket_id"]] = "failed"
     logger.info("drained %d ticket(s): %s", len(outcomes), outcomes)
+    send_status_callbacks(home, profile)  # the ticketing systems hear of each change (and retries fall due)
     return outcomes

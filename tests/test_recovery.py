@@ -8,8 +8,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -366,6 +368,19 @@ def test_an_approval_interrupted_after_the_aliases_moved_is_completed_by_the_nex
     assert runner.invoke(app, [*args, "audit", "verify"]).exit_code == 0
 
 
+def _receiver_into(received: list):
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    return Receiver
+
+
 def test_the_scheduled_drain_takes_every_waiting_ticket_once_most_urgent_first(tiny_home, tmp_path, prefect_harness):
     """`drain_requests` (the cron deployment in prefect.yaml): the due-soon ticket first, each resolved once."""
     from flows.drain import drain_requests
@@ -383,13 +398,22 @@ def test_the_scheduled_drain_takes_every_waiting_ticket_once_most_urgent_first(t
     profile_path = tmp_path / "review.yaml"
     profile_path.write_text(yaml.safe_dump(profile))
     home = tmp_path / "home"
+    received: list[dict] = []
+    server = HTTPServer(("127.0.0.1", 0), _receiver_into(received))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     for ticket, regulation in (("LATER-1", "GDPR"), ("SOONER-1", "DMCA")):  # DMCA: due in 14 days, GDPR a month
         _submit(home, tmp_path, str(profile_path), {
             "ticket_id": ticket, "type": "privacy_erasure", "regulation": regulation,
             "subject": {"names": [stranger]}, "target_model": str(tiny_home / "models" / "sample-base"),
-            "corpus": {"source": str(corpus), "holdout": str(others)}})
-    outcomes = drain_requests(home=str(home), profile=str(profile_path))
+            "corpus": {"source": str(corpus), "holdout": str(others)},
+            "callback_url": f"http://127.0.0.1:{server.server_port}/expunge"})
+    try:
+        outcomes = drain_requests(home=str(home), profile=str(profile_path))
+    finally:
+        server.shutdown()
     assert list(outcomes) == ["SOONER-1", "LATER-1"] and set(outcomes.values()) == {"needs_review"}
+    # the drain sent each ticket's status changes to its callback, in order
+    assert [c["status"] for c in received if c["ticket_id"] == "SOONER-1"] == ["received", "resolving", "needs_review"]
     assert drain_requests(home=str(home), profile=str(profile_path)) == {}  # nothing left waiting
     for ticket in outcomes:
         assert _changes(home, ticket).count(("received", "resolving")) == 1
