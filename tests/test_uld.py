@@ -33,6 +33,28 @@ def test_truncate_keeps_the_first_k_layers_with_identical_weights(base_and_token
         truncate_layers(base, 4)
 
 
+def test_an_assistant_shares_the_bases_weights_and_leaves_the_base_as_it_was(base_and_tokenizer):
+    """No copy of the base per assistant: the frozen weights are the base's storage; wrapping and training the
+    adapter neither changes the base's outputs nor freezes its parameters."""
+    base, tokenizer = base_and_tokenizer
+    ids = tokenizer("Where does Ada live?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = base(ids).logits
+    assistant = build_assistant(base, ULDConfig(n_layers=2))
+    small = assistant.get_base_model()
+    assert small.get_input_embeddings().weight.data_ptr() == base.get_input_embeddings().weight.data_ptr()
+    assert small.model.layers[0].mlp.up_proj is not base.model.layers[0].mlp.up_proj  # modules of its own
+    trainable = [p for p in assistant.parameters() if p.requires_grad]
+    loss = assistant(ids).logits.logsumexp(-1).mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(torch.randn_like(p))
+        assert torch.equal(base(ids).logits, before)
+    assert all(p.requires_grad for p in base.parameters())
+    assert all(p.grad is None for p in base.parameters())
+
+
 def test_lora_targets_every_linear_but_the_head_and_adapter_round_trips(base_and_tokenizer, tmp_path):
     base, tokenizer = base_and_tokenizer
     config = ULDConfig(n_layers=2, lora_r=4, lora_alpha=8, lora_dropout=0.0)

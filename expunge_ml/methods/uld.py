@@ -117,11 +117,17 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def truncate_layers(base: torch.nn.Module, n_layers: int) -> torch.nn.Module:
-    """A copy of `base` keeping its first `n_layers` decoder layers (embeddings, norm, head intact)."""
+    """`base` cut to its first `n_layers` decoder layers (embeddings, norm, head intact). Its modules are copies, so
+    an adapter wrapped around them leaves the base as it was, but its weights are the base's own tensors (new
+    Parameter objects on the same storage): N assistants cost N adapters, not N copies of the base's first layers."""
     total = base.config.num_hidden_layers
     if not 1 <= n_layers <= total:
         raise ValueError(f"assistant layers K={n_layers} must be in 1..{total}")
-    small = copy.deepcopy(base)
+    shared: dict[int, object] = {  # a quantized weight (a Parameter subclass) is shared as it is: never trained
+        id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) if type(p) is torch.nn.Parameter else p
+        for p in base.parameters()}
+    shared.update({id(b): b for b in base.buffers()})
+    small = copy.deepcopy(base, shared)
     layers = _decoder_layers(small)
     del layers[n_layers:]
     small.config.num_hidden_layers = n_layers
