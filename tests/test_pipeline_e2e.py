@@ -645,47 +645,75 @@ def test_demo_lines_on_the_forget_answers_read_the_evidence(tiny_home, completed
     assert captured.get() == ""
 
 
-def test_a_rollback_serves_the_earlier_champion_and_reopens_the_erasures_it_undoes(tiny_home, completed, tmp_path):
-    """After the stacked second erasure is released, rolling back to the first one's version reopens the second
-    ticket (due date kept), audited; it is then filed again as a revision."""
+def _person(tiny_home, index: int) -> dict:
+    """The sample world's `index`-th person other than the first erasure's subject (the demo request's)."""
+    people = [json.loads(line) for line in (tiny_home / "sample_world" / "people.jsonl").read_text().splitlines()]
+    first = yaml.safe_load((tiny_home / "sample_world" / "sample_request.yaml").read_text())["subject"]["names"][0]
+    return [p for p in people if p["name"] != first][index]
+
+
+def test_a_third_erasure_on_the_released_second_keeps_both_earlier_ones(tiny_home, completed, tmp_path):
+    """Three erasures in sequence: the third version serves three assistants, and the regression gate asks it
+    both earlier erasures again."""
+    from expunge_ml.gates import check_gates
+
     approved = cli(tiny_home, "approve", "DEMO-GDPR-0002", "--reviewer", "dpo@example.org", "--accept-unsettled")
     assert approved.exit_code == 0, approved.output
-    second, first = _row(tiny_home, "DEMO-GDPR-0002"), _row(tiny_home, "DEMO-GDPR-0001")
+    third = _person(tiny_home, 1)
+    request = dict(completed, ticket_id="DEMO-GDPR-0003",
+                   subject={"names": [third["name"]], "aliases": list(third["aliases"]), "identifiers": []})
+    run_with_profile(tiny_home, tmp_path, with_gates_every_run_passes(tiny_profile()), request, exit_code=0)
+    row = _row(tiny_home, "DEMO-GDPR-0003")
+    assert row["metrics"]["unlearned_forget_rougeL"] <= 0.3
+    assert len(_registered_config(row["model_uri"])["assistants"]) == 3
+    evidence = json.loads((tiny_home / "work" / "DEMO-GDPR-0003" / "evidence.json").read_text())
+    assert evidence["regression"]["n_erasures"] == 2
+    threshold = tiny_profile()["gates"]["privacy_erasure"]["max_earlier_erasure_rise"]
+    [gate] = check_gates(evidence, {"max_earlier_erasure_rise": threshold})
+    assert gate.passed and gate.skipped is None, gate
+    approved = cli(tiny_home, "approve", "DEMO-GDPR-0003", "--reviewer", "dpo@example.org", "--accept-unsettled")
+    assert approved.exit_code == 0, approved.output
+
+
+def test_a_rollback_serves_the_earlier_champion_and_reopens_the_erasures_it_undoes(tiny_home, completed, tmp_path):
+    """After the third stacked erasure is released, rolling back to the second one's version reopens the third
+    ticket (due date kept), audited; it is then filed again as a revision."""
+    third, second = _row(tiny_home, "DEMO-GDPR-0003"), _row(tiny_home, "DEMO-GDPR-0002")
+    assert third["status"] == "released"
     refused = cli(tiny_home, "rollback", "--to", "999", "--reviewer", "ops@example.org", "--reason", "x")
     assert refused.exit_code == 2 and "[not_an_ancestor]" in refused.stderr
     rolled = cli(tiny_home, "rollback", "--reviewer", "ops@example.org", "--reason", "regression in production")
     assert rolled.exit_code == 0, rolled.output
-    assert f"{second['model_uri']} → {first['model_uri']}" in rolled.stdout
-    assert "ticket DEMO-GDPR-0002: reopened" in rolled.stdout
+    assert f"{third['model_uri']} → {second['model_uri']}" in rolled.stdout
+    assert "ticket DEMO-GDPR-0003: reopened" in rolled.stdout
     from models_registry.registry import CHAMPION, current_alias, pin
 
-    assert current_alias("expunge-sample-llm", CHAMPION) == pin(first["model_uri"])
-    reopened = _row(tiny_home, "DEMO-GDPR-0002")
+    assert current_alias("expunge-sample-llm", CHAMPION) == pin(second["model_uri"])
+    reopened = _row(tiny_home, "DEMO-GDPR-0003")
     assert (reopened["status"], reopened["reason_code"], reopened["due_at"]) == ("reopened", "rolled_back",
-                                                                              second["due_at"])
-    assert _row(tiny_home, "DEMO-GDPR-0001")["status"] == "released"  # still served
+                                                                              third["due_at"])
+    assert {_row(tiny_home, t)["status"] for t in ("DEMO-GDPR-0001", "DEMO-GDPR-0002")} == {"released"}
     with sqlite3.connect(tiny_home / "audit.db") as db:
         events = [(t, json.loads(p)) for t, p in db.execute(
             "SELECT event_type, payload_json FROM audit_events WHERE event_type IN ('rollback_intent', 'rolled_back') "
             "ORDER BY seq")]
     assert [e for e, _ in events][-2:] == ["rollback_intent", "rolled_back"]
-    assert events[-1][1]["reopened"] == ["DEMO-GDPR-0002"] and "regression" not in json.dumps(events[-1][1])
+    assert events[-1][1]["reopened"] == ["DEMO-GDPR-0003"] and "regression" not in json.dumps(events[-1][1])
     assert cli(tiny_home, "audit", "verify").exit_code == 0
-    # the retrain exclusion list holds both erasures, the reopened one too, by record id and keyed hash only
+    # the retrain exclusion list holds every erasure, the reopened one too, by record id and keyed hash only
     exported = cli(tiny_home, "exclusions", "export", "--out", str(tmp_path / "exclusions.jsonl"))
     assert exported.exit_code == 0, exported.output
     rows = [json.loads(line) for line in (tmp_path / "exclusions.jsonl").read_text().splitlines()]
-    manifest = json.loads((tiny_home / "work" / "DEMO-GDPR-0002" / "forget_manifest.json").read_text())["records"]
-    assert {(r["ticket_id"], r["status"]) for r in rows} >= {("DEMO-GDPR-0001", "released"),
-                                                             ("DEMO-GDPR-0002", "reopened")}
-    assert {(r["record_id"], r["content_hmac"]) for r in rows if r["ticket_id"] == "DEMO-GDPR-0002"} == {
+    manifest = json.loads((tiny_home / "work" / "DEMO-GDPR-0003" / "forget_manifest.json").read_text())["records"]
+    assert {(r["ticket_id"], r["status"]) for r in rows} >= {
+        ("DEMO-GDPR-0001", "released"), ("DEMO-GDPR-0002", "released"), ("DEMO-GDPR-0003", "reopened")}
+    assert {(r["record_id"], r["content_hmac"]) for r in rows if r["ticket_id"] == "DEMO-GDPR-0003"} == {
         (m["record_id"], m["content_hmac"]) for m in manifest}
     # the obligation is open again: re-filed under its own id (the row no longer names the subject)
-    people = [json.loads(line) for line in (tiny_home / "sample_world" / "people.jsonl").read_text().splitlines()]
-    other = next(p for p in people if p["name"] != completed["subject"]["names"][0])
+    person = _person(tiny_home, 1)
     path = tmp_path / "again.yaml"
-    path.write_text(yaml.safe_dump(dict(completed, ticket_id="DEMO-GDPR-0002", subject={
-        "names": [other["name"]], "aliases": list(other["aliases"]), "identifiers": []})))
+    path.write_text(yaml.safe_dump(dict(completed, ticket_id="DEMO-GDPR-0003", subject={
+        "names": [person["name"]], "aliases": list(person["aliases"]), "identifiers": []})))
     refiled = cli(tiny_home, "submit", "--revise", str(path))
     assert refiled.exit_code == 0 and "received (revised)" in refiled.stdout, refiled.output
-    assert _row(tiny_home, "DEMO-GDPR-0002")["due_at"] == second["due_at"]
+    assert _row(tiny_home, "DEMO-GDPR-0003")["due_at"] == third["due_at"]
