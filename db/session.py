@@ -78,6 +78,10 @@ def alembic_config(url: str):
     return cfg
 
 
+class DatabaseTooNew(RuntimeError):
+    """The database was migrated by a newer expunge: this one would not understand its tables."""
+
+
 def upgrade_database(url: str) -> None:
     """Bring the database at `url` to the latest Alembic revision. Idempotent."""
     engine = make_engine(url)
@@ -89,10 +93,15 @@ def upgrade_database(url: str) -> None:
     from alembic.script import ScriptDirectory
 
     cfg = alembic_config(url)
-    head = ScriptDirectory.from_config(cfg).get_current_head()
+    scripts = ScriptDirectory.from_config(cfg)
+    head = scripts.get_current_head()
     with engine.begin() as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current == head:
             return
+        if current is not None and current not in {script.revision for script in scripts.walk_revisions()}:
+            raise DatabaseTooNew(f"the database is at schema revision {current}, newer than this expunge knows "
+                                 f"({head}): upgrade expunge to the version that wrote it")
         # Hand our connection to env.py (it checks config.attributes) so that
         # in-memory SQLite and engine settings are shared with the app.
         cfg.attributes["connection"] = conn

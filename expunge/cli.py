@@ -83,6 +83,22 @@ def main(
         fail(str(exc), 2)
     settings.apply_environment()
     state.settings = settings
+    _refuse_a_newer_database(settings)
+
+
+def _refuse_a_newer_database(settings: Settings) -> None:
+    """One line, not an Alembic traceback, when a newer expunge migrated this deployment's database."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).exists()):
+        return  # nothing there yet: the first command that needs it creates it
+    from db.session import DatabaseTooNew, ensure_database
+
+    try:
+        ensure_database(settings.db_url)
+    except DatabaseTooNew as exc:
+        fail(str(exc), 2)
 
 
 def _needs_sample_world(command: str) -> None:

@@ -274,3 +274,16 @@ def test_request_files_dropped_in_the_inbox_are_submitted_and_filed_by_outcome(t
     assert "accepted/good.yaml" in expire_filed_requests(settings, now=later)  # they name the subject in clear
     assert not any(p.is_file() for p in (inbox / "accepted").iterdir())
     Settings(home=tiny_home, profile_name="tiny").apply_environment()  # later tests expect the shared home
+
+
+def test_a_database_migrated_by_a_newer_expunge_is_refused_in_one_line(tmp_path):
+    from db.session import dispose_engines
+
+    home = tmp_path / "home"
+    assert cli(home, "status").exit_code == 0  # creates the database at this expunge's revision
+    with sqlite3.connect(home / "audit.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '0099'")
+    dispose_engines()  # a new process: nothing remembers the database as upgraded
+    refused = cli(home, "status")
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "schema revision 0099, newer than this expunge knows" in refused.stderr
