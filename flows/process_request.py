@@ -11,6 +11,7 @@ from tasks.lifecycle import (LeaseLost, audit_event, claim_ticket, end_lease_now
                              store_outcome, transition)
 from tasks.register import mark_orphans, register_model
 from tasks.report import evidence_report
+from tasks.resume import AFTER_TRAINING, reusable_training
 from tasks.unlearn import unlearning_task
 
 
@@ -48,10 +49,21 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
         orphans = mark_orphans(*ctx)
         audit_event(*ctx, "orphaned_versions_marked", {"model_uris": orphans})
     with lease_kept(*ctx, runner):
-        return _process(ctx, runner, method)
+        return _process(ctx, runner, method, claimed["interrupted_step"] in AFTER_TRAINING)
 
 
-def _process(ctx: tuple, runner: str, method: str) -> dict:
+def _train(ctx: tuple, resolved, method: str, after_lost_training: bool):
+    """This request's unlearning: the lost run's, where it finished training from the same inputs, else new."""
+    reused = reusable_training(*ctx, resolved, method) if after_lost_training else None
+    if reused is not None:
+        audit_event(*ctx, "training_reused", {"inputs_fingerprint": reused.inputs_fingerprint})
+        return reused
+    trained = unlearning_task(method)(*ctx, resolved, method)
+    audit_event(*ctx, "unlearning_trained", trained.audit_payload())
+    return trained
+
+
+def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = False) -> dict:
     ticket_id = ctx[2]
 
     def move(status: str, **details) -> str:  # every change under this run's claim
@@ -68,8 +80,7 @@ def _process(ctx: tuple, runner: str, method: str) -> dict:
             return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "nothing_to_forget"}
 
         move("training")
-        trained = unlearning_task(method)(*ctx, resolved, method)
-        audit_event(*ctx, "unlearning_trained", trained.audit_payload())
+        trained = _train(ctx, resolved, method, after_lost_training)
         if not trained.converged:  # a score of 0 from an assistant that learned nothing would look like erasure
             move("needs_review", reason_code="assistant_not_converged", detail=trained.convergence_detail())
             return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "assistant_not_converged"}

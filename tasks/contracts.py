@@ -4,7 +4,7 @@ Each is also written to the ticket's work directory (`as_json`), where the evide
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from expunge_ml.serving import Adapter
@@ -69,6 +69,14 @@ class TrainedUnlearning:
     prompt_template: str | None = None  # the frame the model was trained in (the target's: its chat template or QA)
     # Per assistant, how far training got (`expunge_ml.methods.uld.convergence`): numbers against targets.
     convergence: tuple[Mapping[str, Any], ...] = ()
+    inputs_fingerprint: str | None = None  # keyed hash of what it was trained from (`tasks.resume`)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainedUnlearning":
+        """The inverse of `as_json` (its file in the work directory)."""
+        sequences = {"adapter_dirs", "weights", "ensemble_reports", "convergence"}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if k in sequences else v for k, v in data.items() if k in known})
 
     @property
     def converged(self) -> bool:

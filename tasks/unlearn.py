@@ -16,6 +16,7 @@ from expunge_ml.serving import Adapter, load_base, served_model
 from tasks.context import read_json, request_spec, settings_for, write_json
 from tasks.contracts import ResolvedRequest, TrainedUnlearning
 from tasks.data import general_retain_records, records_for_manifest
+from tasks.resume import training_inputs_fingerprint
 
 
 def target_base(target_info: dict, settings):
@@ -71,6 +72,7 @@ def edit_model_weights(home: str, profile: str, ticket_id: str, resolved: Resolv
         forget_pairs=len(forget), retain_pairs=len(retain),
         model_dir=str(model_dir), weights_sha256=weights_fingerprint(model_dir),
         prompt_template=prompt_format(target_info).template,
+        inputs_fingerprint=training_inputs_fingerprint(settings, ticket_id, resolved, method),
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
     logger.info("%s finished in %.1fs (%d steps)", method, report.seconds, report.steps)
@@ -247,6 +249,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         convergence=tuple(convergence(report, config, vocab_size, len(forget_pairs)) for report in reports),
         prompt_template=prompt_format(target_info).template,
         auto_settings=derived or None,
+        inputs_fingerprint=training_inputs_fingerprint(settings, ticket_id, resolved, method),
     )
     write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
     for warning in trained.warnings():

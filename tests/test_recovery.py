@@ -100,6 +100,7 @@ def test_a_run_killed_during_training_is_taken_up_when_its_lease_runs_out(tiny_h
     assert again.exit_code == 0, again.output
     assert _status(home, "CRASH-0001") == "completed"
     assert ("training", "received") in _changes(home, "CRASH-0001")  # lease_expired, audited
+    assert [e for e, _ in _events(home, "CRASH-0001") if e == "training_reused"] == []  # cut short: trained again
     versions = MlflowClient().search_model_versions("tags.`expunge.ticket_id` = 'CRASH-0001'")
     assert len(versions) == 1  # the killed run had registered nothing
     verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
@@ -244,6 +245,8 @@ def test_a_run_killed_during_registering_leaves_an_orphan_the_next_run_marks(tin
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert _status(home, ticket) == "completed"
     assert ("registering", "received") in _changes(home, ticket)  # lease_expired, audited
+    trainings = [e for e, _ in _events(home, ticket) if e in ("unlearning_trained", "training_reused")]
+    assert trainings == ["unlearning_trained", "training_reused"]  # the lost run's finished training is kept
     marked = [p for e, p in _events(home, ticket) if e == "orphaned_versions_marked"]
     assert [p["model_uris"] for p in marked] == [[orphan]]
     _one_live_version(home, ticket, [orphan])
@@ -287,6 +290,8 @@ def test_a_run_that_loses_its_database_mid_run_is_repaired_by_the_next_run(tiny_
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert _status(home, ticket) == "completed"
     assert ("evaluating", "received") in _changes(home, ticket)  # lease_expired, audited
+    trainings = [e for e, _ in _events(home, ticket) if e in ("unlearning_trained", "training_reused")]
+    assert trainings == ["unlearning_trained", "training_reused"]
     assert _lease(home, ticket) == (None, None)
     _one_live_version(home, ticket, [])
     verified = runner.invoke(app, ["--home", str(home), "--profile", "tiny", "audit", "verify"])
@@ -417,3 +422,32 @@ def test_the_scheduled_drain_takes_every_waiting_ticket_once_most_urgent_first(t
     assert drain_requests(home=str(home), profile=str(profile_path)) == {}  # nothing left waiting
     for ticket in outcomes:
         assert _changes(home, ticket).count(("received", "resolving")) == 1
+
+
+def test_a_finished_training_is_reused_only_for_the_same_inputs_and_intact_files(tiny_home, completed, tmp_path):
+    """What `reusable_training` compares: the keyed fingerprint of the training's inputs (method, request, data,
+    target, settings) and the sealed assistants' integrity; the training file reads back as it was written."""
+    import dataclasses
+    import shutil
+
+    from tasks.context import read_json
+    from tasks.contracts import ResolvedRequest, TrainedUnlearning
+    from tasks.resume import _intact, training_inputs_fingerprint
+
+    settings = Settings(home=tiny_home, profile_name="tiny")
+    work = tiny_home / "work" / "DEMO-GDPR-0001"
+    trained = TrainedUnlearning.from_json(read_json(work / "training.json"))
+    assert trained.as_json() == read_json(work / "training.json")
+    resolved = ResolvedRequest(**{**read_json(work / "resolved.json")})
+    fingerprint = training_inputs_fingerprint(settings, "DEMO-GDPR-0001", resolved, "uld")
+    assert trained.inputs_fingerprint == fingerprint
+    assert training_inputs_fingerprint(settings, "DEMO-GDPR-0001", resolved, "npo") != fingerprint
+    changed = Settings(home=tiny_home, profile_name="tiny")
+    changed.profile["unlearning"]["uld"]["epochs"] = 1
+    assert training_inputs_fingerprint(changed, "DEMO-GDPR-0001", resolved, "uld") != fingerprint
+    assert _intact(settings, trained)
+    torn = tmp_path / "torn"
+    shutil.copytree(trained.adapter_dirs[0], torn)
+    sealed = next(torn.iterdir())
+    sealed.write_bytes(sealed.read_bytes()[:-10])
+    assert not _intact(settings, dataclasses.replace(trained, adapter_dirs=(str(torn),)))
