@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.context import read_json, request_spec, settings_for
+from tasks.context import read_json, settings_for
 from tasks.contracts import ResolvedRequest, TrainedUnlearning
 
 # Steps a lost run can only have reached once its training was written in full.
@@ -20,10 +20,14 @@ AFTER_TRAINING = ("evaluating", "registering")
 def training_inputs_fingerprint(settings, ticket_id: str, resolved: ResolvedRequest, method: str) -> str:
     """Keyed hash of everything a training depends on: the request, the resolved data, the target's weights and
     earlier assistants, the profile's unlearning settings and the method."""
+    from db import requests_repo
+
     target = read_json(resolved.target_path)
+    with settings.db_session() as session:  # the request as filed (its keyed hash: a decision purges the row's text)
+        request_hash = requests_repo.get_request(session, ticket_id).spec_hash
     inputs = {
         "method": method,
-        "request": request_spec(settings, ticket_id).model_dump(mode="json"),
+        "request": request_hash,
         "forget": resolved.forget_fingerprint, "retain": resolved.retain_fingerprint,
         "target": [target.get("pinned_uri") or target.get("requested_uri"), target.get("base_weights_sha256"),
                    len(target.get("prior_assistants") or [])],
