@@ -5,8 +5,6 @@ the MLflow store, Prefect's home, the sample world, trained models and per-ticke
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import secrets
@@ -17,10 +15,7 @@ from typing import Any
 
 import yaml
 
-
-def derived_key(secret: bytes, purpose: str) -> bytes:
-    """A 32-byte key for one purpose, derived from the deployment secret, so no two uses share a key."""
-    return hmac.new(secret, f"expunge {purpose} v1".encode(), hashlib.sha256).digest()
+from expunge_ml.sealed import ASSISTANT_SEAL, derived_key
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_HOME = ".expunge"
@@ -142,9 +137,7 @@ class Settings:
 
     def adapter_seal_key(self) -> bytes:
         """Encrypts the assistants at rest (`expunge_ml.sealed`): in the work directories and in the registry."""
-        from expunge_ml.sealed import key_from_secret
-
-        return key_from_secret(self.hmac_key())
+        return derived_key(self.hmac_key(), ASSISTANT_SEAL)
 
     def db_session(self):
         """A transactional session on the audit DB (`db.session.session_scope`) that seals what it appends."""

@@ -17,12 +17,18 @@ HEADER = b"expunge sealed assistant v1\n"
 NONCE_BYTES = 12
 
 
-def key_from_secret(secret: bytes) -> bytes:
-    """The 32-byte sealing key of a deployment secret (its own purpose: the secret also keys hashes elsewhere)."""
+# The purpose the assistants' sealing key is derived for (`derived_key`).
+ASSISTANT_SEAL = "assistant seal"
+
+
+def derived_key(secret: bytes, purpose: str) -> bytes:
+    """A 32-byte key for one purpose (sealing assistants, sealing audit events), derived from the deployment
+    secret, so no two uses share a key. Here because the registered pyfunc, which carries only `expunge_ml` and
+    `models_registry`, derives the assistants' key too."""
     import hashlib
     import hmac
 
-    return hmac.new(secret, b"expunge assistant seal v1", hashlib.sha256).digest()
+    return hmac.new(secret, f"expunge {purpose} v1".encode(), hashlib.sha256).digest()
 
 
 class SealedAdapterError(RuntimeError):

@@ -59,10 +59,10 @@ def adapter_key() -> bytes | None:
     EXPUNGE_HMAC_KEY for a process serving a version outside expunge (`mlflow models serve`)."""
     if _adapter_key is not None:
         return _adapter_key
-    from expunge_ml.sealed import key_from_secret
+    from expunge_ml.sealed import ASSISTANT_SEAL, derived_key
 
     secret = os.environ.get("EXPUNGE_HMAC_KEY", "").encode()
-    return key_from_secret(secret) if secret else None
+    return derived_key(secret, ASSISTANT_SEAL) if secret else None
 
 
 @dataclass(frozen=True)
