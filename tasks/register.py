@@ -111,11 +111,11 @@ def register_model(home: str, profile: str, ticket_id: str, resolved: ResolvedRe
                 erased_records=erased_path,
             )
         else:  # assistants: the version references the pinned base and carries the adapters
+            seal_key = settings.adapter_seal_key()
             ref = register_uld_composite(
-                name, target, [{"dir": path, "weight": weight} for path, weight in zip(trained.adapter_dirs,
-                                                                                       trained.weights, strict=True)],
+                name, target, [{"dir": a.path, "weight": a.weight} for a in trained.new_adapters(seal_key)],
                 relative_top=float(trained.config["relative_top"]), tags=tags, alias=alias,
-                erased_records=erased_path, seal_key=settings.adapter_seal_key(),
+                erased_records=erased_path, seal_key=seal_key,
             )
         run_id = run.info.run_id
     # The version must actually load from the registry and answer, or it is not a deliverable.
