@@ -540,12 +540,13 @@ def audit_export(out_file: Path = typer.Option(..., "--out", help="JSON Lines fi
     from db.audit import export_rows, verify_rows
     from types import SimpleNamespace
 
-    with state.settings.db_session() as session, out_file.open("w") as handle:
-        rows = []
+    def written(session, handle):  # each row checked as it is written: the log is never held in memory
         for row in export_rows(session):
             handle.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-            rows.append(SimpleNamespace(**row))
-    result = verify_rows(rows)
+            yield SimpleNamespace(**row)
+
+    with state.settings.db_session() as session, out_file.open("w") as handle:
+        result = verify_rows(written(session, handle))
     out.print(f"{result.n_events} events → {out_file}; head {result.head_hash}"
               + ("" if result.ok else f" (the log has {len(result.problems)} problem(s): run `expunge audit verify`)"))
 
