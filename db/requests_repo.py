@@ -235,7 +235,7 @@ def claim(session: Session, ticket_id: str, runner: str, lease_seconds: float) -
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:target))"), {"target": target or ""})
     taken = session.execute(
         update(Request)
-        .where(Request.ticket_id == ticket_id, _claimable(now))
+        .where(Request.ticket_id == ticket_id, _claimable(now, runner))
         .values(claimed_by=runner, lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     ).rowcount
@@ -260,6 +260,14 @@ def renew_lease(session: Session, ticket_id: str, runner: str, lease_seconds: fl
     ).rowcount == 1
 
 
+def release_claim(session: Session, request: Request, runner: str) -> None:
+    """The runner lets go of a `received` ticket it holds (a batch split it out): any runner may take it now."""
+    if request.claimed_by != runner:
+        raise LeaseLost(f"ticket {request.ticket_id} is no longer held by this runner")
+    request.claimed_by, request.lease_expires_at = None, None
+    session.flush()
+
+
 def end_lease(session: Session, ticket_id: str) -> bool:
     """Let the ticket's lease run out now (its run crashed or was cancelled): the next run may take it up at once."""
     return session.execute(
@@ -270,21 +278,26 @@ def end_lease(session: Session, ticket_id: str) -> bool:
     ).rowcount == 1
 
 
-def _claimable(now: datetime):
+def _claimable(now: datetime, runner: str | None = None):
     """The condition `claim` sets its compare on: a `received` ticket nobody holds (or whose holder's lease ran
-    out), or an in-progress one whose lease ran out; and no other ticket on the same target model held now, so two
-    erasures never train against one champion at once (the second would be built on a stale base)."""
+    out), or an in-progress one whose lease ran out; and no other ticket on the same target model held now by
+    another runner, so two erasures never train against one champion at once (the second would be built on a
+    stale base). `runner` may hold several on one target: a batch trains them together."""
     expired = and_(Request.lease_expires_at.is_not(None), Request.lease_expires_at < now)
     return and_(or_(and_(Request.status == RequestStatus.received.value, or_(Request.claimed_by.is_(None), expired)),
                     and_(Request.status.in_(IN_PROGRESS), expired)),
-                ~_another_held_on(Request.target_model_uri, Request.id, now))
+                ~_another_held_on(Request.target_model_uri, Request.id, now, runner))
 
 
-def _another_held_on(target, request_id, now: datetime):
-    """EXISTS a ticket other than `request_id` on `target` that a runner holds now (columns, or plain values)."""
+def _another_held_on(target, request_id, now: datetime, runner: str | None = None):
+    """EXISTS a ticket other than `request_id` on `target` that a runner (other than `runner`) holds now
+    (columns, or plain values)."""
     other = aliased(Request)
-    return exists().where(other.target_model_uri == target, other.id != request_id,
-                          other.claimed_by.is_not(None), other.lease_expires_at >= now)
+    held = [other.target_model_uri == target, other.id != request_id, other.claimed_by.is_not(None),
+            other.lease_expires_at >= now]
+    if runner is not None:
+        held.append(other.claimed_by != runner)
+    return exists().where(*held)
 
 
 def target_busy(session: Session, ticket_id: str) -> bool:
@@ -297,6 +310,15 @@ def target_busy(session: Session, ticket_id: str) -> bool:
 def runnable_requests(session: Session) -> list[Request]:
     """Tickets a run may claim now, earliest due first."""
     return list(session.scalars(select(Request).where(_claimable(utcnow())).order_by(Request.due_at, Request.id)))
+
+
+def completed_on_model(session: Session, model_uri: str, leave_out: str | None = None) -> list[str]:
+    """Tickets `completed` with `model_uri` as their result (a batch's tickets share one version)."""
+    query = select(Request.ticket_id).where(Request.status == RequestStatus.completed.value,
+                                            Request.result_model_uri == model_uri)
+    if leave_out is not None:
+        query = query.where(Request.ticket_id != leave_out)
+    return list(session.scalars(query.order_by(Request.ticket_id)))
 
 
 def runnable(session: Session) -> list[str]:

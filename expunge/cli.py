@@ -170,6 +170,25 @@ def run(ticket_id: Optional[str] = typer.Argument(None, help="Ticket to process;
     raise typer.Exit(worst)
 
 
+@app.command()
+def drain() -> None:
+    """Run the scheduled job now (`drain_requests`, the drain-requests deployment): every waiting request, the most
+    urgent first, requests on one champion forgotten together (the profile's scheduling.batch_max)."""
+    from expunge.service import EXIT_RUN_FAILED
+
+    _take_inbox()
+    state.settings.apply_environment()
+    from flows.drain import drain_requests
+
+    outcomes = drain_requests(home=str(state.settings.home), profile=state.settings.profile_name)
+    if not outcomes:
+        out.print("no received requests to run")
+    for ticket, status in outcomes.items():
+        out.print(f"ticket {ticket}: {status}")
+    if any(status not in ("completed", "skipped") for status in outcomes.values()):
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
 def _deliver_callbacks() -> None:
     from expunge.callbacks import deliver_due
 
@@ -479,9 +498,9 @@ def lineage(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table("version", "aliases", "ticket", "method", "gates", "release", "erased records", "assistants")
+    table = Table("version", "aliases", "tickets", "method", "gates", "release", "erased records", "assistants")
     for row in rows:
-        table.add_row(row["uri"], ", ".join(row["aliases"]), row["ticket_id"] or "(base)", row["method"] or "",
+        table.add_row(row["uri"], ", ".join(row["aliases"]), ", ".join(row["ticket_ids"]) or "(base)", row["method"] or "",
                       row["gates"] or "", " ".join(v for v in (row["release"], row["reviewer"]) if v),
                       "" if row["erased_records"] is None else str(row["erased_records"]),
                       "" if row["assistants"] is None else str(row["assistants"]))

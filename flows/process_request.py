@@ -21,10 +21,11 @@ def nothing_to_forget(known: dict) -> str:
             "little or nothing to forget")
 
 
-def _gated_status(move, evaluated: Evaluation, registered: Registration) -> str:
+def _gated_status(move, evaluated: Evaluation, registered: Registration, batch_id: str | None = None) -> str:
     """completed when every gate passed, else failed_gates with the failing gates named (numbers only)."""
     if evaluated.passed:
-        move("completed", audit_payload={"model_uri": registered.model_uri})
+        move("completed", audit_payload={"model_uri": registered.model_uri,
+                                         **({"batch_id": batch_id} if batch_id else {})})
         return "completed"
     failed = evaluated.failed_gates()
     detail = ", ".join(f"{g['gate']} {g['value']} (limit {g['op']} {g['threshold']})" for g in failed)
@@ -63,6 +64,36 @@ def _train(ctx: tuple, resolved, method: str, after_lost_training: bool):
     return trained
 
 
+def resolve_and_measure(ctx: tuple, move):
+    """`resolving`: the forget and retain sets, then what the target knows of the forget set before any training."""
+    move("resolving")
+    resolved = resolve_forget_set(*ctx)
+    audit_event(*ctx, "forget_set_resolved", resolved.audit_payload())
+    known = measure_prior_knowledge(*ctx, resolved)
+    audit_event(*ctx, "prior_knowledge_measured", known)
+    return resolved, known
+
+
+def needs_review_first(known: dict) -> bool:
+    """The profile asks a person to look before training on a subject the target barely knows."""
+    return known["known"] is False and known["action"] == "review"
+
+
+def settled_by_error(ticket_id: str, exc: Exception, move) -> dict | None:
+    """The status an expected failure settles a ticket in (subject not found, a bad request, corpus drift), or
+    None for an exception that is not one of them."""
+    if isinstance(exc, SubjectNotFound):
+        status, reason = "needs_review", exc.reason_code
+    elif isinstance(exc, RequestError):
+        status, reason = "rejected", exc.reason_code
+    elif isinstance(exc, CorpusDrift):
+        status, reason = "needs_review", "corpus_drift"
+    else:
+        return None
+    move(status, reason_code=reason, detail=str(exc))
+    return {"ticket_id": ticket_id, "status": status, "reason_code": reason}
+
+
 def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = False) -> dict:
     ticket_id = ctx[2]
 
@@ -70,12 +101,8 @@ def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = F
         return transition(*ctx, status, runner=runner, **details)
 
     try:
-        move("resolving")
-        resolved = resolve_forget_set(*ctx)
-        audit_event(*ctx, "forget_set_resolved", resolved.audit_payload())
-        known = measure_prior_knowledge(*ctx, resolved)
-        audit_event(*ctx, "prior_knowledge_measured", known)
-        if known["known"] is False and known["action"] == "review":  # the profile asks a person to look first
+        resolved, known = resolve_and_measure(ctx, move)
+        if needs_review_first(known):
             move("needs_review", reason_code="nothing_to_forget", detail=nothing_to_forget(known))
             return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "nothing_to_forget"}
 
@@ -95,32 +122,34 @@ def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = F
             "model_uri": registered.model_uri, "aliases": list(registered.aliases),
             "mlflow_run_id": registered.mlflow_run_id,
         })
-    except SubjectNotFound as exc:
-        move("needs_review", reason_code=exc.reason_code, detail=str(exc))
-        return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": exc.reason_code}
-    except RequestError as exc:
-        move("rejected", reason_code=exc.reason_code, detail=str(exc))
-        return {"ticket_id": ticket_id, "status": "rejected", "reason_code": exc.reason_code}
-    except CorpusDrift as exc:
-        move("needs_review", reason_code="corpus_drift", detail=str(exc))
-        return {"ticket_id": ticket_id, "status": "needs_review", "reason_code": "corpus_drift"}
     except LeaseLost:  # another run has the ticket now: it records what happens next
         raise
     except Exception as exc:
+        settled = settled_by_error(ticket_id, exc, move)
+        if settled is not None:
+            return settled
         # Unexpected: record it (type only — messages from deep in a library may quote data) and re-raise.
         move("failed", reason_code="internal_error", detail=type(exc).__name__)
         raise
 
+    return finish(ctx, move, registered, evaluated) | {
+        "warnings": ([f"nothing_to_forget: {nothing_to_forget(known)}"] if known["known"] is False else [])
+        + trained.warnings(),
+    }
+
+
+def finish(ctx: tuple, move, registered: Registration, evaluated: Evaluation, report_path: str = "evidence_report",
+           batch_id: str | None = None) -> dict:
+    """The ticket's outcome on its row, its final status, then its evidence report (after the status, so the report
+    shows it and the audit head it quotes covers it)."""
+    ticket_id = ctx[2]
     store_outcome(*ctx, registered.model_uri, evaluated.metrics, list(evaluated.gates))
-    status = _gated_status(move, evaluated, registered)
-    # After the final status, so the report shows it and the audit head it quotes covers it.
-    report = evidence_report(*ctx, registered.mlflow_run_id)
+    status = _gated_status(move, evaluated, registered, batch_id)
+    report = evidence_report(*ctx, registered.mlflow_run_id, report_path)
     audit_event(*ctx, "evidence_reported", {"report_files": sorted(report)})
     get_run_logger().info("ticket %s: %s", ticket_id, status)
     return {
         "ticket_id": ticket_id, "status": status, "model_uri": registered.model_uri,
         "aliases": list(registered.aliases), "metrics": evaluated.metrics, "gates": list(evaluated.gates),
         "report": report["markdown"],
-        "warnings": ([f"nothing_to_forget: {nothing_to_forget(known)}"] if known["known"] is False else [])
-        + trained.warnings(),
     }

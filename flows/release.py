@@ -4,7 +4,7 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.lifecycle import audit_event, transition
-from tasks.release import apply_release, check_release, interrupted_release, purge_subject
+from tasks.release import apply_release, batch_mates, check_release, interrupted_release, purge_subject
 from tasks.rollback import interrupted_rollback, move_champion_back, plan_rollback, reopen_ticket
 
 
@@ -45,8 +45,25 @@ def _carry_out(ctx: tuple, intent: dict) -> dict:
         transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
     # The request is decided: the row no longer needs to say who the subject was.
     purge_subject(*ctx)
+    decided_with = _decide_batch_mates(ctx, decision, result["model_uri"], audit)
     return {"ticket_id": ctx[2], "status": "released" if decision == "approve" else "release_rejected", **result,
-            "unsettled_gates_accepted": intent["unsettled_gates_accepted"]}
+            "unsettled_gates_accepted": intent["unsettled_gates_accepted"], "batch_mates": decided_with}
+
+
+def _decide_batch_mates(ctx: tuple, decision: str, model_uri: str | None, audit: dict) -> list[str]:
+    """A batch version serves several tickets: the decision on it is theirs too, each one audited with the ticket
+    it was decided with (a decision interrupted here is finished by a decision on any of them)."""
+    home, profile, ticket_id = ctx
+    mates = batch_mates(*ctx, model_uri)
+    for mate in mates:
+        payload = {**audit, "decided_with": ticket_id}
+        if decision == "approve":
+            transition(home, profile, mate, "released", audit_payload={"event": "release_approved", **payload})
+        else:
+            transition(home, profile, mate, "release_rejected", reason_code="reviewer_declined",
+                       audit_payload={"event": "release_declined", **payload})
+        purge_subject(home, profile, mate)
+    return mates
 
 
 @flow(name="rollback_champion", flow_run_name="rollback-{model_name}")

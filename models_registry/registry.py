@@ -336,6 +336,17 @@ def aliases_of(ref: ModelRef) -> list[str]:
 
 # ------------------------------------------------------------------ lineage (what a version contains)
 
+# A batch version (one assistant for several tickets) carries `expunge.tickets` and one searchable tag per ticket.
+SERVES_TAG_PREFIX = "expunge.serves."
+
+
+def tickets_served(tags: dict[str, str]) -> list[str]:
+    """The tickets whose erasure a version made: a batch's list, or the one ticket."""
+    if tags.get("expunge.tickets"):
+        return tags["expunge.tickets"].split(",")
+    return [tags["expunge.ticket_id"]] if tags.get("expunge.ticket_id") else []
+
+
 
 def lineage(uri: str, max_versions: int = 1000) -> list[dict[str, Any]]:
     """The version `uri` names, then each version it was built on (tag `expunge.parent_uri`), down to the base:
@@ -358,7 +369,8 @@ def lineage(uri: str, max_versions: int = 1000) -> list[dict[str, Any]]:
             "uri": ref.uri,
             "aliases": sorted(version.aliases),
             "kind": tags.get(KIND_TAG, "causal_lm"),
-            "ticket_id": tags.get("expunge.ticket_id"),
+            "ticket_id": tags.get("expunge.ticket_id") or tags.get("expunge.batch_id"),
+            "ticket_ids": tickets_served(tags),
             "method": tags.get("expunge.method"),
             "gates": tags.get("expunge.gates"),
             "release": tags.get("expunge.release.decision"),
@@ -422,13 +434,16 @@ def mark_orphaned_versions(ticket_id: str, reason: str) -> list[str]:
 
 
 def _versions_of_ticket(client: MlflowClient, ticket_id: str) -> list:
-    """Versions tagged with `ticket_id`, and those registered from an MLflow run tagged with it."""
-    found = {(v.name, v.version): v for v in client.search_model_versions(f"tags.`expunge.ticket_id` = '{ticket_id}'")}
+    """Versions tagged with `ticket_id` (or serving it in a batch), and those registered from an MLflow run tagged
+    with it."""
+    filters = (f"tags.`expunge.ticket_id` = '{ticket_id}'", f"tags.`{SERVES_TAG_PREFIX}{ticket_id}` = 'true'")
+    found = {(v.name, v.version): v for query in filters for v in client.search_model_versions(query)}
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is not None:
-        for run in client.search_runs([experiment.experiment_id], f"tags.`expunge.ticket_id` = '{ticket_id}'"):
-            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
-                found.setdefault((version.name, version.version), version)
+    runs = [run for query in filters for run in client.search_runs([experiment.experiment_id], query)] \
+        if experiment is not None else []
+    for run in runs:
+        for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+            found.setdefault((version.name, version.version), version)
     return sorted(found.values(), key=lambda v: (v.name, int(v.version)))
 
 

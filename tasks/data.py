@@ -121,8 +121,9 @@ def records_for_manifest(settings, target_info: dict, manifest_path: str):
 
 
 def _erased(target_info: dict, forget_ids: set[str]) -> set[str]:
-    """This request's forget ids and the records earlier erasures on the target version removed."""
-    return set(forget_ids) | set(target_info.get("erased_before_ids", ()))
+    """This request's forget ids, the records earlier erasures on the target version removed, and those the other
+    tickets of its batch erase in the same version (`tasks.batch`)."""
+    return set(forget_ids) | set(target_info.get("erased_before_ids", ())) | set(target_info.get("batch_erased_ids", ()))
 
 
 def unseen_retain_pool(target_info: dict, forget_ids: set[str], train_retain_ids: set[str], seed: int = 1):

@@ -41,18 +41,31 @@ def transition(
 @task(name="runnable-tickets")
 def runnable_tickets(home: str, profile: str) -> list[dict]:
     """Tickets a run may take now (received and unheld, or with an expired lease), earliest due date first: id,
-    method, due date and days left (no subject data)."""
+    method, status, due date, days left and which may be batched together (no subject data)."""
     from datetime import datetime, timezone
 
     from expunge.requests import RequestSpec
+    from tasks.batch import batch_key
 
     settings = settings_for(home, profile)
     now = datetime.now(timezone.utc)
     with settings.db_session() as session:
-        rows = requests_repo.runnable_requests(session)
-        return [{"ticket_id": r.ticket_id, "method": RequestSpec.model_validate_json(r.spec_json).method,
-                 "due_at": r.due_at.isoformat(), "days_left": round((r.due_at - now).total_seconds() / 86400, 1)}
-                for r in rows]
+        rows = [(r, RequestSpec.model_validate_json(r.spec_json)) for r in requests_repo.runnable_requests(session)]
+        return [{"ticket_id": r.ticket_id, "method": spec.method, "status": r.status,
+                 "due_at": r.due_at.isoformat(), "days_left": round((r.due_at - now).total_seconds() / 86400, 1),
+                 # tickets with one key may share an assistant: a keyed hash, so no subject or corpus detail leaves
+                 "batch_key": _keyed(settings, batch_key(spec, r.target_model_uri or ""))}
+                for r, spec in rows]
+
+
+def _keyed(settings, key: tuple | None) -> str | None:
+    import hashlib
+    import hmac
+    import json
+
+    if key is None:
+        return None
+    return hmac.new(settings.hmac_key(), json.dumps(key).encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def new_runner_id() -> str:
@@ -76,12 +89,32 @@ def claim_ticket(home: str, profile: str, ticket_id: str, runner: str) -> dict |
 def end_lease_now(flow, flow_run, state) -> None:
     """Prefect on_crashed / on_cancellation hook of `process_request`: the run will not renew its lease, so let it
     run out now and record why (a `kill -9` runs no hook: the lease runs out by itself)."""
+    _end_leases(flow_run, state, [flow_run.parameters["ticket_id"]])
+
+
+def end_batch_leases_now(flow, flow_run, state) -> None:
+    """`process_batch`'s hook: `end_lease_now` for each of its tickets."""
+    _end_leases(flow_run, state, list(flow_run.parameters["ticket_ids"]))
+
+
+def _end_leases(flow_run, state, ticket_ids: list[str]) -> None:
     params = flow_run.parameters
     settings = settings_for(params["home"], params.get("profile", "demo"))
     with settings.db_session() as session:
-        if requests_repo.end_lease(session, params["ticket_id"]):
-            requests_repo.record_event(session, params["ticket_id"], "run_interrupted",
-                                       {"state": state.type.value, "flow_run_id": str(flow_run.id)})
+        for ticket_id in ticket_ids:
+            if requests_repo.end_lease(session, ticket_id):
+                requests_repo.record_event(session, ticket_id, "run_interrupted",
+                                           {"state": state.type.value, "flow_run_id": str(flow_run.id)})
+
+
+@task(name="return-to-queue", retries=2, retry_delay_seconds=1)
+def return_to_queue(home: str, profile: str, ticket_id: str, runner: str, reason_code: str, detail: str) -> None:
+    """Back to `received` and let go (a batch split the ticket out): the next run, alone, may take it at once."""
+    settings = settings_for(home, profile)
+    with settings.db_session() as session:
+        request = requests_repo.get_request(session, ticket_id)
+        requests_repo.set_status(session, request, "received", reason_code=reason_code, detail=detail, runner=runner)
+        requests_repo.release_claim(session, request, runner)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,10 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
         registered = requests_repo.latest_event(session, ticket_id, "model_registered") or {}
         gates = evaluated.get("gates", [])
         row_gates = json.loads(request.metrics_json).get("gates", []) if request.metrics_json else []
+        # a batch version releases its other tickets with this one: their unsettled gates need saying too
+        for mate in (requests_repo.completed_on_model(session, model_uri, leave_out=ticket_id) if model_uri else []):
+            row_gates += [{**g, "gate": f"{g['gate']} ({mate})"}
+                          for g in (requests_repo.latest_event(session, mate, "evaluated") or {}).get("gates", [])]
     if decision == "reject" and status in CLOSABLE_UNRELEASED:  # close it, so its subject is purged too
         return {"model_uri": model_uri and pin(model_uri).uri, "unsettled_gates": []}
     if status != "completed":
@@ -96,7 +100,8 @@ def check_release(home: str, profile: str, ticket_id: str, decision: str, review
                       f"{model_uri} did not pass its gates according to the audit log (or its tags disagree)")
     if decision == "approve":
         parent, champion = _parent_in_same_model(ref, tags), current_alias(ref.name, CHAMPION)
-        if parent is not None and champion is not None and champion != parent:
+        # (a version that already serves, released with a batch-mate, is not stale)
+        if parent is not None and champion is not None and champion not in (parent, ref):
             return _refuse(settings, ticket_id, decision, reviewer, "stale_base",
                           f"{model_uri} was built on {parent.uri} but the champion is now {champion.uri}; "
                           f"approving it would drop what changed since — re-run the request on the champion")
@@ -127,6 +132,17 @@ def interrupted_release(home: str, profile: str, ticket_id: str) -> dict | None:
     if intent is None or (changed is not None and changed[0] > intent[0]):
         return None
     return intent[1]
+
+
+@task(name="batch-mates")
+def batch_mates(home: str, profile: str, ticket_id: str, model_uri: str | None) -> list[str]:
+    """The other tickets the same version serves (a batch) that wait for this decision (`completed` on it): a
+    decision on the version decides them too."""
+    if model_uri is None:
+        return []
+    settings = settings_for(home, profile)
+    with settings.db_session() as session:
+        return requests_repo.completed_on_model(session, model_uri, leave_out=ticket_id)
 
 
 @task(name="purge-subject", retries=2, retry_delay_seconds=1)

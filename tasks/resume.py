@@ -17,17 +17,18 @@ from tasks.contracts import ResolvedRequest, TrainedUnlearning
 AFTER_TRAINING = ("evaluating", "registering")
 
 
-def training_inputs_fingerprint(settings, ticket_id: str, resolved: ResolvedRequest, method: str) -> str:
-    """Keyed hash of everything a training depends on: the request, the resolved data, the target's weights and
-    earlier assistants, the profile's unlearning settings and the method."""
+def training_inputs_fingerprint(settings, ticket_id: str | list[str], resolved: ResolvedRequest, method: str) -> str:
+    """Keyed hash of everything a training depends on: the request (a batch's: each of its tickets'), the resolved
+    data, the target's weights and earlier assistants, the profile's unlearning settings and the method."""
     from db import requests_repo
 
     target = read_json(resolved.target_path)
+    tickets = [ticket_id] if isinstance(ticket_id, str) else list(ticket_id)
     with settings.db_session() as session:  # the request as filed (its keyed hash: a decision purges the row's text)
-        request_hash = requests_repo.get_request(session, ticket_id).spec_hash
+        request_hashes = [requests_repo.get_request(session, t).spec_hash for t in tickets]
     inputs = {
         "method": method,
-        "request": request_hash,
+        "request": request_hashes[0] if isinstance(ticket_id, str) else request_hashes,
         "forget": resolved.forget_fingerprint, "retain": resolved.retain_fingerprint,
         "target": [target.get("pinned_uri") or target.get("requested_uri"), target.get("base_weights_sha256"),
                    len(target.get("prior_assistants") or [])],

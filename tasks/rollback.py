@@ -45,7 +45,7 @@ def plan_rollback(home: str, profile: str, model_name: str, to_version: str | No
     if position is None or position == 0:
         ancestors = ", ".join(row["uri"] for row in older)
         return _refused("not_an_ancestor", f"{wanted} is not a version {champion.uri} was built on ({ancestors})")
-    undone = {row["ticket_id"] for row in path[:position] if row["ticket_id"]}
+    undone = {ticket for row in path[:position] for ticket in row["ticket_ids"]}
     with settings.db_session() as session:
         reopen = sorted(ticket for ticket in undone
                         if (request := requests_repo.get_request(session, ticket)) is not None

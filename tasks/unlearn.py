@@ -203,14 +203,32 @@ def _train_each_assistant(base, tokenizer, fmt: PromptFormat, forget_pairs, reta
 def train_assistants(home: str, profile: str, ticket_id: str, resolved: ResolvedRequest,
                      method: str) -> TrainedUnlearning:
     """A method that trains assistants to subtract from the target (ULD); the base's weights stay as they are."""
+    settings = settings_for(home, profile)
+    return _train_uld(settings, settings.ticket_dir(ticket_id), request_spec(settings, ticket_id), resolved, method,
+                      training_inputs_fingerprint(settings, ticket_id, resolved, method))
+
+
+@task(name="train-batch-assistants")
+def train_batch_assistants(home: str, profile: str, batch_id: str, ticket_ids: list[str], resolved: ResolvedRequest,
+                           method: str) -> TrainedUnlearning:
+    """One assistant for a batch's tickets: `resolved` is the union of their forget (and retain) sets, the subject
+    terms the union of theirs; written to the batch's own work directory."""
+    from tasks.batch import merged_spec
+
+    settings = settings_for(home, profile)
+    spec = merged_spec([request_spec(settings, ticket_id) for ticket_id in ticket_ids])
+    return _train_uld(settings, settings.ticket_dir(batch_id), spec, resolved, method,
+                      training_inputs_fingerprint(settings, ticket_ids, resolved, method))
+
+
+def _train_uld(settings, work_dir: Path, spec, resolved: ResolvedRequest, method: str,
+               inputs_fingerprint: str) -> TrainedUnlearning:
     from expunge_ml.auto_settings import auto_unlearning, traits_of
     from expunge_ml.methods.uld import convergence, ensemble_weights
     from expunge_ml.uld_data import training_pairs
 
-    settings = settings_for(home, profile)
     logger = get_run_logger()
     target_info = read_json(resolved.target_path)
-    spec = request_spec(settings, ticket_id)
     forget = records_for_manifest(settings, target_info, resolved.forget_manifest)
     retain = records_for_manifest(settings, target_info, resolved.retain_manifest)
     base, tokenizer = target_base(target_info, settings)
@@ -228,7 +246,7 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
                                                 question_wordings=wordings, general_records=general)
     assistants, adapter_dirs, reports = _train_each_assistant(
         base, tokenizer, prompt_format(target_info), forget_pairs, retain_pairs, config,
-        settings.ticket_dir(ticket_id), logger, settings.adapter_seal_key())
+        work_dir, logger, settings.adapter_seal_key())
     chosen = None
     if selection:
         chosen = select_served_weight(settings, target_info, spec, base, tokenizer, assistants, config, selection,
@@ -249,9 +267,9 @@ def train_assistants(home: str, profile: str, ticket_id: str, resolved: Resolved
         convergence=tuple(convergence(report, config, vocab_size, len(forget_pairs)) for report in reports),
         prompt_template=prompt_format(target_info).template,
         auto_settings=derived or None,
-        inputs_fingerprint=training_inputs_fingerprint(settings, ticket_id, resolved, method),
+        inputs_fingerprint=inputs_fingerprint,
     )
-    write_json(settings.ticket_dir(ticket_id) / "training.json", trained.as_json())
+    write_json(work_dir / "training.json", trained.as_json())
     for warning in trained.warnings():
         logger.warning("%s", warning)
     logger.info("%d assistant(s) trained in %.1fs (%d steps, %d trainable parameters each)", len(reports),
