@@ -10,7 +10,6 @@ on neutral prompts. Returns plain dicts of numbers — never generated text.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -62,11 +61,19 @@ class ServedModel:
         return attacks
 
     def transformed(self, fn) -> "ServedModel":
-        merged = [
-            copy.deepcopy(a).merge_and_unload() if hasattr(a, "merge_and_unload") else a
-            for a in self.assistants
-        ]
+        merged = [merged_copy(a) if hasattr(a, "merge_and_unload") else a for a in self.assistants]
         return ServedModel(fn(self.base), [fn(a) for a in merged], list(self.weights), self.relative_top)
+
+
+def merged_copy(assistant: torch.nn.Module) -> torch.nn.Module:
+    """A PEFT `assistant` with its adapters merged, in a copy: merging writes into the weights of the layers the
+    adapters wrap, so only those get storage of their own; the rest stay the assistant's (the base's) tensors."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .modeling import shared_copy
+
+    wrapped = [p for m in assistant.modules() if isinstance(m, BaseTunerLayer) for p in m.get_base_layer().parameters()]
+    return shared_copy(assistant, own=wrapped).merge_and_unload()
 
 
 @dataclass(frozen=True)

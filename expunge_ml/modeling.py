@@ -1,10 +1,11 @@
-"""Loading, building, training and fingerprinting causal LMs (any Hugging Face causal LM).
+"""Loading, building, copying, training and fingerprinting causal LMs (any Hugging Face causal LM).
 
 The embedded default "production model" is a small Llama-architecture model trained from scratch on
 the sample world until it memorises it — it stands for an LLM that memorised private data.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import random
@@ -31,6 +32,24 @@ def load_causal_lm(location: str, dtype: str | torch.dtype = torch.float32, devi
     model.to(device if isinstance(device, torch.device) else resolve_device(device))
     model.eval()
     return model, tokenizer
+
+
+def shared_copy(model: torch.nn.Module, own: Iterable[torch.nn.Parameter] = ()) -> torch.nn.Module:
+    """A copy of `model`'s modules whose parameters are new Parameter objects on the model's own storage (and
+    whose buffers are the model's): it costs modules, not weights. Freezing, wrapping, cutting or moving the
+    copy's parameters to new tensors leaves `model` as it was; writing into a shared tensor would not, so each
+    parameter in `own` (those the caller will write into in place) gets a copy of its data instead."""
+    owned = {id(p) for p in own}
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if id(p) in owned:
+            memo[id(p)] = copy.deepcopy(p)
+        elif type(p) is torch.nn.Parameter:
+            memo[id(p)] = torch.nn.Parameter(p.data, requires_grad=p.requires_grad)
+        else:  # a quantized weight (a Parameter subclass) is shared as it is: it is never trained
+            memo[id(p)] = p
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048):

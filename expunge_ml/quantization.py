@@ -17,7 +17,6 @@ representable (no zero-point), matching GPTQ/AWQ's symmetric setting and bitsand
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import warnings
 from typing import Iterable
@@ -71,6 +70,19 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(s == name or s in parts for s in skip)
 
 
+def _quantized_linears(model: torch.nn.Module, skip: Iterable[str]) -> list[torch.nn.Linear]:
+    """The nn.Linear modules whose weights a quantization of `model` replaces (all but those `skip` names)."""
+    return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not _skipped(name, skip)]
+
+
+def _copy_for_quantizing(model: torch.nn.Module, skip: Iterable[str]) -> torch.nn.Module:
+    """A copy of `model` with its own storage only for the Linear weights a quantization rewrites; embeddings,
+    norms, biases and skipped layers stay the model's tensors (`modeling.shared_copy`), read and never written."""
+    from .modeling import shared_copy
+
+    return shared_copy(model, own=[m.weight for m in _quantized_linears(model, skip)])
+
+
 @torch.no_grad()
 def quantize_rtn_(
     model: torch.nn.Module,
@@ -92,9 +104,7 @@ def quantize_rtn_(
     n_layers = n_params = 0
     abs_err_sum = 0.0
     max_err = 0.0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or _skipped(name, skip):
-            continue
+    for module in _quantized_linears(model, skip):
         original = module.weight.data
         quantized = fake_quantize_weight(original, bits, group_size)
         err = (quantized.float() - original.float()).abs()
@@ -120,9 +130,10 @@ def quantized_copy(
     group_size: int | None = 128,
     skip: tuple[str, ...] = ("lm_head",),
 ) -> torch.nn.Module:
-    """A deep copy of `model` with `quantize_rtn_` applied; the original is left untouched."""
+    """A copy of `model` with `quantize_rtn_` applied (only the quantized weights are new tensors); the original
+    is left untouched."""
     _validate(bits, group_size)  # fail before paying for the copy
-    clone = copy.deepcopy(model)
+    clone = _copy_for_quantizing(model, skip)
     quantize_rtn_(clone, bits, group_size, skip)
     return clone
 
@@ -153,10 +164,8 @@ def nf4_quantized_copy(model: torch.nn.Module, blocksize: int = 64, skip: tuple[
     with quiet_bitsandbytes_import():
         import bitsandbytes.functional as bnb_functional
 
-    clone = copy.deepcopy(model)
-    for name, module in clone.named_modules():
-        if not isinstance(module, torch.nn.Linear) or _skipped(name, skip):
-            continue
+    clone = _copy_for_quantizing(model, skip)
+    for module in _quantized_linears(clone, skip):
         weight = module.weight.data
         packed, state = bnb_functional.quantize_4bit(weight.float().contiguous(), blocksize=blocksize, quant_type="nf4")
         module.weight.data.copy_(bnb_functional.dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape))

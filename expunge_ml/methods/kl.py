@@ -31,7 +31,8 @@ def loss_kl(forget_nll: torch.Tensor, ref_logits: torch.Tensor, logits: torch.Te
 
 def prepare(model, tokenizer, fmt: PromptFormat, forget_records: Sequence[QARecord],
             retain_records: Sequence[QARecord], config: Config, **extra) -> Plan:
-    # Full next-token distributions are too large to precompute, so the reference is a frozen copy.
+    # Full next-token distributions are too large to precompute, so the reference is a frozen copy: on the
+    # model's weights as they are now, which run_loop leaves as they are (it trains copies of them).
     reference = frozen_copy(model) if retain_records else None
 
     def step_loss(forget_batch, retain_batch):

@@ -60,13 +60,23 @@ class Plan:
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen reference copy of `model` as it is now (in eval mode, no grads)."""
-    import copy
+    """A frozen reference of `model` as it is now (in eval mode, no grads) that shares the model's weight storage
+    (`modeling.shared_copy`). It stays the model as it was because `run_loop` trains new storage, never the tensors
+    a model came with; a caller that writes into the model's weights by other means must not rely on it."""
+    from ..modeling import shared_copy
 
-    reference = copy.deepcopy(model)
+    reference = shared_copy(model)
     reference.requires_grad_(False)
     reference.eval()
     return reference
+
+
+@torch.no_grad()
+def train_own_storage(params: Sequence[torch.nn.Parameter]) -> None:
+    """Move each parameter onto a copy of its data, so the steps write there and never into the storage it came
+    with, which a frozen reference or the caller's base may share; unshared storage is freed one tensor at a time."""
+    for p in params:
+        p.data = p.data.clone()
 
 
 def pair_collate(tokenizer, fmt, max_length: int) -> Callable[[list], dict]:
@@ -82,7 +92,8 @@ def run_loop(
     method: str,
     progress: Progress | None = None,
 ) -> MethodReport:
-    """Balanced sampling: every step sees one forget batch and (if any retain items) one retain batch.
+    """Balanced sampling: every step sees one forget batch and (if any retain items) one retain batch. The trained
+    parameters are first moved to new storage (`train_own_storage`): the tensors `model` came with are never written.
 
     An epoch is one pass over the forget items; the retain items are cycled (reshuffled on every wrap), so
     a large retain set does not dilute the forget signal and a small one is simply revisited.
@@ -97,6 +108,7 @@ def run_loop(
     params = list(plan.params) if plan.params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no parameters to optimise")
+    train_own_storage(params)
     # Freeze everything not in `params` for the run: no wasted gradients, and restore the flags afterwards.
     chosen = {id(p) for p in params}
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]

@@ -11,7 +11,6 @@ the base, which is pinned by weight hash.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -123,11 +122,9 @@ def truncate_layers(base: torch.nn.Module, n_layers: int) -> torch.nn.Module:
     total = base.config.num_hidden_layers
     if not 1 <= n_layers <= total:
         raise ValueError(f"assistant layers K={n_layers} must be in 1..{total}")
-    shared: dict[int, object] = {  # a quantized weight (a Parameter subclass) is shared as it is: never trained
-        id(p): torch.nn.Parameter(p.data, requires_grad=p.requires_grad) if type(p) is torch.nn.Parameter else p
-        for p in base.parameters()}
-    shared.update({id(b): b for b in base.buffers()})
-    small = copy.deepcopy(base, shared)
+    from ..modeling import shared_copy
+
+    small = shared_copy(base)
     layers = _decoder_layers(small)
     del layers[n_layers:]
     small.config.num_hidden_layers = n_layers

@@ -93,6 +93,7 @@ def prepare(model, tokenizer, fmt: PromptFormat, forget_records: Sequence[QAReco
     if not forget_pairs:
         raise ValueError("the forget set is empty")
 
+    # Shares the model's weights; run_loop trains copies of them, so reinforcing leaves the model as it was.
     reinforced = frozen_copy(model)
     if config.reinforce_epochs > 0:
         reinforced.requires_grad_(True)
