@@ -193,13 +193,16 @@ def perf(
     stacked: str = typer.Option("1,5,20", help="numbers of stacked assistants for P6"),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="where NAME.json and NAME.md go"),
     name: str = typer.Option("perf", help="output file stem"),
+    training: bool = typer.Option(True, help="P1: train ULD and NPO once each on the ticket's erasure (minutes "
+                                  "each); --no-training reports P1 as not measured"),
 ) -> None:
-    """The cost of forgetting: composite serving ÷ base, stacked assistants, batched scoring, request overhead,
-    `expunge status` time (benchmarks/results/perf.json + perf.md)."""
+    """The cost of forgetting: ULD training ÷ NPO's, composite serving ÷ base, stacked assistants, batched
+    scoring, request overhead, `expunge status` time (benchmarks/results/perf.json + perf.md)."""
     from .perf import PerfOptions, run_perf, write_perf
 
     options = PerfOptions(home=str(home), profile=profile, ticket=ticket, repeats=repeats,
-                          stacked=tuple(int(n) for n in _csv(stacked)), out_dir=str(out_dir), name=name)
+                          stacked=tuple(int(n) for n in _csv(stacked)), out_dir=str(out_dir), name=name,
+                          training=training)
     try:
         result = run_perf(options, log=lambda line: typer.echo(line, err=True), command=invoked_command("perf"))
     except ValueError as exc:

@@ -1,20 +1,30 @@
 """`expunge benchmark perf`: what forgetting costs, as ratios measured in one run (median of repeats).
 
 It reads a deployment home with a finished ULD ticket (its base, its assistant and its timings) and writes
-`perf.json` + `perf.md`: serving cost of the composite over the base (P2), with stacked assistants (P6),
-batched over per-example teacher-forced scoring (P5), the share of a request's wall time outside training and
-evaluation (P3) and the wall time of `expunge status` (P7). P1 (ULD training over NPO's) and P4 (a batch of
-erasures over one) are reported as not measured here: the first needs two trainings of one erasure (the TOFU
-report times them), the second the batching the workflow does not have.
+`perf.json` + `perf.md`: ULD's training time over NPO's on that ticket's erasure (P1), serving cost of the
+composite over the base (P2), with stacked assistants (P6), batched over per-example teacher-forced scoring (P5),
+the share of a request's wall time outside training and evaluation (P3) and the wall time of `expunge status`
+(P7). P4 (a batch of erasures over one) is reported as not measured: the workflow does not batch erasures yet.
+
+P1 trains both methods once each in this run (each takes minutes on a CPU), each in a fresh process
+(`python -m benchmarks.perf train …`) so that its peak resident memory is its own. Each runs as the pipeline's
+training task runs it (`tasks.unlearn`), on the ticket's forget and retain manifests, with the functions that
+task calls: ULD at the profile's settings (`auto_unlearning`, `config_for`, `training_pairs`,
+`_train_each_assistant`, and the weight selection where the profile has one), NPO at the profile's baseline
+settings through the method registry (`config_for`, the method's `unlearn`, then the edited model saved and
+hashed as `edit_model_weights` does). Timed: from the loaded base and records to the stored artefact; loading
+the base and the records, the same for both, is not.
 """
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -42,6 +52,7 @@ class PerfOptions:
     stacked: tuple[int, ...] = (1, 5, 20)
     out_dir: str = "benchmarks/results"
     name: str = "perf"
+    training: bool = True  # P1: ULD and NPO trained once each (minutes each); False reports it as not measured
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -103,6 +114,130 @@ def status_seconds(home: Path, profile: str, repeats: int) -> float:
     return _median_seconds(lambda: subprocess.run(command, check=True, capture_output=True), repeats)
 
 
+# P1 compares ULD with NPO, the baseline the issue names; each is trained once (minutes each).
+P1_METHODS = ("uld", "npo")
+REPO = Path(__file__).resolve().parents[1]
+LOG = logging.getLogger("benchmarks.perf")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(seconds: dict[str, float], part: str, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    seconds[part] = time.perf_counter() - start
+    return out
+
+
+def _train_uld(settings, target, spec, base, tokenizer, forget, retain, method, scratch: Path,
+               seconds: dict[str, float]) -> dict[str, Any]:
+    """The body of `tasks.unlearn.train_assistants` after loading, with the adapters sealed into `scratch`."""
+    from expunge_ml.auto_settings import auto_unlearning, traits_of
+    from expunge_ml.methods.registry import config_for
+    from expunge_ml.uld_data import training_pairs
+    from tasks.data import general_retain_records
+    from tasks.unlearn import (_train_each_assistant, prompt_format, question_wordings, select_served_weight,
+                               subject_terms, weight_selection_for)
+
+    def data():
+        unlearning, _ = auto_unlearning(settings.profile["unlearning"], traits_of(base, tokenizer))
+        config = config_for(method, unlearning, spec.type)
+        selection = weight_selection_for(unlearning, spec.type, config)
+        wordings = (question_wordings(unlearning, config, forget, retain, settings.device)[0]
+                    if config.question_paraphrases else {})
+        general = general_retain_records(target, config.general_retain, config.seed) if config.general_retain else []
+        pairs = training_pairs(forget, retain, config, fact_terms=subject_terms(spec), question_wordings=wordings,
+                               general_records=general)
+        return config, selection, wordings, pairs
+
+    config, selection, wordings, (forget_pairs, retain_pairs) = _timed(seconds, "data", data)
+    assistants, _, reports = _timed(seconds, "assistants", lambda: _train_each_assistant(
+        base, tokenizer, prompt_format(target), forget_pairs, retain_pairs, config, scratch, LOG,
+        settings.adapter_seal_key()))
+    if selection:
+        _timed(seconds, "weight_selection", lambda: select_served_weight(
+            settings, target, spec, base, tokenizer, assistants, config, selection, forget, retain, wordings))
+    return {"steps": sum(r.steps for r in reports), "loop_s": round(sum(r.seconds for r in reports), 2),
+            "assistants": len(reports), "forget_pairs": len(forget_pairs), "retain_pairs": len(retain_pairs),
+            "settings": {k: getattr(config, k) for k in ("epochs", "min_steps", "batch_size", "lr", "n_layers",
+                                                         "lora_r", "target_forget_loss")}}
+
+
+def _train_full_model(settings, target, spec, base, tokenizer, forget, retain, method, scratch: Path,
+                      seconds: dict[str, float]) -> dict[str, Any]:
+    """The body of `tasks.unlearn.edit_model_weights` after loading, with the edited model saved into `scratch`."""
+    from expunge_ml.methods.registry import config_for, method_entry
+    from expunge_ml.modeling import weights_fingerprint
+    from tasks.unlearn import anchors_for, prompt_format
+
+    config = config_for(method, settings.profile["unlearning"], spec.type)
+    extra = {"anchors": anchors_for(spec)} if method == "whp" else {}
+    report = _timed(seconds, "unlearn", lambda: method_entry(method).module.unlearn(
+        base, tokenizer, prompt_format(target), forget, retain, config,
+        progress=lambda epoch, losses: LOG.info("%s epoch %d: %s", method, epoch, losses), **extra))
+
+    def save():
+        base.save_pretrained(scratch / "model")
+        tokenizer.save_pretrained(scratch / "model")
+        return weights_fingerprint(scratch / "model")
+
+    _timed(seconds, "save", save)
+    return {"steps": report.steps, "loop_s": round(report.seconds, 2), "forget_pairs": len(forget),
+            "retain_pairs": len(retain), "settings": {k: getattr(config, k) for k in ("epochs", "batch_size", "lr")}}
+
+
+def train_as_shipped(home: str, profile: str, ticket: str, method: str) -> dict[str, Any]:
+    """One training of `method` on `ticket`'s erasure as the pipeline's training task runs it (in this process):
+    its seconds by part, its steps and this process's peak resident memory (base and records loaded included)."""
+    from expunge_ml.methods.registry import ASSISTANT, method_entry
+    from tasks.context import read_json, request_spec, settings_for
+    from tasks.data import records_for_manifest
+    from tasks.unlearn import target_base
+
+    settings = settings_for(home, profile)
+    resolved = read_json(settings.ticket_dir(ticket) / "resolved.json")
+    target = read_json(resolved["target_path"])
+    spec = request_spec(settings, ticket)
+    forget = records_for_manifest(settings, target, resolved["forget_manifest"])
+    retain = records_for_manifest(settings, target, resolved["retain_manifest"])
+    base, tokenizer = target_base(target, settings)
+    loaded_mb = _peak_rss_mb()
+    train = _train_uld if method_entry(method).trains == ASSISTANT else _train_full_model
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="expunge-perf-") as scratch:
+        facts = train(settings, target, spec, base, tokenizer, forget, retain, method, Path(scratch), seconds)
+    return {"method": method, "seconds": round(sum(seconds.values()), 2),
+            "parts_s": {k: round(v, 2) for k, v in seconds.items()}, **facts,
+            # A baseline edits a plain target only; on a composite target the product refuses it.
+            "target_serves_assistants": bool(target.get("prior_assistants")),
+            "peak_mem_mb": round(_peak_rss_mb(), 1), "loaded_mem_mb": round(loaded_mb, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
+def training_cost(home: str, profile: str, ticket: str, method: str) -> dict[str, Any]:
+    """`train_as_shipped` in a fresh process: its peak memory is that training's alone, not this process's."""
+    with tempfile.TemporaryDirectory(prefix="expunge-perf-") as scratch:
+        out = Path(scratch) / "training.json"
+        # The child's output goes to stderr: stdout carries the report this command prints.
+        subprocess.run([sys.executable, "-m", "benchmarks.perf", "train", home, profile, ticket, method, str(out)],
+                       check=True, cwd=REPO, stdout=sys.__stderr__.fileno())
+        return json.loads(out.read_text())
+
+
+def training_ratio(home: Path, profile: str, ticket: str, log: Callable[[str], None],
+                   train: Callable[[str, str, str, str], dict] = training_cost) -> tuple[dict, dict]:
+    """P1 (ULD's training seconds ÷ NPO's, one training each, by `train`) and each training's facts."""
+    trainings = {}
+    for method in P1_METHODS:
+        trainings[method] = train(str(home), profile, ticket, method)
+        log(f"P1 {method}: {trainings[method]['seconds']:.1f}s, peak {trainings[method]['peak_mem_mb']:.0f} MB")
+    uld, npo = (trainings[m] for m in P1_METHODS)
+    return {"value": round(uld["seconds"] / npo["seconds"], 3), "uld_s": uld["seconds"], "npo_s": npo["seconds"],
+            "loops_ratio": round(uld["loop_s"] / npo["loop_s"], 3), "repeats": 1}, trainings
+
+
 def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
     from expunge.settings import Settings
     from expunge_ml.generation import score_answers
@@ -155,7 +290,11 @@ def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: 
     values["P5"] = {"value": round(single / batched, 3), "batched_s": round(batched, 3), "per_example_s": round(single, 3)}
     values["P3"] = request_overhead(settings, ticket_dir)
     values["P7"] = {"value": round(status_seconds(home, options.profile, options.repeats), 3)}
-    values["P1"] = {"value": None, "why": "needs ULD and NPO trained on one erasure: see the TOFU report's timings"}
+    trainings: dict[str, Any] = {}
+    if options.training:
+        values["P1"], trainings = training_ratio(home, options.profile, ticket_dir.name, log)
+    else:
+        values["P1"] = {"value": None, "why": "not asked for (--no-training)"}
     values["P4"] = {"value": None, "why": "erasures are not batched into one run yet"}
     for key, entry in values.items():
         op, goal = goal_of(key)
@@ -168,7 +307,9 @@ def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: 
         "measured_at": datetime.now().isoformat(timespec="seconds"), "options": asdict(options),
         "base": {"location": target["base_location"], "parameters": sum(p.numel() for p in base.parameters())},
         "ticket": ticket_dir.name, "assistant_layers": config.n_layers,
-        "peak_mem_mb": {"serving_with_stack": round(peak_serving, 1), "before_stack": round(rss_before, 1)},
+        "peak_mem_mb": {"serving_with_stack": round(peak_serving, 1), "before_stack": round(rss_before, 1),
+                        **{f"training_{m}": t["peak_mem_mb"] for m, t in trainings.items()}},
+        "training": trainings,
         "values": dict(sorted(values.items())),
     }
 
@@ -181,16 +322,37 @@ def write_perf(result: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, 
              f"Command: `{result['command']}`, {result['measured_at']}; base {result['base']['location']} "
              f"({result['base']['parameters']:,} parameters), assistant of ticket {result['ticket']} "
              f"({result['assistant_layers']} layers); {result['machine']['platform']}, "
-             f"{result['machine']['cpus']} torch threads. Ratios are medians of repeats in this one run.", "",
+             f"{result['machine']['cpus']} torch threads. Ratios are medians of repeats in this one run (P1: one training of each).", "",
              "| figure | value | goal | met |", "|---|---|---|---|"]
     for key, entry in result["values"].items():
         value = "not measured" if entry["value"] is None else entry["value"]
         goal = "–" if entry["goal"] is None else f"{goal_of(key)[0]} {entry['goal']}"
         met = "–" if entry["met"] is None else ("yes" if entry["met"] else "**no**")
         lines.append(f"| {key} | {value} | {goal} | {met} |")
-    lines += ["", f"Peak resident memory (MB): {result['peak_mem_mb']}.", "",
+    trainings = result.get("training") or {}
+    if trainings:
+        lines += ["", "P1 is one training of each method in this run (each takes minutes), each in its own fresh "
+                  "process, as the pipeline's training task runs it on this ticket's forget and retain sets at the "
+                  "profile's settings; timed from the loaded base and records to the stored artefact. The training "
+                  "loops' own clocks alone (no data building, reference log-probs or saving) give "
+                  f"{result['values']['P1']['loops_ratio']}.", "",
+                  "| training | seconds | parts (s) | steps | settings | peak MB | MB after loading |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {t['seconds']} | {t['parts_s']} | {t['steps']} | {t['settings']} | {t['peak_mem_mb']} "
+                  f"| {t['loaded_mem_mb']} |" for m, t in trainings.items()]
+    lines += ["", f"Peak resident memory (MB): {result['peak_mem_mb']}. Serving: this process's maximum resident "
+              "set (getrusage) before and after stacking assistants; training: each training process's maximum, "
+              "the loaded base and records included.", "",
               "P1 ULD training ÷ NPO's; P2 composite generation ÷ base; P3 share of a request's wall time outside "
               "training and evaluation; P4 a batch of 5 erasures ÷ one; P5 per-example ÷ batched teacher-forced "
               "scoring; P6 N stacked assistants ÷ base; P7 `expunge status` seconds."]
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+if __name__ == "__main__":  # `python -m benchmarks.perf train HOME PROFILE TICKET METHOD OUT`: one P1 training
+    _, command, *args = sys.argv
+    if command != "train" or len(args) != 5:
+        sys.exit("usage: python -m benchmarks.perf train HOME PROFILE TICKET METHOD OUT.json")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    Path(args[4]).write_text(json.dumps(train_as_shipped(*args[:4]), indent=2) + "\n")

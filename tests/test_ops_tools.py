@@ -36,7 +36,7 @@ def test_the_perf_benchmark_reads_a_finished_ticket_and_writes_its_figures(tiny_
     from benchmarks.perf import PerfOptions, goal_of, run_perf, write_perf
 
     options = PerfOptions(home=str(tiny_home), profile="tiny", ticket="DEMO-GDPR-0001", repeats=1, new_tokens=2,
-                          stacked=(1, 2))
+                          stacked=(1, 2), training=False)
     result = run_perf(options, log=lambda line: None)
     values = result["values"]
     assert set(values) == {"P1", "P2_batch1", "P2_batch8", "P3", "P4", "P5", "P6_n1", "P6_n2", "P7"}
@@ -48,5 +48,33 @@ def test_the_perf_benchmark_reads_a_finished_ticket_and_writes_its_figures(tiny_
         else:
             assert entry["value"] > 0 and entry["met"] in (True, False, None)
     assert 0 < values["P3"]["value"] < 1 and values["P3"]["training_s"] > 0
+    assert values["P1"]["value"] is None  # the trainings are the next test's
     json_path, md_path = write_perf(result, tmp_path, "perf")
     assert json.loads(json_path.read_text())["ticket"] == "DEMO-GDPR-0001" and "| P7 |" in md_path.read_text()
+
+
+def test_the_perf_benchmark_times_uld_and_npo_training_on_the_tickets_erasure(tiny_home, completed, tmp_path):
+    """P1's bookkeeping: ULD and NPO each trained once at the profile's settings, not how fast."""
+    from benchmarks.perf import PerfOptions, run_perf, train_as_shipped, training_cost, training_ratio, write_perf
+
+    # The benchmark trains each in a fresh process of its own, for its memory figure: here NPO only (ULD in this
+    # process), as a fresh process spends most of this test's time importing.
+    def train(home, profile, ticket, method):
+        return (train_as_shipped if method == "uld" else training_cost)(home, profile, ticket, method)
+
+    p1, trainings = training_ratio(tiny_home, "tiny", "DEMO-GDPR-0001", log=lambda line: None, train=train)
+    assert set(trainings) == {"uld", "npo"} and p1["repeats"] == 1
+    assert p1["value"] == round(trainings["uld"]["seconds"] / trainings["npo"]["seconds"], 3) > 0
+    assert set(trainings["uld"]["parts_s"]) == {"data", "assistants"}  # tiny has no weight selection
+    assert set(trainings["npo"]["parts_s"]) == {"unlearn", "save"}
+    assert trainings["npo"]["settings"] == {"epochs": 5, "batch_size": 8, "lr": 0.001}  # tiny's baselines
+    assert trainings["uld"]["settings"]["n_layers"] == 2 and trainings["uld"]["assistants"] == 1
+    for training in trainings.values():
+        assert training["steps"] > 0 and training["peak_mem_mb"] >= training["loaded_mem_mb"] > 0
+    assert trainings["npo"]["torch_threads"] >= 1 and not trainings["npo"]["target_serves_assistants"]
+    result = run_perf(PerfOptions(home=str(tiny_home), profile="tiny", ticket="DEMO-GDPR-0001", repeats=1,
+                                  new_tokens=2, stacked=(1,), training=False), log=lambda line: None)
+    result["values"]["P1"].update(p1)  # the report's layout with P1 measured
+    result["training"] = trainings
+    md = write_perf(result, tmp_path, "perf")[1].read_text()
+    assert "| uld |" in md and "| npo |" in md and f"| P1 | {p1['value']} |" in md
