@@ -211,3 +211,28 @@ def perf(
     json_path, md_path = write_perf(result, out_dir, name)
     typer.echo(md_path.read_text())
     typer.echo(f"wrote {json_path} and {md_path}")
+
+
+@benchmark_app.command("batching")
+def batching(
+    profile: str = typer.Option("demo", help="the profile both drains run (its world and base are bootstrapped)"),
+    people: str = typer.Option("0-4", help="sample-world people to erase, by index in people.jsonl, e.g. 0-4"),
+    home: Optional[Path] = typer.Option(None, help="deployment home to run in (default: a new temporary one)"),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="where NAME.json and NAME.md go"),
+    name: str = typer.Option("batching", help="output file stem"),
+) -> None:
+    """N erasures drained one at a time, then the same N in one batch, on one champion: wall time of each and every
+    ticket's gates (benchmarks/results/batching.json + .md; `perf` reports the ratio as P4)."""
+    from .batching import BatchingOptions, run_batching, write_report
+    from .subjects import parse_people
+
+    try:
+        options = BatchingOptions(profile=profile, people=parse_people(people), home=str(home) if home else None,
+                                  out_dir=str(out_dir), name=name)
+        result = run_batching(options, log=lambda line: typer.echo(line, err=True), command=invoked_command("batching"))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    paths = write_report(result, out_dir, name)
+    typer.echo(paths[1].read_text())
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))

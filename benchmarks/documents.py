@@ -27,7 +27,6 @@ baseline settings, its evaluation settings and its `copyright_takedown` gates.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from expunge_ml.corpus import QARecord
+from expunge_ml.modeling import shared_copy
 from expunge_ml.tofu import FORGET_SPLITS, TofuData, forget_authors, load_tofu
 
 from .model_cache import load_or_train_model, load_or_train_tokenizer, peak_memory, sha_key
@@ -418,7 +418,7 @@ class DocumentsRun:
         from expunge_ml.uld_data import training_pairs
 
         if method != "uld":
-            model = copy.deepcopy(self.base).requires_grad_(True)
+            model = shared_copy(self.base).requires_grad_(True)  # run_loop gives what it trains new storage
             report = get_method(method).unlearn(model, self.tokenizer, self.fmt, takedown.forget, takedown.train_retain,
                                                 self.settings["baselines"][method],
                                                 idk_answers=self.data.idk_answers or None)

@@ -4,7 +4,8 @@ It reads a deployment home with a finished ULD ticket (its base, its assistant a
 `perf.json` + `perf.md`: ULD's training time over NPO's on that ticket's erasure (P1), serving cost of the
 composite over the base (P2), with stacked assistants (P6), batched over per-example teacher-forced scoring (P5),
 the share of a request's wall time outside training and evaluation (P3) and the wall time of `expunge status`
-(P7). P4 (a batch of erasures over one) is reported as not measured: the workflow does not batch erasures yet.
+(P7). P4 (a batch of erasures in one run over one erasure) is read from `expunge benchmark batching`'s result,
+which drains erasures on the profile it names.
 
 P1 trains both methods once each in this run (each takes minutes on a CPU), each in a fresh process
 (`python -m benchmarks.perf train …`) so that its peak resident memory is its own. Each runs as the pipeline's
@@ -238,6 +239,15 @@ def training_ratio(home: Path, profile: str, ticket: str, log: Callable[[str], N
             "loops_ratio": round(uld["loop_s"] / npo["loop_s"], 3), "repeats": 1}, trainings
 
 
+def batching_figure(path: Path) -> dict[str, Any]:
+    """P4 from `expunge benchmark batching`'s result (its own run: a batch of drains on the profile it names)."""
+    if not path.exists():
+        return {"value": None, "why": f"no {path.name}: run `expunge benchmark batching`"}
+    batching = json.loads(path.read_text())
+    return {"value": batching["batch_over_one"], "from": f"{path.name}: {batching['command']}, {batching['date']}",
+            "tickets": len(batching["options"]["people"]), "profile": batching["options"]["profile"]}
+
+
 def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
     from expunge.settings import Settings
     from expunge_ml.generation import score_answers
@@ -295,7 +305,7 @@ def run_perf(options: PerfOptions, log: Callable[[str], None] = print, command: 
         values["P1"], trainings = training_ratio(home, options.profile, ticket_dir.name, log)
     else:
         values["P1"] = {"value": None, "why": "not asked for (--no-training)"}
-    values["P4"] = {"value": None, "why": "erasures are not batched into one run yet"}
+    values["P4"] = batching_figure(Path(options.out_dir) / "batching.json")
     for key, entry in values.items():
         op, goal = goal_of(key)
         value = entry["value"]

@@ -27,6 +27,8 @@ audit_app = typer.Typer(help="Inspect the hash-chained audit log.", no_args_is_h
 app.add_typer(audit_app, name="audit")
 exclusions_app = typer.Typer(help="The records a base retrained from scratch must leave out.", no_args_is_help=True)
 app.add_typer(exclusions_app, name="exclusions")
+consolidation_app = typer.Typer(help="Distil a champion's stacked assistants into one model.", no_args_is_help=True)
+app.add_typer(consolidation_app, name="consolidation")
 
 
 class BenchmarkCommands(TyperGroup):
@@ -333,6 +335,50 @@ def extend(
               f"({result['total']} of {result['allowed']} {result['unit']} of extension used)")
 
 
+@consolidation_app.command("run")
+def consolidation_run(
+    model_name: str = typer.Argument(..., help="Registered model whose champion to consolidate."),
+    min_assistants: int = typer.Option(2, help="Consolidate only a champion serving at least this many assistants."),
+) -> None:
+    """Distil the champion (base + stacked assistants) into one model, gate it against the champion (every erasure
+    stays erased, what was kept stays) and register it; `challenger` when its gates pass."""
+    from expunge.service import EXIT_RUN_FAILED
+
+    state.settings.apply_environment()
+    from flows.consolidate import consolidate_champion
+
+    result = consolidate_champion(model_name=model_name, home=str(state.settings.home),
+                                  profile=state.settings.profile_name, min_assistants=min_assistants)
+    if result["status"] == "skipped":
+        out.print(f"nothing to consolidate: {result['reason']}")
+        return
+    out.print(f"{result['champion']} consolidated into {result['model_uri']}: {result['status']}")
+    _print_gates(result["gates"])
+    if result["status"] != "completed":
+        raise typer.Exit(EXIT_RUN_FAILED)
+    out.print(f"next: a reviewer releases it with `expunge consolidation release {result['model_uri']} --reviewer NAME`;"
+              " the assistants it replaces are then deleted")
+
+
+@consolidation_app.command("release")
+def consolidation_release(
+    model_uri: str = typer.Argument(..., help="The consolidated version, models:/NAME/N."),
+    reviewer: str = typer.Option(..., "--reviewer", help="Who releases it (recorded in the audit log)."),
+) -> None:
+    """Serve a consolidation as `champion` and delete the assistants it replaces (registry artifacts and work files)."""
+    state.settings.apply_environment()
+    from flows.consolidate import release_consolidation
+
+    if not reviewer.strip():
+        fail("a release needs the reviewer's name (--reviewer)", 2)
+    result = release_consolidation(model_uri=model_uri, home=str(state.settings.home),
+                                   profile=state.settings.profile_name, reviewer=reviewer)
+    if result["status"] == "refused":
+        fail(f"{result['message']} [{result['reason_code']}]", 2)
+    out.print(f"{result['model_uri']} is champion (replaces {result['replaces']}); assistants deleted from "
+              f"{len(result['versions'])} version(s) and {result['work_adapter_dirs']} work director(ies)")
+
+
 @exclusions_app.command("export")
 def exclusions_export(
     out_file: Path = typer.Option(..., "--out", help="JSON Lines file to write (one record per line)."),
@@ -454,6 +500,10 @@ def _release(ticket_id: str, decision: str, reviewer: str, note: str, accept_uns
     out.print(f"model: {result['model_uri']} aliases: {', '.join(result['aliases']) or 'none'}"
               + (f" (previous champion {result['previous_champion']} kept as previous-champion)"
                  if result.get("previous_champion") else ""))
+    for mate in result.get("batch_mates") or []:
+        out.print(f"ticket {mate}: decided with it (the version serves both)")
+    for run in result.get("review_runs_resumed") or []:
+        out.print(f"the review run {run} waiting in Prefect was resumed with this decision")
     for gate in result.get("unsettled_gates_accepted") or []:
         out.print(f"accepted within noise: {gate['gate']} {gate['value']} vs {gate['threshold']} "
                   f"(90 % interval {gate['interval'][0]:.3f}–{gate['interval'][1]:.3f})")

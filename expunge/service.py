@@ -301,7 +301,28 @@ def release(settings: Settings, ticket_id: str, decision: str, reviewer: str, no
                               accept_unsettled=accept_unsettled)
     if result["status"] == "refused":
         raise RequestError(result["reason_code"], result["message"], ticket_id)
+    form = {"decision": decision, "reviewer": reviewer, "accept_unsettled": accept_unsettled}
+    result["review_runs_resumed"] = [run for ticket in [ticket_id, *result.get("batch_mates", [])]
+                                     if (run := resume_review_run(settings, ticket, form))]
     return result
+
+
+def resume_review_run(settings: Settings, ticket_id: str, form: dict) -> str | None:
+    """The ticket's review run waiting in Prefect (`review_awaited`), resumed with the decision just made, so it
+    ends (it finds the ticket decided); its id, or None when there is none or it no longer waits."""
+    with settings.db_session() as session:
+        awaited = requests_repo.latest_event(session, ticket_id, "review_awaited")
+    if awaited is None:
+        return None
+    from uuid import UUID
+
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        resume_flow_run(UUID(awaited["flow_run_id"]), run_input=form)
+    except Exception:  # noqa: BLE001 - resumed from the UI already, or another server: the decision stands
+        return None
+    return awaited["flow_run_id"]
 
 
 def rollback(settings: Settings, model_name: str, reviewer: str, reason: str, to_version: str | None = None) -> dict:

@@ -41,12 +41,13 @@ def batch_max_of(settings: Settings) -> int:
 
 
 @flow(name="drain_requests", flow_run_name="drain")
-def drain_requests(home: str | None = None, profile: str = "demo") -> dict:
+def drain_requests(home: str | None = None, profile: str = "demo", await_approval: bool = False) -> dict:
     """Every `received` ticket, and every one whose runner's lease ran out, earliest due date first, then the
     status callbacks they wrote are sent. Tickets on one champion run as a batch (one assistant, a verdict each);
     a ticket that fails its gates in a batch is retried alone, and the rest batched once more without it. Each run
     claims its tickets, so two drains at once never process one twice.
-    `home`: default EXPUNGE_HOME (a scheduled run takes the worker's)."""
+    `home`: default EXPUNGE_HOME (a scheduled run takes the worker's). `await_approval` (on a Prefect server): each
+    completed ticket gets a run that waits for its reviewer (`flows/await_release.py`)."""
     settings = Settings.from_env(home, profile)
     home = str(settings.home)
     logger = get_run_logger()
@@ -57,39 +58,41 @@ def drain_requests(home: str | None = None, profile: str = "demo") -> dict:
                 logger.warning("ticket %s is due in %.1f days (%s)", ticket["ticket_id"], ticket["days_left"],
                                ticket["due_at"][:10])
         if len(run) == 1:
-            outcomes.update(_alone(home, profile, run[0]["ticket_id"], run[0]["method"]))
+            outcomes.update(_alone(home, profile, run[0]["ticket_id"], run[0]["method"], await_approval))
         else:
-            outcomes.update(_batched(home, profile, [t["ticket_id"] for t in run]))
+            outcomes.update(_batched(home, profile, [t["ticket_id"] for t in run], await_approval))
     logger.info("drained %d ticket(s): %s", len(outcomes), outcomes)
     send_status_callbacks(home, profile)  # the ticketing systems hear of each change (and retries fall due)
     return outcomes
 
 
-def _alone(home: str, profile: str, ticket_id: str, method: str) -> dict[str, str]:
+def _alone(home: str, profile: str, ticket_id: str, method: str, await_approval: bool) -> dict[str, str]:
     try:
-        return {ticket_id: process_request(ticket_id=ticket_id, home=home, profile=profile, method=method)["status"]}
+        return {ticket_id: process_request(ticket_id=ticket_id, home=home, profile=profile, method=method,
+                                           await_approval=await_approval)["status"]}
     except Exception as exc:  # recorded as `failed` by the run itself; the drain goes on with the next
         get_run_logger().error("ticket %s: %s", ticket_id, type(exc).__name__)
         return {ticket_id: "failed"}
 
 
-def _batched(home: str, profile: str, ticket_ids: list[str]) -> dict[str, str]:
+def _batched(home: str, profile: str, ticket_ids: list[str], await_approval: bool) -> dict[str, str]:
     """One batch; what it split out runs alone, what it returned with them is batched once more (then alone)."""
     outcomes: dict[str, str] = {}
     alone: list[str] = []
     try:
-        result = process_batch(ticket_ids=ticket_ids, home=home, profile=profile)
+        result = process_batch(ticket_ids=ticket_ids, home=home, profile=profile, await_approval=await_approval)
     except Exception as exc:  # recorded as `failed` on the tickets it stopped by the run itself
         get_run_logger().error("batch of %d: %s", len(ticket_ids), type(exc).__name__)
         return {ticket_id: "failed" for ticket_id in ticket_ids}
     outcomes.update(result["outcomes"])
     alone += result["split"]
     if len(result["regroup"]) > 1:
-        again = process_batch(ticket_ids=result["regroup"], home=home, profile=profile)
+        again = process_batch(ticket_ids=result["regroup"], home=home, profile=profile,
+                              await_approval=await_approval)
         outcomes.update(again["outcomes"])
         alone += again["split"] + again["regroup"]
     else:
         alone += result["regroup"]
     for ticket_id in alone:
-        outcomes.update(_alone(home, profile, ticket_id, "uld"))
+        outcomes.update(_alone(home, profile, ticket_id, "uld", await_approval))
     return outcomes

@@ -21,10 +21,12 @@ from tasks.unlearn import train_batch_assistants
 
 @flow(name="process_batch", flow_run_name="batch-{batch_id}", on_crashed=[end_batch_leases_now],
       on_cancellation=[end_batch_leases_now])
-def process_batch(ticket_ids: list[str], home: str, profile: str = "demo", batch_id: str = "") -> dict:
+def process_batch(ticket_ids: list[str], home: str, profile: str = "demo", batch_id: str = "",
+                  await_approval: bool = False) -> dict:
     """{"batch_id", "outcomes": {ticket: status}, "split": tickets to retry alone, "regroup": tickets that passed but
     were returned because a batch-mate failed (to batch again without it)}. Tickets another runner holds are
-    left out. Every ticket must be a ULD request on the same target (`tasks.batch.batch_key`)."""
+    left out. Every ticket must be a ULD request on the same target (`tasks.batch.batch_key`). `await_approval`:
+    as `process_request`'s."""
     batch_id = batch_id or batch_id_for(ticket_ids)
     runner = new_runner_id()
     claimed = []
@@ -39,14 +41,15 @@ def process_batch(ticket_ids: list[str], home: str, profile: str = "demo", batch
     with contextlib.ExitStack() as leases:
         for ticket_id in claimed:
             leases.enter_context(lease_kept(home, profile, ticket_id, runner))
-        return _BatchRun(home, profile, batch_id, runner).run(claimed)
+        return _BatchRun(home, profile, batch_id, runner, await_approval).run(claimed)
 
 
 class _BatchRun:
     """One batch's steps, each ticket's status changes made under this run's claim."""
 
-    def __init__(self, home: str, profile: str, batch_id: str, runner: str):
+    def __init__(self, home: str, profile: str, batch_id: str, runner: str, await_approval: bool = False):
         self.home, self.profile, self.batch_id, self.runner = home, profile, batch_id, runner
+        self.await_approval = await_approval
         self.outcomes: dict[str, str] = {}
         self.started: set[str] = set()  # tickets this run moved out of `received`
         self.logger = get_run_logger()
@@ -142,7 +145,8 @@ class _BatchRun:
                 "model_uri": registered.model_uri, "aliases": list(registered.aliases),
                 "mlflow_run_id": registered.mlflow_run_id, "batch_id": self.batch_id, "tickets": tickets})
             done = finish(self.ctx(ticket_id), self.mover(ticket_id), registered, evaluations[ticket_id],
-                          report_path=f"evidence_report/{ticket_id}", batch_id=self.batch_id)
+                          report_path=f"evidence_report/{ticket_id}", batch_id=self.batch_id,
+                          await_approval=self.await_approval)
             self.outcomes[ticket_id] = done["status"]
         return self.result()
 

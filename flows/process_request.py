@@ -10,6 +10,7 @@ from tasks.evaluate import evaluate_unlearning, measure_prior_knowledge
 from tasks.lifecycle import (LeaseLost, audit_event, claim_ticket, end_lease_now, lease_kept, new_runner_id,
                              store_outcome, transition)
 from tasks.register import mark_orphans, register_model
+from tasks.release import request_review
 from tasks.report import evidence_report
 from tasks.resume import AFTER_TRAINING, reusable_training
 from tasks.unlearn import unlearning_task
@@ -36,10 +37,12 @@ def _gated_status(move, evaluated: Evaluation, registered: Registration, batch_i
 
 @flow(name="process_request", flow_run_name="process-{ticket_id}", on_crashed=[end_lease_now],
       on_cancellation=[end_lease_now])
-def process_request(ticket_id: str, home: str, profile: str = "demo", method: str = "uld") -> dict:
+def process_request(ticket_id: str, home: str, profile: str = "demo", method: str = "uld",
+                    await_approval: bool = False) -> dict:
     """`method` is the request's choice (ULD by default; baselines run the same path for comparison). The run
     claims the ticket first and holds a lease while it works: a second runner skips it, and a ticket whose
-    runner crashed is taken up again once its lease runs out."""
+    runner crashed is taken up again once its lease runs out. `await_approval` (on a Prefect server): a completed
+    ticket gets a review run that waits for its reviewer (`flows/await_release.py`)."""
     ctx = (home, profile, ticket_id)
     runner = new_runner_id()
     claimed = claim_ticket(*ctx, runner)
@@ -50,7 +53,7 @@ def process_request(ticket_id: str, home: str, profile: str = "demo", method: st
         orphans = mark_orphans(*ctx)
         audit_event(*ctx, "orphaned_versions_marked", {"model_uris": orphans})
     with lease_kept(*ctx, runner):
-        return _process(ctx, runner, method, claimed["interrupted_step"] in AFTER_TRAINING)
+        return _process(ctx, runner, method, claimed["interrupted_step"] in AFTER_TRAINING, await_approval)
 
 
 def _train(ctx: tuple, resolved, method: str, after_lost_training: bool):
@@ -94,7 +97,8 @@ def settled_by_error(ticket_id: str, exc: Exception, move) -> dict | None:
     return {"ticket_id": ticket_id, "status": status, "reason_code": reason}
 
 
-def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = False) -> dict:
+def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = False,
+             await_approval: bool = False) -> dict:
     ticket_id = ctx[2]
 
     def move(status: str, **details) -> str:  # every change under this run's claim
@@ -132,22 +136,24 @@ def _process(ctx: tuple, runner: str, method: str, after_lost_training: bool = F
         move("failed", reason_code="internal_error", detail=type(exc).__name__)
         raise
 
-    return finish(ctx, move, registered, evaluated) | {
+    return finish(ctx, move, registered, evaluated, await_approval=await_approval) | {
         "warnings": ([f"nothing_to_forget: {nothing_to_forget(known)}"] if known["known"] is False else [])
         + trained.warnings(),
     }
 
 
 def finish(ctx: tuple, move, registered: Registration, evaluated: Evaluation, report_path: str = "evidence_report",
-           batch_id: str | None = None) -> dict:
+           batch_id: str | None = None, await_approval: bool = False) -> dict:
     """The ticket's outcome on its row, its final status, then its evidence report (after the status, so the report
-    shows it and the audit head it quotes covers it)."""
+    shows it and the audit head it quotes covers it), then, if asked, the run that waits for its reviewer."""
     ticket_id = ctx[2]
     store_outcome(*ctx, registered.model_uri, evaluated.metrics, list(evaluated.gates))
     status = _gated_status(move, evaluated, registered, batch_id)
     report = evidence_report(*ctx, registered.mlflow_run_id, report_path)
     audit_event(*ctx, "evidence_reported", {"report_files": sorted(report)})
     get_run_logger().info("ticket %s: %s", ticket_id, status)
+    if await_approval and status == "completed":
+        request_review(*ctx)
     return {
         "ticket_id": ticket_id, "status": status, "model_uri": registered.model_uri,
         "aliases": list(registered.aliases), "metrics": evaluated.metrics, "gates": list(evaluated.gates),

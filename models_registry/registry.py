@@ -467,3 +467,30 @@ def roll_back_champion(name: str, to: ModelRef, tags: dict[str, str]) -> ModelRe
         for key, value in tags.items():
             client.set_model_version_tag(name, current.version, key, value)
     return current
+
+
+# ------------------------------------------------------------------ consolidation (assistants deleted)
+
+ASSISTANTS_DELETED_TAG = "expunge.assistants_deleted"
+
+
+def delete_assistant_artifacts(ref: ModelRef, replaced_by: str) -> int:
+    """Delete a composite version's assistant artifacts (through the artifact store's own API, local or remote) and
+    tag it `expunge.assistants_deleted` with the version that replaced it: it can no longer be served or rolled
+    back to. Idempotent; the number of adapter directories deleted now."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    version = client.get_model_version(ref.name, ref.version)
+    # MLflow 3 registers a logged model: its files are at the logged model's location, not behind `models:/m-…`
+    model_id = getattr(version, "model_id", None) or (
+        version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None)
+    root = mlflow.get_logged_model(model_id).artifact_location if model_id else version.source
+    repo = get_artifact_repository(root)
+    deleted = 0
+    for entry in repo.list_artifacts("artifacts"):
+        if Path(entry.path).name.startswith("assistant_"):
+            repo.delete_artifacts(entry.path)
+            deleted += 1
+    client.set_model_version_tag(ref.name, ref.version, ASSISTANTS_DELETED_TAG, replaced_by)
+    return deleted

@@ -178,3 +178,44 @@ def apply_release(home: str, profile: str, ticket_id: str, decision: str, model_
     }
     get_run_logger().info("ticket %s: %s by reviewer; %s aliases %s", ticket_id, decision, ref.uri, result["aliases"])
     return result
+
+
+@task(name="review-summary")
+def review_summary(home: str, profile: str, ticket_id: str) -> dict:
+    """What a reviewer sees in the waiting run's form: status, due date, version, each gate's verdict and the
+    tickets decided with it (numbers and ids only, never the subject)."""
+    settings = settings_for(home, profile)
+    with settings.db_session() as session:
+        request = requests_repo.get_request(session, ticket_id)
+        if request is None:
+            return {"status": "unknown", "markdown": f"no request {ticket_id}"}
+        gates = (requests_repo.latest_event(session, ticket_id, "evaluated") or {}).get("gates", [])
+        status, model_uri, due = request.status, request.result_model_uri, request.due_at
+        mates = requests_repo.completed_on_model(session, model_uri, leave_out=ticket_id) if model_uri else []
+    lines = [f"**Ticket {ticket_id}**: {status}, due {due:%Y-%m-%d}; version `{model_uri}`", "",
+             "| gate | value | limit | passed |", "|---|---|---|---|"]
+    lines += [f"| {g['gate']} | {g['value']} | {g['op']} {g['threshold']} | {'yes' if g['passed'] else 'NO'} |"
+              for g in gates]
+    if mates:
+        lines += ["", f"The version also serves {', '.join(mates)}: this decision is theirs too."]
+    lines += ["", f"The evidence report: `expunge report {ticket_id}`."]
+    return {"status": status, "markdown": "\n".join(lines)}
+
+
+@task(name="request-review")
+def request_review(home: str, profile: str, ticket_id: str) -> str | None:
+    """Start the ticket's waiting review run (the `await-release` deployment, `flows/await_release.py`) and audit its
+    id, so `expunge approve` can resume it; None where no such deployment is served (the CLI's local mode)."""
+    from prefect.deployments import run_deployment
+
+    settings = settings_for(home, profile)
+    try:
+        run = run_deployment("await_release/await-release", timeout=0, as_subflow=False,
+                             parameters={"ticket_id": ticket_id, "home": home, "profile": profile})
+    except Exception as exc:  # noqa: BLE001 - no server or no deployment: the CLI decides, as without one
+        get_run_logger().warning("ticket %s: no review run started (%s); decide with expunge approve|reject",
+                                 ticket_id, type(exc).__name__)
+        return None
+    with settings.db_session() as session:
+        requests_repo.record_event(session, ticket_id, "review_awaited", {"flow_run_id": str(run.id)})
+    return str(run.id)

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from db import requests_repo
 from db.models import AuditEvent
 from models_registry.registry import (
-    CHAMPION, ModelNotFound, ModelRef, current_alias, lineage, parse_model_uri, roll_back_champion,
+    ASSISTANTS_DELETED_TAG, CHAMPION, ModelNotFound, ModelRef, current_alias, lineage, parse_model_uri,
+    roll_back_champion, version_tags,
 )
 from tasks.context import settings_for
 
@@ -45,6 +46,11 @@ def plan_rollback(home: str, profile: str, model_name: str, to_version: str | No
     if position is None or position == 0:
         ancestors = ", ".join(row["uri"] for row in older)
         return _refused("not_an_ancestor", f"{wanted} is not a version {champion.uri} was built on ({ancestors})")
+    wanted_name, _, wanted_version = parse_model_uri(wanted)
+    deleted = version_tags(ModelRef(wanted_name, wanted_version)).get(ASSISTANTS_DELETED_TAG)
+    if deleted:
+        return _refused("assistants_deleted", f"{wanted}'s assistants were deleted when {deleted} consolidated it: "
+                        "it can no longer be served")
     undone = {ticket for row in path[:position] for ticket in row["ticket_ids"]}
     with settings.db_session() as session:
         reopen = sorted(ticket for ticket in undone

@@ -1,13 +1,14 @@
 """The unlearning methods on one erasure: ULD (the pipeline's recipe and ensemble), GA and NPO."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from expunge_ml.modeling import shared_copy
 
 from .data import PIIData, qa_records
 from .options import SMOLLM2_DIR, PIIBenchOptions, per_split
@@ -116,7 +117,7 @@ def train_baseline(method: str, base, tokenizer, fmt, forget_rows, retain_rows, 
     if method == "npo":
         overrides.update(beta=options.npo_beta, retain_weight=options.npo_retain_weight)
     config = make_config(method, overrides)
-    model = copy.deepcopy(base)
+    model = shared_copy(base)  # run_loop gives what it trains new storage
     model.requires_grad_(True)  # the shared base is frozen; this copy is what the method trains
 
     def progress(epoch, parts):

@@ -1,7 +1,6 @@
 """Runs the TOFU benchmark: the base, then per split its oracle, retrained references and every method."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import os
@@ -12,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from expunge_ml.modeling import shared_copy
 from expunge_ml.tofu import load_tofu
 
 from ..model_cache import load_or_train_model, load_or_train_tokenizer, memory_method, peak_memory
@@ -173,7 +173,7 @@ class TofuRun:
         config = baseline_config(method, self.opts)
         with peak_memory(self.device) as mem:
             t0 = time.perf_counter()
-            model = copy.deepcopy(self.base).requires_grad_(True)
+            model = shared_copy(self.base).requires_grad_(True)  # run_loop gives what it trains new storage
             try:
                 report = get_method(method).unlearn(
                     model, self.tokenizer, self.fmt, forget, retain, config, idk_answers=self.data.idk_answers or None,
