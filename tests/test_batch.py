@@ -38,6 +38,18 @@ def _submit_erasures(home: Path, tmp_path: Path, tiny_home: Path, profile: str, 
         assert submitted.exit_code == 0, submitted.output
 
 
+def _quick_profile(tmp_path: Path, **gates: float) -> str:
+    """The tiny profile evaluating without the quantization attacks and fluency checks (this is about batching),
+    gated on forgetting, utility and the regression of earlier erasures."""
+    profile = load_profile("tiny")
+    profile["evaluation"].update(quant_bits=[], quant_nf4=False, fluency=False, verbmem=False)
+    profile["gates"]["privacy_erasure"] = {"max_forget_rougeL": 0.3, "min_retain_rougeL_ratio": 0.9,
+                                           "max_earlier_erasure_rise": 0.25, **gates}
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return str(path)
+
+
 def _rows(home: Path, sql: str, *args) -> list[tuple]:
     with sqlite3.connect(home / "audit.db") as db:
         return list(db.execute(sql, args))
@@ -65,10 +77,10 @@ def test_a_batch_of_three_is_one_assistant_one_version_and_three_verdicts(tiny_h
     its own forget set; one version serves all three and says so; approving it releases all three."""
     from flows.drain import drain_requests
 
-    home = tmp_path / "home"
+    home, profile = tmp_path / "home", _quick_profile(tmp_path)
     tickets = {f"BATCH-{i}": subject for i, subject in enumerate(_subjects(tiny_home, 3))}
-    _submit_erasures(home, tmp_path, tiny_home, "tiny", tickets)
-    outcomes = drain_requests(home=str(home), profile="tiny")
+    _submit_erasures(home, tmp_path, tiny_home, profile, tickets)
+    outcomes = drain_requests(home=str(home), profile=profile)
     assert outcomes == {ticket: "completed" for ticket in tickets}, outcomes
 
     settings = Settings(home=home, profile_name="tiny")
@@ -97,17 +109,17 @@ def test_a_batch_of_three_is_one_assistant_one_version_and_three_verdicts(tiny_h
     assert list((home / "work" / batch_id / "assistant").iterdir())[0].name == "assistant.sealed"
 
     first, *mates = sorted(tickets)
-    approved = _cli(home, "tiny", "approve", first, "--reviewer", "dpo@example.org")
+    approved = _cli(home, profile, "approve", first, "--reviewer", "dpo@example.org")
     assert approved.exit_code == 0, approved.output
     statuses = dict(_rows(home, "SELECT ticket_id, status FROM requests"))
     assert statuses == {ticket: "released" for ticket in tickets}
     for mate in mates:
         assert _events(home, mate, "status_changed")[-1]["decided_with"] == first
     assert client.get_model_version_by_alias("sample-base-unlearned", "champion").version == versions[0].version
-    lineage = _cli(home, "tiny", "lineage", "models:/sample-base-unlearned@champion", "--json")
+    lineage = _cli(home, profile, "lineage", "models:/sample-base-unlearned@champion", "--json")
     assert lineage.exit_code == 0, lineage.output
     assert json.loads(lineage.output)[0]["ticket_ids"] == sorted(tickets)
-    assert _cli(home, "tiny", "audit", "verify").exit_code == 0
+    assert _cli(home, profile, "audit", "verify").exit_code == 0
 
 
 def test_a_ticket_that_fails_its_gates_in_a_batch_is_split_out_and_retried_alone(tiny_home, tmp_path, prefect_harness):
@@ -115,14 +127,11 @@ def test_a_ticket_that_fails_its_gates_in_a_batch_is_split_out_and_retried_alone
     (split_from_batch, audited) and are each run alone, where they end failed_gates."""
     from flows.drain import drain_requests
 
-    profile = load_profile("tiny")
-    profile["gates"]["privacy_erasure"]["max_forget_rougeL"] = -1.0
-    profile_path = tmp_path / "strict.yaml"
-    profile_path.write_text(yaml.safe_dump(profile))
+    profile_path = _quick_profile(tmp_path, max_forget_rougeL=-1.0)
     home = tmp_path / "home"
     tickets = {f"SPLIT-{i}": subject for i, subject in enumerate(_subjects(tiny_home, 2))}
-    _submit_erasures(home, tmp_path, tiny_home, str(profile_path), tickets)
-    outcomes = drain_requests(home=str(home), profile=str(profile_path))
+    _submit_erasures(home, tmp_path, tiny_home, profile_path, tickets)
+    outcomes = drain_requests(home=str(home), profile=profile_path)
     assert outcomes == {ticket: "failed_gates" for ticket in tickets}, outcomes
     for ticket in tickets:
         changes = _rows(home, "SELECT s.to_status, s.reason_code FROM status_changes s JOIN requests r ON "
