@@ -354,6 +354,9 @@ def write_perf(result: dict[str, Any], out_dir: Path, name: str) -> tuple[Path, 
         goal = "–" if entry["goal"] is None else f"{goal_of(key)[0]} {entry['goal']}"
         met = "–" if entry["met"] is None else ("yes" if entry["met"] else "**no**")
         lines.append(f"| {key} | {value} | {goal} | {met} |")
+    p4 = result["values"].get("P4") or {}
+    if p4.get("from"):
+        lines += ["", f"P4 is read from {p4['from']} (profile {p4['profile']}, {p4['tickets']} tickets); see batching.md."]
     trainings = result.get("training") or {}
     if trainings:
         lines += ["", "P1 is one training of each method in this run (each takes minutes), each in its own fresh "

@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from expunge.settings import Settings
 from flows.process_batch import process_batch
 from flows.process_request import process_request
+from tasks.batch import batch_id_for
 from tasks.callbacks import send_status_callbacks
 from tasks.lifecycle import runnable_tickets
 
@@ -80,7 +81,8 @@ def _batched(home: str, profile: str, ticket_ids: list[str], await_approval: boo
     outcomes: dict[str, str] = {}
     alone: list[str] = []
     try:
-        result = process_batch(ticket_ids=ticket_ids, home=home, profile=profile, await_approval=await_approval)
+        result = process_batch(ticket_ids=ticket_ids, home=home, profile=profile, batch_id=batch_id_for(ticket_ids),
+                               await_approval=await_approval)
     except Exception as exc:  # recorded as `failed` on the tickets it stopped by the run itself
         get_run_logger().error("batch of %d: %s", len(ticket_ids), type(exc).__name__)
         return {ticket_id: "failed" for ticket_id in ticket_ids}
@@ -88,7 +90,7 @@ def _batched(home: str, profile: str, ticket_ids: list[str], await_approval: boo
     alone += result["split"]
     if len(result["regroup"]) > 1:
         again = process_batch(ticket_ids=result["regroup"], home=home, profile=profile,
-                              await_approval=await_approval)
+                              batch_id=batch_id_for(result["regroup"]), await_approval=await_approval)
         outcomes.update(again["outcomes"])
         alone += again["split"] + again["regroup"]
     else:
