@@ -142,3 +142,23 @@ def test_a_ticket_that_fails_its_gates_in_a_batch_is_split_out_and_retried_alone
     Settings(home=home, profile_name="tiny").apply_environment()
     versions = MlflowClient().search_model_versions("name = 'sample-base-unlearned'")
     assert len(versions) == 2 and all("expunge.batch_id" not in v.tags for v in versions)  # the alone runs' only
+
+
+def test_the_batching_report_shows_each_tickets_first_verdict_and_the_time_ratio(tmp_path):
+    from benchmarks.batching import summarise, write_report
+
+    rows = [{"profile": mode, "person_index": i, "ticket_id": f"T-{mode}-{i}", "status": "completed", "passed": True,
+             "forget_rougeL": 0.1, "neighbour_rougeL_ratio": 1.0, "evaluations": 1 + (mode == "batch" and i == 0),
+             "first_passed": not (mode == "batch" and i == 0), "first_failed_gates": ["max_forget_rougeL"]
+             if mode == "batch" and i == 0 else [], "first_forget_rougeL": 0.1, "first_forget_nll": 0.4}
+            for mode in ("one_at_a_time", "batch") for i in range(2)]
+    summary = summarise(rows)
+    assert summary["batch"]["passed_first_evaluation"] == 1 and summary["batch"]["evaluations"] == 3
+    assert summary["one_at_a_time"]["passed_first_evaluation"] == 2
+    result = {"command": "expunge benchmark batching", "date": "now", "machine": "here", "base_model_uri": "m",
+              "options": {"people": [0, 1]}, "seconds": {"one_at_a_time": 100.0, "batch": 80.0},
+              "batch_over_one": 1.6, "batch_over_all_alone": 0.8, "rows": rows, "summary": summary}
+    json_path, md_path = write_report(result, tmp_path, "batching")
+    text = md_path.read_text()
+    assert "1.6× one erasure" in text and "| 0 | batch | max_forget_rougeL |" in text
+    assert json.loads(json_path.read_text())["batch_over_one"] == 1.6

@@ -33,13 +33,17 @@ def test_an_exported_audit_log_is_checked_offline_and_an_edited_copy_fails(tiny_
 
 def test_the_perf_benchmark_reads_a_finished_ticket_and_writes_its_figures(tiny_home, completed, tmp_path):
     """The figures' shape and bookkeeping, not their values (timings belong to the benchmark's own run)."""
-    from benchmarks.perf import PerfOptions, goal_of, run_perf, write_perf
+    from benchmarks.perf import PerfOptions, batching_figure, goal_of, run_perf, write_perf
 
     options = PerfOptions(home=str(tiny_home), profile="tiny", ticket="DEMO-GDPR-0001", repeats=1, new_tokens=2,
-                          stacked=(1, 2), training=False)
+                          stacked=(1, 2), training=False, out_dir=str(tmp_path))
     result = run_perf(options, log=lambda line: None)
     values = result["values"]
-    assert set(values) == {"P1", "P2_batch1", "P2_batch8", "P3", "P4", "P5", "P6_n1", "P6_n2", "P7"}
+    assert set(values) == {"P1", "P2_batch1", "P2_batch8", "P3", "P4", "P5", "P6_n1", "P6_n2", "P6_consolidated", "P7"}
+    assert values["P4"]["value"] is None and "expunge benchmark batching" in values["P4"]["why"]  # no batching.json
+    (tmp_path / "batching.json").write_text(json.dumps({"batch_over_one": 3.5, "command": "expunge benchmark batching",
+                                                        "date": "now", "options": {"people": [0, 1], "profile": "tiny"}}))
+    assert batching_figure(tmp_path / "batching.json")["value"] == 3.5
     assert (goal_of("P2_batch8"), goal_of("P6_n20"), goal_of("P6_n2")) == (("<=", 1.3), ("<=", 2.0), ("<=", None))
     for key, entry in values.items():
         assert entry["goal"] == goal_of(key)[1]
