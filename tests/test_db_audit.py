@@ -600,12 +600,13 @@ def test_concurrent_claims_give_each_ticket_to_exactly_one_runner(url: str) -> N
 
 
 def test_two_erasures_never_train_against_one_target_at_once(url: str) -> None:
-    """Racing runners get one ticket per target model; the next one on that target waits for the lease to end."""
+    """Racing runners: each target's tickets go to one runner (which may hold several: a batch), never two; the
+    others wait until its leases end."""
     with session_scope(url) as s:
         for i in range(4):
             _new_request(s, f"T-{i}", target_model_uri="models:/m@champion")
         _new_request(s, "OTHER", target_model_uri="models:/n@champion")
-    won: list[str] = []
+    won: dict[str, str] = {}
     barrier = threading.Barrier(3)
 
     def runner(name: str) -> None:
@@ -613,19 +614,26 @@ def test_two_erasures_never_train_against_one_target_at_once(url: str) -> None:
         for ticket in ("T-0", "T-1", "T-2", "T-3", "OTHER"):
             with session_scope(url) as s:
                 if requests_repo.claim(s, ticket, name, lease_seconds=60) is not None:
-                    won.append(ticket)
+                    won[ticket] = name
 
     threads = [threading.Thread(target=runner, args=(f"r{k}",)) for k in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(won) == 2 and "OTHER" in won  # one per target
-    held = next(t for t in won if t != "OTHER")
+    assert set(won) == {"T-0", "T-1", "T-2", "T-3", "OTHER"}  # each ticket claimed once ...
+    assert len({won[f"T-{i}"] for i in range(4)}) == 1  # ... and one target's tickets by one runner
+    holder = won["T-0"]
     with session_scope(url) as s:
         assert requests_repo.runnable(s) == []
-        assert requests_repo.target_busy(s, "T-3") == (held != "T-3")
-        requests_repo.end_lease(s, held)
+        assert requests_repo.target_busy(s, "T-3")
+        request = requests_repo.get_request(s, "T-1")
+        requests_repo.set_status(s, request, "resolving", runner=holder)
+        with pytest.raises(requests_repo.LeaseLost):  # another runner cannot write under the holder's claim
+            requests_repo.set_status(s, requests_repo.get_request(s, "T-2"), "resolving", runner="intruder")
+    with session_scope(url) as s:
+        for i in range(4):
+            requests_repo.end_lease(s, f"T-{i}")
     with session_scope(url) as s:
         assert len(requests_repo.runnable(s)) == 4  # the target is free: any of its tickets may be taken
 
