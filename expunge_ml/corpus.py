@@ -422,7 +422,11 @@ def content_hmac(key: bytes, record: QARecord) -> str:
 def build_manifest(records: Sequence[QARecord], ids: Sequence[str], key: bytes, role: str) -> dict:
     """Record ids + keyed content hashes (never text), and one fingerprint over them all."""
     by_id = {r.record_id: r for r in records}
-    entries = [{"record_id": i, "content_hmac": content_hmac(key, by_id[i])} for i in sorted(ids)]
+    return manifest_of([{"record_id": i, "content_hmac": content_hmac(key, by_id[i])} for i in sorted(ids)], role)
+
+
+def manifest_of(entries: list[dict], role: str) -> dict:
+    """A manifest of entries ({record_id, content_hmac}, sorted by id) and one fingerprint over them all."""
     fingerprint = hashlib.sha256(
         json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()

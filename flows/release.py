@@ -40,11 +40,7 @@ def _carry_out(ctx: tuple, intent: dict) -> dict:
     if decision == "approve":
         # which gates the reviewer released within noise: names and numbers only, nothing about the subject
         audit["unsettled_gates_accepted"] = intent["unsettled_gates_accepted"]
-        transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
-    else:
-        transition(*ctx, "release_rejected", reason_code="reviewer_declined", audit_payload={"event": "release_declined", **audit})
-    # The request is decided: the row no longer needs to say who the subject was.
-    purge_subject(*ctx)
+    _record_decision(ctx, decision, audit)
     decided_with = _decide_batch_mates(ctx, decision, result["model_uri"], audit)
     return {"ticket_id": ctx[2], "status": "released" if decision == "approve" else "release_rejected", **result,
             "unsettled_gates_accepted": intent["unsettled_gates_accepted"], "batch_mates": decided_with}
@@ -56,14 +52,19 @@ def _decide_batch_mates(ctx: tuple, decision: str, model_uri: str | None, audit:
     home, profile, ticket_id = ctx
     mates = batch_mates(*ctx, model_uri)
     for mate in mates:
-        payload = {**audit, "decided_with": ticket_id}
-        if decision == "approve":
-            transition(home, profile, mate, "released", audit_payload={"event": "release_approved", **payload})
-        else:
-            transition(home, profile, mate, "release_rejected", reason_code="reviewer_declined",
-                       audit_payload={"event": "release_declined", **payload})
-        purge_subject(home, profile, mate)
+        _record_decision((home, profile, mate), decision, {**audit, "decided_with": ticket_id})
     return mates
+
+
+def _record_decision(ctx: tuple, decision: str, audit: dict) -> None:
+    """The ticket's status change for the decision, then its subject purged: the request is decided, so the row no
+    longer needs to say who the subject was."""
+    if decision == "approve":
+        transition(*ctx, "released", audit_payload={"event": "release_approved", **audit})
+    else:
+        transition(*ctx, "release_rejected", reason_code="reviewer_declined",
+                   audit_payload={"event": "release_declined", **audit})
+    purge_subject(*ctx)
 
 
 @flow(name="rollback_champion", flow_run_name="rollback-{model_name}")

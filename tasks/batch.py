@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 
 from prefect import task
+
+from expunge_ml.corpus import manifest_of
 
 from tasks.context import read_json, settings_for, write_json
 from tasks.contracts import ResolvedRequest
@@ -52,15 +53,13 @@ def merged_spec(specs: list):
 
 
 def _joined_manifest(paths: list[str], role: str, leave_out: set[str] = frozenset()) -> dict:
-    """The records of several manifests, each once, sorted by id, with the fingerprint `build_manifest` gives."""
+    """The records of several manifests, each once, as `build_manifest` writes them."""
     entries = {}
     for path in paths:
         for entry in read_json(path)["records"]:
             if entry["record_id"] not in leave_out:
                 entries[entry["record_id"]] = entry
-    records = [entries[i] for i in sorted(entries)]
-    fingerprint = hashlib.sha256(json.dumps(records, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return {"role": role, "count": len(records), "fingerprint": fingerprint, "records": records}
+    return manifest_of([entries[i] for i in sorted(entries)], role)
 
 
 def _check_same_target(targets: dict[str, dict]) -> None:

@@ -27,6 +27,7 @@ from models_registry.registry import (
     resolve_target, version_tags,
 )
 from tasks.context import read_json, settings_for, write_json
+from tasks.data import at_most_per_subject
 from tasks.unlearn import prior_adapters, prompt_format, target_base
 
 # Thresholds where the profile's privacy-erasure gates name none: a consolidation always has these checked.
@@ -73,18 +74,6 @@ def _records(settings, target_info: dict, retain_eval: int, retain_train: int):
     return erased, kept[retain_eval:retain_eval + retain_train], kept[:retain_eval], load_general(spec)
 
 
-def _per_subject(records, limit: int) -> list:
-    """At most `limit` records of each subject: the regression gate's probes, as a ticket's evaluation takes them."""
-    taken: dict[str, int] = {}
-    chosen = []
-    for record in records:
-        subject = record.subject or ""
-        if taken.get(subject, 0) < limit:
-            taken[subject] = taken.get(subject, 0) + 1
-            chosen.append(record)
-    return chosen
-
-
 @task(name="distil-champion")
 def distil_champion(home: str, profile: str, plan: dict) -> dict:
     """The consolidated model under `<work>/model`, and the evidence comparing it with the champion (numbers
@@ -109,7 +98,7 @@ def distil_champion(home: str, profile: str, plan: dict) -> dict:
     tokenizer.save_pretrained(model_dir)
     consolidated = served_model(model)
     max_new, batch = int(evaluation["max_new_tokens"]), int(evaluation["batch_size"])
-    probes = _per_subject(erased, int(evaluation.get("regression_per_erasure", 8)))
+    probes = at_most_per_subject(erased, int(evaluation.get("regression_per_erasure", 8)))
     splits = {"retain": eval_kept, **({"general": general[:int(evaluation.get("general_max", 48))]} if general else {})}
     metrics = {name: {split: m.as_dict() for split, m in evaluate_splits(served.source(), tokenizer, fmt, splits,
                                                                          max_new, batch).items()}

@@ -159,11 +159,18 @@ def earlier_erasure_records(target_info: dict, per_subject: int):
     ids = set(target_info.get("erased_before_ids", ()))
     if not ids:
         return []
+    return at_most_per_subject([r for r in load_corpus(CorpusSpec(**target_info["corpus"])) if r.record_id in ids],
+                               per_subject)
+
+
+def at_most_per_subject(records, limit: int) -> list:
+    """The first `limit` records of each subject, in their order."""
     taken: dict[str, int] = {}
     chosen = []
-    for record in load_corpus(CorpusSpec(**target_info["corpus"])):
-        if record.record_id in ids and taken.get(record.subject or "", 0) < per_subject:
-            taken[record.subject or ""] = taken.get(record.subject or "", 0) + 1
+    for record in records:
+        subject = record.subject or ""
+        if taken.get(subject, 0) < limit:
+            taken[subject] = taken.get(subject, 0) + 1
             chosen.append(record)
     return chosen
 

@@ -59,13 +59,11 @@ def runnable_tickets(home: str, profile: str) -> list[dict]:
 
 
 def _keyed(settings, key: tuple | None) -> str | None:
-    import hashlib
-    import hmac
     import json
 
-    if key is None:
-        return None
-    return hmac.new(settings.hmac_key(), json.dumps(key).encode(), hashlib.sha256).hexdigest()[:16]
+    from expunge_ml.corpus import keyed_hash
+
+    return None if key is None else keyed_hash(settings.hmac_key(), json.dumps(key))[:16]
 
 
 def new_runner_id() -> str:
